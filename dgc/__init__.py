@@ -1,0 +1,21 @@
+"""dgc: Dynamic Group Convolution layers, networks and cost accounting (depends on torch only).
+
+Front doors: ``create_model(name, **kwargs)``, ``list_models()``, ``count_cost(model, size)``,
+``set_progress(model, p)`` and ``aux_loss(model)``.
+"""
+from __future__ import annotations
+
+from dgc import models as _models  # noqa: F401  (registers the recipes)
+from dgc.cost import Cost
+from dgc.cost import count_cost
+from dgc.layers import DynamicGroupConv2d
+from dgc.layers import inactive_channels
+from dgc.ops import aux_loss
+from dgc.ops import dgc_layers
+from dgc.ops import set_progress
+from dgc.registry import create_model
+from dgc.registry import list_models
+from dgc.registry import model_kind
+
+__all__ = ["Cost", "DynamicGroupConv2d", "aux_loss", "count_cost", "create_model", "dgc_layers",
+           "inactive_channels", "list_models", "model_kind", "set_progress"]

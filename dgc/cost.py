@@ -1,0 +1,123 @@
+"""MACs and parameters by the DGC authors' counting rules (methods.md 1.7).
+
+One forward pass of a 1-sample zero input under hooks; each hooked module adds its count:
+
+* Conv2d: C_in * C_out * k^2 * H' * W' / groups; Linear: weight + bias elements (per sample);
+* ReLU: elements of its input; AvgPool/MaxPool: C * H' * W' * k^2; AdaptiveAvgPool: C * H * W;
+* BatchNorm, Dropout, Flatten, Identity: no ops, parameters counted;
+* DynamicGroupConv2d, analytically at the target gate factor: BN-ReLU (C*H*W), global pool
+  (C*H*W), per head fc1 (C*r), ReLU (r), fc2 (r*C + C), ReLU (C), gating (C, one op per
+  channel), and the head convolutions g * C * O * k^2 * H' * W'.
+
+MACs are accumulated as floats and truncated once at the end, as the authors' counter does, so
+fractional gate factors give the same totals. Build the model under ``torch.device("meta")``
+to cost a configuration without allocating or initialising any weight.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+
+import torch
+from torch import nn
+
+from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+
+_NO_OP = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    kind: str
+    macs: float
+    params: int
+    output_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Totals and the per-layer table (one row per counted call, in execution order)."""
+
+    macs: int
+    params: int
+    layers: list[LayerCost] = field(repr=False)
+
+    def table(self) -> str:
+        rows = [f"{'layer':48s} {'type':22s} {'MACs':>14s} {'params':>10s}  output"]
+        rows += [f"{r.name:48s} {r.kind:22s} {r.macs:14,.0f} {r.params:10,d}  {list(r.output_shape)}"
+                 for r in self.layers]
+        rows.append(f"{'total':48s} {'':22s} {self.macs:14,d} {self.params:10,d}")
+        return "\n".join(rows)
+
+
+def count_cost(model: nn.Module, input_size: Sequence[int]) -> Cost:
+    """Count MACs and parameters of ``model`` for one input of ``input_size`` (C, H, W).
+
+    Raises:
+        TypeError: a leaf module with parameters has no counting rule.
+    """
+    rows: list[LayerCost] = []
+    handles = [m.register_forward_hook(_hook(name, rows)) for name, m in _counted(model)]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return Cost(int(sum(r.macs for r in rows)), sum(r.params for r in rows), rows)
+
+
+def _counted(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, DynamicGroupConv2d) or not list(child.children()):
+            out.append((path, child))
+        else:
+            out.extend(_counted(child, path + "."))
+    return out
+
+
+def _hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0]
+        params = sum(p.numel() for p in module.parameters())
+        rows.append(LayerCost(name, type(module).__name__, _macs(module, x, output), params,
+                              tuple(output.shape)))
+    return hook
+
+
+def _macs(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    if isinstance(m, DynamicGroupConv2d):
+        return dgc_macs(m, x.shape[-2] * x.shape[-1], y.shape[-2] * y.shape[-1])
+    if isinstance(m, nn.Conv2d):
+        k = m.kernel_size[0] * m.kernel_size[1]
+        return m.in_channels * m.out_channels * k * y.shape[-2] * y.shape[-1] / m.groups
+    if isinstance(m, nn.Linear):
+        per_row = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        return per_row * (x.numel() // m.in_features)
+    if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Sigmoid)):
+        return x.numel()
+    if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)):
+        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+        return y.numel() * k * k
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        return x.numel()
+    if isinstance(m, _NO_OP) or not any(True for _ in m.parameters()):
+        return 0
+    raise TypeError(f"no MAC counting rule for {type(m).__name__}")
+
+
+def dgc_macs(layer: DynamicGroupConv2d, in_hw: int, out_hw: int) -> float:
+    """Analytic MACs of one DGC layer at its target gate factor (per sample)."""
+    c, o, h, r = layer.in_channels, layer.out_channels, layer.heads, layer.hidden
+    pre = 2 * c * in_hw  # BN-ReLU's ReLU, then the global average pool
+    gates = h * (c * r + r + r * c + c + c + c)  # fc1, ReLU, fc2 (+bias), ReLU, gating
+    per_head_conv = c * (o // h) * layer.kernel_size ** 2 * out_hw * layer.gate_factor
+    return pre + gates + h * per_head_conv

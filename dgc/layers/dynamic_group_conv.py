@@ -1,0 +1,328 @@
+"""Dynamic Group Convolution layer.
+
+Su, Fang, Kang, Hu, Pietikäinen, Liu, "Dynamic Group Convolution for Accelerating Convolutional
+Neural Networks", ECCV 2020 (arXiv 2007.04242). Spec: methods.md 1.1 to 1.4 and 1.7.
+
+Differences from the reference code (all deliberate, none changes the maths):
+
+* The reference concatenates ``heads`` gated copies of the input and keeps that tensor alive
+  for the backward pass (activation memory ``heads x input``). Here the gated input of all heads
+  is built transiently inside one autograd function, used for one grouped convolution, and
+  rebuilt in the backward pass, so only the (shared) post-BN-ReLU input is saved.
+* The reference reads the inactive-channel count with ``int(buffer[0])`` on every forward
+  (a GPU->CPU sync per layer per step). Here the bottom-k threshold is computed from the buffer
+  on the device with a sort and a gather, so a forward never synchronises.
+* The per-head saliency generators are evaluated for all heads at once with batched matmuls
+  instead of a Python loop over heads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch import nn
+
+from dgc.layers.schedule import target_inactive_channels
+
+NARROW_LAYER_CHANNELS = 80
+IMPLS = ("auto", "masked", "gather")
+# "auto" gathers the kept channels when at most this fraction of them is kept; above it the
+# per-sample grouped conv no longer beats one full-width grouped conv (bench/dgc_layer.py).
+GATHER_MAX_KEPT = 0.6
+
+
+def effective_squeeze(in_channels: int, squeeze_rate: int) -> int:
+    """Squeeze rate actually used: halved for narrow layers (C < 80), as the authors do."""
+    return max(1, squeeze_rate // 2) if in_channels < NARROW_LAYER_CHANNELS else squeeze_rate
+
+
+class SaliencyGate(nn.Module):
+    """One SE-like saliency generator per head, evaluated for all heads in one pass.
+
+    Head i computes ``S_i = ReLU(fc2_i(ReLU(fc1_i(z))))`` with ``fc1_i: C -> C//s'`` (no bias)
+    and ``fc2_i: C//s' -> C`` (bias). fc2's bias starts at 1 so that every channel starts with a
+    saliency of about 1: the gate is then close to the identity and pruning begins from an
+    unbiased ranking rather than from a random one.
+
+    Args:
+        channels: input channels C.
+        heads: number of heads h.
+        hidden: hidden width r = C // s'.
+    """
+
+    def __init__(self, channels: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.channels, self.heads, self.hidden = channels, heads, hidden
+        self.fc1_weight = nn.Parameter(torch.empty(heads, hidden, channels))
+        self.fc2_weight = nn.Parameter(torch.empty(heads, channels, hidden))
+        self.fc2_bias = nn.Parameter(torch.empty(heads, channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Kaiming-normal with fan_in, as nn.init.kaiming_normal_ does for each head's Linear.
+        nn.init.normal_(self.fc1_weight, 0.0, math.sqrt(2.0 / self.channels))
+        nn.init.normal_(self.fc2_weight, 0.0, math.sqrt(2.0 / self.hidden))
+        nn.init.constant_(self.fc2_bias, 1.0)
+
+    def forward(self, z: Tensor) -> Tensor:
+        # z: (B, C) globally pooled activations
+        hid = torch.einsum("bc,hrc->bhr", z, self.fc1_weight).relu()  # (B, h, r)
+        sal = torch.einsum("bhr,hcr->bhc", hid, self.fc2_weight)  # (B, h, C)
+        return (sal + self.fc2_bias).relu()  # (B, h, C), non-negative
+
+
+def deactivate_bottom_k(saliency: Tensor, n_inactive: int) -> Tensor:
+    """Zero every saliency at or below the n-th smallest of its head, per sample.
+
+    Ties at the threshold (notably the exact zeros the final ReLU produces) are all removed, so
+    at least ``n_inactive`` channels go. The threshold comes from a detached copy; gradients
+    reach the generator only through the kept entries.
+
+    Args:
+        saliency: (B, h, C) non-negative saliencies.
+        n_inactive: channels to deactivate per head, 0 <= n < C.
+    """
+    if n_inactive <= 0:
+        return saliency
+    detached = saliency.detach()
+    threshold = detached.kthvalue(n_inactive, dim=-1, keepdim=True).values  # (B, h, 1)
+    return saliency * (detached > threshold)  # (B, h, C)
+
+
+class _GatedGroupConv(torch.autograd.Function):
+    """conv2d over the per-head gated inputs, without keeping them for backward.
+
+    Forward: ``y = conv2d(cat_i(x * s_i), W, groups=h)``. Backward rebuilds the gated input
+    (one cheap multiply) instead of saving ``h`` copies of ``x``. The gradients are those of
+    the per-head formulation: ``dx = sum_i s_i * dX_i``, ``ds_i = sum_hw x * dX_i``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, sal, weight, stride, padding, dilation):  # type: ignore[override]
+        # x: (B, C, H, W), sal: (B, h, C), weight: (O, C, k, k)
+        gated = _gate(x, sal)  # (B, h*C, H, W), freed on return
+        ctx.conv_args = (stride, padding, dilation, sal.shape[1])
+        ctx.save_for_backward(x, sal, weight)
+        return F.conv2d(gated, weight, None, stride, padding, dilation, sal.shape[1])  # (B, O, H', W')
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, sal, weight = ctx.saved_tensors
+        stride, padding, dilation, heads = ctx.conv_args
+        dtype = grad_out.dtype
+        gated = _gate(x, sal).to(dtype)  # (B, h*C, H, W)
+        need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        g_in, g_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, gated, weight.to(dtype), None, _pair(stride), _pair(padding),
+            _pair(dilation), False, [0, 0], heads, [need_in, ctx.needs_input_grad[2], False])
+        del gated
+        grad_x = grad_s = None
+        if need_in:
+            b, c, h, w = x.shape
+            g_in = g_in.view(b, heads, c, h, w)  # (B, h, C, H, W)
+            # Broadcast-multiply and reduce over contiguous axes: einsum would permute g_in
+            # into a bmm layout first, copying h x input.
+            if ctx.needs_input_grad[0]:
+                grad_x = (g_in * sal.to(dtype)[..., None, None]).sum(1).to(x.dtype)  # (B, C, H, W)
+            if ctx.needs_input_grad[1]:
+                grad_s = (g_in * x.to(dtype).unsqueeze(1)).sum((3, 4)).to(sal.dtype)  # (B, h, C)
+        grad_w = g_w.to(weight.dtype) if g_w is not None else None
+        return grad_x, grad_s, grad_w, None, None, None
+
+
+class _GatheredGroupConv(torch.autograd.Function):
+    """The same convolution computed over the kept channels only.
+
+    Per sample b and head i, the K = C - n channels of highest saliency are gathered (channels
+    removed by ties have saliency 0 and contribute nothing) and convolved with the matching
+    columns of head i's kernel; the batch is folded into the groups of one conv2d
+    (groups = B * heads, the CondConv trick). This executes g * C * O * k^2 * H'W' MACs, the
+    count the paper reports, instead of the dense count the reference code executes. Gathered
+    inputs and kernels are rebuilt in backward, so only ``x``, ``sal`` and the indices are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, sal, weight, index, stride, padding, dilation):  # type: ignore[override]
+        # x: (B, C, H, W), sal: (B, h, C), weight: (O, C, k, k), index: (B, h, K)
+        xg, wg = _gather(x, sal, weight, index)  # (1, B*h*K, H, W), (B*O, K, k, k)
+        ctx.conv_args = (stride, padding, dilation)
+        ctx.save_for_backward(x, sal, weight, index)
+        b = x.shape[0]
+        y = F.conv2d(xg, wg, None, stride, padding, dilation, b * sal.shape[1])  # (1, B*O, H', W')
+        return y.view(b, weight.shape[0], *y.shape[-2:])  # (B, O, H', W')
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, sal, weight, index = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        (b, c, h, w), heads, kept, dtype = x.shape, sal.shape[1], index.shape[-1], grad_out.dtype
+        xg, wg = _gather(x.to(dtype), sal.to(dtype), weight.to(dtype), index)
+        g_xg, g_wg, _ = torch.ops.aten.convolution_backward(
+            grad_out.reshape(1, -1, *grad_out.shape[-2:]), xg, wg, None, _pair(stride),
+            _pair(padding), _pair(dilation), False, [0, 0], b * heads, [True, True, False])
+        flat_index = index.reshape(b, heads * kept)  # (B, h*K)
+        x_kept = x.to(dtype).reshape(b, c, h * w).gather(
+            1, flat_index[..., None].expand(-1, -1, h * w))  # (B, h*K, HW)
+        s_kept = sal.to(dtype).gather(-1, index).reshape(b, heads * kept, 1)  # (B, h*K, 1)
+        g_xg = g_xg.view(b, heads * kept, h * w)  # (B, h*K, HW)
+        grad_x = torch.zeros(b, c, h * w, dtype=dtype, device=x.device).scatter_add_(
+            1, flat_index[..., None].expand(-1, -1, h * w), g_xg * s_kept).view_as(x)
+        grad_s = torch.zeros_like(sal, dtype=dtype).scatter_(
+            -1, index, (g_xg * x_kept).sum(-1).view(b, heads, kept))  # unique per head
+        grad_w = _scatter_kernel_grad(g_wg, index, weight.shape)
+        return (grad_x.to(x.dtype), grad_s.to(sal.dtype), grad_w.to(weight.dtype),
+                None, None, None, None)
+
+
+def _gather(x: Tensor, sal: Tensor, weight: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    b, c, h, w = x.shape
+    heads, kept = index.shape[1:]
+    flat = index.reshape(b, heads * kept)  # (B, h*K)
+    xg = x.reshape(b, c, h * w).gather(1, flat[..., None].expand(-1, -1, h * w))  # (B, h*K, HW)
+    xg = xg * sal.gather(-1, index).reshape(b, heads * kept, 1)  # saliency-scaled
+    o, _, kh, kw = weight.shape
+    per_head = weight.view(heads, o // heads, c, kh * kw)  # (h, O/h, C, k^2)
+    cols = index[:, :, None, :, None].expand(-1, -1, o // heads, -1, kh * kw)  # (B,h,O/h,K,k^2)
+    wg = per_head.unsqueeze(0).expand(b, -1, -1, -1, -1).gather(3, cols)  # (B, h, O/h, K, k^2)
+    return xg.view(1, b * heads * kept, h, w), wg.reshape(b * o, kept, kh, kw)
+
+
+def _scatter_kernel_grad(g_wg: Tensor, index: Tensor, shape: torch.Size) -> Tensor:
+    """Sum per-sample kernel-column gradients back into the (O, C, k, k) weight gradient."""
+    b, heads, kept = index.shape
+    o, c, kh, kw = shape
+    per = (o // heads) * kh * kw
+    g = g_wg.view(b, heads, o // heads, kept, kh * kw).permute(1, 0, 3, 2, 4)  # (h,B,K,O/h,k^2)
+    g = g.reshape(heads, b * kept, per)
+    idx = index.permute(1, 0, 2).reshape(heads, b * kept, 1).expand(-1, -1, per)
+    out = torch.zeros(heads, c, per, dtype=g.dtype, device=g.device).scatter_add_(1, idx, g)
+    return out.view(heads, c, o // heads, kh * kw).transpose(1, 2).reshape(shape)
+
+
+def _gate(x: Tensor, sal: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    return (x.unsqueeze(1) * sal[..., None, None]).reshape(b, -1, h, w)  # (B, heads*C, H, W)
+
+
+def _pair(v: int | tuple[int, int]) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+class DynamicGroupConv2d(nn.Module):
+    """Dynamic group convolution: ``heads`` dense convolutions, each over its own
+    sample-dependent subset of the input channels, selected by a saliency generator.
+
+    The layer owns the BN-ReLU that precedes its convolution (pre-activation style). Head i
+    keeps, per sample, the input channels whose saliency is above the ``n``-th smallest, scales
+    them by that saliency and convolves them into ``out_channels // heads`` outputs; the head
+    outputs are interleaved (channel ``j*heads + i`` is output j of head i) so that a following
+    group convolution sees every head in every group.
+
+    ``forward`` returns a tensor. The saliency L1 term of the last forward is kept in
+    ``last_saliency_loss`` (see ``dgc.aux_loss``). The number of inactive channels lives in the
+    persistent buffer ``inactive_channels`` and is set from outside by ``dgc.set_progress``.
+
+    Args:
+        in_channels: C.
+        out_channels: O.
+        kernel_size: k.
+        stride, padding, dilation: as in ``nn.Conv2d``.
+        heads: h, must divide C and O.
+        squeeze_rate: s of the saliency generators (halved when C < 80).
+        gate_factor: g, kept fraction of the input channels, in (0, 1].
+        name: layer name used in error messages.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, heads: int = 4, squeeze_rate: int = 16,
+                 gate_factor: float = 0.25, impl: str = "auto",
+                 name: str = "DynamicGroupConv2d") -> None:
+        super().__init__()
+        _validate(name, in_channels, out_channels, heads, squeeze_rate, gate_factor)
+        if impl not in IMPLS:
+            raise ValueError(f"{name}: impl={impl!r} must be one of {IMPLS}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.heads, self.squeeze_rate, self.gate_factor = heads, squeeze_rate, gate_factor
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.act = nn.ReLU(inplace=True)
+        hidden = in_channels // effective_squeeze(in_channels, squeeze_rate)
+        self.gate = SaliencyGate(in_channels, heads, hidden)
+        # Rows [i*O/h, (i+1)*O/h) are head i's dense kernel over all C input channels.
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        # Persistent (saved in checkpoints). Its host-side mirror gives forward a Python int
+        # without reading the device tensor (a GPU->CPU sync) on every step.
+        self.register_buffer("inactive_channels", torch.zeros((), dtype=torch.long))
+        self._inactive_host = 0
+        self.impl = impl
+        self.last_saliency_loss: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each head is an nn.Conv2d(C, O/h) initialised N(0, sqrt(2 / (k^2 * O/h))) by the
+        # authors' networks (fan_out of the head, not of the whole layer).
+        fan_out = self.kernel_size ** 2 * self.out_channels // self.heads
+        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / fan_out))
+        self.gate.reset_parameters()
+
+    @property
+    def hidden(self) -> int:
+        return self.gate.hidden
+
+    @property
+    def target_inactive(self) -> int:
+        return target_inactive_channels(self.in_channels, self.gate_factor)
+
+    def set_inactive(self, n: int) -> None:
+        """Set the number of deactivated input channels per head (0 <= n < in_channels)."""
+        if not 0 <= n < self.in_channels:
+            raise ValueError(f"inactive channels n={n} must be in [0, {self.in_channels})")
+        self.inactive_channels.fill_(n)
+        self._inactive_host = int(n)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.inactive_channels.is_meta:
+            self._inactive_host = int(self.inactive_channels)  # one sync per load, not per step
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, C, H, W)
+        x = self.act(self.norm(x))  # (B, C, H, W)
+        sal = self.gate(x.mean(dim=(2, 3)))  # (B, h, C)
+        self.last_saliency_loss = sal.mean(dim=(0, 2)).sum()  # sum over heads of mean_{b,c}
+        n = self._inactive_host
+        sal = deactivate_bottom_k(sal, n)  # (B, h, C), pruned -> 0
+        kept = self.in_channels - n
+        if self.impl == "gather" or (self.impl == "auto" and 0 < kept <= GATHER_MAX_KEPT * self.in_channels):
+            index = sal.detach().topk(kept, dim=-1, sorted=False).indices  # (B, h, K)
+            y = _GatheredGroupConv.apply(x, sal, self.weight, index, self.stride, self.padding,
+                                         self.dilation)
+        else:
+            y = _GatedGroupConv.apply(x, sal, self.weight, self.stride, self.padding, self.dilation)
+        b, o, h, w = y.shape  # (B, O, H', W'), head-major channels
+        return y.view(b, self.heads, o // self.heads, h, w).transpose(1, 2).reshape(b, o, h, w)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, heads={self.heads}, "
+                f"squeeze_rate={self.squeeze_rate}, gate_factor={self.gate_factor}")
+
+
+def _validate(name: str, cin: int, cout: int, heads: int, squeeze: int, gate: float) -> None:
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{name}: heads={heads!r} must be a positive integer")
+    if cin % heads or cout % heads:
+        raise ValueError(f"{name}: heads={heads} must divide both in_channels={cin} and "
+                         f"out_channels={cout}; pick a divisor of {math.gcd(cin, cout)}")
+    if not 0.0 < gate <= 1.0:
+        raise ValueError(f"{name}: gate_factor={gate!r} must be in (0, 1] "
+                         "(it is the kept fraction of input channels)")
+    if target_inactive_channels(cin, gate) >= cin:
+        raise ValueError(f"{name}: gate_factor={gate!r} keeps no channel of in_channels={cin}; "
+                         f"it must be at least {1.0 / (2 * cin):.4g}")
+    if not isinstance(squeeze, int) or squeeze < 1 or cin // effective_squeeze(cin, squeeze) < 1:
+        raise ValueError(f"{name}: squeeze_rate={squeeze!r} leaves no hidden unit for "
+                         f"in_channels={cin} (effective squeeze {effective_squeeze(cin, squeeze)}"
+                         f" must be <= {cin}); use a smaller squeeze_rate")

@@ -1,0 +1,109 @@
+"""CondenseNet-style DenseNet with injected 1x1 convolutions (DyDenseNet).
+
+Huang et al., "CondenseNet" (arXiv 1711.09224) topology as used by Su et al. (arXiv
+2007.04242): per-stage growth, bottleneck 1x1 conv (the replaceable one), BN-ReLU-3x3 group
+conv, "fully dense" 2x2 average-pool transitions (no conv, no compression), no max-pool.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch import nn
+
+from dgc.layers.conv import ConvLayer
+from dgc.layers.conv import StageValue
+from dgc.layers.conv import make_conv_factory
+from dgc.models.common import init_weights
+from dgc.registry import register_family
+
+
+class DenseLayer(nn.Module):
+    """[x, conv3x3_G(BN-ReLU(conv1x1(x)))]: appends ``growth`` channels."""
+
+    def __init__(self, in_channels: int, growth: int, bottleneck: int, group_3x3: int,
+                 conv_layer: ConvLayer, stage: int, name: str) -> None:
+        super().__init__()
+        mid = bottleneck * growth
+        if mid % group_3x3 or growth % group_3x3:
+            raise ValueError(f"{name}.conv2: group_3x3={group_3x3} must divide bottleneck*growth="
+                             f"{mid} and growth={growth}")
+        self.conv1 = conv_layer(in_channels, mid, 1, 1, 0, stage=stage, preact=True,
+                                name=f"{name}.conv1")
+        self.conv2 = nn.Sequential(nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                                   nn.Conv2d(mid, growth, 3, 1, 1, groups=group_3x3, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, C, H, W)
+        new = self.conv2(self.conv1(x))  # (B, growth, H, W)
+        return torch.cat([x, new], dim=1)  # (B, C + growth, H, W)
+
+
+class DenseNet(nn.Module):
+    """Generic CondenseNet-style DenseNet.
+
+    Args:
+        stages: dense layers per stage.
+        growth: growth rate per stage.
+        conv_layer: factory of the 1x1 convolutions (see ``dgc.layers.conv``).
+        bottleneck: 1x1 output width as a multiple of the growth.
+        group_3x3: groups of the 3x3 convolution.
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        stem_stride: 1 for CIFAR, 2 for ImageNet.
+    """
+
+    def __init__(self, stages: Sequence[int], growth: Sequence[int], conv_layer: ConvLayer,
+                 bottleneck: int = 4, group_3x3: int = 4, num_classes: int = 1000,
+                 in_chans: int = 3, stem_stride: int = 1) -> None:
+        super().__init__()
+        channels = 2 * growth[0]
+        self.stem = nn.Conv2d(in_chans, channels, 3, stem_stride, 1, bias=False)
+        blocks: list[nn.Module] = []
+        for i, (depth, k) in enumerate(zip(stages, growth)):
+            if i > 0:
+                blocks.append(nn.AvgPool2d(2, 2))  # transition: pool only, channels kept
+            for j in range(depth):
+                blocks.append(DenseLayer(channels + j * k, k, bottleneck, group_3x3, conv_layer,
+                                         i, f"features.{len(blocks)}"))
+            channels += depth * k
+        self.features = nn.Sequential(*blocks)
+        self.num_classes, self.num_features = num_classes, channels
+        self.norm = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        init_weights(self)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        # x: (B, in_chans, H, W)
+        return self.features(self.stem(x))  # (B, num_features, H/r, W/r)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        x = self.pool(self.act(self.norm(x)))  # (B, num_features, 1, 1)
+        return self.classifier(torch.flatten(x, 1))  # (B, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _densenet(kind: str, stages: Sequence[int], growth: Sequence[int], stem_stride: int,
+              heads: StageValue = 4, gate_factor: StageValue = 0.25, squeeze_rate: StageValue = 16,
+              **kwargs: object) -> DenseNet:
+    conv = make_conv_factory(kind, len(stages), heads, gate_factor, squeeze_rate)
+    return DenseNet(stages, growth, conv, stem_stride=stem_stride, **kwargs)  # type: ignore[arg-type]
+
+
+@register_family("densenet86")
+def densenet86(kind: str, **kwargs: object) -> DenseNet:
+    """CIFAR DenseNet-86 (stages 14-14-14, growth 8-16-32); DGC variant = DyDenseNet-86."""
+    kwargs.setdefault("num_classes", 10)
+    return _densenet(kind, (14, 14, 14), (8, 16, 32), 1, **kwargs)
+
+
+@register_family("densenet74")
+def densenet74(kind: str, **kwargs: object) -> DenseNet:
+    """ImageNet DenseNet-74 (CondenseNet-74 topology, stages 4-6-8-10-8, growth 8-...-128)."""
+    return _densenet(kind, (4, 6, 8, 10, 8), (8, 16, 32, 64, 128), 2, **kwargs)
