@@ -12,3 +12,15 @@ SHARED = REPO.parent / "shared"
 @pytest.fixture
 def device() -> str:
     return os.environ.get("TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_2cpu():
+    """A real local Ray cluster with 2 CPUs (no dashboard), shared by the tests that need one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,24 @@
+"""Turn pydantic validation errors into one line per problem: file, field path, value, fix."""
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+_FIXES = {
+    "extra_forbidden": "remove it or check its spelling",
+    "missing": "add it",
+}
+
+
+def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        value = e.get("input")
+        shown = "" if e["type"] == "missing" else f" = {value!r}"
+        fix = _FIXES.get(e["type"], "")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {loc or '<top>'}{shown}: {msg}" + (f" ({fix})" if fix else ""))
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""``python -m search train FILE``: one configuration in the foreground, no Ray."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from search.errors import format_validation_error
+from search.overrides import SearchConfigError
+from search.overrides import apply_overrides
+from search.overrides import load_yaml
+from trainables import metrics as M
+from trainables.config import TrialConfig
+from trainables.runner import load_state
+from trainables.runner import run_trial
+from trainables.runner import save_state
+
+log = logging.getLogger(__name__)
+
+
+def trial_config_from_file(path: str, overrides: list[str]) -> TrialConfig:
+    """A trial-config YAML, or an experiment YAML whose ``trial:`` section is used."""
+    doc = load_yaml(path)
+    trial = doc.get("trial", doc) if isinstance(doc.get("trial"), dict) else doc
+    trial = apply_overrides(trial, overrides, path)
+    try:
+        return TrialConfig.model_validate(trial)
+    except ValidationError as err:
+        raise SearchConfigError(format_validation_error(err, path, prefix="trial" if trial is not doc
+                                                        else "")) from err
+
+
+class ConsoleReporter:
+    """Progress bar over epochs; optional checkpoints and metrics in ``out``."""
+
+    def __init__(self, epochs: int, start: int, out: Path | None) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=epochs, initial=start, unit="epoch", dynamic_ncols=True)
+        self.out = out
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics[M.TRAIN_LOSS]:.3f}",
+                             val_acc=f"{metrics[M.VAL_ACCURACY]:.4f}",
+                             img_s=f"{metrics[M.IMAGES_PER_S]:.0f}")
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if state is not None:
+                save_state(state, self.out / "state.pt")
+
+
+def train_command(path: str, overrides: list[str], out: str | None, resume: bool) -> int:
+    cfg = trial_config_from_file(path, overrides)
+    out_dir = Path(out) if out else None
+    state = None
+    if resume:
+        if out_dir is None or not (out_dir / "state.pt").is_file():
+            raise SearchConfigError(f"--resume needs --out DIR holding a state.pt from an earlier "
+                                    f"run (got {out_dir})")
+        state = load_state(out_dir / "state.pt")
+    reporter = ConsoleReporter(cfg.epochs, int(state["epoch"]) if state else 0, out_dir)
+    final = run_trial(cfg, reporter, state)
+    reporter.bar.close()
+    print(json.dumps({k: final[k] for k in sorted(final)}, indent=2))
+    return 0

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dgc
+from trainables import metrics as M
+from trainables.config import OptimParams
+from trainables.config import TrialConfig
+from trainables.loop import NonFiniteLossError
+from trainables.loop import Schedule
+from trainables.loop import make_optimizer
+from trainables.loop import train_one_epoch
+from trainables.runner import load_state
+from trainables.runner import run_trial
+from trainables.runner import save_state
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.metrics, self.states = [], []
+
+    def report(self, metrics, state):
+        self.metrics.append(metrics)
+        self.states.append(state)
+
+
+def _cfg(**kw) -> TrialConfig:
+    base = {"epochs": 3, "seed": 7, "model": {"name": "dyresnet8", "gate_factor": 0.5},
+            "optim": {"lr": 0.05}, "data": {"batch_size": 64, "val_size": 300}}
+    base.update(kw)
+    return TrialConfig.model_validate(base)
+
+
+def test_schedule_is_per_iteration_cosine_and_progress():
+    s = Schedule(OptimParams(lr=0.1), iters_per_epoch=10, epochs=3)
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(15) == pytest.approx(0.05)
+    assert s.lr(29) == pytest.approx(0.05 * (1 + math.cos(math.pi * 29 / 30)))
+    assert s.progress(0) == 0 and s.progress(15) == 0.5
+    warm = Schedule(OptimParams(lr=0.1, warmup_epochs=1), 10, 3)
+    assert warm.lr(0) == pytest.approx(0.01 * 0.5 * (1 + math.cos(0)))
+    multi = Schedule(OptimParams(lr=0.1, schedule="multistep"), 10, 4)
+    assert [round(multi.lr(i), 6) for i in (0, 20, 30)] == [0.1, 0.01, 0.001]
+
+
+def test_gate_schedule_advances_every_iteration():
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
+    layer = dgc.dgc_layers(model)[-1]
+    seen = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m._inactive_host))
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(12)]
+    sched = Schedule(OptimParams(lr=0.01), iters_per_epoch=12, epochs=1)
+    stats = train_one_epoch(model, batches, make_optimizer(model, sched.optim), sched, 0)
+    expected = [dgc.inactive_channels(i / 12, layer.in_channels, 0.25) for i in range(12)]
+    assert seen == expected and len(set(seen)) > 4
+    assert stats.iteration == 12 and stats.progress == 1.0
+
+
+def test_tiny_dgc_network_learns_digits():
+    out = Collect()
+    final = run_trial(_cfg(epochs=4), out)
+    assert [m[M.EPOCH] for m in out.metrics] == [1, 2, 3, 4]
+    assert final[M.VAL_ACCURACY] > 0.6  # chance is 0.1
+    assert M.TEST_ACCURACY in final and M.TEST_ACCURACY not in out.metrics[0]
+    for m in out.metrics:  # every report carries the objectives
+        assert m[M.MACS] > 0 and m[M.PARAMS] > 0 and m[M.IMAGES_PER_S] > 0
+    assert out.metrics[-1][M.GATE_PROGRESS] == 1.0
+
+
+def test_resume_from_checkpoint_ends_with_identical_weights(tmp_path):
+    full = Collect()
+    run_trial(_cfg(), full)
+
+    class Interrupt(Collect):
+        def report(self, metrics, state):
+            super().report(metrics, state)
+            if metrics[M.EPOCH] == 2:
+                save_state(state, tmp_path / "state.pt")
+                raise KeyboardInterrupt  # the driver dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(_cfg(), Interrupt())
+    resumed = Collect()
+    run_trial(_cfg(), resumed, resume=load_state(tmp_path / "state.pt"))
+    assert [m[M.EPOCH] for m in resumed.metrics] == [3]
+    a, b = full.states[-1]["model"], resumed.states[-1]["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.metrics[-1][M.VAL_ACCURACY] == resumed.metrics[-1][M.VAL_ACCURACY]
+
+
+def test_checkpoint_interval_and_weights_only_loading(tmp_path):
+    out = Collect()
+    run_trial(_cfg(checkpoint_every=2), out)
+    assert [s is not None for s in out.states] == [False, True, True]  # every 2 and the end
+    save_state(out.states[-1], tmp_path / "s.pt")
+    state = load_state(tmp_path / "s.pt")  # weights_only=True
+    assert state["epoch"] == 3 and state["config"]["model"]["name"] == "dyresnet8"
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1)
+    batches = [(torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))]
+    sched = Schedule(OptimParams(), 1, 1)
+    with pytest.raises(NonFiniteLossError, match=r"training loss became nan by iteration 1"):
+        train_one_epoch(model, batches, make_optimizer(model, sched.optim), sched, 0)

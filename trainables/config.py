@@ -1,0 +1,91 @@
+"""TrialConfig: everything one training run needs, validated (unknown keys rejected)."""
+from __future__ import annotations
+
+from typing import Any
+from typing import Literal
+
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import model_validator
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(_Strict):
+    """The network: a registered ``dgc`` name and its architecture settings.
+
+    ``heads``, ``gate_factor`` and ``squeeze_rate`` take one value or one per stage; ``kwargs``
+    passes any other keyword of the recipe. Unset values use the recipe's defaults.
+    """
+
+    name: str = "dyresnet8"
+    heads: int | list[int] | None = None
+    gate_factor: float | list[float] | None = None
+    squeeze_rate: int | list[int] | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def arch_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``dgc.create_model`` (None values are dropped there)."""
+        return {"heads": self.heads, "gate_factor": self.gate_factor,
+                "squeeze_rate": self.squeeze_rate, **self.kwargs}
+
+
+class DataParams(_Strict):
+    """Where the images come from and how they are split and batched.
+
+    The validation split is carved from the training set with ``split_seed`` (the same for
+    every trial); model selection and the search see only it. The test set is evaluated once.
+    """
+
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    datadir: str | None = None
+    val_size: float = Field(0.1, gt=0)
+    split_seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(1000, ge=1)
+    train_subset: int | None = Field(None, ge=1)
+    augment: bool | None = None
+    image_size: int | None = Field(None, ge=8)
+    cache_dir: str | None = None
+    workers: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _needs_datadir(self) -> DataParams:
+        if self.dataset != "digits" and not self.datadir:
+            raise ValueError(f"dataset={self.dataset!r} reads from disk: set data.datadir to the "
+                             "folder that holds it (digits is the only built-in dataset)")
+        return self
+
+
+class OptimParams(_Strict):
+    """SGD with Nesterov momentum and a per-iteration schedule, the paper's recipe by default."""
+
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-4, ge=0)
+    lasso: float = Field(1e-5, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+
+
+class TrialConfig(_Strict):
+    """One trial, completely: model, data, optimiser, schedule length, seed and runtime."""
+
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams = Field(default_factory=DataParams)
+    optim: OptimParams = Field(default_factory=OptimParams)
+    epochs: int = Field(30, ge=1)
+    seed: int = 0
+    checkpoint_every: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    threads: int | None = Field(None, ge=1)

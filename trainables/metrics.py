@@ -1,0 +1,18 @@
+"""Metric names: the single source of truth for reports, objectives and MLflow keys."""
+from __future__ import annotations
+
+VAL_ACCURACY = "val_accuracy"
+VAL_LOSS = "val_loss"
+TRAIN_LOSS = "train_loss"
+TEST_ACCURACY = "test_accuracy"
+TEST_LOSS = "test_loss"
+MACS = "macs"
+PARAMS = "params"
+LATENCY_MS = "latency_ms"
+EPOCH = "epoch"
+EPOCH_TIME_S = "epoch_time_s"
+IMAGES_PER_S = "images_per_s"
+GATE_PROGRESS = "gate_progress"
+
+#: metrics an experiment may use as objectives, with their natural direction.
+OBJECTIVES = {VAL_ACCURACY: "max", VAL_LOSS: "min", MACS: "min", PARAMS: "min", LATENCY_MS: "min"}

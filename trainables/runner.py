@@ -1,0 +1,152 @@
+"""One trial from config to final metrics, shared by the Ray trainable and ``search train``.
+
+Randomness is a pure function of (seed, epoch): the model is initialised from ``seed`` and each
+epoch's batch order and augmentation come from a generator seeded with (seed, epoch). A run
+resumed from an end-of-epoch checkpoint therefore continues exactly as the uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+from typing import Protocol
+
+import torch
+from torch import nn
+
+import dgc
+from trainables import metrics as M
+from trainables.config import TrialConfig
+from trainables.data import DeviceLoader
+from trainables.data import Splits
+from trainables.data import imagenet_loaders
+from trainables.data import load_splits
+from trainables.loop import Schedule
+from trainables.loop import evaluate
+from trainables.loop import make_optimizer
+from trainables.loop import train_one_epoch
+
+log = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    """Receives every epoch's metrics, and a checkpoint state when one is due."""
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None: ...
+
+
+@dataclass
+class Loaders:
+    train: Any
+    val: Any
+    test: Any
+    num_classes: int
+    input_size: tuple[int, int, int]
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but no CUDA device is visible")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def build_loaders(cfg: TrialConfig, device: torch.device, splits: Splits | None,
+                  workers: int) -> Loaders:
+    d, cl = cfg.data, cfg.channels_last and device.type == "cuda"
+    if d.dataset == "imagenet":
+        tr, va, te, classes = imagenet_loaders(d, d.workers if d.workers is not None else workers, cl)
+        return Loaders(tr, va, te, classes, (3, 224, 224))
+    s = splits or load_splits(d)
+    augment = d.augment if d.augment is not None else d.dataset != "digits"
+    mk = lambda split, bs, train: DeviceLoader(split, bs, device, s.mean, s.std,  # noqa: E731
+                                               augment and train, train, cl)
+    return Loaders(mk(s.train, d.batch_size, True), mk(s.val, d.eval_batch_size, False),
+                   mk(s.test, d.eval_batch_size, False), s.num_classes,
+                   (s.in_chans, s.image_size, s.image_size))
+
+
+def build_model(cfg: TrialConfig, num_classes: int, in_chans: int) -> nn.Module:
+    return dgc.create_model(cfg.model.name, num_classes=num_classes, in_chans=in_chans,
+                            **cfg.model.arch_kwargs())
+
+
+def trial_cost(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, int]) -> dgc.Cost:
+    """Analytic cost of the trial's model, built on the meta device (no weights allocated)."""
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes, input_size[0])
+    return dgc.count_cost(model, input_size)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def run_trial(cfg: TrialConfig, reporter: Reporter, resume: dict[str, Any] | None = None,
+              splits: Splits | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Train ``cfg`` to the end (from ``resume`` if given), reporting every epoch."""
+    threads = cfg.threads or threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = build_loaders(cfg, device, splits, threads)
+    model = build_model(cfg, data.num_classes, data.input_size[0]).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    cost = trial_cost(cfg, data.num_classes, data.input_size)
+    optimizer = make_optimizer(model, cfg.optim)
+    schedule = Schedule(cfg.optim, len(data.train), cfg.epochs)
+    start_epoch = restore(resume, model, optimizer) if resume else 0
+    step_model = torch.compile(model) if cfg.compile else model
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+        stats = train_one_epoch(step_model, data.train.epoch(gen), optimizer, schedule,
+                                epoch * len(data.train), cfg.bf16)
+        val_acc, val_loss = evaluate(step_model, data.val.epoch(), cfg.bf16)
+        metrics = {M.EPOCH: epoch + 1, M.TRAIN_LOSS: stats.loss, M.VAL_ACCURACY: val_acc,
+                   M.VAL_LOSS: val_loss, M.MACS: cost.macs, M.PARAMS: cost.params,
+                   M.EPOCH_TIME_S: stats.seconds, M.IMAGES_PER_S: stats.images / stats.seconds,
+                   M.GATE_PROGRESS: stats.progress}
+        last = epoch + 1 == cfg.epochs
+        if last:
+            metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(step_model, data.test.epoch(),
+                                                                      cfg.bf16)
+        due = last or (epoch + 1) % cfg.checkpoint_every == 0
+        reporter.report(metrics, checkpoint_state(model, optimizer, epoch + 1, stats, cfg)
+                        if due else None)
+    return metrics
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_epoch: int,
+                     stats: Any, cfg: TrialConfig) -> dict[str, Any]:
+    """Everything needed to continue exactly; loadable with ``torch.load(weights_only=True)``."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "epoch": next_epoch, "iteration": stats.iteration, "gate_progress": stats.progress,
+             "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load a checkpoint state into the model and optimiser; returns the epoch to start at."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log.info("resumed at epoch %d (iteration %d)", state["epoch"], state["iteration"])
+    return int(state["epoch"])
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)

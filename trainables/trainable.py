@@ -1,0 +1,52 @@
+"""``train_dgc``: the Ray Tune function trainable.
+
+It talks to Tune only through ``ray.tune.report``, ``ray.tune.get_checkpoint`` and
+``ray.tune.Checkpoint``. Every report carries the objectives (accuracy, MACs, parameters);
+checkpoints hold model, optimiser, iteration, gate progress, epoch and RNG states.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from trainables.config import TrialConfig
+from trainables.data import Splits
+from trainables.runner import load_state
+from trainables.runner import run_trial
+from trainables.runner import save_state
+
+STATE_FILE = "state.pt"
+
+
+class RayReporter:
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        from ray import tune
+
+        if state is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(state, Path(tmp) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def train_dgc(config: dict[str, Any], splits: Splits | None = None) -> None:
+    """Validate ``config`` as a TrialConfig, resume from Tune's checkpoint if any, train.
+
+    Args:
+        config: a TrialConfig as a dict (Tune's sampled configuration).
+        splits: decoded dataset shipped through the object store by ``tune.with_parameters``;
+            loaded from ``config["data"]`` when None.
+    """
+    import ray
+    from ray import tune
+
+    cfg = TrialConfig.model_validate(config)
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = load_state(Path(d) / STATE_FILE)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    run_trial(cfg, RayReporter(), resume, splits, threads=max(1, int(cpus)))
