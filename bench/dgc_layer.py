@@ -5,7 +5,7 @@
 Three variants, same shapes, all in float32 on the CPU (or --device cuda):
   dgc-gather dgc.DynamicGroupConv2d, gathered path: only the kept channels are convolved
              (per-sample grouped conv), gathers rebuilt in backward; "auto" picks it when
-             at most 60% of the channels are kept
+             at most 40% of the channels are kept
   dgc-masked dgc.DynamicGroupConv2d, masked path: one full-width grouped conv over the gated
              input, which is rebuilt in backward instead of saved
   reference  the authors' formulation: a Python loop of per-head SE gates, per-head gated

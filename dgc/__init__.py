@@ -16,6 +16,8 @@ from dgc.ops import set_progress
 from dgc.registry import create_model
 from dgc.registry import list_models
 from dgc.registry import model_kind
+from dgc.registry import num_stages
 
 __all__ = ["Cost", "DynamicGroupConv2d", "aux_loss", "count_cost", "create_model", "dgc_layers",
-           "inactive_channels", "list_models", "model_kind", "set_progress"]
+           "inactive_channels", "list_models", "model_kind", "num_stages",
+           "set_progress"]

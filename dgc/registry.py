@@ -61,6 +61,15 @@ def list_models(pattern: str | None = None) -> list[str]:
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
+def num_stages(name: str) -> int:
+    """Number of stages of a registered model (per-stage settings take this many values)."""
+    import torch
+
+    with torch.device("meta"):
+        model = create_model(name)
+    return int(getattr(model, "num_stages"))
+
+
 def model_kind(name: str) -> str:
     """"dense", "dynamic" or "group" for a registered family variant name."""
     for prefix in ("dy", "gc"):

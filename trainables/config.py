@@ -89,3 +89,5 @@ class TrialConfig(_Strict):
     channels_last: bool = True
     compile: bool = False
     threads: int | None = Field(None, ge=1)
+    #: bookkeeping set by the search (e.g. the Optuna trial number); training ignores it.
+    tags: dict[str, int | float | str] = Field(default_factory=dict)

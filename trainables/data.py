@@ -321,3 +321,44 @@ def imagenet_loaders(params: DataParams, workers: int, channels_last: bool
     mk = lambda ds, bs, tr: FolderLoader(ds, bs, tr, workers, channels_last)  # noqa: E731
     return (mk(train_sub, params.batch_size, True), mk(val_set, params.eval_batch_size, False),
             mk(test_set, params.eval_batch_size, False), len(train_set.classes))
+
+
+def describe(params: DataParams) -> tuple[int, tuple[int, int, int]]:
+    """(num_classes, input size C x H x W) without decoding the dataset; checks the layout.
+
+    Raises:
+        DatasetError: the dataset is missing or not in its expected layout.
+    """
+    if params.dataset == "digits":
+        return 10, (1, 8, 8)
+    root = Path(params.datadir or "").expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data.datadir={str(root)!r} does not exist; {params.dataset} expects "
+                           f"{_LAYOUTS[params.dataset]}")
+    if params.dataset in ("cifar10", "cifar100"):
+        folder = root / ("cifar-10-batches-py" if params.dataset == "cifar10" else "cifar-100-python")
+        needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] \
+            if params.dataset == "cifar10" else ["train", "test"]
+        missing = [n for n in needed if not (folder / n).is_file()]
+        if missing:
+            raise DatasetError(f"{folder}: missing {', '.join(missing)}; expected "
+                               f"{_LAYOUTS[params.dataset]}")
+        return (10 if params.dataset == "cifar10" else 100), (3, 32, 32)
+    classes = _classes(root / "train")
+    if params.dataset == "imagenet":
+        _classes(root / "val")
+        return len(classes), (3, 224, 224)
+    if not ((root / "test").is_dir() or (root / "val").is_dir()):
+        raise DatasetError(f"{root}: no test/ (or val/) folder; expected {_LAYOUTS['imagefolder']}")
+    return len(classes), (3, *(2 * [params.image_size or _first_image_size(root / "train", classes)]))
+
+
+def _first_image_size(folder: Path, classes: list[str]) -> int:
+    from PIL import Image
+
+    for c in classes:
+        for p in sorted((folder / c).iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(p) as im:
+                    return im.width
+    raise DatasetError(f"{folder}: no images (.jpg/.png) in its class folders")

@@ -30,7 +30,7 @@ NARROW_LAYER_CHANNELS = 80
 IMPLS = ("auto", "masked", "gather")
 # "auto" gathers the kept channels when at most this fraction of them is kept; above it the
 # per-sample grouped conv no longer beats one full-width grouped conv (bench/dgc_layer.py).
-GATHER_MAX_KEPT = 0.6
+GATHER_MAX_KEPT = 0.4
 
 
 def effective_squeeze(in_channels: int, squeeze_rate: int) -> int:
@@ -291,7 +291,8 @@ class DynamicGroupConv2d(nn.Module):
         # x: (B, C, H, W)
         x = self.act(self.norm(x))  # (B, C, H, W)
         sal = self.gate(x.mean(dim=(2, 3)))  # (B, h, C)
-        self.last_saliency_loss = sal.mean(dim=(0, 2)).sum()  # sum over heads of mean_{b,c}
+        # Kept only when training (the loss needs it); inference and export stay stateless.
+        self.last_saliency_loss = sal.mean(dim=(0, 2)).sum() if self.training else None
         n = self._inactive_host
         sal = deactivate_bottom_k(sal, n)  # (B, h, C), pruned -> 0
         kept = self.in_channels - n

@@ -59,6 +59,7 @@ class DenseNet(nn.Module):
                  in_chans: int = 3, stem_stride: int = 1) -> None:
         super().__init__()
         channels = 2 * growth[0]
+        self.num_stages = len(stages)
         self.stem = nn.Conv2d(in_chans, channels, 3, stem_stride, 1, bias=False)
         blocks: list[nn.Module] = []
         for i, (depth, k) in enumerate(zip(stages, growth)):

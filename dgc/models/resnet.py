@@ -65,6 +65,7 @@ class ResNet(nn.Module):
                  num_classes: int = 1000, in_chans: int = 3, stem: str = "imagenet") -> None:
         super().__init__()
         self.num_classes, self.num_features = num_classes, widths[-1]
+        self.num_stages = len(layers)
         self.stem = _make_stem(stem, in_chans, widths[0])
         stages, channels = [], widths[0]
         for i, (depth, width) in enumerate(zip(layers, widths)):

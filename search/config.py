@@ -1,0 +1,138 @@
+"""ExperimentConfig: one YAML file describes a whole search (validated, unknown keys rejected)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from typing import Literal
+
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import ValidationError
+from pydantic import field_validator
+from pydantic import model_validator
+
+from search.errors import format_validation_error
+from search.overrides import SearchConfigError
+from search.overrides import apply_overrides
+from search.overrides import load_yaml
+from spaces.load import SpaceError
+from spaces.load import load_space
+from spaces.load import resolve_space_path
+from spaces.schema import SearchSpace
+from trainables import metrics as M
+from trainables.config import TrialConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Objective(_Strict):
+    metric: str
+    mode: Literal["max", "min"] | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in M.OBJECTIVES:
+            raise ValueError(f"unknown objective metric {v!r}; choose from {sorted(M.OBJECTIVES)}")
+        return v
+
+    @property
+    def direction(self) -> str:
+        return self.mode or M.OBJECTIVES[self.metric]
+
+
+class SamplerConfig(_Strict):
+    name: Literal["tpe", "nsgaii", "random"] = "tpe"
+    seed: int | None = 0
+    population_size: int | None = Field(None, ge=2)
+    n_startup_trials: int | None = Field(None, ge=0)
+
+
+class Resources(_Strict):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    dashboard: bool = True
+    dashboard_port: int = 8265
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    register_models: bool = True
+
+
+class Budget(_Strict):
+    macs: float | None = Field(None, gt=0)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ExperimentConfig(_Strict):
+    """A search: fixed trial settings, the space, objectives, sampler, resources, tracking."""
+
+    name: str
+    trial: TrialConfig = Field(default_factory=TrialConfig)
+    space: SearchSpace
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric=M.VAL_ACCURACY), Objective(metric=M.MACS)],
+        min_length=1)
+    budget: Budget = Field(default_factory=Budget)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    num_trials: int = Field(20, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(1, ge=0)
+    warm_start: list[dict[str, Any]] = Field(default_factory=list)
+    storage_dir: str = "runs"
+    optuna_storage: str | None = None
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"name={v!r} must be letters, digits, '_', '.', '-' (it names "
+                             "folders, the Optuna study and the registered model)")
+        return v
+
+    @model_validator(mode="after")
+    def _warm_start_keys(self) -> ExperimentConfig:
+        for i, point in enumerate(self.warm_start):
+            unknown = set(point) - set(self.space.params)
+            if unknown:
+                raise ValueError(f"warm_start[{i}] sets {sorted(unknown)}, which are not "
+                                 f"parameters of the space ({sorted(self.space.params)})")
+        return self
+
+    @property
+    def experiment_dir(self) -> Path:
+        return (Path(self.storage_dir).expanduser() / self.name).resolve()
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override (``--set``), resolve ``space: file.yaml`` and validate an experiment."""
+    source = str(path)
+    doc = apply_overrides(load_yaml(path), overrides or [], source)
+    doc.setdefault("name", Path(path).stem)
+    if isinstance(doc.get("space"), str):
+        try:
+            space_path = resolve_space_path(doc["space"], Path(path).parent)
+            doc["space"] = load_space(space_path).model_dump()
+        except SpaceError as err:
+            raise SearchConfigError(f"{source}: space: {err}") from err
+    try:
+        return ExperimentConfig.model_validate(doc)
+    except ValidationError as err:
+        raise SearchConfigError(format_validation_error(err, source)) from err
+

@@ -1,0 +1,127 @@
+"""Everything checked before a cluster starts: data layout, parameter paths, buildable models
+at every corner of the space, and the MACs range the space spans against the budget."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+import dgc
+from search.config import ExperimentConfig
+from search.errors import format_validation_error
+from search.overrides import SearchConfigError
+from spaces.convert import apply_to_trial
+from spaces.convert import assemble
+from spaces.convert import corner_values
+from spaces.convert import to_optuna_distributions
+from trainables.config import TrialConfig
+from trainables.data import DatasetError
+from trainables.data import describe
+from trainables.runner import trial_cost
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What every sampled point needs: classes, input size, stages."""
+
+    num_classes: int
+    input_size: tuple[int, int, int]
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Report:
+    problem: Problem
+    macs: list[int]
+    over_budget: int
+
+    def summary(self, budget: float | None) -> str:
+        lo, hi = min(self.macs), max(self.macs)
+        text = (f"{len(self.macs)} sampled configurations span {lo / 1e6:.2f} to {hi / 1e6:.2f} "
+                "M MACs")
+        if budget:
+            text += (f"; {self.over_budget} of them ({100 * self.over_budget / len(self.macs):.0f}%)"
+                     f" are over the budget of {budget / 1e6:.2f} M and would never train")
+        return text
+
+
+def problem_of(exp: ExperimentConfig, source: str) -> Problem:
+    try:
+        classes, size = describe(exp.trial.data)
+    except DatasetError as err:
+        raise SearchConfigError(f"{source}: trial.data: {err}") from err
+    try:
+        stages = dgc.num_stages(exp.trial.model.name)
+    except ValueError as err:
+        raise SearchConfigError(f"{source}: trial.model.name: {err}") from err
+    return Problem(classes, size, stages)
+
+
+def point_config(exp: ExperimentConfig, assignments: dict[str, Any], source: str,
+                 where: str) -> TrialConfig:
+    """The TrialConfig of one point of the space (validated)."""
+    trial = apply_to_trial(exp.trial.model_dump(), assignments)
+    try:
+        return TrialConfig.model_validate(trial)
+    except ValidationError as err:
+        raise SearchConfigError(format_validation_error(err, f"{source}: {where}",
+                                                        prefix="trial")) from err
+
+
+def point_macs(exp: ExperimentConfig, problem: Problem, assignments: dict[str, Any],
+               source: str, where: str) -> int:
+    cfg = point_config(exp, assignments, source, where)
+    try:
+        return trial_cost(cfg, problem.num_classes, problem.input_size).macs
+    except ValueError as err:
+        raise SearchConfigError(f"{source}: {where}: {err}") from err
+
+
+def _center(exp: ExperimentConfig, problem: Problem) -> dict[str, Any]:
+    values = {}
+    for key, p in exp.space.params.items():
+        v = corner_values(p)[0] if p.type == "categorical" else _mid(p)
+        values[key] = [v] * problem.num_stages if p.per_stage else v
+    return values
+
+
+def _mid(p: Any) -> Any:
+    mid = math.sqrt(p.low * p.high) if p.log else (p.low + p.high) / 2
+    return round(mid) if p.type == "int" else mid
+
+
+def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Report:
+    """Raise SearchConfigError on the first problem; otherwise the MACs range report."""
+    problem = problem_of(exp, source)
+    center = _center(exp, problem)
+    macs = [point_macs(exp, problem, center, source, "space (centre point)")]
+    for key, p in exp.space.params.items():
+        for v in corner_values(p):
+            value = [v] * problem.num_stages if p.per_stage else v
+            macs.append(point_macs(exp, problem, {**center, key: value}, source,
+                                   f"space.params.{key} = {v!r}"))
+    for i, point in enumerate(exp.warm_start):
+        macs.append(point_macs(exp, problem, {**center, **point}, source, f"warm_start[{i}]"))
+    macs += _random_macs(exp, problem, source, samples)
+    budget = exp.budget.macs
+    over = sum(m > budget for m in macs) if budget else 0
+    if budget and over == len(macs):
+        raise SearchConfigError(f"{source}: budget.macs = {budget:g} is below every configuration "
+                                f"of the space (smallest seen: {min(macs):,} MACs); raise the "
+                                "budget or allow cheaper settings (smaller gate_factor)")
+    return Report(problem, macs, over)
+
+
+def _random_macs(exp: ExperimentConfig, problem: Problem, source: str, n: int) -> list[int]:
+    import optuna
+
+    dists = to_optuna_distributions(exp.space, problem.num_stages)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask(dists)
+        values = assemble(exp.space, trial.params, problem.num_stages)
+        out.append(point_macs(exp, problem, values, source, f"space (sample {trial.params})"))
+    return out

@@ -1,0 +1,176 @@
+"""The end of a search: Pareto tags, logged and registered models, the plot and the table."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+from search.pareto import pareto_ranks
+from search.tracking import Tracking
+from search.tracking import tracking_uri
+from trainables import metrics as M
+from trainables.config import TrialConfig
+from trainables.runner import build_model
+from trainables.runner import load_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Point:
+    run_id: str
+    name: str
+    values: tuple[float, ...]
+    metrics: dict[str, float]
+    params: dict[str, str]
+    rank: int = 0
+    model_uri: str = ""
+
+
+def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> list[Point]:
+    """Finished child runs that report every objective."""
+    points = []
+    for run in tracking.children():
+        m = run.data.metrics
+        if run.info.status != "FINISHED" or any(k not in m for k, _ in objectives):
+            continue
+        points.append(Point(run.info.run_id, run.info.run_name, tuple(m[k] for k, _ in objectives),
+                            dict(m), dict(run.data.params), model_uri=run.data.tags.get(
+                                "model_uri", "")))
+    return points
+
+
+def tag_pareto(tracking: Tracking, points: list[Point], objectives: list[tuple[str, str]]) -> None:
+    ranks = pareto_ranks([p.values for p in points], [d for _, d in objectives])
+    for p, rank in zip(points, ranks):
+        p.rank = rank
+        tracking.client.set_tag(p.run_id, "pareto", "true" if rank == 1 else "false")
+        tracking.client.set_tag(p.run_id, "pareto_rank", str(rank))
+
+
+def log_and_register(tracking: Tracking, front: list[Point], registered_name: str,
+                     num_classes: int, input_size: tuple[int, int, int]) -> None:
+    """Log each front model as an MLflow LoggedModel (signature + input example), register it
+    under ``registered_name`` and alias it by MACs; already-logged runs are skipped."""
+    client = tracking.client
+    for p in sorted(front, key=lambda p: p.metrics.get(M.MACS, 0)):
+        if not p.model_uri:
+            p.model_uri = _log_model(tracking, p, num_classes, input_size)
+        if "registered_version" in client.get_run(p.run_id).data.tags:
+            continue
+        with tracking_uri(tracking.uri):
+            version = mlflow.register_model(p.model_uri, registered_name).version
+        alias = _alias(p)
+        client.set_registered_model_alias(registered_name, alias, version)
+        client.set_tag(p.run_id, "registered_version", str(version))
+        client.set_tag(p.run_id, "registered_alias", alias)
+        log.info("registered %s version %s as @%s (%s)", registered_name, version, alias, p.name)
+
+
+def _alias(p: Point) -> str:
+    macs = p.metrics.get(M.MACS, 0)
+    return re.sub(r"[^\w-]", "_", f"macs-{macs / 1e6:.3g}m".replace(".", "p"))
+
+
+def _log_model(tracking: Tracking, p: Point, num_classes: int,
+               input_size: tuple[int, int, int]) -> str:
+    client = tracking.client
+    run = client.get_run(p.run_id)
+    checkpoint = run.data.tags.get("checkpoint")
+    if not checkpoint:
+        raise RuntimeError(f"run {p.run_id} has no checkpoint tag; cannot log its model")
+    config_path = client.download_artifacts(p.run_id, "trial_config.json")
+    cfg = TrialConfig.model_validate(json.loads(Path(config_path).read_text()))
+    model = build_model(cfg, num_classes, input_size[0])
+    model.load_state_dict(load_state(Path(checkpoint) / "state.pt")["model"])
+    model.eval()
+    # Batch 2: a batch of 1 would let torch.export (MLflow's pt2 format) specialise it to 1.
+    example = np.random.default_rng(0).standard_normal((2, *input_size)).astype(np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = mlflow.models.infer_signature(example, output)
+    with tracking_uri(tracking.uri), mlflow.start_run(run_id=p.run_id):
+        info = mlflow.pytorch.log_model(model, name="model", signature=signature,
+                                        input_example=example)
+    client.set_tag(p.run_id, "model_uri", info.model_uri)
+    return info.model_uri
+
+
+def table(points: list[Point], objectives: list[tuple[str, str]], space_keys: list[str]) -> str:
+    front = sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics.get(M.MACS, 0))
+    heads = ["trial", *[m for m, _ in objectives], M.PARAMS, M.TEST_ACCURACY, *space_keys,
+             "run id", "model URI"]
+    rows = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for p in front:
+        cells = [p.name, *[_fmt(p.metrics.get(m)) for m, _ in objectives],
+                 _fmt(p.metrics.get(M.PARAMS)), _fmt(p.metrics.get(M.TEST_ACCURACY)),
+                 *[p.params.get(k, "") for k in space_keys], p.run_id, p.model_uri or "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:,.0f}"
+
+
+def write_plots(points: list[Point], objectives: list[tuple[str, str]], out: Path) -> list[Path]:
+    """Accuracy against MACs (or the first two objectives), front highlighted: PNG and HTML."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    (ym, _), (xm, _) = objectives[0], objectives[min(1, len(objectives) - 1)]
+    front = sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics[xm])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p.metrics[xm] for p in points], [p.metrics[ym] for p in points], c="0.6",
+               label="trials")
+    ax.plot([p.metrics[xm] for p in front], [p.metrics[ym] for p in front], "o-", c="C3",
+            label="Pareto front")
+    ax.set_xlabel(xm)
+    ax.set_ylabel(ym)
+    ax.legend()
+    fig.tight_layout()
+    png, html = out / "pareto.png", out / "pareto.html"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    hover = [f"{p.name}<br>{p.run_id}" for p in points]
+    gfig = go.Figure([go.Scatter(x=[p.metrics[xm] for p in points],
+                                 y=[p.metrics[ym] for p in points], mode="markers",
+                                 name="trials", text=hover),
+                      go.Scatter(x=[p.metrics[xm] for p in front], y=[p.metrics[ym] for p in front],
+                                 mode="lines+markers", name="Pareto front",
+                                 text=[p.name for p in front])])
+    gfig.update_layout(xaxis_title=xm, yaxis_title=ym)
+    gfig.write_html(html, include_plotlyjs=True)
+    return [png, html]
+
+
+def finalize(tracking: Tracking, objectives: list[tuple[str, str]], space_keys: list[str],
+             out: Path, registered_name: str | None, num_classes: int,
+             input_size: tuple[int, int, int]) -> str:
+    """Tag, (register), plot and tabulate; returns the markdown table (also logged)."""
+    points = finished_points(tracking, objectives)
+    if not points:
+        return "no finished trial reported every objective; nothing to rank"
+    tag_pareto(tracking, points, objectives)
+    if registered_name:
+        log_and_register(tracking, [p for p in points if p.rank == 1], registered_name,
+                         num_classes, input_size)
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(points, objectives, space_keys)
+    (out / "pareto.md").write_text(text + "\n")
+    files = [out / "pareto.md", *write_plots(points, objectives, out)]
+    for f in files:
+        tracking.client.log_artifact(tracking.parent_run_id, str(f))
+    return text

@@ -1,0 +1,186 @@
+"""A Ray Tune ``Searcher`` over an Optuna study (ask/tell), multi-objective and budget-aware.
+
+Every suggestion is costed analytically before a worker sees it. A point over the MACs budget
+never trains: it is completed in the study with its constraint violation set
+(``trial.set_constraint``), so constrained TPE/NSGA-II learn the feasible region, and
+``study.best_trials`` excludes it. Optuna needs objective values for a completed trial; such a
+point gets the worst value for the objectives it never measured (0 accuracy, +1e12 for a
+minimised metric), marked ``over_budget=True`` in its user attributes; it never reaches Tune,
+MLflow or the Pareto front. Invalid points (a model that cannot be built) are FAILed likewise.
+
+The study lives in persistent storage (SQLite in the experiment folder by default); each
+Optuna trial records its Ray trial id, so a restored search tells the right trial.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from pydantic import ValidationError
+from ray.tune.search import Searcher
+
+from search.config import ExperimentConfig
+from search.preflight import Problem
+from spaces.convert import apply_to_trial
+from spaces.convert import assemble
+from spaces.convert import param_names
+from spaces.convert import to_optuna_distributions
+from trainables import metrics as M
+from trainables.config import TrialConfig
+from trainables.runner import trial_cost
+
+log = logging.getLogger(__name__)
+
+MAX_TRIES = 500
+PLACEHOLDER = {"max": 0.0, "min": 1e12}
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsgaii": optuna.samplers.NSGAIISampler,
+            "random": optuna.samplers.RandomSampler}
+
+
+def make_sampler(exp: ExperimentConfig) -> optuna.samplers.BaseSampler:
+    s = exp.sampler
+    kwargs: dict[str, Any] = {"seed": s.seed}
+    if s.name == "nsgaii" and s.population_size:
+        kwargs["population_size"] = s.population_size
+    if s.name == "tpe" and s.n_startup_trials is not None:
+        kwargs["n_startup_trials"] = s.n_startup_trials
+    return SAMPLERS[s.name](**kwargs)
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    storage: str
+    name: str
+
+
+def open_study(exp: ExperimentConfig, ref: StudyRef) -> optuna.Study:
+    """Create or load the study; warm-start points are enqueued only into a new study."""
+    directions = ["maximize" if o.direction == "max" else "minimize" for o in exp.objectives]
+    study = optuna.create_study(storage=ref.storage, study_name=ref.name, directions=directions,
+                                sampler=make_sampler(exp), load_if_exists=True)
+    study.set_metric_names([o.metric for o in exp.objectives])
+    return study
+
+
+def enqueue_warm_start(study: optuna.Study, exp: ExperimentConfig, num_stages: int) -> None:
+    if study.trials:
+        return
+    for point in exp.warm_start:
+        params = {}
+        for key, value in point.items():
+            spec = exp.space.params[key]
+            for i, name in enumerate(param_names(key, spec.per_stage, num_stages)):
+                params[name] = value[i] if isinstance(value, list) and spec.per_stage else value
+        study.enqueue_trial(params, skip_if_exists=True)
+
+
+class OptunaSearcher(Searcher):
+    """Suggests complete TrialConfig dicts; tells Optuna the final objectives of each trial."""
+
+    def __init__(self, exp: ExperimentConfig, problem: Problem, ref: StudyRef) -> None:
+        super().__init__()
+        self.exp, self.problem, self.ref = exp, problem, ref
+        self.live: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self._study: optuna.Study | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_study"] = None  # storage connections do not pickle; reopened on demand
+        return state
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = open_study(self.exp, self.ref)
+            enqueue_warm_start(self._study, self.exp, self.problem.num_stages)
+        return self._study
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec: Any) -> bool:
+        return True  # objectives come from the experiment, in exactly one place
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        dists = to_optuna_distributions(self.exp.space, self.problem.num_stages)
+        for _ in range(MAX_TRIES):
+            trial = self.study.ask(dists)
+            config = self._costed_config(trial)
+            if config is not None:
+                trial.set_user_attr("ray_trial_id", trial_id)
+                self.live[trial_id] = trial.number
+                config["tags"] = {"optuna_trial": trial.number}
+                return config
+        log.warning("no trainable point in %d samples; stopping the search", MAX_TRIES)
+        return Searcher.FINISHED
+
+    def _costed_config(self, trial: optuna.Trial) -> dict[str, Any] | None:
+        values = assemble(self.exp.space, trial.params, self.problem.num_stages)
+        config = apply_to_trial(self.exp.trial.model_dump(mode="json"), values)
+        try:
+            cost = trial_cost(TrialConfig.model_validate(config), self.problem.num_classes,
+                              self.problem.input_size)
+        except (ValueError, ValidationError) as err:
+            trial.set_user_attr("invalid", str(err).splitlines()[0])
+            self.study.tell(trial, state=TrialState.FAIL)
+            log.info("Optuna trial %d cannot be built (%s); not trained", trial.number, err)
+            return None
+        trial.set_user_attr(M.MACS, cost.macs)
+        trial.set_user_attr(M.PARAMS, cost.params)
+        budget = self.exp.budget.macs
+        if budget is None:
+            return config
+        trial.set_constraint("macs_over_budget", cost.macs - budget)
+        if cost.macs <= budget:
+            return config
+        trial.set_user_attr("over_budget", True)
+        self.study.tell(trial, [self._placeholder(o.metric, o.direction, cost)
+                                for o in self.exp.objectives])
+        log.info("Optuna trial %d: %.2f M MACs is over the budget; not trained", trial.number,
+                 cost.macs / 1e6)
+        return None
+
+    @staticmethod
+    def _placeholder(metric: str, direction: str, cost: Any) -> float:
+        if metric == M.MACS:
+            return float(cost.macs)
+        if metric == M.PARAMS:
+            return float(cost.params)
+        return PLACEHOLDER[direction]
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        number = self.live.pop(trial_id, None)
+        if number is None:
+            number = self._number_of(trial_id)
+        if number is None:
+            return
+        values = None if error or not result else \
+            [result.get(o.metric) for o in self.exp.objectives]
+        if values is None or any(v is None for v in values):
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        else:
+            self.study.tell(number, [float(v) for v in values], skip_if_finished=True)
+
+    def _number_of(self, trial_id: str) -> int | None:
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("ray_trial_id") == trial_id:
+                return t.number
+        return None
+
+    def fail_orphans(self) -> int:
+        """FAIL study trials still RUNNING (asked, but their Tune trial never ran to the end)."""
+        orphans = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in orphans:
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        return len(orphans)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"live": self.live}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.live = pickle.load(f)["live"]  # noqa: S301 (our own file in the experiment dir)

@@ -1,0 +1,169 @@
+"""MLflow tracking from the driver: one parent run per search, one child run per trial.
+
+All writes happen in the driver process (a Tune ``Callback``), so a SQLite store never sees two
+writers and workers need no access to the tracking server. Child runs are found again by their
+``ray_trial_id`` tag, so a resumed search never creates a run twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.entities import Param
+from mlflow.entities import RunStatus
+from ray.tune import Callback
+
+from trainables import metrics as M
+
+log = logging.getLogger(__name__)
+
+LOGGED_METRICS = (M.EPOCH, M.TRAIN_LOSS, M.VAL_ACCURACY, M.VAL_LOSS, M.TEST_ACCURACY,
+                  M.TEST_LOSS, M.MACS, M.PARAMS, M.EPOCH_TIME_S, M.IMAGES_PER_S,
+                  M.GATE_PROGRESS, M.LATENCY_MS)
+TRIAL_TAG = "ray_trial_id"
+
+
+@contextlib.contextmanager
+def tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the block only (it is process-global)."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+class Tracking:
+    """The client, the MLflow experiment and the search's parent run."""
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str | None = None) -> None:
+        self.uri, self.experiment_name = uri, experiment
+        self.client = mlflow.MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else \
+            self.client.create_experiment(experiment)
+        self.parent_run_id = parent_run_id
+
+    def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000])
+                                                       for k, v in params.items()])
+        self.parent_run_id = run.info.run_id
+        return run.info.run_id
+
+    def children(self) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
+            max_results=50_000)
+
+    def find_child(self, trial_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}' and "
+            f"tags.{TRIAL_TAG} = '{trial_id}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in config.items():
+        if key == "tags":
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, path + "."))
+        else:
+            out[path] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+class MlflowTrialLogger(Callback):
+    """Tune callback: child run per trial with params, per-epoch metrics, status, checkpoint."""
+
+    def __init__(self, tracking: Tracking) -> None:
+        self.spec = (tracking.uri, tracking.experiment_name, tracking.parent_run_id)
+        self._tracking: Tracking | None = tracking
+        self.runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks with the experiment; the client reconnects after a restore.
+        return {"spec": self.spec, "_tracking": None, "runs": {}}
+
+    @property
+    def tracking(self) -> Tracking:
+        if self._tracking is None:
+            self._tracking = Tracking(*self.spec)
+        return self._tracking
+
+    def _run_id(self, trial: Any) -> str:
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        run_id = self.tracking.find_child(trial.trial_id) or self._create(trial)
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def _create(self, trial: Any) -> str:
+        number = trial.config.get("tags", {}).get("optuna_trial", "")
+        client = self.tracking.client
+        run = client.create_run(self.tracking.experiment_id, run_name=f"trial-{number}", tags={
+            "mlflow.parentRunId": self.tracking.parent_run_id, TRIAL_TAG: trial.trial_id,
+            "optuna_trial": str(number), "ray_trial_dir": str(trial.path or "")})
+        params = flat_params(trial.config)
+        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        client.log_dict(run.info.run_id, trial.config, "trial_config.json")
+        return run.info.run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.tracking.client.set_tag(self._run_id(trial), "status", "running")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        ts, step = int(time.time() * 1000), int(result.get(M.EPOCH, 0))
+        metrics = [Metric(k, float(result[k]), ts, step) for k in LOGGED_METRICS
+                   if isinstance(result.get(k), (int, float))]
+        self.tracking.client.log_batch(self._run_id(trial), metrics=metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        if trial.checkpoint is not None:
+            self.tracking.client.set_tag(run_id, "checkpoint", trial.checkpoint.path)
+        self.tracking.client.set_tag(run_id, "status", "finished")
+        self.tracking.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        error = getattr(trial, "error_file", None) or ""
+        self.tracking.client.set_tag(run_id, "status", "failed")
+        self.tracking.client.set_tag(run_id, "error_file", str(error))
+        self.tracking.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        log.warning("trial %s failed; see %s", trial.trial_id, error)
+
+
+class ConsoleProgress(Callback):
+    """One line per finished trial: count, its objectives, and the size of the front so far."""
+
+    def __init__(self, total: int, objectives: list[tuple[str, str]]) -> None:
+        self.total, self.objectives = total, objectives
+        self.done: list[tuple[float, ...]] = []
+        self.failed = 0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from search.pareto import pareto_ranks
+
+        r = trial.last_result or {}
+        self.done.append(tuple(float(r.get(m, "nan")) for m, _ in self.objectives))
+        front = sum(k == 1 for k in pareto_ranks(self.done, [d for _, d in self.objectives]))
+        shown = ", ".join(f"{m}={r.get(m)}" for m, _ in self.objectives)
+        log.info("[%d/%d] trial %s done: %s | Pareto front: %d", len(self.done) + self.failed,
+                 self.total, trial.trial_id, shown, front)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed += 1
+        log.warning("[%d/%d] trial %s FAILED (%s)", len(self.done) + self.failed, self.total,
+                    trial.trial_id, getattr(trial, "error_file", ""))

@@ -1,0 +1,57 @@
+"""Spaces to Optuna distributions, and sampled values back to TrialConfig overrides."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from spaces.schema import CategoricalParam
+from spaces.schema import FloatParam
+from spaces.schema import IntParam
+from spaces.schema import SearchSpace
+
+
+def param_names(key: str, per_stage: bool, num_stages: int) -> list[str]:
+    return [f"{key}[{i}]" for i in range(num_stages)] if per_stage else [key]
+
+
+def to_optuna_distributions(space: SearchSpace, num_stages: int) -> dict[str, Any]:
+    """Optuna distribution per Optuna parameter name (per-stage params expand to ``key[i]``)."""
+    import optuna.distributions as od
+
+    out: dict[str, Any] = {}
+    for key, p in space.params.items():
+        if isinstance(p, FloatParam):
+            dist: Any = od.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        elif isinstance(p, IntParam):
+            dist = od.IntDistribution(p.low, p.high, log=p.log, step=p.step)
+        else:
+            dist = od.CategoricalDistribution(p.choices)
+        for name in param_names(key, p.per_stage, num_stages):
+            out[name] = dist
+    return out
+
+
+def corner_values(p: FloatParam | IntParam | CategoricalParam) -> list[Any]:
+    """The values preflight builds a model with: every choice, or both bounds."""
+    return list(p.choices) if isinstance(p, CategoricalParam) else [p.low, p.high]
+
+
+def assemble(space: SearchSpace, values: dict[str, Any], num_stages: int) -> dict[str, Any]:
+    """{dotted key: value or per-stage list} from Optuna-named values."""
+    out: dict[str, Any] = {}
+    for key, p in space.params.items():
+        names = param_names(key, p.per_stage, num_stages)
+        out[key] = [values[n] for n in names] if p.per_stage else values[names[0]]
+    return out
+
+
+def apply_to_trial(trial: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the trial dict with dotted ``assignments`` set."""
+    out = copy.deepcopy(trial)
+    for key, value in assignments.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out

@@ -1,0 +1,56 @@
+"""``load_space(path)``: a space YAML, validated; errors name the file and the field path."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from spaces.schema import SearchSpace
+
+
+class SpaceError(ValueError):
+    """An invalid search space; the message names file, field, value and the rule."""
+
+
+def builtin_spaces() -> list[str]:
+    """Names of the ready-made spaces shipped with the package (``spaces/*.yaml``)."""
+    return sorted(p.name for p in resources.files("spaces").iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_space_path(ref: str, relative_to: Path | None = None) -> Path:
+    """A path as given, relative to the experiment file, or a built-in space name."""
+    candidates = [Path(ref)]
+    if relative_to is not None:
+        candidates.append(relative_to / ref)
+    candidates.append(Path(str(resources.files("spaces").joinpath(Path(ref).name))))
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise SpaceError(f"space file {ref!r} not found (looked in {', '.join(map(str, candidates))}); "
+                     f"built-in spaces: {', '.join(builtin_spaces())}")
+
+
+def parse_space(doc: Any, source: str) -> SearchSpace:
+    try:
+        return SearchSpace.model_validate(doc)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            shown = "" if e["type"] == "missing" else f" = {e.get('input')!r}"
+            msg = "unknown key" if e["type"] == "extra_forbidden" else \
+                e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {loc}{shown}: {msg}")
+        raise SpaceError("\n".join(lines)) from err
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SpaceError(f"{p}: cannot read the space: {err}") from err
+    return parse_space(doc, str(p))
