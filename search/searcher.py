@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,9 @@ def open_study(exp: ExperimentConfig, ref: StudyRef) -> optuna.Study:
     directions = ["maximize" if o.direction == "max" else "minimize" for o in exp.objectives]
     study = optuna.create_study(storage=ref.storage, study_name=ref.name, directions=directions,
                                 sampler=make_sampler(exp), load_if_exists=True)
-    study.set_metric_names([o.metric for o in exp.objectives])
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, still fine in 5.0
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.metric for o in exp.objectives])
     return study
 
 
@@ -180,6 +183,14 @@ class OptunaSearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump({"live": self.live}, f)
+
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        # The driver may die before Tune snapshots the searcher; the study, which records each
+        # trial's Ray id, is the source of truth, so a missing snapshot is not an error.
+        try:
+            super().restore_from_dir(checkpoint_dir)
+        except (RuntimeError, FileNotFoundError) as err:
+            log.info("no searcher snapshot to restore (%s); using the study's records", err)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:

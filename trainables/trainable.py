@@ -20,9 +20,13 @@ STATE_FILE = "state.pt"
 
 
 class RayReporter:
+    def __init__(self, node_id: str = "") -> None:
+        self.node_id = node_id
+
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         from ray import tune
 
+        metrics = {**metrics, "node_id": self.node_id}  # which cluster node trained it
         if state is None:
             tune.report(metrics)
             return
@@ -48,5 +52,6 @@ def train_dgc(config: dict[str, Any], splits: Splits | None = None) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = load_state(Path(d) / STATE_FILE)
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    run_trial(cfg, RayReporter(), resume, splits, threads=max(1, int(cpus)))
+    context = ray.get_runtime_context()
+    cpus = context.get_assigned_resources().get("CPU", 1.0)
+    run_trial(cfg, RayReporter(context.get_node_id()), resume, splits, threads=max(1, int(cpus)))

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import mlflow
+
+from search.pareto import dominates
+
+
+def children(uri: str, experiment: str) -> tuple[object, list]:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`dgc_search.kind` = 'search'")
+    assert len(parents) == 1, [p.info.run_id for p in parents]
+    kids = client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    return parents[0], kids
+
+
+def brute_force_front(kids: list) -> set[str]:
+    pts = {k.info.run_id: (k.data.metrics["val_accuracy"], k.data.metrics["macs"]) for k in kids}
+    return {r for r, p in pts.items()
+            if not any(dominates(q, p, (1, -1)) for s, q in pts.items() if s != r)}

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from search.__main__ import main
+from tests.conftest import REPO
+
+GOOD = {"name": "t", "trial": {"model": {"name": "dyresnet8"}, "epochs": 1},
+        "space": "tiny.yaml", "num_trials": 4}
+
+
+def _write(tmp_path, doc) -> str:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def _with(**changes):
+    doc = yaml.safe_load(yaml.safe_dump(GOOD))
+    for key, value in changes.items():
+        node = doc
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return doc
+
+
+BAD = [
+    ("unknown key", _with(num_trails=4), "num_trails = 4: unknown key (remove it or check its spelling)"),
+    ("wrong type", _with(num_trials="many"), "num_trials = 'many': Input should be a valid integer"),
+    ("empty space", _with(space={"params": {}}), "space.params = {}: Dictionary should have at least 1 item"),
+    ("low > high", _with(space={"params": {"model.gate_factor": {"type": "float", "low": 0.9, "high": 0.1}}}),
+     "low=0.9 > high=0.1; swap them"),
+    ("heads cannot divide a stage", _with(space={"params": {"model.heads": {"type": "categorical", "choices": [2, 3]}}}),
+     "space.params.model.heads = 3: stages.0.0.conv1: heads=3 must divide both in_channels=16"),
+    ("budget below every configuration", _with(budget={"macs": 1000}),
+     "budget.macs = 1000 is below every configuration of the space"),
+    ("missing dataset", _with(trial__data={"dataset": "cifar10", "datadir": "/nonexistent/cifar"}),
+     "data.datadir='/nonexistent/cifar' does not exist; cifar10 expects cifar-10-batches-py"),
+    ("unknown objective", _with(objectives=[{"metric": "accuracy"}]), "unknown objective metric 'accuracy'"),
+    ("unknown model", _with(trial__model={"name": "dyresnet9"}), "unknown model name='dyresnet9'"),
+    ("space key not in the trial config", _with(space={"params": {"optim.learning_rate": {"type": "float", "low": 0.01, "high": 0.1}}}),
+     "trial.optim.learning_rate"),
+]
+
+
+@pytest.mark.parametrize("doc,message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_experiment_files_are_rejected_with_their_message(tmp_path, capsys, doc, message):
+    path = _write(tmp_path, doc)
+    assert main(["validate", path]) == 2
+    err = capsys.readouterr().err
+    assert path in err and message in err, err
+
+
+def test_launch_of_a_bad_file_fails_before_any_cluster_starts(tmp_path):
+    path = _write(tmp_path, _with(budget={"macs": 1000}))
+    code = ("import sys, ray; from search.__main__ import main; rc = main(['launch', sys.argv[1]]);"
+            " print('RC', rc, 'RAY', ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert "RC 2 RAY False" in out.stdout, out.stdout + out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validate_good_files_and_set_overrides(tmp_path, capsys):
+    assert main(["validate", str(REPO / "experiments" / "quickstart.yaml")]) == 0
+    assert "M MACs" in capsys.readouterr().out
+    path = _write(tmp_path, GOOD)
+    assert main(["validate", path, "--set", "budget.macs=300000"]) == 0
+    assert "over the budget" in capsys.readouterr().out
+    assert main(["validate", path, "--set", "trial.epochz=3"]) == 2
+    assert "trial.epochz = 3: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "experiments").glob("*.yaml")))
+def test_every_shipped_experiment_validates(name):
+    assert main(["validate", str(REPO / "experiments" / name)]) == 0
+
+
+def test_launch_refuses_to_overwrite_an_existing_search(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "search.json").write_text("{}")
+    path = _write(tmp_path, _with(storage_dir=str(tmp_path)))
+    assert main(["launch", path]) == 2
+    assert "already holds a search; continue it with" in capsys.readouterr().err

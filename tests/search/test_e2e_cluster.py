@@ -1,0 +1,126 @@
+"""Searches that need their own processes: a driver killed mid-way and resumed, a two-node Ray
+cluster joined with --address, and a real `mlflow server` as the tracking server."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from search.config import load_experiment
+from search.launch import SearchState
+from search.launch import launch
+from search.tracking import tracking_uri
+from tests.conftest import REPO
+from tests.search.helpers import children
+
+pytestmark = pytest.mark.e2e
+SMOKE = str(REPO / "experiments" / "smoke.yaml")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "search", *args]
+
+
+def _finished(uri: str) -> int:
+    try:
+        return sum(k.info.status == "FINISHED" for k in children(uri, "smoke")[1])
+    except Exception:  # noqa: BLE001 (store not created yet)
+        return 0
+
+
+def test_resume_after_driver_sigkill_completes_exactly_the_requested_trials(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ["--set", f"storage_dir={tmp_path}", "--set", f"mlflow.tracking_uri={uri}",
+            "--set", "num_trials=6", "--set", "trial.epochs=3"]
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(_cli("launch", SMOKE, *sets), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, cwd=tmp_path)
+        deadline = time.time() + 400
+        while _finished(uri) < 2 and time.time() < deadline and driver.poll() is None:
+            time.sleep(1)
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local cluster it started
+        driver.wait()
+    before = _finished(uri)
+    assert 2 <= before < 6
+    out = subprocess.run(_cli("resume", str(tmp_path / "smoke")), capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, kids = children(uri, "smoke")
+    ids = [k.data.tags["ray_trial_id"] for k in kids]
+    assert len(kids) == 6 and len(set(ids)) == 6, ids  # nothing lost, nothing duplicated
+    assert all(k.info.status == "FINISHED" for k in kids)
+    state = SearchState.load(tmp_path / "smoke")
+    study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(ids)
+
+
+def test_search_through_address_on_a_two_node_cluster(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        out = subprocess.run(_cli("launch", SMOKE, "--address", cluster.address,
+                                  "--set", f"storage_dir={tmp_path}",
+                                  "--set", f"mlflow.tracking_uri={uri}", "--set", "num_trials=4"),
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    nodes = set()
+    for result in (tmp_path / "smoke" / "tune").glob("trial_*/result.json"):
+        nodes |= {json.loads(line)["node_id"] for line in result.read_text().splitlines()}
+    assert len(nodes) == 2  # trials really ran on both nodes
+    assert len(children(uri, "smoke")[1]) == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_search_logs_to_a_real_mlflow_server(ray_2cpu, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        exp = load_experiment(SMOKE, [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
+                                      "num_trials=3"])
+        assert launch(exp, SMOKE) == 0
+        _, kids = children(uri, "smoke")
+        assert len(kids) == 3 and all("val_accuracy" in k.data.metrics for k in kids)
+        front = [k for k in kids if k.data.tags.get("pareto") == "true"]
+        alias = mlflow.MlflowClient(uri).get_run(front[0].info.run_id).data.tags["registered_alias"]
+        with tracking_uri(uri):
+            model = mlflow.pytorch.load_model(f"models:/smoke@{alias}", map_location="cpu")
+        assert model.num_classes == 10 if hasattr(model, "num_classes") else True
+        assert not Path("mlflow.db").exists() or Path("mlflow.db").stat().st_size >= 0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

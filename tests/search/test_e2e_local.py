@@ -1,0 +1,56 @@
+"""End to end on a real local Ray cluster (2 CPUs), a real SQLite MLflow store and a real
+SQLite Optuna study: a 5-trial search on digits."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+
+from search.config import load_experiment
+from search.launch import SearchState
+from search.launch import launch
+from search.tracking import tracking_uri
+from tests.conftest import REPO
+from tests.search.helpers import brute_force_front
+from tests.search.helpers import children
+
+pytestmark = pytest.mark.e2e
+
+
+def test_small_search_end_to_end(ray_2cpu, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = load_experiment(REPO / "experiments" / "smoke.yaml",
+                          [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}"])
+    assert launch(exp, str(REPO / "experiments" / "smoke.yaml")) == 0
+
+    parent, kids = children(uri, "smoke")
+    assert parent.info.status == "FINISHED" and len(kids) == 5
+    client = mlflow.MlflowClient(uri)
+    for k in kids:
+        assert k.info.status == "FINISHED"
+        assert len(client.get_metric_history(k.info.run_id, "val_accuracy")) == 2
+        assert {"model.heads", "model.gate_factor", "model.squeeze_rate"} <= set(k.data.params)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto.png", "pareto.html", "pareto.md", "experiment.resolved.yaml",
+            "smoke.yaml"} <= artifacts
+
+    tagged = {k.info.run_id for k in kids if k.data.tags["pareto"] == "true"}
+    assert tagged == brute_force_front(kids)
+
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    versions = client.search_model_versions("name = 'smoke'")
+    assert len(versions) == len(tagged)
+    for k in kids:
+        if k.info.run_id in tagged:
+            alias = client.get_run(k.info.run_id).data.tags["registered_alias"]
+            with tracking_uri(uri):
+                model = mlflow.pytorch.load_model(f"models:/smoke@{alias}", map_location="cpu")
+            assert model(__import__("torch").from_numpy(x)).shape == (5, 10)
+
+    state = SearchState.load(tmp_path / "smoke")
+    study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 5
+    assert {t.user_attrs["ray_trial_id"] for t in done} == {k.data.tags["ray_trial_id"] for k in kids}
+    assert {t.number for t in done} == {int(k.data.tags["optuna_trial"]) for k in kids}

@@ -1,0 +1,56 @@
+"""The searcher driven by hand (no Tune): budget handling, constraints and telling results."""
+from __future__ import annotations
+
+import optuna
+
+from search.config import load_experiment
+from search.preflight import run_preflight
+from search.searcher import OptunaSearcher
+from search.searcher import StudyRef
+from tests.conftest import REPO
+from trainables.config import TrialConfig
+
+
+def _searcher(tmp_path, *sets):
+    path = REPO / "experiments" / "smoke.yaml"
+    exp = load_experiment(path, [f"storage_dir={tmp_path}", *sets])
+    problem = run_preflight(exp, str(path), samples=4).problem
+    return OptunaSearcher(exp, problem, StudyRef(f"sqlite:///{tmp_path / 'o.db'}", "s"))
+
+
+def test_over_budget_points_never_reach_tune_but_teach_optuna(tmp_path):
+    s = _searcher(tmp_path, "budget.macs=330000")
+    configs = [s.suggest(f"t{i}") for i in range(6)]
+    for i, c in enumerate(configs):
+        cfg = TrialConfig.model_validate(c)  # a complete, valid trial config
+        assert cfg.tags["optuna_trial"] == s.live[f"t{i}"]
+    study = s.study
+    over = [t for t in study.trials if t.user_attrs.get("over_budget")]
+    assert over, "the budget should have rejected some samples"
+    for t in over:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        assert t.constraints["macs_over_budget"] > 0 and t.user_attrs["macs"] > 330000
+    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 6 and all(t.constraints["macs_over_budget"] <= 0 for t in running)
+    assert all(t.user_attrs["macs"] <= 330000 for t in running)
+
+
+def test_results_and_failures_are_told(tmp_path):
+    s = _searcher(tmp_path)
+    s.suggest("a"), s.suggest("b"), s.suggest("c")
+    s.on_trial_complete("a", {"val_accuracy": 0.9, "macs": 400000})
+    s.on_trial_complete("b", error=True)
+    s.live.clear()  # as after a restore without a searcher snapshot
+    s.on_trial_complete("c", {"val_accuracy": 0.8, "macs": 300000})
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in s.study.trials}
+    assert by_id["a"].values == [0.9, 400000] and by_id["c"].values == [0.8, 300000]
+    assert by_id["b"].state == optuna.trial.TrialState.FAIL  # failed, never a zero score
+    s.suggest("d")
+    assert s.fail_orphans() == 1
+
+
+def test_warm_start_points_come_first(tmp_path):
+    s = _searcher(tmp_path)
+    s.exp.warm_start.append({"model.heads": 4, "model.gate_factor": 0.25, "model.squeeze_rate": 16})
+    config = s.suggest("w")
+    assert config["model"]["heads"] == 4 and config["model"]["gate_factor"] == [0.25] * 3
