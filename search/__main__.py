@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("folder")
     r.add_argument("--address")
     pa = sub.add_parser("pareto", help="print the Pareto table of a search and write its plot")
-    pa.add_argument("folder")
+    pa.add_argument("folder", help="the search folder (runs/<name>) or its MLflow parent run id")
     pa.add_argument("--no-register", dest="register", action="store_false")
+    pa.add_argument("--tracking-uri", help="for a run id: the tracking store (default: MLflow's)")
     e = sub.add_parser("export", help="write a logged model's weights, config and TorchScript")
     e.add_argument("source", help="models:/<name>@<alias>, a model URI, or a run id")
     e.add_argument("--out", required=True)
@@ -56,7 +57,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "pareto":
         from search.commands import pareto_command
 
-        return pareto_command(args.folder, args.register)
+        return pareto_command(args.folder, args.register, args.tracking_uri)
     if args.command == "export":
         from search.commands import export_command
 

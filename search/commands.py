@@ -10,6 +10,7 @@ import torch
 from search.config import load_experiment
 from search.overrides import SearchConfigError
 from search.preflight import run_preflight
+from search.tracking import tracking_uri as using_uri
 
 log = logging.getLogger(__name__)
 
@@ -25,21 +26,17 @@ def validate_command(path: str, overrides: list[str]) -> int:
     return 0
 
 
-def pareto_command(target: str, register: bool) -> int:
+def pareto_command(target: str, register: bool, tracking_uri: str | None = None) -> int:
     """Rank, tag and plot a search given its folder or its MLflow parent run id."""
-    from search.launch import SearchState
-    from search.results import finalize
-    from search.tracking import Tracking
-
     import yaml
 
     from search.config import ExperimentConfig
     from search.launch import RESOLVED_FILE
+    from search.launch import SearchState
+    from search.results import finalize
+    from search.tracking import Tracking
 
-    folder = Path(target)
-    if not folder.is_dir():
-        raise SearchConfigError(f"{target}: give the search folder printed by `launch` (it holds "
-                                "search.json); a bare run id needs its folder for the config")
+    folder = Path(target) if Path(target).is_dir() else _folder_of_run(target, tracking_uri)
     state = SearchState.load(folder)
     exp = ExperimentConfig.model_validate(yaml.safe_load((folder / RESOLVED_FILE).read_text()))
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
@@ -51,45 +48,62 @@ def pareto_command(target: str, register: bool) -> int:
     return 0
 
 
-def export_command(source: str, out: str, tracking_uri: str | None) -> int:
-    """Write weights (state_dict), the trial config and TorchScript for a logged model.
+def _folder_of_run(run_id: str, tracking_uri: str | None) -> Path:
+    import mlflow
 
-    ``source``: a model URI (``models:/<registered>@<alias>``, ``models:/m-...``) or a run id.
+    client = mlflow.MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    try:
+        folder = client.get_run(run_id).data.tags.get("search_dir")
+    except mlflow.exceptions.MlflowException as err:
+        raise SearchConfigError(f"{run_id!r} is neither a folder nor a run of the tracking store "
+                                f"{client.tracking_uri} ({err}); pass --tracking-uri") from err
+    if not folder:
+        raise SearchConfigError(f"run {run_id} is not the parent run of a search (no search_dir "
+                                "tag); give the parent run id or the search folder")
+    return Path(folder)
+
+
+def export_command(source: str, out: str, tracking_uri: str | None) -> int:
+    """Write weights (state_dict), the model's create_model call and TorchScript.
+
+    ``source``: a registered model (``models:/<name>@<alias>``), a model URI or a run id.
     """
     import mlflow
 
-    from search.tracking import tracking_uri as using
+    import dgc
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = mlflow.MlflowClient(uri)
-    model_uri = source if "://" in source or source.startswith("models:/") else \
-        client.get_run(source).data.tags.get("model_uri")
-    if not model_uri:
-        raise SearchConfigError(f"run {source} has no logged model (only Pareto runs do); "
-                                "run `python -m search pareto DIR` first")
-    with using(uri):
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    return write_export(model, Path(out), {"source": source, "model_uri": model_uri})
+    with using_uri(uri):
+        run_id = mlflow.models.get_model_info(source).run_id if source.startswith("models:/") \
+            else source
+        try:
+            meta_path = client.download_artifacts(run_id, "dgc/model_meta.json")
+            weights = client.download_artifacts(run_id, "dgc/weights.pt")
+        except (OSError, mlflow.exceptions.MlflowException) as err:
+            raise SearchConfigError(f"{source}: no exported dgc weights in run {run_id} (only "
+                                    "Pareto models have them; run `python -m search pareto "
+                                    f"DIR` first): {err}") from err
+    meta = json.loads(Path(meta_path).read_text())
+    model = dgc.create_model(meta["name"], num_classes=meta["num_classes"],
+                             in_chans=meta["in_chans"], **meta["kwargs"])
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return write_export(model, Path(out), tuple(meta["input_size"]),
+                        {**meta, "source": source, "run_id": run_id})
 
 
-def write_export(model: torch.nn.Module, out: Path, meta: dict) -> int:
+def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta: dict) -> int:
     import dgc
 
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     torch.save(model.state_dict(), out / "model.pt")
-    info = {**meta, "class": type(model).__name__, "num_classes": model.num_classes,
-            "dgc_layers": len(dgc.dgc_layers(model))}
+    info = {**meta, "dgc_layers": len(dgc.dgc_layers(model))}
     (out / "model.json").write_text(json.dumps(info, indent=2))
-    size = _input_size(model)
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.zeros(1, *size), check_trace=False)
     traced.save(str(out / "model.ts"))
-    print(f"wrote {out}/model.pt (state_dict: dgc.create_model(...) + load_state_dict), "
-          f"model.json and model.ts (TorchScript, input 1x{'x'.join(map(str, size))})")
+    print(f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "
+          f"in_chans=, **kwargs)) and model.ts (TorchScript, input Nx{'x'.join(map(str, size))})")
     return 0
 
-
-def _input_size(model: torch.nn.Module) -> tuple[int, int, int]:
-    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    return (first.in_channels, 8, 8) if first.in_channels == 1 else (first.in_channels, 32, 32)

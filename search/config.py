@@ -94,7 +94,7 @@ class ExperimentConfig(_Strict):
     max_failures: int = Field(1, ge=0)
     warm_start: list[dict[str, Any]] = Field(default_factory=list)
     storage_dir: str = "runs"
-    optuna_storage: str | None = None
+    optuna_storage: str | None = None  # RDB URL or journal:///path.log; default sqlite in the folder
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

@@ -21,6 +21,7 @@ from search.searcher import StudyRef
 from search.tracking import ConsoleProgress
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
+from trainables import metrics as M
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class SearchState:
 
 def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> int:
     """Validate, start (or join) Ray, run the search, rank and register. Returns an exit code."""
+    if any(o.metric == M.LATENCY_MS for o in exp.objectives):
+        trial = exp.trial.model_copy(update={"measure_latency": True})
+        exp = exp.model_copy(update={"trial": trial})
     report = run_preflight(exp, source)
     log.info("preflight: %s", report.summary(exp.budget.macs))
     folder = exp.experiment_dir
@@ -67,7 +71,8 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     (folder / RESOLVED_FILE).write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
     state = _new_state(exp, report.problem, folder)
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment)
-    state.parent_run_id = tracking.start_parent(exp.name, _parent_params(exp), _run_tags(source))
+    state.parent_run_id = tracking.start_parent(exp.name, _parent_params(exp),
+                                                {**_run_tags(source), "search_dir": str(folder)})
     tracking.client.log_artifact(state.parent_run_id, str(folder / RESOLVED_FILE))
     tracking.client.log_artifact(state.parent_run_id, source)
     state.save(folder)
@@ -206,4 +211,5 @@ def _run_tags(source: str) -> dict[str, str]:
                              cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         sha = "unknown"
-    return {"git_sha": sha, "experiment_file": source, "dgc_search.kind": "search"}
+    return {"git_sha": sha, "experiment_file": str(Path(source).resolve()),
+            "dgc_search.kind": "search"}

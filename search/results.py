@@ -97,10 +97,29 @@ def _log_model(tracking: Tracking, p: Point, num_classes: int,
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)
     with tracking_uri(tracking.uri), mlflow.start_run(run_id=p.run_id):
+        # Explicit requirements: MLflow's inference imports the model in a subprocess (seconds
+        # per model); a pt2 model needs only torch to load.
         info = mlflow.pytorch.log_model(model, name="model", signature=signature,
-                                        input_example=example)
+                                        input_example=example, pip_requirements=[
+                                            f"torch=={torch.__version__.split('+')[0]}"])
+    _log_weights(tracking, p.run_id, model, cfg, num_classes, input_size)
     client.set_tag(p.run_id, "model_uri", info.model_uri)
     return info.model_uri
+
+
+def _log_weights(tracking: Tracking, run_id: str, model: torch.nn.Module, cfg: TrialConfig,
+                 num_classes: int, input_size: tuple[int, int, int]) -> None:
+    """The plain contract next to the MLflow model: ``dgc.create_model(name, **kwargs)`` then
+    ``load_state_dict(torch.load("weights.pt", weights_only=True))``."""
+    import tempfile
+
+    meta = {"name": cfg.model.name, "num_classes": num_classes, "in_chans": input_size[0],
+            "kwargs": {k: v for k, v in cfg.model.arch_kwargs().items() if v is not None},
+            "input_size": list(input_size)}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(model.state_dict(), Path(tmp) / "weights.pt")
+        (Path(tmp) / "model_meta.json").write_text(json.dumps(meta, indent=2))
+        tracking.client.log_artifacts(run_id, tmp, "dgc")
 
 
 def table(points: list[Point], objectives: list[tuple[str, str]], space_keys: list[str]) -> str:

@@ -58,10 +58,21 @@ class StudyRef:
     name: str
 
 
+def storage_of(url: str) -> str | optuna.storages.BaseStorage:
+    """An RDB URL as is (``sqlite:///...``, ``postgresql://...``), or ``journal:///path.log``
+    for Optuna's journal file storage (NFS-friendly, no database)."""
+    if url.startswith("journal://"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
+    return url
+
+
 def open_study(exp: ExperimentConfig, ref: StudyRef) -> optuna.Study:
     """Create or load the study; warm-start points are enqueued only into a new study."""
     directions = ["maximize" if o.direction == "max" else "minimize" for o in exp.objectives]
-    study = optuna.create_study(storage=ref.storage, study_name=ref.name, directions=directions,
+    study = optuna.create_study(storage=storage_of(ref.storage), study_name=ref.name, directions=directions,
                                 sampler=make_sampler(exp), load_if_exists=True)
     with warnings.catch_warnings():  # experimental since Optuna 3.2, still fine in 5.0
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

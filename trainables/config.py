@@ -89,5 +89,7 @@ class TrialConfig(_Strict):
     channels_last: bool = True
     compile: bool = False
     threads: int | None = Field(None, ge=1)
+    #: measure batch-1 inference latency once per trial and report it (``latency_ms``).
+    measure_latency: bool = False
     #: bookkeeping set by the search (e.g. the Optuna trial number); training ignores it.
     tags: dict[str, int | float | str] = Field(default_factory=dict)

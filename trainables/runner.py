@@ -80,6 +80,34 @@ def trial_cost(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, i
     return dgc.count_cost(model, input_size)
 
 
+def measure_latency(model: nn.Module, input_size: tuple[int, int, int], device: torch.device,
+                    runs: int = 30) -> float:
+    """Median batch-1 inference latency (ms) on ``device``, gates at their target sparsity.
+
+    Measured on a copy before training: the executed path depends only on the architecture and
+    the number of inactive channels, not on the weights.
+    """
+    import copy
+    import statistics
+    import time
+
+    probe = copy.deepcopy(model).eval()
+    dgc.set_progress(probe, 1.0)
+    x = torch.randn(1, *input_size, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(runs + 5):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            probe(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 5:
+                times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
@@ -96,6 +124,7 @@ def run_trial(cfg: TrialConfig, reporter: Reporter, resume: dict[str, Any] | Non
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     cost = trial_cost(cfg, data.num_classes, data.input_size)
+    latency = measure_latency(model, data.input_size, device) if cfg.measure_latency else None
     optimizer = make_optimizer(model, cfg.optim)
     schedule = Schedule(cfg.optim, len(data.train), cfg.epochs)
     start_epoch = restore(resume, model, optimizer) if resume else 0
@@ -110,6 +139,8 @@ def run_trial(cfg: TrialConfig, reporter: Reporter, resume: dict[str, Any] | Non
                    M.VAL_LOSS: val_loss, M.MACS: cost.macs, M.PARAMS: cost.params,
                    M.EPOCH_TIME_S: stats.seconds, M.IMAGES_PER_S: stats.images / stats.seconds,
                    M.GATE_PROGRESS: stats.progress}
+        if latency is not None:
+            metrics[M.LATENCY_MS] = latency
         last = epoch + 1 == cfg.epochs
         if last:
             metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(step_model, data.test.epoch(),

@@ -101,11 +101,9 @@ class _GatedGroupConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sal, weight, stride, padding, dilation):  # type: ignore[override]
-        # x: (B, C, H, W), sal: (B, h, C), weight: (O, C, k, k)
-        gated = _gate(x, sal)  # (B, h*C, H, W), freed on return
         ctx.conv_args = (stride, padding, dilation, sal.shape[1])
         ctx.save_for_backward(x, sal, weight)
-        return F.conv2d(gated, weight, None, stride, padding, dilation, sal.shape[1])  # (B, O, H', W')
+        return gated_conv(x, sal, weight, stride, padding, dilation)  # gated input freed here
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -145,13 +143,9 @@ class _GatheredGroupConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sal, weight, index, stride, padding, dilation):  # type: ignore[override]
-        # x: (B, C, H, W), sal: (B, h, C), weight: (O, C, k, k), index: (B, h, K)
-        xg, wg = _gather(x, sal, weight, index)  # (1, B*h*K, H, W), (B*O, K, k, k)
         ctx.conv_args = (stride, padding, dilation)
         ctx.save_for_backward(x, sal, weight, index)
-        b = x.shape[0]
-        y = F.conv2d(xg, wg, None, stride, padding, dilation, b * sal.shape[1])  # (1, B*O, H', W')
-        return y.view(b, weight.shape[0], *y.shape[-2:])  # (B, O, H', W')
+        return gathered_conv(x, sal, weight, index, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -174,6 +168,24 @@ class _GatheredGroupConv(torch.autograd.Function):
         grad_w = _scatter_kernel_grad(g_wg, index, weight.shape)
         return (grad_x.to(x.dtype), grad_s.to(sal.dtype), grad_w.to(weight.dtype),
                 None, None, None, None)
+
+
+def gated_conv(x: Tensor, sal: Tensor, weight: Tensor, stride: int, padding: int,
+               dilation: int) -> Tensor:
+    """Per-head gated inputs, one grouped conv (the reference's maths, no autograd state)."""
+    # x: (B, C, H, W), sal: (B, h, C), weight: (O, C, k, k)
+    gated = _gate(x, sal)  # (B, h*C, H, W)
+    return F.conv2d(gated, weight, None, stride, padding, dilation, sal.shape[1])  # (B, O, H', W')
+
+
+def gathered_conv(x: Tensor, sal: Tensor, weight: Tensor, index: Tensor, stride: int,
+                  padding: int, dilation: int) -> Tensor:
+    """Kept channels only: per-sample kernels, batch folded into the groups."""
+    # index: (B, h, K)
+    b = x.shape[0]
+    xg, wg = _gather(x, sal, weight, index)  # (1, B*h*K, H, W), (B*O, K, k, k)
+    y = F.conv2d(xg, wg, None, stride, padding, dilation, b * sal.shape[1])  # (1, B*O, H', W')
+    return y.view(b, weight.shape[0], *y.shape[-2:])  # (B, O, H', W')
 
 
 def _gather(x: Tensor, sal: Tensor, weight: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
@@ -296,12 +308,17 @@ class DynamicGroupConv2d(nn.Module):
         n = self._inactive_host
         sal = deactivate_bottom_k(sal, n)  # (B, h, C), pruned -> 0
         kept = self.in_channels - n
-        if self.impl == "gather" or (self.impl == "auto" and 0 < kept <= GATHER_MAX_KEPT * self.in_channels):
+        args = (self.stride, self.padding, self.dilation)
+        # Without autograd the plain functions run (no saved state; TorchScript-traceable).
+        grad = torch.is_grad_enabled()
+        gather = 0 < kept <= GATHER_MAX_KEPT * self.in_channels
+        if self.impl == "gather" or (self.impl == "auto" and gather):
             index = sal.detach().topk(kept, dim=-1, sorted=False).indices  # (B, h, K)
-            y = _GatheredGroupConv.apply(x, sal, self.weight, index, self.stride, self.padding,
-                                         self.dilation)
+            y = (_GatheredGroupConv.apply(x, sal, self.weight, index, *args) if grad
+                 else gathered_conv(x, sal, self.weight, index, *args))
         else:
-            y = _GatedGroupConv.apply(x, sal, self.weight, self.stride, self.padding, self.dilation)
+            y = (_GatedGroupConv.apply(x, sal, self.weight, *args) if grad
+                 else gated_conv(x, sal, self.weight, *args))
         b, o, h, w = y.shape  # (B, O, H', W'), head-major channels
         return y.view(b, self.heads, o // self.heads, h, w).transpose(1, 2).reshape(b, o, h, w)
 

@@ -183,3 +183,17 @@ def test_constructor_errors_name_layer_value_and_rule(kw, match):
     with pytest.raises(ValueError, match=match) as info:
         DynamicGroupConv2d(name="stages.1.0.conv1", **kw)
     assert "stages.1.0.conv1" in str(info.value)
+
+
+@pytest.mark.parametrize("impl", ["masked", "gather"])
+def test_no_grad_path_equals_autograd_path_and_traces(impl, tmp_path):
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(16, 16, 3, padding=1, heads=4, impl=impl).eval()
+    layer.set_inactive(12)
+    x = torch.randn(2, 16, 6, 6)
+    with torch.no_grad():
+        plain = layer(x)
+        traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(layer(x).detach(), plain)
+    traced.save(str(tmp_path / "m.ts"))
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.ts"))(x), plain)

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from search.__main__ import main
+from spaces.convert import apply_to_trial
 from tests.conftest import REPO
 
 GOOD = {"name": "t", "trial": {"model": {"name": "dyresnet8"}, "epochs": 1},
@@ -20,14 +21,8 @@ def _write(tmp_path, doc) -> str:
 
 
 def _with(**changes):
-    doc = yaml.safe_load(yaml.safe_dump(GOOD))
-    for key, value in changes.items():
-        node = doc
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return doc
+    """GOOD with changes; ``a__b`` stands for the dotted key ``a.b``."""
+    return apply_to_trial(GOOD, {k.replace("__", "."): v for k, v in changes.items()})
 
 
 BAD = [

@@ -16,6 +16,7 @@ from tests.search.helpers import brute_force_front
 from tests.search.helpers import children
 
 pytestmark = pytest.mark.e2e
+SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
 
 def test_small_search_end_to_end(ray_2cpu, tmp_path):
@@ -48,9 +49,61 @@ def test_small_search_end_to_end(ray_2cpu, tmp_path):
                 model = mlflow.pytorch.load_model(f"models:/smoke@{alias}", map_location="cpu")
             assert model(__import__("torch").from_numpy(x)).shape == (5, 10)
 
+    _check_export(uri, f"models:/smoke@{alias}", tmp_path / "export", x)
+
     state = SearchState.load(tmp_path / "smoke")
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 5
     assert {t.user_attrs["ray_trial_id"] for t in done} == {k.data.tags["ray_trial_id"] for k in kids}
     assert {t.number for t in done} == {int(k.data.tags["optuna_trial"]) for k in kids}
+
+
+def _check_export(uri, source, out, x):
+    import json
+
+    import torch
+
+    import dgc
+    from search.commands import export_command
+
+    assert export_command(source, str(out), uri) == 0
+    meta = json.loads((out / "model.json").read_text())
+    model = dgc.create_model(meta["name"], num_classes=meta["num_classes"],
+                             in_chans=meta["in_chans"], **meta["kwargs"]).eval()
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    scripted = torch.jit.load(str(out / "model.ts"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.from_numpy(x)), scripted(torch.from_numpy(x)))
+
+
+def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys):
+    from search.commands import pareto_command
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = load_experiment(REPO / "experiments" / "smoke.yaml",
+                          [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "num_trials=3",
+                           "trial.epochs=1"])
+    assert launch(exp, SMOKE) == 0
+    parent, kids = children(uri, "smoke")
+    versions = len(mlflow.MlflowClient(uri).search_model_versions("name = 'smoke'"))
+    capsys.readouterr()
+    assert pareto_command(parent.info.run_id, True, uri) == 0
+    assert "| trial |" in capsys.readouterr().out
+    assert len(mlflow.MlflowClient(uri).search_model_versions("name = 'smoke'")) == versions
+    assert len(children(uri, "smoke")[1]) == len(kids) == 3
+
+
+def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray_2cpu, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = load_experiment(REPO / "experiments" / "smoke.yaml",
+                          [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "num_trials=2",
+                           "trial.epochs=1", "trial.optim.lr=1.0e+30", "max_failures=0"])
+    assert launch(exp, SMOKE) == 1
+    parent, kids = children(uri, "smoke")
+    assert parent.info.status == "FAILED"
+    assert len(kids) == 2 and all(k.info.status == "FAILED" for k in kids)
+    assert all("val_accuracy" not in k.data.metrics for k in kids)  # no fake scores
+    state = SearchState.load(tmp_path / "smoke")
+    study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2

@@ -54,3 +54,16 @@ def test_warm_start_points_come_first(tmp_path):
     s.exp.warm_start.append({"model.heads": 4, "model.gate_factor": 0.25, "model.squeeze_rate": 16})
     config = s.suggest("w")
     assert config["model"]["heads"] == 4 and config["model"]["gate_factor"] == [0.25] * 3
+
+
+def test_journal_file_storage(tmp_path):
+    path = REPO / "experiments" / "smoke.yaml"
+    exp = load_experiment(path, [f"storage_dir={tmp_path}"])
+    problem = run_preflight(exp, str(path), samples=2).problem
+    ref = StudyRef(f"journal://{tmp_path / 'study.log'}", "j")
+    s = OptunaSearcher(exp, problem, ref)
+    s.suggest("a")
+    s.on_trial_complete("a", {"val_accuracy": 0.5, "macs": 1.0})
+    assert (tmp_path / "study.log").stat().st_size > 0
+    again = OptunaSearcher(exp, problem, ref).study  # reopened from the file
+    assert [t.values for t in again.trials] == [[0.5, 1.0]]

@@ -127,3 +127,21 @@ def test_crop_flip_is_a_shifted_possibly_mirrored_window():
     keys = {w.numpy().tobytes() for w in windows} | {w.flip(-1).numpy().tobytes() for w in windows}
     assert all(o[0].numpy().tobytes() in keys for o in out)
     assert len({o.numpy().tobytes() for o in out}) > 10  # really random
+
+
+def test_imagenet_layout_uses_standard_transforms(tmp_path):
+    for split in ("train", "val"):
+        for c in ("n01", "n02"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(np.full((40, 48, 3), 30 * i, np.uint8)).save(
+                    tmp_path / split / c / f"{i}.JPEG")
+    params = DataParams(dataset="imagenet", datadir=str(tmp_path), val_size=2, batch_size=4,
+                        eval_batch_size=3)
+    train, val, test, classes = D.imagenet_loaders(params, workers=0, channels_last=False)
+    assert classes == 2 and len(train.dataset) == 8 and len(val.dataset) == 2
+    x, y = next(train.epoch(torch.Generator().manual_seed(0)))
+    assert x.shape == (4, 3, 224, 224) and y.dtype == torch.long
+    xs = [x for x, _ in test.epoch()]
+    assert [len(x) for x in xs] == [3, 3, 3, 1] and xs[0].shape[-2:] == (224, 224)
+    assert D.describe(params) == (2, (3, 224, 224))

@@ -106,3 +106,10 @@ def test_nan_loss_stops_with_a_clear_error():
     sched = Schedule(OptimParams(), 1, 1)
     with pytest.raises(NonFiniteLossError, match=r"training loss became nan by iteration 1"):
         train_one_epoch(model, batches, make_optimizer(model, sched.optim), sched, 0)
+
+
+def test_latency_is_measured_once_and_carried_by_every_report():
+    out = Collect()
+    run_trial(_cfg(epochs=2, measure_latency=True), out)
+    latencies = {m[M.LATENCY_MS] for m in out.metrics}
+    assert len(latencies) == 1 and latencies.pop() > 0
