@@ -13,6 +13,7 @@ the training epoch time.
 accuracy: ``search train``'s loop (TrialConfig) on the same subset for each variant; validation
 is 5,000 images carved from the training set, test is the official 10,000.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,19 @@ def torchvision_loader(root: str, subset: int, workers: int, stats) -> torch.uti
     from torchvision import datasets
     from torchvision import transforms as T
 
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(*stats)])
+    tf = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(*stats)]
+    )
     ds = datasets.ImageFolder(f"{root}/train", tf)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:subset]
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx.tolist()), 64,
-                                       shuffle=True, num_workers=workers, drop_last=True,
-                                       persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(ds, idx.tolist()),
+        64,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=False,
+    )
 
 
 def timed_epoch(name: str, batches_fn, n_batches: int) -> tuple[float, float]:
@@ -62,20 +69,27 @@ def timed_epoch(name: str, batches_fn, n_batches: int) -> tuple[float, float]:
 
 
 def throughput(a: argparse.Namespace) -> None:
-    params = DataParams(dataset="imagefolder", datadir=a.datadir, val_size=5000,
-                        train_subset=a.subset)
+    params = DataParams(
+        dataset="imagefolder", datadir=a.datadir, val_size=5000, train_subset=a.subset
+    )
     s = load_splits(params)
     dev = DeviceLoader(s.train, 64, torch.device("cpu"), s.mean, s.std, augment=True, train=True)
     tv = torchvision_loader(a.datadir, a.subset, a.workers, (s.mean, s.std))
     print(header(a))
-    print("| model (gate 0.5) | pipeline | images/s (train) | epoch (s) | data only (s) | data share |")
+    print("| model (gate 0.5) | pipeline | images/s (train) | epoch (s) | data only (s) "
+          "| data share |")
     print("|---|---|---:|---:|---:|---:|")
     for name in a.models:
-        for label, fn, n in [("device-resident uint8", lambda: dev.epoch(torch.Generator()), len(dev)),
-                             (f"torchvision DataLoader ({a.workers} workers)", lambda: iter(tv), len(tv))]:
+        for label, fn, n in [
+            ("device-resident uint8", lambda: dev.epoch(torch.Generator()), len(dev)),
+            (f"torchvision DataLoader ({a.workers} workers)", lambda: iter(tv), len(tv)),
+        ]:
             train_s, data_s = timed_epoch(name, fn, n)
-            print(f"| {name} | {label} | {n * 64 / train_s:.0f} | {train_s:.1f} | {data_s:.2f} | "
-                  f"{100 * data_s / train_s:.1f}% |", flush=True)
+            print(
+                f"| {name} | {label} | {n * 64 / train_s:.0f} | {train_s:.1f} | {data_s:.2f} | "
+                f"{100 * data_s / train_s:.1f}% |",
+                flush=True,
+            )
 
 
 def accuracy(a: argparse.Namespace) -> None:
@@ -83,17 +97,30 @@ def accuracy(a: argparse.Namespace) -> None:
     print("| model | MACs (M) | params (M) | val acc | test acc | train time (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in a.variants:
-        cfg = TrialConfig.model_validate({
-            "epochs": a.epochs, "seed": 0, "model": {"name": name, "gate_factor": 0.5},
-            "optim": {"lr": 0.05},
-            "data": {"dataset": "imagefolder", "datadir": a.datadir, "val_size": 5000,
-                     "train_subset": a.subset, "batch_size": 64}})
+        cfg = TrialConfig.model_validate(
+            {
+                "epochs": a.epochs,
+                "seed": 0,
+                "model": {"name": name, "gate_factor": 0.5},
+                "optim": {"lr": 0.05},
+                "data": {
+                    "dataset": "imagefolder",
+                    "datadir": a.datadir,
+                    "val_size": 5000,
+                    "train_subset": a.subset,
+                    "batch_size": 64,
+                },
+            }
+        )
         cost = trial_cost(cfg, 10, (3, 32, 32))
         t0 = time.perf_counter()
         final = run_trial(cfg, _Quiet())
-        print(f"| {name} | {cost.macs / 1e6:.2f} | {cost.params / 1e6:.3f} | "
-              f"{final['val_accuracy']:.4f} | {final['test_accuracy']:.4f} | "
-              f"{time.perf_counter() - t0:.0f} |", flush=True)
+        print(
+            f"| {name} | {cost.macs / 1e6:.2f} | {cost.params / 1e6:.3f} | "
+            f"{final['val_accuracy']:.4f} | {final['test_accuracy']:.4f} | "
+            f"{time.perf_counter() - t0:.0f} |",
+            flush=True,
+        )
 
 
 class _Quiet:
@@ -102,8 +129,10 @@ class _Quiet:
 
 
 def header(a: argparse.Namespace) -> str:
-    return (f"# {datetime.date.today()} torch {torch.__version__} {platform.machine()} "
-            f"threads {torch.get_num_threads()} | {vars(a)}")
+    return (
+        f"# {datetime.date.today()} torch {torch.__version__} {platform.machine()} "
+        f"threads {torch.get_num_threads()} | {vars(a)}"
+    )
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ shared machine); memory is measured for each variant in its own subprocess so th
 is its own. "saved" is the bytes of
 the distinct tensors autograd keeps for backward (activation memory, excluding parameters).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,23 @@ import dgc
 class ReferenceDGC(nn.Module):
     """The reference repository's layer structure, re-expressed (per-head loop + concat)."""
 
-    def __init__(self, cin: int, cout: int, k: int, pad: int, heads: int, squeeze: int,
-                 gate: float) -> None:
+    def __init__(
+        self, cin: int, cout: int, k: int, pad: int, heads: int, squeeze: int, gate: float
+    ) -> None:
         super().__init__()
-        self.norm, self.heads, self.pad, self.cin, self.gate = nn.BatchNorm2d(cin), heads, pad, cin, gate
+        self.norm, self.heads, self.pad, self.cin, self.gate = (
+            nn.BatchNorm2d(cin),
+            heads,
+            pad,
+            cin,
+            gate,
+        )
         r = cin // (squeeze // 2 if cin < 80 else squeeze)
         self.fc1 = nn.ModuleList(nn.Linear(cin, r, bias=False) for _ in range(heads))
         self.fc2 = nn.ModuleList(nn.Linear(r, cin) for _ in range(heads))
-        self.convs = nn.ModuleList(nn.Conv2d(cin, cout // heads, k, 1, pad, bias=False)
-                                   for _ in range(heads))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(cin, cout // heads, k, 1, pad, bias=False) for _ in range(heads)
+        )
         self.n_inact = round(cin * (1 - gate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,14 +77,18 @@ class ReferenceDGC(nn.Module):
 def build(variant: str, a: argparse.Namespace) -> nn.Module:
     if variant.startswith("dgc"):
         impl = variant.partition("-")[2] or "auto"
-        layer = dgc.DynamicGroupConv2d(a.channels, a.channels, 3, 1, 1, heads=a.heads,
-                                       gate_factor=a.gate, impl=impl)
+        layer = dgc.DynamicGroupConv2d(
+            a.channels, a.channels, 3, 1, 1, heads=a.heads, gate_factor=a.gate, impl=impl
+        )
         layer.set_inactive(layer.target_inactive)
         return layer
     if variant == "reference":
         return ReferenceDGC(a.channels, a.channels, 3, 1, a.heads, 16, a.gate)
-    return nn.Sequential(nn.BatchNorm2d(a.channels), nn.ReLU(),
-                         nn.Conv2d(a.channels, a.channels, 3, 1, 1, bias=False))
+    return nn.Sequential(
+        nn.BatchNorm2d(a.channels),
+        nn.ReLU(),
+        nn.Conv2d(a.channels, a.channels, 3, 1, 1, bias=False),
+    )
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
@@ -156,19 +169,29 @@ def main() -> None:
     if a.variant:
         print(json.dumps(memory_one(a.variant, a)))
         return
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"threads {torch.get_num_threads()}, device {a.device}; C={a.channels}->{a.channels} "
-          f"3x3, {a.size}x{a.size}, batch {a.batch}, heads {a.heads}, gate {a.gate}")
+    print(
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"threads {torch.get_num_threads()}, device {a.device}; C={a.channels}->{a.channels} "
+        f"3x3, {a.size}x{a.size}, batch {a.batch}, heads {a.heads}, gate {a.gate}"
+    )
     variants = ("dgc-gather", "dgc-masked", "reference", "dense")
     times = timing(variants, a)
-    print("| variant | median fwd+bwd (ms) | min (ms) | saved activations (MiB) | peak RSS over steady state (MiB) |")
+    print("| variant | median fwd+bwd (ms) | min (ms) | saved activations (MiB) "
+          "| peak RSS over steady state (MiB) |")
     print("|---|---|---|---|---|")
     for v in variants:
-        out = subprocess.run([sys.executable, __file__, "--variant", v, *sys.argv[1:]],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--variant", v, *sys.argv[1:]],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         m = json.loads(out)
-        print(f"| {v} | {1e3 * statistics.median(times[v]):.1f} | {1e3 * min(times[v]):.1f} | "
-              f"{m['saved_mb']:.1f} | {m['peak_rss_increase_mb']:.1f} |")
+        print(
+            f"| {v} | {1e3 * statistics.median(times[v]):.1f} | {1e3 * min(times[v]):.1f} | "
+            f"{m['saved_mb']:.1f} | {m['peak_rss_increase_mb']:.1f} |"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from MLflow) with ``trainables.runner.run_trial`` in this process, one thread, n
 Optuna, no MLflow. Reports per-trial wall time in the search (MLflow child run start to end),
 bare time, and the fixed costs of a search (Ray start, preflight + finalisation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,18 @@ def main() -> None:
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    exp = load_experiment(SMOKE, [f"storage_dir={tmp}", f"mlflow.tracking_uri={uri}",
-                                  f"num_trials={a.trials}", "concurrency=1", "trial.threads=1",
-                                  f"trial.epochs={a.epochs}", "trial.checkpoint_every=1"])
+    exp = load_experiment(
+        SMOKE,
+        [
+            f"storage_dir={tmp}",
+            f"mlflow.tracking_uri={uri}",
+            f"num_trials={a.trials}",
+            "concurrency=1",
+            "trial.threads=1",
+            f"trial.epochs={a.epochs}",
+            "trial.checkpoint_every=1",
+        ],
+    )
     t0 = time.perf_counter()
     connect_ray(exp, None)
     t_ray = time.perf_counter() - t0
@@ -55,32 +65,45 @@ def main() -> None:
     t_launch = time.perf_counter() - t1
     ray.shutdown()
     client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
-                              "tags.`dgc_search.kind` != 'search'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("smoke").experiment_id], "tags.`dgc_search.kind` != 'search'"
+    )
     in_search, bare = [], []
     for run in runs:
         in_search.append((run.info.end_time - run.info.start_time) / 1000)
-        cfg = TrialConfig.model_validate(json.loads(Path(client.download_artifacts(
-            run.info.run_id, "trial_config.json")).read_text()))
+        cfg = TrialConfig.model_validate(
+            json.loads(
+                Path(client.download_artifacts(run.info.run_id, "trial_config.json")).read_text()
+            )
+        )
         t = time.perf_counter()
         run_trial(cfg, _Quiet(), threads=1)
         bare.append(time.perf_counter() - t)
     per_trial = statistics.mean(in_search) - statistics.mean(bare)
     fixed = t_launch - sum(in_search)
-    print(f"# {datetime.date.today()} torch {torch.__version__} ray {ray.__version__} "
-          f"{platform.machine()} {a.trials} trials x {a.epochs} epochs, concurrency 1, 1 thread")
+    print(
+        f"# {datetime.date.today()} torch {torch.__version__} ray {ray.__version__} "
+        f"{platform.machine()} {a.trials} trials x {a.epochs} epochs, concurrency 1, 1 thread"
+    )
     print("| quantity | seconds |\n|---|---:|")
-    for name, v in [("Ray local cluster start", t_ray),
-                     ("launch() wall (preflight, fit, finalise)", t_launch),
-                     ("mean trial wall inside the search", statistics.mean(in_search)),
-                     ("mean bare trial (run_trial, no Ray/Optuna/MLflow)", statistics.mean(bare)),
-                     ("overhead per trial", per_trial),
-                     ("per-search fixed cost outside trials (preflight, scheduling, Pareto, "
-                      "model logging/registration)", fixed)]:
+    for name, v in [
+        ("Ray local cluster start", t_ray),
+        ("launch() wall (preflight, fit, finalise)", t_launch),
+        ("mean trial wall inside the search", statistics.mean(in_search)),
+        ("mean bare trial (run_trial, no Ray/Optuna/MLflow)", statistics.mean(bare)),
+        ("overhead per trial", per_trial),
+        (
+            "per-search fixed cost outside trials (preflight, scheduling, Pareto, "
+            "model logging/registration)",
+            fixed,
+        ),
+    ]:
         print(f"| {name} | {v:.2f} |")
-    print(f"\noverhead per trial = {per_trial:.2f} s = {100 * per_trial / 60:.1f}% of a 60-second "
-          f"trial ({100 * per_trial / statistics.mean(bare):.1f}% of these "
-          f"{statistics.mean(bare):.0f}-second trials)")
+    print(
+        f"\noverhead per trial = {per_trial:.2f} s = {100 * per_trial / 60:.1f}% of a 60-second "
+        f"trial ({100 * per_trial / statistics.mean(bare):.1f}% of these "
+        f"{statistics.mean(bare):.0f}-second trials)"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Front doors: ``create_model(name, **kwargs)``, ``list_models()``, ``count_cost(model, size)``,
 ``set_progress(model, p)`` and ``aux_loss(model)``.
 """
+
 from __future__ import annotations
 
 from dgc import models as _models  # noqa: F401  (registers the recipes)
@@ -18,6 +19,16 @@ from dgc.registry import list_models
 from dgc.registry import model_kind
 from dgc.registry import num_stages
 
-__all__ = ["Cost", "DynamicGroupConv2d", "aux_loss", "count_cost", "create_model", "dgc_layers",
-           "inactive_channels", "list_models", "model_kind", "num_stages",
-           "set_progress"]
+__all__ = [
+    "Cost",
+    "DynamicGroupConv2d",
+    "aux_loss",
+    "count_cost",
+    "create_model",
+    "dgc_layers",
+    "inactive_channels",
+    "list_models",
+    "model_kind",
+    "num_stages",
+    "set_progress",
+]

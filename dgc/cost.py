@@ -13,6 +13,7 @@ MACs are accumulated as floats and truncated once at the end, as the authors' co
 fractional gate factors give the same totals. Build the model under ``torch.device("meta")``
 to cost a configuration without allocating or initialising any weight.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,8 +47,10 @@ class Cost:
 
     def table(self) -> str:
         rows = [f"{'layer':48s} {'type':22s} {'MACs':>14s} {'params':>10s}  output"]
-        rows += [f"{r.name:48s} {r.kind:22s} {r.macs:14,.0f} {r.params:10,d}  {list(r.output_shape)}"
-                 for r in self.layers]
+        rows += [
+            f"{r.name:48s} {r.kind:22s} {r.macs:14,.0f} {r.params:10,d}  {list(r.output_shape)}"
+            for r in self.layers
+        ]
         rows.append(f"{'total':48s} {'':22s} {self.macs:14,d} {self.params:10,d}")
         return "\n".join(rows)
 
@@ -88,8 +91,12 @@ def _hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0]
         params = sum(p.numel() for p in module.parameters())
-        rows.append(LayerCost(name, type(module).__name__, _macs(module, x, output), params,
-                              tuple(output.shape)))
+        rows.append(
+            LayerCost(
+                name, type(module).__name__, _macs(module, x, output), params, tuple(output.shape)
+            )
+        )
+
     return hook
 
 
@@ -119,5 +126,5 @@ def dgc_macs(layer: DynamicGroupConv2d, in_hw: int, out_hw: int) -> float:
     c, o, h, r = layer.in_channels, layer.out_channels, layer.heads, layer.hidden
     pre = 2 * c * in_hw  # BN-ReLU's ReLU, then the global average pool
     gates = h * (c * r + r + r * c + c + c + c)  # fc1, ReLU, fc2 (+bias), ReLU, gating
-    per_head_conv = c * (o // h) * layer.kernel_size ** 2 * out_hw * layer.gate_factor
+    per_head_conv = c * (o // h) * layer.kernel_size**2 * out_hw * layer.gate_factor
     return pre + gates + h * per_head_conv

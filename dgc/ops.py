@@ -1,4 +1,5 @@
 """Model-wide helpers the training loop calls: gate progress and the saliency L1 term."""
+
 from __future__ import annotations
 
 import torch

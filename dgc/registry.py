@@ -2,6 +2,7 @@
 
 The registry is the package's one global: filled at import time, read-only afterwards.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -17,27 +18,32 @@ VARIANT_KINDS = {"": "dense", "dy": "dynamic", "gc": "group"}
 
 def register_model(name: str) -> Callable[[ModelFn], ModelFn]:
     """Register ``fn`` under ``name``; names are unique."""
+
     def wrap(fn: ModelFn) -> ModelFn:
         if name in _MODELS:
             raise ValueError(f"model name {name!r} is registered twice")
         _MODELS[name] = fn
         return fn
+
     return wrap
 
 
 def register_family(name: str) -> Callable[[ModelFn], ModelFn]:
     """Register a network family as its three variants: dense ``name``, DGC ``dy<name>`` and
     static group conv ``gc<name>``. ``fn(kind, **kwargs)`` builds the variant of that kind."""
+
     def wrap(fn: ModelFn) -> ModelFn:
         for prefix, kind in VARIANT_KINDS.items():
             register_model(prefix + name)(_bind_kind(fn, kind))
         return fn
+
     return wrap
 
 
 def _bind_kind(fn: ModelFn, kind: str) -> ModelFn:
     def build(**kwargs: object) -> nn.Module:
         return fn(kind, **kwargs)
+
     build.__doc__ = fn.__doc__
     return build
 
@@ -71,8 +77,8 @@ def num_stages(name: str) -> int:
 
 
 def model_kind(name: str) -> str:
-    """"dense", "dynamic" or "group" for a registered family variant name."""
+    """ "dense", "dynamic" or "group" for a registered family variant name."""
     for prefix in ("dy", "gc"):
-        if name.startswith(prefix) and name[len(prefix):] in _MODELS:
+        if name.startswith(prefix) and name[len(prefix) :] in _MODELS:
             return VARIANT_KINDS[prefix]
     return "dense"

@@ -1,4 +1,5 @@
 """``python -m search {validate,launch,resume,pareto,export,train}``."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,9 @@ from search.overrides import SearchConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search",
-                                description="Multi-objective search over DGC networks.")
+    p = argparse.ArgumentParser(
+        prog="python -m search", description="Multi-objective search over DGC networks."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check an experiment file; no cluster is started")
     v.add_argument("file")
@@ -69,8 +71,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
 # Console hygiene for the command line only (the library never touches the environment):
 # Tune's snapshot-frequency warning fires on every short trial; MLflow's download bars.
-QUIET_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+QUIET_ENV = {
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
 """The CLI's commands other than launch: validate, pareto and export."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,11 @@ def validate_command(path: str, overrides: list[str]) -> int:
     """Validate the file and the space (models built on the meta device); no cluster."""
     exp = load_experiment(path, overrides)
     report = run_preflight(exp, path)
-    print(f"{path}: OK: {exp.num_trials} trials of {exp.trial.model.name} on "
-          f"{exp.trial.data.dataset}, objectives "
-          f"{', '.join(f'{o.metric} ({o.direction})' for o in exp.objectives)}")
+    print(
+        f"{path}: OK: {exp.num_trials} trials of {exp.trial.model.name} on "
+        f"{exp.trial.data.dataset}, objectives "
+        f"{', '.join(f'{o.metric} ({o.direction})' for o in exp.objectives)}"
+    )
     print(report.summary(exp.budget.macs))
     return 0
 
@@ -41,8 +44,15 @@ def pareto_command(target: str, register: bool, tracking_uri: str | None = None)
     exp = ExperimentConfig.model_validate(yaml.safe_load((folder / RESOLVED_FILE).read_text()))
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
     objectives = [(o.metric, o.direction) for o in exp.objectives]
-    text = finalize(tracking, objectives, list(exp.space.params), folder,
-                    exp.name if register else None, state.num_classes, tuple(state.input_size))
+    text = finalize(
+        tracking,
+        objectives,
+        list(exp.space.params),
+        folder,
+        exp.name if register else None,
+        state.num_classes,
+        tuple(state.input_size),
+    )
     print(text)
     print(f"\nplot: {folder / 'pareto.png'} and {folder / 'pareto.html'}")
     return 0
@@ -55,11 +65,15 @@ def _folder_of_run(run_id: str, tracking_uri: str | None) -> Path:
     try:
         folder = client.get_run(run_id).data.tags.get("search_dir")
     except mlflow.exceptions.MlflowException as err:
-        raise SearchConfigError(f"{run_id!r} is neither a folder nor a run of the tracking store "
-                                f"{client.tracking_uri} ({err}); pass --tracking-uri") from err
+        raise SearchConfigError(
+            f"{run_id!r} is neither a folder nor a run of the tracking store "
+            f"{client.tracking_uri} ({err}); pass --tracking-uri"
+        ) from err
     if not folder:
-        raise SearchConfigError(f"run {run_id} is not the parent run of a search (no search_dir "
-                                "tag); give the parent run id or the search folder")
+        raise SearchConfigError(
+            f"run {run_id} is not the parent run of a search (no search_dir "
+            "tag); give the parent run id or the search folder"
+        )
     return Path(folder)
 
 
@@ -75,21 +89,26 @@ def export_command(source: str, out: str, tracking_uri: str | None) -> int:
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = mlflow.MlflowClient(uri)
     with using_uri(uri):
-        run_id = mlflow.models.get_model_info(source).run_id if source.startswith("models:/") \
-            else source
+        run_id = (
+            mlflow.models.get_model_info(source).run_id if source.startswith("models:/") else source
+        )
         try:
             meta_path = client.download_artifacts(run_id, "dgc/model_meta.json")
             weights = client.download_artifacts(run_id, "dgc/weights.pt")
         except (OSError, mlflow.exceptions.MlflowException) as err:
-            raise SearchConfigError(f"{source}: no exported dgc weights in run {run_id} (only "
-                                    "Pareto models have them; run `python -m search pareto "
-                                    f"DIR` first): {err}") from err
+            raise SearchConfigError(
+                f"{source}: no exported dgc weights in run {run_id} (only "
+                "Pareto models have them; run `python -m search pareto "
+                f"DIR` first): {err}"
+            ) from err
     meta = json.loads(Path(meta_path).read_text())
-    model = dgc.create_model(meta["name"], num_classes=meta["num_classes"],
-                             in_chans=meta["in_chans"], **meta["kwargs"])
+    model = dgc.create_model(
+        meta["name"], num_classes=meta["num_classes"], in_chans=meta["in_chans"], **meta["kwargs"]
+    )
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return write_export(model, Path(out), tuple(meta["input_size"]),
-                        {**meta, "source": source, "run_id": run_id})
+    return write_export(
+        model, Path(out), tuple(meta["input_size"]), {**meta, "source": source, "run_id": run_id}
+    )
 
 
 def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta: dict) -> int:
@@ -103,7 +122,8 @@ def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta:
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.zeros(1, *size), check_trace=False)
     traced.save(str(out / "model.ts"))
-    print(f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "
-          f"in_chans=, **kwargs)) and model.ts (TorchScript, input Nx{'x'.join(map(str, size))})")
+    print(
+        f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "
+        f"in_chans=, **kwargs)) and model.ts (TorchScript, input Nx{'x'.join(map(str, size))})"
+    )
     return 0
-

@@ -1,4 +1,5 @@
 """ExperimentConfig: one YAML file describes a whole search (validated, unknown keys rejected)."""
+
 from __future__ import annotations
 
 import re
@@ -85,7 +86,8 @@ class ExperimentConfig(_Strict):
     space: SearchSpace
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective(metric=M.VAL_ACCURACY), Objective(metric=M.MACS)],
-        min_length=1)
+        min_length=1,
+    )
     budget: Budget = Field(default_factory=Budget)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     num_trials: int = Field(20, ge=1)
@@ -94,7 +96,9 @@ class ExperimentConfig(_Strict):
     max_failures: int = Field(1, ge=0)
     warm_start: list[dict[str, Any]] = Field(default_factory=list)
     storage_dir: str = "runs"
-    optuna_storage: str | None = None  # RDB URL or journal:///path.log; default sqlite in the folder
+    optuna_storage: str | None = (
+        None  # RDB URL or journal:///path.log; default sqlite in the folder
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
@@ -102,8 +106,10 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"name={v!r} must be letters, digits, '_', '.', '-' (it names "
-                             "folders, the Optuna study and the registered model)")
+            raise ValueError(
+                f"name={v!r} must be letters, digits, '_', '.', '-' (it names "
+                "folders, the Optuna study and the registered model)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -111,8 +117,10 @@ class ExperimentConfig(_Strict):
         for i, point in enumerate(self.warm_start):
             unknown = set(point) - set(self.space.params)
             if unknown:
-                raise ValueError(f"warm_start[{i}] sets {sorted(unknown)}, which are not "
-                                 f"parameters of the space ({sorted(self.space.params)})")
+                raise ValueError(
+                    f"warm_start[{i}] sets {sorted(unknown)}, which are not "
+                    f"parameters of the space ({sorted(self.space.params)})"
+                )
         return self
 
     @property
@@ -135,4 +143,3 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         return ExperimentConfig.model_validate(doc)
     except ValidationError as err:
         raise SearchConfigError(format_validation_error(err, source)) from err
-

@@ -1,4 +1,5 @@
 """Turn pydantic validation errors into one line per problem: file, field path, value, fix."""
+
 from __future__ import annotations
 
 from pydantic import ValidationError

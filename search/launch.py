@@ -1,4 +1,5 @@
 """``launch``/``resume``: run a search on Ray Tune with the Optuna searcher, tracked in MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ class SearchState:
     def load(cls, folder: Path) -> SearchState:
         path = folder / STATE_FILE
         if not path.is_file():
-            raise SearchConfigError(f"{folder}: not a search folder (no {STATE_FILE}); give the "
-                                    "folder that `launch` printed")
+            raise SearchConfigError(
+                f"{folder}: not a search folder (no {STATE_FILE}); give the "
+                "folder that `launch` printed"
+            )
         return cls(**json.loads(path.read_text()))
 
 
@@ -64,20 +67,30 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     log.info("preflight: %s", report.summary(exp.budget.macs))
     folder = exp.experiment_dir
     if (folder / STATE_FILE).exists():
-        raise SearchConfigError(f"{folder} already holds a search; continue it with `python -m "
-                                f"search resume {folder}` or choose another name (nothing "
-                                "recorded is overwritten)")
+        raise SearchConfigError(
+            f"{folder} already holds a search; continue it with `python -m "
+            f"search resume {folder}` or choose another name (nothing "
+            "recorded is overwritten)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RESOLVED_FILE).write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
+    (folder / RESOLVED_FILE).write_text(
+        yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
+    )
     state = _new_state(exp, report.problem, folder)
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment)
-    state.parent_run_id = tracking.start_parent(exp.name, _parent_params(exp),
-                                                {**_run_tags(source), "search_dir": str(folder)})
+    state.parent_run_id = tracking.start_parent(
+        exp.name, _parent_params(exp), {**_run_tags(source), "search_dir": str(folder)}
+    )
     tracking.client.log_artifact(state.parent_run_id, str(folder / RESOLVED_FILE))
     tracking.client.log_artifact(state.parent_run_id, source)
     state.save(folder)
-    log.info("experiment folder: %s | MLflow: %s (experiment %r, parent run %s)", folder,
-             state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
+    log.info(
+        "experiment folder: %s | MLflow: %s (experiment %r, parent run %s)",
+        folder,
+        state.tracking_uri,
+        state.mlflow_experiment,
+        state.parent_run_id,
+    )
     connect_ray(exp, address)
     searcher = OptunaSearcher(exp, report.problem, StudyRef(state.optuna_storage, state.study_name))
     tuner = _build_tuner(exp, folder, searcher, tracking)
@@ -96,9 +109,15 @@ def resume(folder: Path, address: str | None = None) -> int:
     exp = ExperimentConfig.model_validate(yaml.safe_load((folder / RESOLVED_FILE).read_text()))
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
     connect_ray(exp, address)
-    tuner = tune.Tuner.restore(str(folder / TUNE_NAME), _trainable(exp, train_dgc),
-                               resume_unfinished=True, resume_errored=True)
-    searcher = OptunaSearcher(exp, _problem(state), StudyRef(state.optuna_storage, state.study_name))
+    tuner = tune.Tuner.restore(
+        str(folder / TUNE_NAME),
+        _trainable(exp, train_dgc),
+        resume_unfinished=True,
+        resume_errored=True,
+    )
+    searcher = OptunaSearcher(
+        exp, _problem(state), StudyRef(state.optuna_storage, state.study_name)
+    )
     return _conclude(exp, state, tracking, searcher, tuner.fit())
 
 
@@ -109,8 +128,16 @@ def _problem(state: SearchState) -> Problem:
 def _new_state(exp: ExperimentConfig, problem: Problem, folder: Path) -> SearchState:
     uri = exp.mlflow.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     storage = exp.optuna_storage or f"sqlite:///{folder / 'optuna.db'}"
-    return SearchState(uri, exp.mlflow.experiment or exp.name, "", storage, exp.name,
-                       problem.num_classes, list(problem.input_size), problem.num_stages)
+    return SearchState(
+        uri,
+        exp.mlflow.experiment or exp.name,
+        "",
+        storage,
+        exp.name,
+        problem.num_classes,
+        list(problem.input_size),
+        problem.num_stages,
+    )
 
 
 def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
@@ -124,13 +151,21 @@ def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
     if target:
         ctx = ray.init(address=target, configure_logging=False, log_to_driver=False)
     else:
-        ctx = ray.init(num_cpus=exp.ray.num_cpus, include_dashboard=exp.ray.dashboard,
-                       dashboard_host="127.0.0.1", dashboard_port=exp.ray.dashboard_port,
-                       configure_logging=False, log_to_driver=False)
+        ctx = ray.init(
+            num_cpus=exp.ray.num_cpus,
+            include_dashboard=exp.ray.dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=exp.ray.dashboard_port,
+            configure_logging=False,
+            log_to_driver=False,
+        )
     url = getattr(ctx, "dashboard_url", "") or ""
     if url:
-        log.info("Ray dashboard: http://%s (it asks for the token in ~/.ray/auth_token; see "
-                 "README, 'Watch it run')", url.removeprefix("http://"))
+        log.info(
+            "Ray dashboard: http://%s (it asks for the token in ~/.ray/auth_token; see "
+            "README, 'Watch it run')",
+            url.removeprefix("http://"),
+        )
 
 
 def _trainable(exp: ExperimentConfig, fn: Any) -> Any:
@@ -143,25 +178,34 @@ def _trainable(exp: ExperimentConfig, fn: Any) -> Any:
     resources = {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu}
     if exp.trial.data.dataset == "imagenet":
         return tune.with_resources(fn, resources)  # workers read datadir; it must exist on all
-    return tune.with_resources(tune.with_parameters(fn, splits=load_splits(exp.trial.data)),
-                               resources)
+    return tune.with_resources(
+        tune.with_parameters(fn, splits=load_splits(exp.trial.data)), resources
+    )
 
 
-def _build_tuner(exp: ExperimentConfig, folder: Path, searcher: OptunaSearcher,
-                 tracking: Tracking) -> Any:
+def _build_tuner(
+    exp: ExperimentConfig, folder: Path, searcher: OptunaSearcher, tracking: Tracking
+) -> Any:
     from ray import tune
 
     from trainables.trainable import train_dgc
 
     objectives = [(o.metric, o.direction) for o in exp.objectives]
     run_config = tune.RunConfig(
-        name=TUNE_NAME, storage_path=str(folder), verbose=0,
+        name=TUNE_NAME,
+        storage_path=str(folder),
+        verbose=0,
         failure_config=tune.FailureConfig(max_failures=exp.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[MlflowTrialLogger(tracking), ConsoleProgress(exp.num_trials, objectives)])
-    tune_config = tune.TuneConfig(search_alg=searcher, num_samples=exp.num_trials,
-                                  max_concurrent_trials=exp.concurrency,
-                                  trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+        callbacks=[MlflowTrialLogger(tracking), ConsoleProgress(exp.num_trials, objectives)],
+    )
+    tune_config = tune.TuneConfig(
+        search_alg=searcher,
+        num_samples=exp.num_trials,
+        max_concurrent_trials=exp.concurrency,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=_trial_name,
+    )
     return tune.Tuner(_trainable(exp, train_dgc), tune_config=tune_config, run_config=run_config)
 
 
@@ -169,8 +213,13 @@ def _trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _conclude(exp: ExperimentConfig, state: SearchState, tracking: Tracking,
-              searcher: OptunaSearcher, results: Any) -> int:
+def _conclude(
+    exp: ExperimentConfig,
+    state: SearchState,
+    tracking: Tracking,
+    searcher: OptunaSearcher,
+    results: Any,
+) -> int:
     from search.results import finalize
 
     orphans = searcher.fail_orphans()
@@ -180,13 +229,22 @@ def _conclude(exp: ExperimentConfig, state: SearchState, tracking: Tracking,
     for r in failed:
         log.warning("trial at %s failed: %s", r.path, str(r.error).splitlines()[0][:300])
     objectives = [(o.metric, o.direction) for o in exp.objectives]
-    text = finalize(tracking, objectives, list(exp.space.params), exp.experiment_dir,
-                    exp.name if exp.mlflow.register_models else None, state.num_classes,
-                    tuple(state.input_size))  # type: ignore[arg-type]
-    tracking.client.set_terminated(state.parent_run_id, "FAILED" if len(failed) == len(results)
-                                   else "FINISHED")
-    print(f"\nPareto front of {exp.name} ({len(results) - len(failed)} finished, "
-          f"{len(failed)} failed):\n{text}\n\nplot: {exp.experiment_dir / 'pareto.png'}")
+    text = finalize(
+        tracking,
+        objectives,
+        list(exp.space.params),
+        exp.experiment_dir,
+        exp.name if exp.mlflow.register_models else None,
+        state.num_classes,
+        tuple(state.input_size),
+    )  # type: ignore[arg-type]
+    tracking.client.set_terminated(
+        state.parent_run_id, "FAILED" if len(failed) == len(results) else "FINISHED"
+    )
+    print(
+        f"\nPareto front of {exp.name} ({len(results) - len(failed)} finished, "
+        f"{len(failed)} failed):\n{text}\n\nplot: {exp.experiment_dir / 'pareto.png'}"
+    )
     if results and len(failed) == len(results):
         log.error("every trial failed")
         return 1
@@ -198,18 +256,34 @@ def _parent_params(exp: ExperimentConfig) -> dict[str, Any]:
     import ray
     import torch
 
-    return {"model": exp.trial.model.name, "dataset": exp.trial.data.dataset,
-            "epochs": exp.trial.epochs, "num_trials": exp.num_trials, "sampler": exp.sampler.name,
-            "objectives": json.dumps([o.model_dump() for o in exp.objectives]),
-            "budget_macs": exp.budget.macs, "torch": torch.__version__, "ray": ray.__version__,
-            "optuna": optuna.__version__, "python": platform.python_version()}
+    return {
+        "model": exp.trial.model.name,
+        "dataset": exp.trial.data.dataset,
+        "epochs": exp.trial.epochs,
+        "num_trials": exp.num_trials,
+        "sampler": exp.sampler.name,
+        "objectives": json.dumps([o.model_dump() for o in exp.objectives]),
+        "budget_macs": exp.budget.macs,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "optuna": optuna.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _run_tags(source: str) -> dict[str, str]:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         sha = "unknown"
-    return {"git_sha": sha, "experiment_file": str(Path(source).resolve()),
-            "dgc_search.kind": "search"}
+    return {
+        "git_sha": sha,
+        "experiment_file": str(Path(source).resolve()),
+        "dgc_search.kind": "search",
+    }

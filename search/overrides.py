@@ -1,4 +1,5 @@
 """YAML loading (safe_load) and ``--set key=value`` overrides applied before validation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise SearchConfigError(f"{p}: not valid YAML: {err}") from err
     if not isinstance(doc, dict):
-        raise SearchConfigError(f"{p}: the top level must be a mapping of settings, got "
-                                f"{type(doc).__name__}")
+        raise SearchConfigError(
+            f"{p}: the top level must be a mapping of settings, got {type(doc).__name__}"
+        )
     return doc
 
 
@@ -36,7 +38,9 @@ def apply_overrides(doc: dict[str, Any], pairs: list[str], source: str) -> dict[
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise SearchConfigError(f"{source}: --set {key}: {part!r} is a value, not a section")
+                raise SearchConfigError(
+                    f"{source}: --set {key}: {part!r} is a value, not a section"
+                )
             node = child
         node[parts[-1]] = yaml.safe_load(raw)
     return doc

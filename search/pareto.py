@@ -1,4 +1,5 @@
 """Non-dominated sorting over trial metrics (our own, small and tested)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,8 +25,11 @@ def pareto_ranks(points: Sequence[Sequence[float]], directions: Sequence[str]) -
     remaining = set(range(len(points)))
     rank = 1
     while remaining:
-        front = {i for i in remaining
-                 if not any(dominates(points[j], points[i], signs) for j in remaining if j != i)}
+        front = {
+            i
+            for i in remaining
+            if not any(dominates(points[j], points[i], signs) for j in remaining if j != i)
+        }
         for i in front:
             ranks[i] = rank
         remaining -= front

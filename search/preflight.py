@@ -1,5 +1,6 @@
 """Everything checked before a cluster starts: data layout, parameter paths, buildable models
 at every corner of the space, and the MACs range the space spans against the budget."""
+
 from __future__ import annotations
 
 import math
@@ -39,11 +40,14 @@ class Report:
 
     def summary(self, budget: float | None) -> str:
         lo, hi = min(self.macs), max(self.macs)
-        text = (f"{len(self.macs)} sampled configurations span {lo / 1e6:.2f} to {hi / 1e6:.2f} "
-                "M MACs")
+        text = (
+            f"{len(self.macs)} sampled configurations span {lo / 1e6:.2f} to {hi / 1e6:.2f} M MACs"
+        )
         if budget:
-            text += (f"; {self.over_budget} of them ({100 * self.over_budget / len(self.macs):.0f}%)"
-                     f" are over the budget of {budget / 1e6:.2f} M and would never train")
+            text += (
+                f"; {self.over_budget} of them ({100 * self.over_budget / len(self.macs):.0f}%)"
+                f" are over the budget of {budget / 1e6:.2f} M and would never train"
+            )
         return text
 
 
@@ -59,19 +63,22 @@ def problem_of(exp: ExperimentConfig, source: str) -> Problem:
     return Problem(classes, size, stages)
 
 
-def point_config(exp: ExperimentConfig, assignments: dict[str, Any], source: str,
-                 where: str) -> TrialConfig:
+def point_config(
+    exp: ExperimentConfig, assignments: dict[str, Any], source: str, where: str
+) -> TrialConfig:
     """The TrialConfig of one point of the space (validated)."""
     trial = apply_to_trial(exp.trial.model_dump(), assignments)
     try:
         return TrialConfig.model_validate(trial)
     except ValidationError as err:
-        raise SearchConfigError(format_validation_error(err, f"{source}: {where}",
-                                                        prefix="trial")) from err
+        raise SearchConfigError(
+            format_validation_error(err, f"{source}: {where}", prefix="trial")
+        ) from err
 
 
-def point_macs(exp: ExperimentConfig, problem: Problem, assignments: dict[str, Any],
-               source: str, where: str) -> int:
+def point_macs(
+    exp: ExperimentConfig, problem: Problem, assignments: dict[str, Any], source: str, where: str
+) -> int:
     cfg = point_config(exp, assignments, source, where)
     try:
         return trial_cost(cfg, problem.num_classes, problem.input_size).macs
@@ -100,17 +107,22 @@ def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Repo
     for key, p in exp.space.params.items():
         for v in corner_values(p):
             value = [v] * problem.num_stages if p.per_stage else v
-            macs.append(point_macs(exp, problem, {**center, key: value}, source,
-                                   f"space.params.{key} = {v!r}"))
+            macs.append(
+                point_macs(
+                    exp, problem, {**center, key: value}, source, f"space.params.{key} = {v!r}"
+                )
+            )
     for i, point in enumerate(exp.warm_start):
         macs.append(point_macs(exp, problem, {**center, **point}, source, f"warm_start[{i}]"))
     macs += _random_macs(exp, problem, source, samples)
     budget = exp.budget.macs
     over = sum(m > budget for m in macs) if budget else 0
     if budget and over == len(macs):
-        raise SearchConfigError(f"{source}: budget.macs = {budget:g} is below every configuration "
-                                f"of the space (smallest seen: {min(macs):,} MACs); raise the "
-                                "budget or allow cheaper settings (smaller gate_factor)")
+        raise SearchConfigError(
+            f"{source}: budget.macs = {budget:g} is below every configuration "
+            f"of the space (smallest seen: {min(macs):,} MACs); raise the "
+            "budget or allow cheaper settings (smaller gate_factor)"
+        )
     return Report(problem, macs, over)
 
 

@@ -1,4 +1,5 @@
 """The end of a search: Pareto tags, logged and registered models, the plot and the table."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -41,9 +41,16 @@ def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> li
         m = run.data.metrics
         if run.info.status != "FINISHED" or any(k not in m for k, _ in objectives):
             continue
-        points.append(Point(run.info.run_id, run.info.run_name, tuple(m[k] for k, _ in objectives),
-                            dict(m), dict(run.data.params), model_uri=run.data.tags.get(
-                                "model_uri", "")))
+        points.append(
+            Point(
+                run.info.run_id,
+                run.info.run_name,
+                tuple(m[k] for k, _ in objectives),
+                dict(m),
+                dict(run.data.params),
+                model_uri=run.data.tags.get("model_uri", ""),
+            )
+        )
     return points
 
 
@@ -55,8 +62,13 @@ def tag_pareto(tracking: Tracking, points: list[Point], objectives: list[tuple[s
         tracking.client.set_tag(p.run_id, "pareto_rank", str(rank))
 
 
-def log_and_register(tracking: Tracking, front: list[Point], registered_name: str,
-                     num_classes: int, input_size: tuple[int, int, int]) -> None:
+def log_and_register(
+    tracking: Tracking,
+    front: list[Point],
+    registered_name: str,
+    num_classes: int,
+    input_size: tuple[int, int, int],
+) -> None:
     """Log each front model as an MLflow LoggedModel (signature + input example), register it
     under ``registered_name`` and alias it by MACs; already-logged runs are skipped."""
     client = tracking.client
@@ -79,8 +91,9 @@ def _alias(p: Point) -> str:
     return re.sub(r"[^\w-]", "_", f"macs-{macs / 1e6:.3g}m".replace(".", "p"))
 
 
-def _log_model(tracking: Tracking, p: Point, num_classes: int,
-               input_size: tuple[int, int, int]) -> str:
+def _log_model(
+    tracking: Tracking, p: Point, num_classes: int, input_size: tuple[int, int, int]
+) -> str:
     client = tracking.client
     run = client.get_run(p.run_id)
     checkpoint = run.data.tags.get("checkpoint")
@@ -99,23 +112,37 @@ def _log_model(tracking: Tracking, p: Point, num_classes: int,
     with tracking_uri(tracking.uri), mlflow.start_run(run_id=p.run_id):
         # Explicit requirements: MLflow's inference imports the model in a subprocess (seconds
         # per model); a pt2 model needs only torch to load.
-        info = mlflow.pytorch.log_model(model, name="model", signature=signature,
-                                        input_example=example, pip_requirements=[
-                                            f"torch=={torch.__version__.split('+')[0]}"])
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
     _log_weights(tracking, p.run_id, model, cfg, num_classes, input_size)
     client.set_tag(p.run_id, "model_uri", info.model_uri)
     return info.model_uri
 
 
-def _log_weights(tracking: Tracking, run_id: str, model: torch.nn.Module, cfg: TrialConfig,
-                 num_classes: int, input_size: tuple[int, int, int]) -> None:
+def _log_weights(
+    tracking: Tracking,
+    run_id: str,
+    model: torch.nn.Module,
+    cfg: TrialConfig,
+    num_classes: int,
+    input_size: tuple[int, int, int],
+) -> None:
     """The plain contract next to the MLflow model: ``dgc.create_model(name, **kwargs)`` then
     ``load_state_dict(torch.load("weights.pt", weights_only=True))``."""
     import tempfile
 
-    meta = {"name": cfg.model.name, "num_classes": num_classes, "in_chans": input_size[0],
-            "kwargs": {k: v for k, v in cfg.model.arch_kwargs().items() if v is not None},
-            "input_size": list(input_size)}
+    meta = {
+        "name": cfg.model.name,
+        "num_classes": num_classes,
+        "in_chans": input_size[0],
+        "kwargs": {k: v for k, v in cfg.model.arch_kwargs().items() if v is not None},
+        "input_size": list(input_size),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(model.state_dict(), Path(tmp) / "weights.pt")
         (Path(tmp) / "model_meta.json").write_text(json.dumps(meta, indent=2))
@@ -124,13 +151,26 @@ def _log_weights(tracking: Tracking, run_id: str, model: torch.nn.Module, cfg: T
 
 def table(points: list[Point], objectives: list[tuple[str, str]], space_keys: list[str]) -> str:
     front = sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics.get(M.MACS, 0))
-    heads = ["trial", *[m for m, _ in objectives], M.PARAMS, M.TEST_ACCURACY, *space_keys,
-             "run id", "model URI"]
+    heads = [
+        "trial",
+        *[m for m, _ in objectives],
+        M.PARAMS,
+        M.TEST_ACCURACY,
+        *space_keys,
+        "run id",
+        "model URI",
+    ]
     rows = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for p in front:
-        cells = [p.name, *[_fmt(p.metrics.get(m)) for m, _ in objectives],
-                 _fmt(p.metrics.get(M.PARAMS)), _fmt(p.metrics.get(M.TEST_ACCURACY)),
-                 *[p.params.get(k, "") for k in space_keys], p.run_id, p.model_uri or "-"]
+        cells = [
+            p.name,
+            *[_fmt(p.metrics.get(m)) for m, _ in objectives],
+            _fmt(p.metrics.get(M.PARAMS)),
+            _fmt(p.metrics.get(M.TEST_ACCURACY)),
+            *[p.params.get(k, "") for k in space_keys],
+            p.run_id,
+            p.model_uri or "-",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -152,10 +192,16 @@ def write_plots(points: list[Point], objectives: list[tuple[str, str]], out: Pat
     (ym, _), (xm, _) = objectives[0], objectives[min(1, len(objectives) - 1)]
     front = sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics[xm])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([p.metrics[xm] for p in points], [p.metrics[ym] for p in points], c="0.6",
-               label="trials")
-    ax.plot([p.metrics[xm] for p in front], [p.metrics[ym] for p in front], "o-", c="C3",
-            label="Pareto front")
+    ax.scatter(
+        [p.metrics[xm] for p in points], [p.metrics[ym] for p in points], c="0.6", label="trials"
+    )
+    ax.plot(
+        [p.metrics[xm] for p in front],
+        [p.metrics[ym] for p in front],
+        "o-",
+        c="C3",
+        label="Pareto front",
+    )
     ax.set_xlabel(xm)
     ax.set_ylabel(ym)
     ax.legend()
@@ -164,28 +210,47 @@ def write_plots(points: list[Point], objectives: list[tuple[str, str]], out: Pat
     fig.savefig(png, dpi=120)
     plt.close(fig)
     hover = [f"{p.name}<br>{p.run_id}" for p in points]
-    gfig = go.Figure([go.Scatter(x=[p.metrics[xm] for p in points],
-                                 y=[p.metrics[ym] for p in points], mode="markers",
-                                 name="trials", text=hover),
-                      go.Scatter(x=[p.metrics[xm] for p in front], y=[p.metrics[ym] for p in front],
-                                 mode="lines+markers", name="Pareto front",
-                                 text=[p.name for p in front])])
+    gfig = go.Figure(
+        [
+            go.Scatter(
+                x=[p.metrics[xm] for p in points],
+                y=[p.metrics[ym] for p in points],
+                mode="markers",
+                name="trials",
+                text=hover,
+            ),
+            go.Scatter(
+                x=[p.metrics[xm] for p in front],
+                y=[p.metrics[ym] for p in front],
+                mode="lines+markers",
+                name="Pareto front",
+                text=[p.name for p in front],
+            ),
+        ]
+    )
     gfig.update_layout(xaxis_title=xm, yaxis_title=ym)
     gfig.write_html(html, include_plotlyjs=True)
     return [png, html]
 
 
-def finalize(tracking: Tracking, objectives: list[tuple[str, str]], space_keys: list[str],
-             out: Path, registered_name: str | None, num_classes: int,
-             input_size: tuple[int, int, int]) -> str:
+def finalize(
+    tracking: Tracking,
+    objectives: list[tuple[str, str]],
+    space_keys: list[str],
+    out: Path,
+    registered_name: str | None,
+    num_classes: int,
+    input_size: tuple[int, int, int],
+) -> str:
     """Tag, (register), plot and tabulate; returns the markdown table (also logged)."""
     points = finished_points(tracking, objectives)
     if not points:
         return "no finished trial reported every objective; nothing to rank"
     tag_pareto(tracking, points, objectives)
     if registered_name:
-        log_and_register(tracking, [p for p in points if p.rank == 1], registered_name,
-                         num_classes, input_size)
+        log_and_register(
+            tracking, [p for p in points if p.rank == 1], registered_name, num_classes, input_size
+        )
     out.mkdir(parents=True, exist_ok=True)
     text = table(points, objectives, space_keys)
     (out / "pareto.md").write_text(text + "\n")

@@ -11,6 +11,7 @@ MLflow or the Pareto front. Invalid points (a model that cannot be built) are FA
 The study lives in persistent storage (SQLite in the experiment folder by default); each
 Optuna trial records its Ray trial id, so a restored search tells the right trial.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,11 @@ log = logging.getLogger(__name__)
 
 MAX_TRIES = 500
 PLACEHOLDER = {"max": 0.0, "min": 1e12}
-SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsgaii": optuna.samplers.NSGAIISampler,
-            "random": optuna.samplers.RandomSampler}
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "nsgaii": optuna.samplers.NSGAIISampler,
+    "random": optuna.samplers.RandomSampler,
+}
 
 
 def make_sampler(exp: ExperimentConfig) -> optuna.samplers.BaseSampler:
@@ -72,8 +76,13 @@ def storage_of(url: str) -> str | optuna.storages.BaseStorage:
 def open_study(exp: ExperimentConfig, ref: StudyRef) -> optuna.Study:
     """Create or load the study; warm-start points are enqueued only into a new study."""
     directions = ["maximize" if o.direction == "max" else "minimize" for o in exp.objectives]
-    study = optuna.create_study(storage=storage_of(ref.storage), study_name=ref.name, directions=directions,
-                                sampler=make_sampler(exp), load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage_of(ref.storage),
+        study_name=ref.name,
+        directions=directions,
+        sampler=make_sampler(exp),
+        load_if_exists=True,
+    )
     with warnings.catch_warnings():  # experimental since Optuna 3.2, still fine in 5.0
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([o.metric for o in exp.objectives])
@@ -113,8 +122,9 @@ class OptunaSearcher(Searcher):
             enqueue_warm_start(self._study, self.exp, self.problem.num_stages)
         return self._study
 
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
-                              **spec: Any) -> bool:
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
         return True  # objectives come from the experiment, in exactly one place
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -134,8 +144,11 @@ class OptunaSearcher(Searcher):
         values = assemble(self.exp.space, trial.params, self.problem.num_stages)
         config = apply_to_trial(self.exp.trial.model_dump(mode="json"), values)
         try:
-            cost = trial_cost(TrialConfig.model_validate(config), self.problem.num_classes,
-                              self.problem.input_size)
+            cost = trial_cost(
+                TrialConfig.model_validate(config),
+                self.problem.num_classes,
+                self.problem.input_size,
+            )
         except (ValueError, ValidationError) as err:
             trial.set_user_attr("invalid", str(err).splitlines()[0])
             self.study.tell(trial, state=TrialState.FAIL)
@@ -150,10 +163,14 @@ class OptunaSearcher(Searcher):
         if cost.macs <= budget:
             return config
         trial.set_user_attr("over_budget", True)
-        self.study.tell(trial, [self._placeholder(o.metric, o.direction, cost)
-                                for o in self.exp.objectives])
-        log.info("Optuna trial %d: %.2f M MACs is over the budget; not trained", trial.number,
-                 cost.macs / 1e6)
+        self.study.tell(
+            trial, [self._placeholder(o.metric, o.direction, cost) for o in self.exp.objectives]
+        )
+        log.info(
+            "Optuna trial %d: %.2f M MACs is over the budget; not trained",
+            trial.number,
+            cost.macs / 1e6,
+        )
         return None
 
     @staticmethod
@@ -164,15 +181,17 @@ class OptunaSearcher(Searcher):
             return float(cost.params)
         return PLACEHOLDER[direction]
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         number = self.live.pop(trial_id, None)
         if number is None:
             number = self._number_of(trial_id)
         if number is None:
             return
-        values = None if error or not result else \
-            [result.get(o.metric) for o in self.exp.objectives]
+        values = (
+            None if error or not result else [result.get(o.metric) for o in self.exp.objectives]
+        )
         if values is None or any(v is None for v in values):
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         else:

@@ -4,6 +4,7 @@ All writes happen in the driver process (a Tune ``Callback``), so a SQLite store
 writers and workers need no access to the tracking server. Child runs are found again by their
 ``ray_trial_id`` tag, so a resumed search never creates a run twice.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,20 @@ from trainables import metrics as M
 
 log = logging.getLogger(__name__)
 
-LOGGED_METRICS = (M.EPOCH, M.TRAIN_LOSS, M.VAL_ACCURACY, M.VAL_LOSS, M.TEST_ACCURACY,
-                  M.TEST_LOSS, M.MACS, M.PARAMS, M.EPOCH_TIME_S, M.IMAGES_PER_S,
-                  M.GATE_PROGRESS, M.LATENCY_MS)
+LOGGED_METRICS = (
+    M.EPOCH,
+    M.TRAIN_LOSS,
+    M.VAL_ACCURACY,
+    M.VAL_LOSS,
+    M.TEST_ACCURACY,
+    M.TEST_LOSS,
+    M.MACS,
+    M.PARAMS,
+    M.EPOCH_TIME_S,
+    M.IMAGES_PER_S,
+    M.GATE_PROGRESS,
+    M.LATENCY_MS,
+)
 TRIAL_TAG = "ray_trial_id"
 
 
@@ -47,26 +59,32 @@ class Tracking:
         self.uri, self.experiment_name = uri, experiment
         self.client = mlflow.MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else \
-            self.client.create_experiment(experiment)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(experiment)
+        )
         self.parent_run_id = parent_run_id
 
     def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000])
-                                                       for k, v in params.items()])
+        self.client.log_batch(
+            run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
+        )
         self.parent_run_id = run.info.run_id
         return run.info.run_id
 
     def children(self) -> list[Any]:
         return self.client.search_runs(
-            [self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
-            max_results=50_000)
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
+            max_results=50_000,
+        )
 
     def find_child(self, trial_id: str) -> str | None:
         runs = self.client.search_runs(
-            [self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}' and "
-            f"tags.{TRIAL_TAG} = '{trial_id}'", max_results=1)
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.{TRIAL_TAG} = '{trial_id}'",
+            max_results=1,
+        )
         return runs[0].info.run_id if runs else None
 
 
@@ -111,9 +129,16 @@ class MlflowTrialLogger(Callback):
     def _create(self, trial: Any) -> str:
         number = trial.config.get("tags", {}).get("optuna_trial", "")
         client = self.tracking.client
-        run = client.create_run(self.tracking.experiment_id, run_name=f"trial-{number}", tags={
-            "mlflow.parentRunId": self.tracking.parent_run_id, TRIAL_TAG: trial.trial_id,
-            "optuna_trial": str(number), "ray_trial_dir": str(trial.path or "")})
+        run = client.create_run(
+            self.tracking.experiment_id,
+            run_name=f"trial-{number}",
+            tags={
+                "mlflow.parentRunId": self.tracking.parent_run_id,
+                TRIAL_TAG: trial.trial_id,
+                "optuna_trial": str(number),
+                "ray_trial_dir": str(trial.path or ""),
+            },
+        )
         params = flat_params(trial.config)
         client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         client.log_dict(run.info.run_id, trial.config, "trial_config.json")
@@ -122,11 +147,15 @@ class MlflowTrialLogger(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.tracking.client.set_tag(self._run_id(trial), "status", "running")
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         ts, step = int(time.time() * 1000), int(result.get(M.EPOCH, 0))
-        metrics = [Metric(k, float(result[k]), ts, step) for k in LOGGED_METRICS
-                   if isinstance(result.get(k), (int, float))]
+        metrics = [
+            Metric(k, float(result[k]), ts, step)
+            for k in LOGGED_METRICS
+            if isinstance(result.get(k), (int, float))
+        ]
         self.tracking.client.log_batch(self._run_id(trial), metrics=metrics)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -145,6 +174,12 @@ class MlflowTrialLogger(Callback):
         log.warning("trial %s failed; see %s", trial.trial_id, error)
 
 
+def _short(v: object) -> str:
+    if not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:.4f}" if abs(v) < 10 else f"{v / 1e6:.3f}M"
+
+
 class ConsoleProgress(Callback):
     """One line per finished trial: count, its objectives, and the size of the front so far."""
 
@@ -158,12 +193,24 @@ class ConsoleProgress(Callback):
 
         r = trial.last_result or {}
         self.done.append(tuple(float(r.get(m, "nan")) for m, _ in self.objectives))
-        front = sum(k == 1 for k in pareto_ranks(self.done, [d for _, d in self.objectives]))
-        shown = ", ".join(f"{m}={r.get(m)}" for m, _ in self.objectives)
-        log.info("[%d/%d] trial %s done: %s | Pareto front: %d", len(self.done) + self.failed,
-                 self.total, trial.trial_id, shown, front)
+        ranks = pareto_ranks(self.done, [d for _, d in self.objectives])
+        front = sorted(p for p, k in zip(self.done, ranks) if k == 1)
+        shown = ", ".join(f"{m}={_short(r.get(m))}" for m, _ in self.objectives)
+        log.info(
+            "[%d/%d] trial %s done: %s | front so far: %s",
+            len(self.done) + self.failed,
+            self.total,
+            trial.trial_id,
+            shown,
+            " ".join("(" + ", ".join(_short(v) for v in p) + ")" for p in front),
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.failed += 1
-        log.warning("[%d/%d] trial %s FAILED (%s)", len(self.done) + self.failed, self.total,
-                    trial.trial_id, getattr(trial, "error_file", ""))
+        log.warning(
+            "[%d/%d] trial %s FAILED (%s)",
+            len(self.done) + self.failed,
+            self.total,
+            trial.trial_id,
+            getattr(trial, "error_file", ""),
+        )

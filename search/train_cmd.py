@@ -1,4 +1,5 @@
 """``python -m search train FILE``: one configuration in the foreground, no Ray."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def trial_config_from_file(path: str, overrides: list[str]) -> TrialConfig:
     try:
         return TrialConfig.model_validate(trial)
     except ValidationError as err:
-        raise SearchConfigError(format_validation_error(err, path, prefix="trial" if trial is not doc
-                                                        else "")) from err
+        raise SearchConfigError(
+            format_validation_error(err, path, prefix="trial" if trial is not doc else "")
+        ) from err
 
 
 class ConsoleReporter:
@@ -44,9 +46,11 @@ class ConsoleReporter:
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics[M.TRAIN_LOSS]:.3f}",
-                             val_acc=f"{metrics[M.VAL_ACCURACY]:.4f}",
-                             img_s=f"{metrics[M.IMAGES_PER_S]:.0f}")
+        self.bar.set_postfix(
+            loss=f"{metrics[M.TRAIN_LOSS]:.3f}",
+            val_acc=f"{metrics[M.VAL_ACCURACY]:.4f}",
+            img_s=f"{metrics[M.IMAGES_PER_S]:.0f}",
+        )
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -61,8 +65,9 @@ def train_command(path: str, overrides: list[str], out: str | None, resume: bool
     state = None
     if resume:
         if out_dir is None or not (out_dir / "state.pt").is_file():
-            raise SearchConfigError(f"--resume needs --out DIR holding a state.pt from an earlier "
-                                    f"run (got {out_dir})")
+            raise SearchConfigError(
+                f"--resume needs --out DIR holding a state.pt from an earlier run (got {out_dir})"
+            )
         state = load_state(out_dir / "state.pt")
     reporter = ConsoleReporter(cfg.epochs, int(state["epoch"]) if state else 0, out_dir)
     final = run_trial(cfg, reporter, state)

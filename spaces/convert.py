@@ -1,4 +1,5 @@
 """Spaces to Optuna distributions, and sampled values back to TrialConfig overrides."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """``load_space(path)``: a space YAML, validated; errors name the file and the field path."""
+
 from __future__ import annotations
 
 from importlib import resources
@@ -29,8 +30,10 @@ def resolve_space_path(ref: str, relative_to: Path | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise SpaceError(f"space file {ref!r} not found (looked in {', '.join(map(str, candidates))}); "
-                     f"built-in spaces: {', '.join(builtin_spaces())}")
+    raise SpaceError(
+        f"space file {ref!r} not found (looked in {', '.join(map(str, candidates))}); "
+        f"built-in spaces: {', '.join(builtin_spaces())}"
+    )
 
 
 def parse_space(doc: Any, source: str) -> SearchSpace:
@@ -41,8 +44,11 @@ def parse_space(doc: Any, source: str) -> SearchSpace:
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
             shown = "" if e["type"] == "missing" else f" = {e.get('input')!r}"
-            msg = "unknown key" if e["type"] == "extra_forbidden" else \
-                e["msg"].removeprefix("Value error, ")
+            msg = (
+                "unknown key"
+                if e["type"] == "extra_forbidden"
+                else e["msg"].removeprefix("Value error, ")
+            )
             lines.append(f"{source}: {loc}{shown}: {msg}")
         raise SpaceError("\n".join(lines)) from err
 

@@ -1,4 +1,5 @@
 """Search-space schema: float / int / categorical parameters over dotted TrialConfig paths."""
+
 from __future__ import annotations
 
 from typing import Annotated

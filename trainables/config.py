@@ -1,4 +1,5 @@
 """TrialConfig: everything one training run needs, validated (unknown keys rejected)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,12 @@ class ModelParams(_Strict):
 
     def arch_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``dgc.create_model`` (None values are dropped there)."""
-        return {"heads": self.heads, "gate_factor": self.gate_factor,
-                "squeeze_rate": self.squeeze_rate, **self.kwargs}
+        return {
+            "heads": self.heads,
+            "gate_factor": self.gate_factor,
+            "squeeze_rate": self.squeeze_rate,
+            **self.kwargs,
+        }
 
 
 class DataParams(_Strict):
@@ -57,8 +62,10 @@ class DataParams(_Strict):
     @model_validator(mode="after")
     def _needs_datadir(self) -> DataParams:
         if self.dataset != "digits" and not self.datadir:
-            raise ValueError(f"dataset={self.dataset!r} reads from disk: set data.datadir to the "
-                             "folder that holds it (digits is the only built-in dataset)")
+            raise ValueError(
+                f"dataset={self.dataset!r} reads from disk: set data.datadir to the "
+                "folder that holds it (digits is the only built-in dataset)"
+            )
         return self
 
 

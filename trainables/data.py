@@ -7,6 +7,7 @@ and served by ``DeviceLoader`` with batched on-device augmentation (pad-4 random
 horizontal flip) and ``randperm`` batches: no per-sample Python work per step (airbench style).
 ImageNet goes through torchvision's ``ImageFolder`` and a ``DataLoader`` sized to the trial's CPUs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,8 +88,11 @@ def load_digits_arrays() -> tuple[Split, Split, int]:
 def load_cifar_arrays(datadir: Path, dataset: str) -> tuple[Split, Split, int]:
     """CIFAR-10/100 in the standard python layout (cifar-10-batches-py/, cifar-100-python/)."""
     if dataset == "cifar10":
-        root, train_files, test_files = datadir / "cifar-10-batches-py", \
-            [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+        root, train_files, test_files = (
+            datadir / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+        )
         key, classes = b"labels", 10
     else:
         root, train_files, test_files = datadir / "cifar-100-python", ["train"], ["test"]
@@ -101,16 +105,20 @@ def _cifar_split(root: Path, files: list[str], key: bytes) -> Split:
     for name in files:
         path = root / name
         if not path.is_file():
-            raise DatasetError(f"{path}: missing; expected the CIFAR python layout "
-                               f"({root.name}/{name}, as in the official cifar-*-python.tar.gz)")
+            raise DatasetError(
+                f"{path}: missing; expected the CIFAR python layout "
+                f"({root.name}/{name}, as in the official cifar-*-python.tar.gz)"
+            )
         try:
             with open(path, "rb") as f:
                 batch = pickle.load(f, encoding="bytes")  # noqa: S301 (the official format)
             images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
             labels.append(torch.as_tensor(batch[key], dtype=torch.long))
         except (pickle.UnpicklingError, KeyError, RuntimeError, EOFError) as err:
-            raise DatasetError(f"{path}: not a CIFAR python batch ({err!r}); expected a pickled "
-                               f"dict with b'data' (N x 3072 uint8) and {key!r}") from err
+            raise DatasetError(
+                f"{path}: not a CIFAR python batch ({err!r}); expected a pickled "
+                f"dict with b'data' (N x 3072 uint8) and {key!r}"
+            ) from err
     return Split(torch.cat(images), torch.cat(labels))
 
 
@@ -119,8 +127,10 @@ def load_imagefolder_arrays(datadir: Path, image_size: int | None) -> tuple[Spli
     classes = _classes(datadir / "train")
     test_dir = datadir / "test" if (datadir / "test").is_dir() else datadir / "val"
     if not test_dir.is_dir():
-        raise DatasetError(f"{datadir}: no test/ (or val/) folder; expected the ImageFolder layout"
-                           " train/<class>/*.jpg and test/<class>/*.jpg")
+        raise DatasetError(
+            f"{datadir}: no test/ (or val/) folder; expected the ImageFolder layout"
+            " train/<class>/*.jpg and test/<class>/*.jpg"
+        )
     train = _decode_folder(datadir / "train", classes, image_size)
     test = _decode_folder(test_dir, classes, image_size or train.images.shape[-1])
     return train, test, len(classes)
@@ -129,8 +139,10 @@ def load_imagefolder_arrays(datadir: Path, image_size: int | None) -> tuple[Spli
 def _classes(folder: Path) -> list[str]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not classes:
-        raise DatasetError(f"{folder}: no class folders; expected the ImageFolder layout "
-                           "train/<class>/*.jpg and test/<class>/*.jpg")
+        raise DatasetError(
+            f"{folder}: no class folders; expected the ImageFolder layout "
+            "train/<class>/*.jpg and test/<class>/*.jpg"
+        )
     return classes
 
 
@@ -138,20 +150,28 @@ def _decode_folder(folder: Path, classes: list[str], size: int | None) -> Split:
     from PIL import Image
     from tqdm import tqdm
 
-    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        (p, i)
+        for i, c in enumerate(classes)
+        for p in sorted((folder / c).glob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not files:
         raise DatasetError(f"{folder}: no images (.jpg/.png) under {', '.join(classes[:3])}...")
     images = []
-    for path, _ in tqdm(files, desc=f"decoding {folder}", unit="img", mininterval=5,
-                        disable=len(files) < 2000):
+    for path, _ in tqdm(
+        files, desc=f"decoding {folder}", unit="img", mininterval=5, disable=len(files) < 2000
+    ):
         with Image.open(path) as im:
             im = im.convert("RGB")
             size = size or im.width
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
-            images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-                          .view(size, size, 3).permute(2, 0, 1))
+            images.append(
+                torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                .view(size, size, 3)
+                .permute(2, 0, 1)
+            )
     return Split(torch.stack(images), torch.tensor([i for _, i in files]))
 
 
@@ -162,8 +182,10 @@ def cached_arrays(params: DataParams) -> tuple[Split, Split, int]:
         return load_digits_arrays()
     datadir = Path(params.datadir or "").expanduser().resolve()
     if not datadir.is_dir():
-        raise DatasetError(f"data.datadir={str(datadir)!r} does not exist; "
-                           f"{params.dataset} expects {_LAYOUTS[params.dataset]}")
+        raise DatasetError(
+            f"data.datadir={str(datadir)!r} does not exist; "
+            f"{params.dataset} expects {_LAYOUTS[params.dataset]}"
+        )
     key = hashlib.sha1(f"{params.dataset}|{datadir}|{params.image_size}".encode()).hexdigest()[:12]
     cache_dir = Path(params.cache_dir).expanduser() if params.cache_dir else datadir / ".dgc_cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -177,8 +199,11 @@ def cached_arrays(params: DataParams) -> tuple[Split, Split, int]:
             torch.save(blob, tmp)
             os.replace(tmp, path)  # atomic: readers see the old state or the whole file
             log.info("cached %s to %s", params.dataset, path)
-    return (Split(blob["train_x"], blob["train_y"]), Split(blob["test_x"], blob["test_y"]),
-            int(blob["num_classes"]))
+    return (
+        Split(blob["train_x"], blob["train_y"]),
+        Split(blob["test_x"], blob["test_y"]),
+        int(blob["num_classes"]),
+    )
 
 
 def _decode_to_blob(params: DataParams, datadir: Path) -> dict[str, Tensor | int]:
@@ -186,8 +211,13 @@ def _decode_to_blob(params: DataParams, datadir: Path) -> dict[str, Tensor | int
         train, test, classes = load_cifar_arrays(datadir, params.dataset)
     else:
         train, test, classes = load_imagefolder_arrays(datadir, params.image_size)
-    return {"train_x": train.images, "train_y": train.labels, "test_x": test.images,
-            "test_y": test.labels, "num_classes": classes}
+    return {
+        "train_x": train.images,
+        "train_y": train.labels,
+        "test_x": test.images,
+        "test_y": test.labels,
+        "num_classes": classes,
+    }
 
 
 _LAYOUTS = {
@@ -203,8 +233,10 @@ def load_splits(params: DataParams) -> Splits:
     train, test, classes = cached_arrays(params)
     n_val = int(params.val_size) if params.val_size >= 1 else round(params.val_size * len(train))
     if not 0 < n_val < len(train):
-        raise DatasetError(f"data.val_size={params.val_size} gives {n_val} validation images of "
-                           f"{len(train)} training images; it must leave both sides non-empty")
+        raise DatasetError(
+            f"data.val_size={params.val_size} gives {n_val} validation images of "
+            f"{len(train)} training images; it must leave both sides non-empty"
+        )
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(params.split_seed))
     val, rest = train.take(perm[:n_val]), train.take(perm[n_val:])
     if params.train_subset:
@@ -230,9 +262,17 @@ class DeviceLoader:
         train: shuffle and drop the last partial batch.
     """
 
-    def __init__(self, split: Split, batch_size: int, device: torch.device,
-                 mean: tuple[float, ...], std: tuple[float, ...], augment: bool = False,
-                 train: bool = False, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool = False,
+        train: bool = False,
+        channels_last: bool = False,
+    ) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.augment, self.train = batch_size, augment, train
@@ -242,7 +282,11 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+        return (
+            n // self.batch_size
+            if self.train and n >= self.batch_size
+            else -(-n // self.batch_size)
+        )
 
     @property
     def num_images(self) -> int:
@@ -253,7 +297,7 @@ class DeviceLoader:
         n = len(self.labels)
         order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.images.device)
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.images.device)
             x = self.images[idx]  # (B, C, H, W) uint8
             if self.augment:
                 x = _crop_flip(x, generator)
@@ -277,9 +321,20 @@ def _crop_flip(x: Tensor, generator: torch.Generator | None, pad: int = 4) -> Te
 class FolderLoader:
     """ImageNet-style loader: torchvision ImageFolder, standard transforms, worker processes."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, train: bool,
-                 workers: int, channels_last: bool = False) -> None:
-        self.dataset, self.batch_size, self.train, self.workers = dataset, batch_size, train, workers
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        batch_size: int,
+        train: bool,
+        workers: int,
+        channels_last: bool = False,
+    ) -> None:
+        self.dataset, self.batch_size, self.train, self.workers = (
+            dataset,
+            batch_size,
+            train,
+            workers,
+        )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self) -> int:
@@ -292,15 +347,22 @@ class FolderLoader:
 
     def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         loader = torch.utils.data.DataLoader(
-            self.dataset, self.batch_size, shuffle=self.train, generator=generator,
-            num_workers=self.workers, drop_last=self.train, pin_memory=torch.cuda.is_available(),
-            persistent_workers=False)
+            self.dataset,
+            self.batch_size,
+            shuffle=self.train,
+            generator=generator,
+            num_workers=self.workers,
+            drop_last=self.train,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
         for x, y in loader:
             yield x.contiguous(memory_format=self.memory_format), y
 
 
-def imagenet_loaders(params: DataParams, workers: int, channels_last: bool
-                     ) -> tuple[FolderLoader, FolderLoader, FolderLoader, int]:
+def imagenet_loaders(
+    params: DataParams, workers: int, channels_last: bool
+) -> tuple[FolderLoader, FolderLoader, FolderLoader, int]:
     """(train, val, test, num_classes): val carved from train/ with the split seed; test = val/."""
     from torchvision import datasets
     from torchvision import transforms as T
@@ -312,15 +374,24 @@ def imagenet_loaders(params: DataParams, workers: int, channels_last: bool
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
     train_set = datasets.ImageFolder(str(root / "train"), train_tf)
-    n_val = int(params.val_size) if params.val_size >= 1 else round(params.val_size * len(train_set))
-    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(params.split_seed))
-    val_set = torch.utils.data.Subset(datasets.ImageFolder(str(root / "train"), eval_tf),
-                                      perm[:n_val].tolist())
+    n_val = (
+        int(params.val_size) if params.val_size >= 1 else round(params.val_size * len(train_set))
+    )
+    perm = torch.randperm(
+        len(train_set), generator=torch.Generator().manual_seed(params.split_seed)
+    )
+    val_set = torch.utils.data.Subset(
+        datasets.ImageFolder(str(root / "train"), eval_tf), perm[:n_val].tolist()
+    )
     train_sub = torch.utils.data.Subset(train_set, perm[n_val:].tolist())
     test_set = datasets.ImageFolder(str(root / "val"), eval_tf)
     mk = lambda ds, bs, tr: FolderLoader(ds, bs, tr, workers, channels_last)  # noqa: E731
-    return (mk(train_sub, params.batch_size, True), mk(val_set, params.eval_batch_size, False),
-            mk(test_set, params.eval_batch_size, False), len(train_set.classes))
+    return (
+        mk(train_sub, params.batch_size, True),
+        mk(val_set, params.eval_batch_size, False),
+        mk(test_set, params.eval_batch_size, False),
+        len(train_set.classes),
+    )
 
 
 def describe(params: DataParams) -> tuple[int, tuple[int, int, int]]:
@@ -333,16 +404,24 @@ def describe(params: DataParams) -> tuple[int, tuple[int, int, int]]:
         return 10, (1, 8, 8)
     root = Path(params.datadir or "").expanduser()
     if not root.is_dir():
-        raise DatasetError(f"data.datadir={str(root)!r} does not exist; {params.dataset} expects "
-                           f"{_LAYOUTS[params.dataset]}")
+        raise DatasetError(
+            f"data.datadir={str(root)!r} does not exist; {params.dataset} expects "
+            f"{_LAYOUTS[params.dataset]}"
+        )
     if params.dataset in ("cifar10", "cifar100"):
-        folder = root / ("cifar-10-batches-py" if params.dataset == "cifar10" else "cifar-100-python")
-        needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] \
-            if params.dataset == "cifar10" else ["train", "test"]
+        folder = root / (
+            "cifar-10-batches-py" if params.dataset == "cifar10" else "cifar-100-python"
+        )
+        needed = (
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+            if params.dataset == "cifar10"
+            else ["train", "test"]
+        )
         missing = [n for n in needed if not (folder / n).is_file()]
         if missing:
-            raise DatasetError(f"{folder}: missing {', '.join(missing)}; expected "
-                               f"{_LAYOUTS[params.dataset]}")
+            raise DatasetError(
+                f"{folder}: missing {', '.join(missing)}; expected {_LAYOUTS[params.dataset]}"
+            )
         return (10 if params.dataset == "cifar10" else 100), (3, 32, 32)
     classes = _classes(root / "train")
     if params.dataset == "imagenet":
@@ -350,7 +429,10 @@ def describe(params: DataParams) -> tuple[int, tuple[int, int, int]]:
         return len(classes), (3, 224, 224)
     if not ((root / "test").is_dir() or (root / "val").is_dir()):
         raise DatasetError(f"{root}: no test/ (or val/) folder; expected {_LAYOUTS['imagefolder']}")
-    return len(classes), (3, *(2 * [params.image_size or _first_image_size(root / "train", classes)]))
+    return len(classes), (
+        3,
+        *(2 * [params.image_size or _first_image_size(root / "train", classes)]),
+    )
 
 
 def _first_image_size(folder: Path, classes: list[str]) -> int:

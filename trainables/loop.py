@@ -1,4 +1,5 @@
 """The DGC training step, one epoch of it, and evaluation. No Ray here: unit-testable."""
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,13 @@ class EpochStats:
 
 def make_optimizer(model: nn.Module, o: OptimParams) -> torch.optim.SGD:
     """SGD, Nesterov momentum; weight decay on every parameter, as the authors do."""
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                           nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov and o.momentum > 0,
+        weight_decay=o.weight_decay,
+    )
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -68,9 +74,14 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
-                    optimizer: torch.optim.Optimizer, schedule: Schedule, start_it: int,
-                    bf16: bool = True) -> EpochStats:
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    start_it: int,
+    bf16: bool = True,
+) -> EpochStats:
     """One pass: per iteration, set the gate progress and the lr, step on CE + lasso."""
     model.train()
     t0, it, images = time.perf_counter(), start_it, 0
@@ -83,7 +94,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
             group["lr"] = schedule.lr(it)
         with autocast(device, bf16):
             logits = model(x)  # (B, classes)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=schedule.optim.label_smoothing)
+            loss = F.cross_entropy(
+                logits.float(), y, label_smoothing=schedule.optim.label_smoothing
+            )
             loss = loss + schedule.optim.lasso * dgc.aux_loss(model).to(loss.device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,8 +108,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     _check_finite(total, it, schedule.lr(max(it - 1, 0)))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return EpochStats(float(total) / max(images, 1), images, time.perf_counter() - t0,
-                      schedule.progress(it), it)
+    return EpochStats(
+        float(total) / max(images, 1), images, time.perf_counter() - t0, schedule.progress(it), it
+    )
 
 
 def _check_finite(total: Tensor, it: int, lr: float) -> None:
@@ -104,12 +118,14 @@ def _check_finite(total: Tensor, it: int, lr: float) -> None:
         raise NonFiniteLossError(
             f"training loss became {float(total)} by iteration {it} (lr={lr:.4g}); the trial is "
             "stopped rather than reported. Lower optim.lr, add optim.warmup_epochs, or check "
-            "the data normalisation")
+            "the data normalisation"
+        )
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
-             bf16: bool = True) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], bf16: bool = True
+) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over all batches."""
     model.eval()
     device = next(model.parameters()).device

@@ -1,4 +1,5 @@
 """Metric names: the single source of truth for reports, objectives and MLflow keys."""
+
 from __future__ import annotations
 
 VAL_ACCURACY = "val_accuracy"

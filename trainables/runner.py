@@ -4,6 +4,7 @@ Randomness is a pure function of (seed, epoch): the model is initialised from ``
 epoch's batch order and augmentation come from a generator seeded with (seed, epoch). A run
 resumed from an end-of-epoch checkpoint therefore continues exactly as the uninterrupted run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ import dgc
 from trainables import metrics as M
 from trainables.config import TrialConfig
 from trainables.data import DeviceLoader
+from trainables.data import Split
 from trainables.data import Splits
 from trainables.data import imagenet_loaders
 from trainables.data import load_splits
@@ -53,24 +55,33 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def build_loaders(cfg: TrialConfig, device: torch.device, splits: Splits | None,
-                  workers: int) -> Loaders:
+def build_loaders(
+    cfg: TrialConfig, device: torch.device, splits: Splits | None, workers: int
+) -> Loaders:
     d, cl = cfg.data, cfg.channels_last and device.type == "cuda"
     if d.dataset == "imagenet":
-        tr, va, te, classes = imagenet_loaders(d, d.workers if d.workers is not None else workers, cl)
+        tr, va, te, classes = imagenet_loaders(
+            d, d.workers if d.workers is not None else workers, cl
+        )
         return Loaders(tr, va, te, classes, (3, 224, 224))
     s = splits or load_splits(d)
     augment = d.augment if d.augment is not None else d.dataset != "digits"
-    mk = lambda split, bs, train: DeviceLoader(split, bs, device, s.mean, s.std,  # noqa: E731
-                                               augment and train, train, cl)
-    return Loaders(mk(s.train, d.batch_size, True), mk(s.val, d.eval_batch_size, False),
-                   mk(s.test, d.eval_batch_size, False), s.num_classes,
-                   (s.in_chans, s.image_size, s.image_size))
+    def mk(split: Split, batch_size: int, train: bool) -> DeviceLoader:
+        return DeviceLoader(split, batch_size, device, s.mean, s.std, augment and train, train, cl)
+
+    return Loaders(
+        mk(s.train, d.batch_size, True),
+        mk(s.val, d.eval_batch_size, False),
+        mk(s.test, d.eval_batch_size, False),
+        s.num_classes,
+        (s.in_chans, s.image_size, s.image_size),
+    )
 
 
 def build_model(cfg: TrialConfig, num_classes: int, in_chans: int) -> nn.Module:
-    return dgc.create_model(cfg.model.name, num_classes=num_classes, in_chans=in_chans,
-                            **cfg.model.arch_kwargs())
+    return dgc.create_model(
+        cfg.model.name, num_classes=num_classes, in_chans=in_chans, **cfg.model.arch_kwargs()
+    )
 
 
 def trial_cost(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, int]) -> dgc.Cost:
@@ -80,8 +91,9 @@ def trial_cost(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, i
     return dgc.count_cost(model, input_size)
 
 
-def measure_latency(model: nn.Module, input_size: tuple[int, int, int], device: torch.device,
-                    runs: int = 30) -> float:
+def measure_latency(
+    model: nn.Module, input_size: tuple[int, int, int], device: torch.device, runs: int = 30
+) -> float:
     """Median batch-1 inference latency (ms) on ``device``, gates at their target sparsity.
 
     Measured on a copy before training: the executed path depends only on the architecture and
@@ -112,8 +124,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
-def run_trial(cfg: TrialConfig, reporter: Reporter, resume: dict[str, Any] | None = None,
-              splits: Splits | None = None, threads: int | None = None) -> dict[str, Any]:
+def run_trial(
+    cfg: TrialConfig,
+    reporter: Reporter,
+    resume: dict[str, Any] | None = None,
+    splits: Splits | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Train ``cfg`` to the end (from ``resume`` if given), reporting every epoch."""
     threads = cfg.threads or threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -132,31 +149,57 @@ def run_trial(cfg: TrialConfig, reporter: Reporter, resume: dict[str, Any] | Non
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        stats = train_one_epoch(step_model, data.train.epoch(gen), optimizer, schedule,
-                                epoch * len(data.train), cfg.bf16)
+        stats = train_one_epoch(
+            step_model,
+            data.train.epoch(gen),
+            optimizer,
+            schedule,
+            epoch * len(data.train),
+            cfg.bf16,
+        )
         val_acc, val_loss = evaluate(step_model, data.val.epoch(), cfg.bf16)
-        metrics = {M.EPOCH: epoch + 1, M.TRAIN_LOSS: stats.loss, M.VAL_ACCURACY: val_acc,
-                   M.VAL_LOSS: val_loss, M.MACS: cost.macs, M.PARAMS: cost.params,
-                   M.EPOCH_TIME_S: stats.seconds, M.IMAGES_PER_S: stats.images / stats.seconds,
-                   M.GATE_PROGRESS: stats.progress}
+        metrics = {
+            M.EPOCH: epoch + 1,
+            M.TRAIN_LOSS: stats.loss,
+            M.VAL_ACCURACY: val_acc,
+            M.VAL_LOSS: val_loss,
+            M.MACS: cost.macs,
+            M.PARAMS: cost.params,
+            M.EPOCH_TIME_S: stats.seconds,
+            M.IMAGES_PER_S: stats.images / stats.seconds,
+            M.GATE_PROGRESS: stats.progress,
+        }
         if latency is not None:
             metrics[M.LATENCY_MS] = latency
         last = epoch + 1 == cfg.epochs
         if last:
-            metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(step_model, data.test.epoch(),
-                                                                      cfg.bf16)
+            metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(
+                step_model, data.test.epoch(), cfg.bf16
+            )
         due = last or (epoch + 1) % cfg.checkpoint_every == 0
-        reporter.report(metrics, checkpoint_state(model, optimizer, epoch + 1, stats, cfg)
-                        if due else None)
+        reporter.report(
+            metrics, checkpoint_state(model, optimizer, epoch + 1, stats, cfg) if due else None
+        )
     return metrics
 
 
-def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, next_epoch: int,
-                     stats: Any, cfg: TrialConfig) -> dict[str, Any]:
+def checkpoint_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    next_epoch: int,
+    stats: Any,
+    cfg: TrialConfig,
+) -> dict[str, Any]:
     """Everything needed to continue exactly; loadable with ``torch.load(weights_only=True)``."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "epoch": next_epoch, "iteration": stats.iteration, "gate_progress": stats.progress,
-             "torch_rng": torch.get_rng_state(), "config": cfg.model_dump(mode="json")}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": next_epoch,
+        "iteration": stats.iteration,
+        "gate_progress": stats.progress,
+        "torch_rng": torch.get_rng_state(),
+        "config": cfg.model_dump(mode="json"),
+    }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state

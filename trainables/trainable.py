@@ -4,6 +4,7 @@ It talks to Tune only through ``ray.tune.report``, ``ray.tune.get_checkpoint`` a
 ``ray.tune.Checkpoint``. Every report carries the objectives (accuracy, MACs, parameters);
 checkpoints hold model, optimiser, iteration, gate progress, epoch and RNG states.
 """
+
 from __future__ import annotations
 
 import tempfile

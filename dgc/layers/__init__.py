@@ -1,4 +1,5 @@
 """DGC layers, the injectable convolution factory and the deactivation schedule."""
+
 from __future__ import annotations
 
 from dgc.layers.conv import ConvFactory
@@ -8,5 +9,11 @@ from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 from dgc.layers.dynamic_group_conv import SaliencyGate
 from dgc.layers.schedule import inactive_channels
 
-__all__ = ["ConvFactory", "ConvLayer", "DynamicGroupConv2d", "SaliencyGate", "inactive_channels",
-           "make_conv_factory"]
+__all__ = [
+    "ConvFactory",
+    "ConvLayer",
+    "DynamicGroupConv2d",
+    "SaliencyGate",
+    "inactive_channels",
+    "make_conv_factory",
+]

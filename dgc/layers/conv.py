@@ -7,6 +7,7 @@ wants a pre-activated conv (BN-ReLU-conv, DenseNet style) and the layer name (fo
 Other operators (SG-CNN's learned groups, DyNet's dynamic kernels) plug in as new kinds here
 without new network classes.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,18 @@ StageValue = float | int | Sequence[float] | Sequence[int]
 class ConvLayer(Protocol):
     """What a network calls to build one of its replaceable convolutions."""
 
-    def __call__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, *, stage: int, preact: bool, name: str) -> nn.Module: ...
+    def __call__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        *,
+        stage: int,
+        preact: bool,
+        name: str,
+    ) -> nn.Module: ...
 
 
 def per_stage(field: str, value: StageValue, num_stages: int) -> tuple:
@@ -36,8 +47,10 @@ def per_stage(field: str, value: StageValue, num_stages: int) -> tuple:
         return (value,) * num_stages
     values = tuple(value)
     if len(values) != num_stages:
-        raise ValueError(f"{field}={list(values)!r} has {len(values)} values but the network has "
-                         f"{num_stages} stages; give one value or one per stage")
+        raise ValueError(
+            f"{field}={list(values)!r} has {len(values)} values but the network has "
+            f"{num_stages} stages; give one value or one per stage"
+        )
     return values
 
 
@@ -56,30 +69,59 @@ class ConvFactory:
     gate_factor: tuple[float, ...]
     squeeze_rate: tuple[int, ...]
 
-    def __call__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, *, stage: int, preact: bool, name: str) -> nn.Module:
+    def __call__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        *,
+        stage: int,
+        preact: bool,
+        name: str,
+    ) -> nn.Module:
         if self.kind == "dynamic":
             return DynamicGroupConv2d(
-                in_channels, out_channels, kernel_size, stride, padding,
-                heads=self.heads[stage], squeeze_rate=self.squeeze_rate[stage],
-                gate_factor=self.gate_factor[stage], name=name)
-        groups = 1 if self.kind == "dense" else _static_groups(
-            name, in_channels, out_channels, self.gate_factor[stage])
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                         groups=groups, bias=False)
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                heads=self.heads[stage],
+                squeeze_rate=self.squeeze_rate[stage],
+                gate_factor=self.gate_factor[stage],
+                name=name,
+            )
+        groups = (
+            1
+            if self.kind == "dense"
+            else _static_groups(name, in_channels, out_channels, self.gate_factor[stage])
+        )
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False
+        )
         if not preact:
             return conv
         return nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True), conv)
 
 
-def make_conv_factory(kind: str, num_stages: int, heads: StageValue = 4,
-                      gate_factor: StageValue = 0.25, squeeze_rate: StageValue = 16) -> ConvFactory:
+def make_conv_factory(
+    kind: str,
+    num_stages: int,
+    heads: StageValue = 4,
+    gate_factor: StageValue = 0.25,
+    squeeze_rate: StageValue = 16,
+) -> ConvFactory:
     """Validate the kind and expand per-stage settings into a ``ConvFactory``."""
     if kind not in CONV_KINDS:
         raise ValueError(f"conv kind={kind!r} is unknown; choose one of {CONV_KINDS}")
-    return ConvFactory(kind, per_stage("heads", heads, num_stages),
-                       per_stage("gate_factor", gate_factor, num_stages),
-                       per_stage("squeeze_rate", squeeze_rate, num_stages))
+    return ConvFactory(
+        kind,
+        per_stage("heads", heads, num_stages),
+        per_stage("gate_factor", gate_factor, num_stages),
+        per_stage("squeeze_rate", squeeze_rate, num_stages),
+    )
 
 
 def _static_groups(name: str, cin: int, cout: int, gate_factor: float) -> int:
@@ -87,9 +129,13 @@ def _static_groups(name: str, cin: int, cout: int, gate_factor: float) -> int:
         raise ValueError(f"{name}: gate_factor={gate_factor!r} must be in (0, 1]")
     groups = round(1.0 / gate_factor)
     if not math.isclose(groups * gate_factor, 1.0, rel_tol=1e-6):
-        raise ValueError(f"{name}: gate_factor={gate_factor!r} has no static group conv of equal "
-                         "MACs; it must be 1/G for an integer G (e.g. 0.5, 0.25, 0.125)")
+        raise ValueError(
+            f"{name}: gate_factor={gate_factor!r} has no static group conv of equal "
+            "MACs; it must be 1/G for an integer G (e.g. 0.5, 0.25, 0.125)"
+        )
     if cin % groups or cout % groups:
-        raise ValueError(f"{name}: groups={groups} (= 1/gate_factor) must divide in_channels={cin}"
-                         f" and out_channels={cout}")
+        raise ValueError(
+            f"{name}: groups={groups} (= 1/gate_factor) must divide in_channels={cin}"
+            f" and out_channels={cout}"
+        )
     return groups

@@ -15,6 +15,7 @@ Differences from the reference code (all deliberate, none changes the maths):
 * The per-head saliency generators are evaluated for all heads at once with batched matmuls
   instead of a Python loop over heads.
 """
+
 from __future__ import annotations
 
 import math
@@ -113,8 +114,18 @@ class _GatedGroupConv(torch.autograd.Function):
         gated = _gate(x, sal).to(dtype)  # (B, h*C, H, W)
         need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         g_in, g_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, gated, weight.to(dtype), None, _pair(stride), _pair(padding),
-            _pair(dilation), False, [0, 0], heads, [need_in, ctx.needs_input_grad[2], False])
+            grad_out,
+            gated,
+            weight.to(dtype),
+            None,
+            _pair(stride),
+            _pair(padding),
+            _pair(dilation),
+            False,
+            [0, 0],
+            heads,
+            [need_in, ctx.needs_input_grad[2], False],
+        )
         del gated
         grad_x = grad_s = None
         if need_in:
@@ -154,32 +165,56 @@ class _GatheredGroupConv(torch.autograd.Function):
         (b, c, h, w), heads, kept, dtype = x.shape, sal.shape[1], index.shape[-1], grad_out.dtype
         xg, wg = _gather(x.to(dtype), sal.to(dtype), weight.to(dtype), index)
         g_xg, g_wg, _ = torch.ops.aten.convolution_backward(
-            grad_out.reshape(1, -1, *grad_out.shape[-2:]), xg, wg, None, _pair(stride),
-            _pair(padding), _pair(dilation), False, [0, 0], b * heads, [True, True, False])
+            grad_out.reshape(1, -1, *grad_out.shape[-2:]),
+            xg,
+            wg,
+            None,
+            _pair(stride),
+            _pair(padding),
+            _pair(dilation),
+            False,
+            [0, 0],
+            b * heads,
+            [True, True, False],
+        )
         flat_index = index.reshape(b, heads * kept)  # (B, h*K)
-        x_kept = x.to(dtype).reshape(b, c, h * w).gather(
-            1, flat_index[..., None].expand(-1, -1, h * w))  # (B, h*K, HW)
+        x_kept = (
+            x.to(dtype).reshape(b, c, h * w).gather(1, flat_index[..., None].expand(-1, -1, h * w))
+        )  # (B, h*K, HW)
         s_kept = sal.to(dtype).gather(-1, index).reshape(b, heads * kept, 1)  # (B, h*K, 1)
         g_xg = g_xg.view(b, heads * kept, h * w)  # (B, h*K, HW)
-        grad_x = torch.zeros(b, c, h * w, dtype=dtype, device=x.device).scatter_add_(
-            1, flat_index[..., None].expand(-1, -1, h * w), g_xg * s_kept).view_as(x)
+        grad_x = (
+            torch.zeros(b, c, h * w, dtype=dtype, device=x.device)
+            .scatter_add_(1, flat_index[..., None].expand(-1, -1, h * w), g_xg * s_kept)
+            .view_as(x)
+        )
         grad_s = torch.zeros_like(sal, dtype=dtype).scatter_(
-            -1, index, (g_xg * x_kept).sum(-1).view(b, heads, kept))  # unique per head
+            -1, index, (g_xg * x_kept).sum(-1).view(b, heads, kept)
+        )  # unique per head
         grad_w = _scatter_kernel_grad(g_wg, index, weight.shape)
-        return (grad_x.to(x.dtype), grad_s.to(sal.dtype), grad_w.to(weight.dtype),
-                None, None, None, None)
+        return (
+            grad_x.to(x.dtype),
+            grad_s.to(sal.dtype),
+            grad_w.to(weight.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def gated_conv(x: Tensor, sal: Tensor, weight: Tensor, stride: int, padding: int,
-               dilation: int) -> Tensor:
+def gated_conv(
+    x: Tensor, sal: Tensor, weight: Tensor, stride: int, padding: int, dilation: int
+) -> Tensor:
     """Per-head gated inputs, one grouped conv (the reference's maths, no autograd state)."""
     # x: (B, C, H, W), sal: (B, h, C), weight: (O, C, k, k)
     gated = _gate(x, sal)  # (B, h*C, H, W)
     return F.conv2d(gated, weight, None, stride, padding, dilation, sal.shape[1])  # (B, O, H', W')
 
 
-def gathered_conv(x: Tensor, sal: Tensor, weight: Tensor, index: Tensor, stride: int,
-                  padding: int, dilation: int) -> Tensor:
+def gathered_conv(
+    x: Tensor, sal: Tensor, weight: Tensor, index: Tensor, stride: int, padding: int, dilation: int
+) -> Tensor:
     """Kept channels only: per-sample kernels, batch folded into the groups."""
     # index: (B, h, K)
     b = x.shape[0]
@@ -247,15 +282,29 @@ class DynamicGroupConv2d(nn.Module):
         name: layer name used in error messages.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, dilation: int = 1, heads: int = 4, squeeze_rate: int = 16,
-                 gate_factor: float = 0.25, impl: str = "auto",
-                 name: str = "DynamicGroupConv2d") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        heads: int = 4,
+        squeeze_rate: int = 16,
+        gate_factor: float = 0.25,
+        impl: str = "auto",
+        name: str = "DynamicGroupConv2d",
+    ) -> None:
         super().__init__()
         _validate(name, in_channels, out_channels, heads, squeeze_rate, gate_factor)
         if impl not in IMPLS:
             raise ValueError(f"{name}: impl={impl!r} must be one of {IMPLS}")
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.in_channels, self.out_channels, self.kernel_size = (
+            in_channels,
+            out_channels,
+            kernel_size,
+        )
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.heads, self.squeeze_rate, self.gate_factor = heads, squeeze_rate, gate_factor
         self.norm = nn.BatchNorm2d(in_channels)
@@ -275,7 +324,7 @@ class DynamicGroupConv2d(nn.Module):
     def reset_parameters(self) -> None:
         # Each head is an nn.Conv2d(C, O/h) initialised N(0, sqrt(2 / (k^2 * O/h))) by the
         # authors' networks (fan_out of the head, not of the whole layer).
-        fan_out = self.kernel_size ** 2 * self.out_channels // self.heads
+        fan_out = self.kernel_size**2 * self.out_channels // self.heads
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / fan_out))
         self.gate.reset_parameters()
 
@@ -314,33 +363,49 @@ class DynamicGroupConv2d(nn.Module):
         gather = 0 < kept <= GATHER_MAX_KEPT * self.in_channels
         if self.impl == "gather" or (self.impl == "auto" and gather):
             index = sal.detach().topk(kept, dim=-1, sorted=False).indices  # (B, h, K)
-            y = (_GatheredGroupConv.apply(x, sal, self.weight, index, *args) if grad
-                 else gathered_conv(x, sal, self.weight, index, *args))
+            y = (
+                _GatheredGroupConv.apply(x, sal, self.weight, index, *args)
+                if grad
+                else gathered_conv(x, sal, self.weight, index, *args)
+            )
         else:
-            y = (_GatedGroupConv.apply(x, sal, self.weight, *args) if grad
-                 else gated_conv(x, sal, self.weight, *args))
+            y = (
+                _GatedGroupConv.apply(x, sal, self.weight, *args)
+                if grad
+                else gated_conv(x, sal, self.weight, *args)
+            )
         b, o, h, w = y.shape  # (B, O, H', W'), head-major channels
         return y.view(b, self.heads, o // self.heads, h, w).transpose(1, 2).reshape(b, o, h, w)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, heads={self.heads}, "
-                f"squeeze_rate={self.squeeze_rate}, gate_factor={self.gate_factor}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, heads={self.heads}, "
+            f"squeeze_rate={self.squeeze_rate}, gate_factor={self.gate_factor}"
+        )
 
 
 def _validate(name: str, cin: int, cout: int, heads: int, squeeze: int, gate: float) -> None:
     if not isinstance(heads, int) or heads < 1:
         raise ValueError(f"{name}: heads={heads!r} must be a positive integer")
     if cin % heads or cout % heads:
-        raise ValueError(f"{name}: heads={heads} must divide both in_channels={cin} and "
-                         f"out_channels={cout}; pick a divisor of {math.gcd(cin, cout)}")
+        raise ValueError(
+            f"{name}: heads={heads} must divide both in_channels={cin} and "
+            f"out_channels={cout}; pick a divisor of {math.gcd(cin, cout)}"
+        )
     if not 0.0 < gate <= 1.0:
-        raise ValueError(f"{name}: gate_factor={gate!r} must be in (0, 1] "
-                         "(it is the kept fraction of input channels)")
+        raise ValueError(
+            f"{name}: gate_factor={gate!r} must be in (0, 1] "
+            "(it is the kept fraction of input channels)"
+        )
     if target_inactive_channels(cin, gate) >= cin:
-        raise ValueError(f"{name}: gate_factor={gate!r} keeps no channel of in_channels={cin}; "
-                         f"it must be at least {1.0 / (2 * cin):.4g}")
+        raise ValueError(
+            f"{name}: gate_factor={gate!r} keeps no channel of in_channels={cin}; "
+            f"it must be at least {1.0 / (2 * cin):.4g}"
+        )
     if not isinstance(squeeze, int) or squeeze < 1 or cin // effective_squeeze(cin, squeeze) < 1:
-        raise ValueError(f"{name}: squeeze_rate={squeeze!r} leaves no hidden unit for "
-                         f"in_channels={cin} (effective squeeze {effective_squeeze(cin, squeeze)}"
-                         f" must be <= {cin}); use a smaller squeeze_rate")
+        raise ValueError(
+            f"{name}: squeeze_rate={squeeze!r} leaves no hidden unit for "
+            f"in_channels={cin} (effective squeeze {effective_squeeze(cin, squeeze)}"
+            f" must be <= {cin}); use a smaller squeeze_rate"
+        )

@@ -3,6 +3,7 @@
 Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks",
 ECCV 2020 (arXiv 2007.04242), section on gradual deactivation; spec: methods.md 1.3.
 """
+
 from __future__ import annotations
 
 WARMUP_END = 1.0 / 12.0

@@ -1,4 +1,5 @@
 """Networks; importing this module registers every recipe."""
+
 from __future__ import annotations
 
 from dgc.models.densenet import DenseNet

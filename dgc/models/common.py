@@ -1,4 +1,5 @@
 """Pieces shared by the networks: weight initialisation."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Huang et al., "CondenseNet" (arXiv 1711.09224) topology as used by Su et al. (ar
 2007.04242): per-stage growth, bottleneck 1x1 conv (the replaceable one), BN-ReLU-3x3 group
 conv, "fully dense" 2x2 average-pool transitions (no conv, no compression), no max-pool.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,17 +23,31 @@ from dgc.registry import register_family
 class DenseLayer(nn.Module):
     """[x, conv3x3_G(BN-ReLU(conv1x1(x)))]: appends ``growth`` channels."""
 
-    def __init__(self, in_channels: int, growth: int, bottleneck: int, group_3x3: int,
-                 conv_layer: ConvLayer, stage: int, name: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        growth: int,
+        bottleneck: int,
+        group_3x3: int,
+        conv_layer: ConvLayer,
+        stage: int,
+        name: str,
+    ) -> None:
         super().__init__()
         mid = bottleneck * growth
         if mid % group_3x3 or growth % group_3x3:
-            raise ValueError(f"{name}.conv2: group_3x3={group_3x3} must divide bottleneck*growth="
-                             f"{mid} and growth={growth}")
-        self.conv1 = conv_layer(in_channels, mid, 1, 1, 0, stage=stage, preact=True,
-                                name=f"{name}.conv1")
-        self.conv2 = nn.Sequential(nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-                                   nn.Conv2d(mid, growth, 3, 1, 1, groups=group_3x3, bias=False))
+            raise ValueError(
+                f"{name}.conv2: group_3x3={group_3x3} must divide bottleneck*growth="
+                f"{mid} and growth={growth}"
+            )
+        self.conv1 = conv_layer(
+            in_channels, mid, 1, 1, 0, stage=stage, preact=True, name=f"{name}.conv1"
+        )
+        self.conv2 = nn.Sequential(
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, growth, 3, 1, 1, groups=group_3x3, bias=False),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W)
@@ -54,9 +69,17 @@ class DenseNet(nn.Module):
         stem_stride: 1 for CIFAR, 2 for ImageNet.
     """
 
-    def __init__(self, stages: Sequence[int], growth: Sequence[int], conv_layer: ConvLayer,
-                 bottleneck: int = 4, group_3x3: int = 4, num_classes: int = 1000,
-                 in_chans: int = 3, stem_stride: int = 1) -> None:
+    def __init__(
+        self,
+        stages: Sequence[int],
+        growth: Sequence[int],
+        conv_layer: ConvLayer,
+        bottleneck: int = 4,
+        group_3x3: int = 4,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        stem_stride: int = 1,
+    ) -> None:
         super().__init__()
         channels = 2 * growth[0]
         self.num_stages = len(stages)
@@ -66,8 +89,17 @@ class DenseNet(nn.Module):
             if i > 0:
                 blocks.append(nn.AvgPool2d(2, 2))  # transition: pool only, channels kept
             for j in range(depth):
-                blocks.append(DenseLayer(channels + j * k, k, bottleneck, group_3x3, conv_layer,
-                                         i, f"features.{len(blocks)}"))
+                blocks.append(
+                    DenseLayer(
+                        channels + j * k,
+                        k,
+                        bottleneck,
+                        group_3x3,
+                        conv_layer,
+                        i,
+                        f"features.{len(blocks)}",
+                    )
+                )
             channels += depth * k
         self.features = nn.Sequential(*blocks)
         self.num_classes, self.num_features = num_classes, channels
@@ -90,9 +122,16 @@ class DenseNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _densenet(kind: str, stages: Sequence[int], growth: Sequence[int], stem_stride: int,
-              heads: StageValue = 4, gate_factor: StageValue = 0.25, squeeze_rate: StageValue = 16,
-              **kwargs: object) -> DenseNet:
+def _densenet(
+    kind: str,
+    stages: Sequence[int],
+    growth: Sequence[int],
+    stem_stride: int,
+    heads: StageValue = 4,
+    gate_factor: StageValue = 0.25,
+    squeeze_rate: StageValue = 16,
+    **kwargs: object,
+) -> DenseNet:
     conv = make_conv_factory(kind, len(stages), heads, gate_factor, squeeze_rate)
     return DenseNet(stages, growth, conv, stem_stride=stem_stride, **kwargs)  # type: ignore[arg-type]
 

@@ -5,6 +5,7 @@ follows Su et al. (arXiv 2007.04242), ``dyresnet18``: every 3x3 block conv and e
 downsample conv is replaceable; the stem and the classifier stay dense. A DGC layer brings its
 own BN-ReLU, so a DGC block normalises twice before each conv, as in the authors' network.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,22 +24,40 @@ from dgc.registry import register_family
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
 
-    def __init__(self, in_channels: int, planes: int, stride: int, conv_layer: ConvLayer,
-                 stage: int, name: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        conv_layer: ConvLayer,
+        stage: int,
+        name: str,
+    ) -> None:
         super().__init__()
-        self.conv1 = conv_layer(in_channels, planes, 3, stride, 1, stage=stage, preact=False,
-                                name=f"{name}.conv1")
+        self.conv1 = conv_layer(
+            in_channels, planes, 3, stride, 1, stage=stage, preact=False, name=f"{name}.conv1"
+        )
         self.bn1 = nn.BatchNorm2d(planes)
         self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = conv_layer(planes, planes, 3, 1, 1, stage=stage, preact=False,
-                                name=f"{name}.conv2")
+        self.conv2 = conv_layer(
+            planes, planes, 3, 1, 1, stage=stage, preact=False, name=f"{name}.conv2"
+        )
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != planes:
             self.downsample = nn.Sequential(
-                conv_layer(in_channels, planes, 1, stride, 0, stage=stage, preact=False,
-                           name=f"{name}.downsample.0"),
-                nn.BatchNorm2d(planes))
+                conv_layer(
+                    in_channels,
+                    planes,
+                    1,
+                    stride,
+                    0,
+                    stage=stage,
+                    preact=False,
+                    name=f"{name}.downsample.0",
+                ),
+                nn.BatchNorm2d(planes),
+            )
         self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,17 +80,32 @@ class ResNet(nn.Module):
         stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (3x3/1 conv).
     """
 
-    def __init__(self, layers: Sequence[int], widths: Sequence[int], conv_layer: ConvLayer,
-                 num_classes: int = 1000, in_chans: int = 3, stem: str = "imagenet") -> None:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        conv_layer: ConvLayer,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        stem: str = "imagenet",
+    ) -> None:
         super().__init__()
         self.num_classes, self.num_features = num_classes, widths[-1]
         self.num_stages = len(layers)
         self.stem = _make_stem(stem, in_chans, widths[0])
         stages, channels = [], widths[0]
         for i, (depth, width) in enumerate(zip(layers, widths)):
-            blocks = [BasicBlock(channels if j == 0 else width, width,
-                                 1 if (i == 0 or j > 0) else 2, conv_layer, i, f"stages.{i}.{j}")
-                      for j in range(depth)]
+            blocks = [
+                BasicBlock(
+                    channels if j == 0 else width,
+                    width,
+                    1 if (i == 0 or j > 0) else 2,
+                    conv_layer,
+                    i,
+                    f"stages.{i}.{j}",
+                )
+                for j in range(depth)
+            ]
             stages.append(nn.Sequential(*blocks))
             channels = width
         self.stages = nn.Sequential(*stages)
@@ -92,18 +126,32 @@ class ResNet(nn.Module):
 
 def _make_stem(kind: str, in_chans: int, width: int) -> nn.Sequential:
     if kind == "imagenet":
-        return nn.Sequential(nn.Conv2d(in_chans, width, 7, 2, 3, bias=False),
-                             nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                             nn.MaxPool2d(3, 2, 1))
+        return nn.Sequential(
+            nn.Conv2d(in_chans, width, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
     if kind == "cifar":
-        return nn.Sequential(nn.Conv2d(in_chans, width, 3, 1, 1, bias=False),
-                             nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        return nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
     raise ValueError(f"stem={kind!r} is unknown; choose 'imagenet' or 'cifar'")
 
 
-def _resnet(kind: str, layers: Sequence[int], widths: Sequence[int], stem: str,
-            default_gate: float, heads: StageValue = 4, gate_factor: StageValue | None = None,
-            squeeze_rate: StageValue = 16, **kwargs: object) -> ResNet:
+def _resnet(
+    kind: str,
+    layers: Sequence[int],
+    widths: Sequence[int],
+    stem: str,
+    default_gate: float,
+    heads: StageValue = 4,
+    gate_factor: StageValue | None = None,
+    squeeze_rate: StageValue = 16,
+    **kwargs: object,
+) -> ResNet:
     if gate_factor is None:
         # The paper's DyResNet-18 keeps 45%; a static group conv needs 1/G, so it defaults to 1/2.
         gate_factor = default_gate if kind == "dynamic" else 0.5
@@ -130,8 +178,14 @@ def resnet34(kind: str, **kwargs: object) -> ResNet:
 def _cifar_resnet(kind: str, depth: int, **kwargs: object) -> ResNet:
     n = (depth - 2) // 6
     kwargs.setdefault("num_classes", 10)
-    return _resnet(kind, (n, n, n), kwargs.pop("widths", CIFAR_WIDTHS), "cifar", 0.5,  # type: ignore[arg-type]
-                   **kwargs)
+    return _resnet(
+        kind,
+        (n, n, n),
+        kwargs.pop("widths", CIFAR_WIDTHS),
+        "cifar",
+        0.5,  # type: ignore[arg-type]
+        **kwargs,
+    )
 
 
 @register_family("resnet8")

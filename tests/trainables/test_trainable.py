@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 
 from trainables import metrics as M
-from trainables.data import load_splits
 from trainables.config import DataParams
+from trainables.data import load_splits
 from trainables.trainable import STATE_FILE
 from trainables.trainable import train_dgc
 
