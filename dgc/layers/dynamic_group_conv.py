@@ -113,18 +113,13 @@ class _GatedGroupConv(torch.autograd.Function):
         dtype = grad_out.dtype
         gated = _gate(x, sal).to(dtype)  # (B, h*C, H, W)
         need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        g_in, g_w, _ = torch.ops.aten.convolution_backward(
+        g_in, g_w = _conv_backward(
             grad_out,
             gated,
             weight.to(dtype),
-            None,
-            _pair(stride),
-            _pair(padding),
-            _pair(dilation),
-            False,
-            [0, 0],
+            (stride, padding, dilation),
             heads,
-            [need_in, ctx.needs_input_grad[2], False],
+            (need_in, ctx.needs_input_grad[2]),
         )
         del gated
         grad_x = grad_s = None
@@ -163,25 +158,18 @@ class _GatheredGroupConv(torch.autograd.Function):
         x, sal, weight, index = ctx.saved_tensors
         stride, padding, dilation = ctx.conv_args
         (b, c, h, w), heads, kept, dtype = x.shape, sal.shape[1], index.shape[-1], grad_out.dtype
-        xg, wg = _gather(x.to(dtype), sal.to(dtype), weight.to(dtype), index)
-        g_xg, g_wg, _ = torch.ops.aten.convolution_backward(
+        x_kept, s_kept = _kept_inputs(x.to(dtype), sal.to(dtype), index)  # (B,hK,HW), (B,hK,1)
+        xg = (x_kept * s_kept).view(1, b * heads * kept, h, w)
+        g_xg, g_wg = _conv_backward(
             grad_out.reshape(1, -1, *grad_out.shape[-2:]),
             xg,
-            wg,
-            None,
-            _pair(stride),
-            _pair(padding),
-            _pair(dilation),
-            False,
-            [0, 0],
+            _kept_kernels(weight.to(dtype), index),
+            (stride, padding, dilation),
             b * heads,
-            [True, True, False],
+            (True, True),
         )
+        del xg
         flat_index = index.reshape(b, heads * kept)  # (B, h*K)
-        x_kept = (
-            x.to(dtype).reshape(b, c, h * w).gather(1, flat_index[..., None].expand(-1, -1, h * w))
-        )  # (B, h*K, HW)
-        s_kept = sal.to(dtype).gather(-1, index).reshape(b, heads * kept, 1)  # (B, h*K, 1)
         g_xg = g_xg.view(b, heads * kept, h * w)  # (B, h*K, HW)
         grad_x = (
             torch.zeros(b, c, h * w, dtype=dtype, device=x.device)
@@ -217,23 +205,57 @@ def gathered_conv(
 ) -> Tensor:
     """Kept channels only: per-sample kernels, batch folded into the groups."""
     # index: (B, h, K)
-    b = x.shape[0]
-    xg, wg = _gather(x, sal, weight, index)  # (1, B*h*K, H, W), (B*O, K, k, k)
+    b, _, h, w = x.shape
+    x_kept, s_kept = _kept_inputs(x, sal, index)  # (B, h*K, HW), (B, h*K, 1)
+    xg = (x_kept * s_kept).view(1, -1, h, w)  # (1, B*h*K, H, W), saliency-scaled
+    wg = _kept_kernels(weight, index)  # (B*O, K, k, k)
     y = F.conv2d(xg, wg, None, stride, padding, dilation, b * sal.shape[1])  # (1, B*O, H', W')
     return y.view(b, weight.shape[0], *y.shape[-2:])  # (B, O, H', W')
 
 
-def _gather(x: Tensor, sal: Tensor, weight: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+def _kept_inputs(x: Tensor, sal: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sample's kept channels per head and their saliencies: (B, h*K, HW), (B, h*K, 1)."""
     b, c, h, w = x.shape
     heads, kept = index.shape[1:]
     flat = index.reshape(b, heads * kept)  # (B, h*K)
-    xg = x.reshape(b, c, h * w).gather(1, flat[..., None].expand(-1, -1, h * w))  # (B, h*K, HW)
-    xg = xg * sal.gather(-1, index).reshape(b, heads * kept, 1)  # saliency-scaled
-    o, _, kh, kw = weight.shape
+    x_kept = x.reshape(b, c, h * w).gather(1, flat[..., None].expand(-1, -1, h * w))
+    return x_kept, sal.gather(-1, index).reshape(b, heads * kept, 1)
+
+
+def _kept_kernels(weight: Tensor, index: Tensor) -> Tensor:
+    """Each sample's kernel columns of its kept channels: (B*O, K, k, k)."""
+    b, heads, kept = index.shape
+    o, c, kh, kw = weight.shape
     per_head = weight.view(heads, o // heads, c, kh * kw)  # (h, O/h, C, k^2)
     cols = index[:, :, None, :, None].expand(-1, -1, o // heads, -1, kh * kw)  # (B,h,O/h,K,k^2)
     wg = per_head.unsqueeze(0).expand(b, -1, -1, -1, -1).gather(3, cols)  # (B, h, O/h, K, k^2)
-    return xg.view(1, b * heads * kept, h, w), wg.reshape(b * o, kept, kh, kw)
+    return wg.reshape(b * o, kept, kh, kw)
+
+
+def _conv_backward(
+    grad_out: Tensor,
+    inputs: Tensor,
+    weight: Tensor,
+    conv: tuple,
+    groups: int,
+    mask: tuple[bool, bool],
+) -> tuple[Tensor | None, Tensor | None]:
+    """(input grad, weight grad) of ``conv2d(inputs, weight, groups=groups)``, bias-free."""
+    stride, padding, dilation = conv
+    g_in, g_w, _ = torch.ops.aten.convolution_backward(
+        grad_out,
+        inputs,
+        weight,
+        None,
+        _pair(stride),
+        _pair(padding),
+        _pair(dilation),
+        False,
+        [0, 0],
+        groups,
+        [mask[0], mask[1], False],
+    )
+    return g_in, g_w
 
 
 def _scatter_kernel_grad(g_wg: Tensor, index: Tensor, shape: torch.Size) -> Tensor:
@@ -340,6 +362,8 @@ class DynamicGroupConv2d(nn.Module):
         """Set the number of deactivated input channels per head (0 <= n < in_channels)."""
         if not 0 <= n < self.in_channels:
             raise ValueError(f"inactive channels n={n} must be in [0, {self.in_channels})")
+        if n == self._inactive_host:
+            return  # set_progress calls this every step; no device write when nothing changes
         self.inactive_channels.fill_(n)
         self._inactive_host = int(n)
 
