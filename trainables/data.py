@@ -85,22 +85,41 @@ def load_digits_arrays() -> tuple[Split, Split, int]:
     return full.take(perm[n_test:]), full.take(perm[:n_test]), 10
 
 
+@dataclass(frozen=True)
+class CifarLayout:
+    """The official python layout of one CIFAR version."""
+
+    folder: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    label_key: bytes
+    classes: int
+
+
+CIFAR = {
+    "cifar10": CifarLayout(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        b"labels",
+        10,
+    ),
+    "cifar100": CifarLayout("cifar-100-python", ("train",), ("test",), b"fine_labels", 100),
+}
+
+
 def load_cifar_arrays(datadir: Path, dataset: str) -> tuple[Split, Split, int]:
     """CIFAR-10/100 in the standard python layout (cifar-10-batches-py/, cifar-100-python/)."""
-    if dataset == "cifar10":
-        root, train_files, test_files = (
-            datadir / "cifar-10-batches-py",
-            [f"data_batch_{i}" for i in range(1, 6)],
-            ["test_batch"],
-        )
-        key, classes = b"labels", 10
-    else:
-        root, train_files, test_files = datadir / "cifar-100-python", ["train"], ["test"]
-        key, classes = b"fine_labels", 100
-    return _cifar_split(root, train_files, key), _cifar_split(root, test_files, key), classes
+    layout = CIFAR[dataset]
+    root = datadir / layout.folder
+    return (
+        _cifar_split(root, layout.train, layout.label_key),
+        _cifar_split(root, layout.test, layout.label_key),
+        layout.classes,
+    )
 
 
-def _cifar_split(root: Path, files: list[str], key: bytes) -> Split:
+def _cifar_split(root: Path, files: tuple[str, ...], key: bytes) -> Split:
     images, labels = [], []
     for name in files:
         path = root / name
@@ -180,12 +199,7 @@ def cached_arrays(params: DataParams) -> tuple[Split, Split, int]:
     """Decoded (train, test, num_classes), from the cache file if one exists for this source."""
     if params.dataset == "digits":
         return load_digits_arrays()
-    datadir = Path(params.datadir or "").expanduser().resolve()
-    if not datadir.is_dir():
-        raise DatasetError(
-            f"data.datadir={str(datadir)!r} does not exist; "
-            f"{params.dataset} expects {_LAYOUTS[params.dataset]}"
-        )
+    datadir = _datadir(params).resolve()
     key = hashlib.sha1(f"{params.dataset}|{datadir}|{params.image_size}".encode()).hexdigest()[:12]
     cache_dir = Path(params.cache_dir).expanduser() if params.cache_dir else datadir / ".dgc_cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -206,8 +220,31 @@ def cached_arrays(params: DataParams) -> tuple[Split, Split, int]:
     )
 
 
+def _datadir(params: DataParams) -> Path:
+    root = Path(params.datadir or "").expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"data.datadir={str(root)!r} does not exist; {params.dataset} expects "
+            f"{_LAYOUTS[params.dataset]}"
+        )
+    return root
+
+
+def split_indices(val_size: float, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(validation, training) indices: ``val_size`` images (a count, or a fraction if < 1)
+    carved from ``n`` with a fixed seed, so every trial of a search sees the same split."""
+    n_val = int(val_size) if val_size >= 1 else round(val_size * n)
+    if not 0 < n_val < n:
+        raise DatasetError(
+            f"data.val_size={val_size} gives {n_val} validation images of {n} training "
+            "images; it must leave both sides non-empty"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n_val], perm[n_val:]
+
+
 def _decode_to_blob(params: DataParams, datadir: Path) -> dict[str, Tensor | int]:
-    if params.dataset in ("cifar10", "cifar100"):
+    if params.dataset in CIFAR:
         train, test, classes = load_cifar_arrays(datadir, params.dataset)
     else:
         train, test, classes = load_imagefolder_arrays(datadir, params.image_size)
@@ -231,14 +268,8 @@ _LAYOUTS = {
 def load_splits(params: DataParams) -> Splits:
     """Decode (or read the cache), carve the validation split, pick normalisation constants."""
     train, test, classes = cached_arrays(params)
-    n_val = int(params.val_size) if params.val_size >= 1 else round(params.val_size * len(train))
-    if not 0 < n_val < len(train):
-        raise DatasetError(
-            f"data.val_size={params.val_size} gives {n_val} validation images of "
-            f"{len(train)} training images; it must leave both sides non-empty"
-        )
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(params.split_seed))
-    val, rest = train.take(perm[:n_val]), train.take(perm[n_val:])
+    val_idx, train_idx = split_indices(params.val_size, len(train), params.split_seed)
+    val, rest = train.take(val_idx), train.take(train_idx)
     if params.train_subset:
         rest = rest.take(torch.arange(min(params.train_subset, len(rest))))
     mean, std = CIFAR_STATS.get(params.dataset) or _channel_stats(rest.images)
@@ -374,16 +405,11 @@ def imagenet_loaders(
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
     train_set = datasets.ImageFolder(str(root / "train"), train_tf)
-    n_val = (
-        int(params.val_size) if params.val_size >= 1 else round(params.val_size * len(train_set))
-    )
-    perm = torch.randperm(
-        len(train_set), generator=torch.Generator().manual_seed(params.split_seed)
-    )
+    val_idx, train_idx = split_indices(params.val_size, len(train_set), params.split_seed)
     val_set = torch.utils.data.Subset(
-        datasets.ImageFolder(str(root / "train"), eval_tf), perm[:n_val].tolist()
+        datasets.ImageFolder(str(root / "train"), eval_tf), val_idx.tolist()
     )
-    train_sub = torch.utils.data.Subset(train_set, perm[n_val:].tolist())
+    train_sub = torch.utils.data.Subset(train_set, train_idx.tolist())
     test_set = datasets.ImageFolder(str(root / "val"), eval_tf)
     mk = lambda ds, bs, tr: FolderLoader(ds, bs, tr, workers, channels_last)  # noqa: E731
     return (
@@ -402,27 +428,16 @@ def describe(params: DataParams) -> tuple[int, tuple[int, int, int]]:
     """
     if params.dataset == "digits":
         return 10, (1, 8, 8)
-    root = Path(params.datadir or "").expanduser()
-    if not root.is_dir():
-        raise DatasetError(
-            f"data.datadir={str(root)!r} does not exist; {params.dataset} expects "
-            f"{_LAYOUTS[params.dataset]}"
-        )
-    if params.dataset in ("cifar10", "cifar100"):
-        folder = root / (
-            "cifar-10-batches-py" if params.dataset == "cifar10" else "cifar-100-python"
-        )
-        needed = (
-            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-            if params.dataset == "cifar10"
-            else ["train", "test"]
-        )
-        missing = [n for n in needed if not (folder / n).is_file()]
+    root = _datadir(params)
+    if params.dataset in CIFAR:
+        layout = CIFAR[params.dataset]
+        folder = root / layout.folder
+        missing = [n for n in layout.train + layout.test if not (folder / n).is_file()]
         if missing:
             raise DatasetError(
                 f"{folder}: missing {', '.join(missing)}; expected {_LAYOUTS[params.dataset]}"
             )
-        return (10 if params.dataset == "cifar10" else 100), (3, 32, 32)
+        return layout.classes, (3, 32, 32)
     classes = _classes(root / "train")
     if params.dataset == "imagenet":
         _classes(root / "val")
