@@ -31,29 +31,12 @@ def validate_command(path: str, overrides: list[str]) -> int:
 
 def pareto_command(target: str, register: bool, tracking_uri: str | None = None) -> int:
     """Rank, tag and plot a search given its folder or its MLflow parent run id."""
-    import yaml
-
-    from search.config import ExperimentConfig
-    from search.launch import RESOLVED_FILE
-    from search.launch import SearchState
-    from search.results import finalize
-    from search.tracking import Tracking
+    from search.launch import open_search
+    from search.launch import rank
 
     folder = Path(target) if Path(target).is_dir() else _folder_of_run(target, tracking_uri)
-    state = SearchState.load(folder)
-    exp = ExperimentConfig.model_validate(yaml.safe_load((folder / RESOLVED_FILE).read_text()))
-    tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
-    objectives = [(o.metric, o.direction) for o in exp.objectives]
-    text = finalize(
-        tracking,
-        objectives,
-        list(exp.space.params),
-        folder,
-        exp.name if register else None,
-        state.num_classes,
-        tuple(state.input_size),
-    )
-    print(text)
+    exp, state, tracking = open_search(folder.resolve())
+    print(rank(exp, state, tracking, register))
     print(f"\nplot: {folder / 'pareto.png'} and {folder / 'pareto.html'}")
     return 0
 

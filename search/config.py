@@ -14,10 +14,10 @@ from pydantic import ValidationError
 from pydantic import field_validator
 from pydantic import model_validator
 
-from search.errors import format_validation_error
 from search.overrides import SearchConfigError
 from search.overrides import apply_overrides
 from search.overrides import load_yaml
+from spaces.errors import format_validation_error
 from spaces.load import SpaceError
 from spaces.load import load_space
 from spaces.load import resolve_space_path

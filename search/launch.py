@@ -73,6 +73,8 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
             "recorded is overwritten)"
         )
     folder.mkdir(parents=True, exist_ok=True)
+    # Absolute storage_dir in the resolved file: resume and pareto may run from another folder.
+    exp = exp.model_copy(update={"storage_dir": str(folder.parent)})
     (folder / RESOLVED_FILE).write_text(
         yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
     )
@@ -104,10 +106,7 @@ def resume(folder: Path, address: str | None = None) -> int:
 
     from trainables.trainable import train_dgc
 
-    folder = folder.resolve()
-    state = SearchState.load(folder)
-    exp = ExperimentConfig.model_validate(yaml.safe_load((folder / RESOLVED_FILE).read_text()))
-    tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
+    exp, state, tracking = open_search(folder.resolve())
     connect_ray(exp, address)
     tuner = tune.Tuner.restore(
         str(folder / TUNE_NAME),
@@ -119,6 +118,29 @@ def resume(folder: Path, address: str | None = None) -> int:
         exp, _problem(state), StudyRef(state.optuna_storage, state.study_name)
     )
     return _conclude(exp, state, tracking, searcher, tuner.fit())
+
+
+def open_search(folder: Path) -> tuple[ExperimentConfig, SearchState, Tracking]:
+    """The resolved experiment, the saved state and the MLflow connection of a search folder."""
+    state = SearchState.load(folder)
+    exp = ExperimentConfig.model_validate(yaml.safe_load((folder / RESOLVED_FILE).read_text()))
+    return exp, state, Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
+
+
+def rank(exp: ExperimentConfig, state: SearchState, tracking: Tracking, register: bool) -> str:
+    """Pareto tags, (registered models,) plot and table of a search; returns the table."""
+    from search.results import finalize
+
+    objectives = [(o.metric, o.direction) for o in exp.objectives]
+    return finalize(
+        tracking,
+        objectives,
+        list(exp.space.params),
+        exp.experiment_dir,
+        exp.name if register else None,
+        state.num_classes,
+        tuple(state.input_size),
+    )  # type: ignore[arg-type]
 
 
 def _problem(state: SearchState) -> Problem:
@@ -220,30 +242,23 @@ def _conclude(
     searcher: OptunaSearcher,
     results: Any,
 ) -> int:
-    from search.results import finalize
-
     orphans = searcher.fail_orphans()
     if orphans:
         log.info("marked %d Optuna trial(s) that never finished as FAIL", orphans)
     failed = [r for r in results if r.error is not None]
     for r in failed:
         log.warning("trial at %s failed: %s", r.path, str(r.error).splitlines()[0][:300])
-    objectives = [(o.metric, o.direction) for o in exp.objectives]
-    text = finalize(
-        tracking,
-        objectives,
-        list(exp.space.params),
-        exp.experiment_dir,
-        exp.name if exp.mlflow.register_models else None,
-        state.num_classes,
-        tuple(state.input_size),
-    )  # type: ignore[arg-type]
+    text = rank(exp, state, tracking, exp.mlflow.register_models)
     tracking.client.set_terminated(
         state.parent_run_id, "FAILED" if len(failed) == len(results) else "FINISHED"
     )
-    print(
-        f"\nPareto front of {exp.name} ({len(results) - len(failed)} finished, "
-        f"{len(failed)} failed):\n{text}\n\nplot: {exp.experiment_dir / 'pareto.png'}"
+    log.info(
+        "\nPareto front of %s (%d finished, %d failed):\n%s\n\nplot: %s",
+        exp.name,
+        len(results) - len(failed),
+        len(failed),
+        text,
+        exp.experiment_dir / "pareto.png",
     )
     if results and len(failed) == len(results):
         log.error("every trial failed")

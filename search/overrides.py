@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from spaces.convert import set_dotted
+
 
 class SearchConfigError(ValueError):
     """A user-facing configuration problem; the message names file, field, value and fix."""
@@ -33,14 +35,8 @@ def apply_overrides(doc: dict[str, Any], pairs: list[str], source: str) -> dict[
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise SearchConfigError(f"--set {pair!r}: expected key=value, e.g. trial.epochs=2")
-        node = doc
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SearchConfigError(
-                    f"{source}: --set {key}: {part!r} is a value, not a section"
-                )
-            node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            set_dotted(doc, key, yaml.safe_load(raw))
+        except ValueError as err:
+            raise SearchConfigError(f"{source}: --set {err}") from err
     return doc

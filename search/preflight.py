@@ -11,12 +11,12 @@ from pydantic import ValidationError
 
 import dgc
 from search.config import ExperimentConfig
-from search.errors import format_validation_error
 from search.overrides import SearchConfigError
 from spaces.convert import apply_to_trial
 from spaces.convert import assemble
 from spaces.convert import corner_values
 from spaces.convert import to_optuna_distributions
+from spaces.errors import format_validation_error
 from trainables.config import TrialConfig
 from trainables.data import DatasetError
 from trainables.data import describe

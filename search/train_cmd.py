@@ -9,10 +9,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from search.errors import format_validation_error
 from search.overrides import SearchConfigError
 from search.overrides import apply_overrides
 from search.overrides import load_yaml
+from spaces.errors import format_validation_error
 from trainables import metrics as M
 from trainables.config import TrialConfig
 from trainables.runner import load_state

@@ -46,13 +46,24 @@ def assemble(space: SearchSpace, values: dict[str, Any], num_stages: int) -> dic
     return out
 
 
+def set_dotted(doc: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``doc["a"]["b"] = value`` for ``key = "a.b"``, creating missing sections.
+
+    Raises:
+        ValueError: a parent on the path holds a value, not a section.
+    """
+    node = doc
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{key}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
 def apply_to_trial(trial: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any]:
     """A copy of the trial dict with dotted ``assignments`` set."""
     out = copy.deepcopy(trial)
     for key, value in assignments.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(out, key, value)
     return out

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from spaces.errors import format_validation_error
 from spaces.schema import SearchSpace
 
 
@@ -40,17 +41,7 @@ def parse_space(doc: Any, source: str) -> SearchSpace:
     try:
         return SearchSpace.model_validate(doc)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            shown = "" if e["type"] == "missing" else f" = {e.get('input')!r}"
-            msg = (
-                "unknown key"
-                if e["type"] == "extra_forbidden"
-                else e["msg"].removeprefix("Value error, ")
-            )
-            lines.append(f"{source}: {loc}{shown}: {msg}")
-        raise SpaceError("\n".join(lines)) from err
+        raise SpaceError(format_validation_error(err, source)) from err
 
 
 def load_space(path: str | Path) -> SearchSpace:

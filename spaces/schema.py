@@ -19,30 +19,30 @@ class _Param(BaseModel):
     per_stage: bool = False
 
 
-class FloatParam(_Param):
-    type: Literal["float"]
+class _Numeric(_Param):
     low: float
     high: float
     log: bool = False
-    step: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _bounds(self) -> FloatParam:
-        _check_bounds(self.low, self.high, self.log)
+    def _bounds(self) -> _Numeric:
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} > high={self.high}; swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log=true needs low > 0, got low={self.low}")
         return self
 
 
-class IntParam(_Param):
+class FloatParam(_Numeric):
+    type: Literal["float"]
+    step: float | None = Field(None, gt=0)
+
+
+class IntParam(_Numeric):
     type: Literal["int"]
     low: int
     high: int
-    log: bool = False
     step: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> IntParam:
-        _check_bounds(self.low, self.high, self.log)
-        return self
 
 
 class CategoricalParam(_Param):
@@ -51,13 +51,6 @@ class CategoricalParam(_Param):
 
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
-
-
-def _check_bounds(low: float, high: float, log: bool) -> None:
-    if low > high:
-        raise ValueError(f"low={low} > high={high}; swap them")
-    if log and low <= 0:
-        raise ValueError(f"log=true needs low > 0, got low={low}")
 
 
 class SearchSpace(BaseModel):

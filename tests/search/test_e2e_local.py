@@ -77,19 +77,25 @@ def _check_export(uri, source, out, x):
         torch.testing.assert_close(model(torch.from_numpy(x)), scripted(torch.from_numpy(x)))
 
 
-def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys):
+def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys, monkeypatch):
     from search.commands import pareto_command
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = load_experiment(REPO / "experiments" / "smoke.yaml",
-                          [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "num_trials=3",
-                           "trial.epochs=1"])
+    monkeypatch.chdir(tmp_path)  # a relative storage_dir, resolved here at launch
+    exp = load_experiment(SMOKE, ["storage_dir=runs", f"mlflow.tracking_uri={uri}",
+                                  "num_trials=3", "trial.epochs=1"])
     assert launch(exp, SMOKE) == 0
     parent, kids = children(uri, "smoke")
     versions = len(mlflow.MlflowClient(uri).search_model_versions("name = 'smoke'"))
+    (tmp_path / "runs" / "smoke" / "pareto.md").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     assert pareto_command(parent.info.run_id, True, uri) == 0
     assert "| trial |" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "smoke" / "pareto.md").is_file()  # written to the search folder
+    assert not (elsewhere / "runs").exists()
     assert len(mlflow.MlflowClient(uri).search_model_versions("name = 'smoke'")) == versions
     assert len(children(uri, "smoke")[1]) == len(kids) == 3
 
