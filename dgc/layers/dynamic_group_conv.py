@@ -25,13 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch import nn
 
+from dgc.layers import gathered as G
+from dgc.layers.kernel_choice import KernelChoice
+from dgc.layers.kernel_choice import tracing
 from dgc.layers.schedule import target_inactive_channels
 
 NARROW_LAYER_CHANNELS = 80
 IMPLS = ("auto", "masked", "gather")
 # "auto" gathers the kept channels when at most this fraction of them is kept; above it the
 # per-sample grouped conv no longer beats one full-width grouped conv (bench/dgc_layer.py).
-GATHER_MAX_KEPT = 0.4
+GATHER_MAX_KEPT = 0.5
 
 
 def effective_squeeze(in_channels: int, squeeze_rate: int) -> int:
@@ -68,10 +71,11 @@ class SaliencyGate(nn.Module):
         nn.init.constant_(self.fc2_bias, 1.0)
 
     def forward(self, z: Tensor) -> Tensor:
-        # z: (B, C) globally pooled activations
-        hid = torch.einsum("bc,hrc->bhr", z, self.fc1_weight).relu()  # (B, h, r)
-        sal = torch.einsum("bhr,hcr->bhc", hid, self.fc2_weight)  # (B, h, C)
-        return (sal + self.fc2_bias).relu()  # (B, h, C), non-negative
+        # z: (B, C) globally pooled activations. matmul/baddbmm, not einsum: at batch 1 the
+        # generator is all overhead, and einsum's costs ~40 us a call on CPU.
+        hid = torch.matmul(self.fc1_weight, z.t()).relu()  # (h, r, B)
+        sal = torch.baddbmm(self.fc2_bias.unsqueeze(-1), self.fc2_weight, hid)  # (h, C, B)
+        return sal.relu().permute(2, 0, 1)  # (B, h, C), non-negative
 
 
 def deactivate_bottom_k(saliency: Tensor, n_inactive: int) -> Tensor:
@@ -137,52 +141,52 @@ class _GatedGroupConv(torch.autograd.Function):
 
 
 class _GatheredGroupConv(torch.autograd.Function):
-    """The same convolution computed over the kept channels only.
+    """The same convolution computed over the kept channels only (``gathered.fold_conv``).
 
-    Per sample b and head i, the K = C - n channels of highest saliency are gathered (channels
-    removed by ties have saliency 0 and contribute nothing) and convolved with the matching
-    columns of head i's kernel; the batch is folded into the groups of one conv2d
-    (groups = B * heads, the CondConv trick). This executes g * C * O * k^2 * H'W' MACs, the
-    count the paper reports, instead of the dense count the reference code executes. Gathered
-    inputs and kernels are rebuilt in backward, so only ``x``, ``sal`` and the indices are saved.
+    Per sample b and head i, the K = C - n kept channels are gathered, scaled by their
+    saliency and convolved with the matching rows of head i's kernel; the batch is folded into
+    the groups of one conv2d (groups = B * heads, the CondConv trick). This executes
+    g * C * O * k^2 * H'W' MACs, the count the paper reports, instead of the dense count the
+    reference code executes. Gathered inputs and kernels are rebuilt in backward, so only
+    ``x``, the kept saliencies and the indices are saved. Gradients go back with ``index_add``
+    on rows (the transpose of the row gathers).
     """
 
     @staticmethod
-    def forward(ctx, x, sal, weight, index, stride, padding, dilation):  # type: ignore[override]
+    def forward(ctx, x, scale, weight, index, stride, padding, dilation):  # type: ignore[override]
         ctx.conv_args = (stride, padding, dilation)
-        ctx.save_for_backward(x, sal, weight, index)
-        return gathered_conv(x, sal, weight, index, stride, padding, dilation)
+        ctx.save_for_backward(x, scale, weight, index)
+        rows = G.weight_rows(weight, index.shape[1])
+        return G.fold_conv(x, index, scale, rows, weight.shape[-1], ctx.conv_args)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, sal, weight, index = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv_args
-        (b, c, h, w), heads, kept, dtype = x.shape, sal.shape[1], index.shape[-1], grad_out.dtype
-        x_kept, s_kept = _kept_inputs(x.to(dtype), sal.to(dtype), index)  # (B,hK,HW), (B,hK,1)
-        xg = (x_kept * s_kept).view(1, b * heads * kept, h, w)
-        g_xg, g_wg = _conv_backward(
-            grad_out.reshape(1, -1, *grad_out.shape[-2:]),
-            xg,
-            _kept_kernels(weight.to(dtype), index),
-            (stride, padding, dilation),
-            b * heads,
-            (True, True),
+        x, scale, weight, index = ctx.saved_tensors
+        (b, c, h, w), (heads, kept), dtype = x.shape, index.shape[1:], grad_out.dtype
+        o, k = weight.shape[0], weight.shape[-1]
+        rows = G.weight_rows(weight.to(dtype), heads)  # (h*C, O/h*k^2)
+        xg = G.gather_inputs(x.to(dtype), index)  # (B*h*K, HW), unscaled
+        s = scale.to(dtype).reshape(-1, 1)  # (B*h*K, 1)
+        wg = G.gather_kernels(rows, index, c).view(b, heads, kept, o // heads, k * k)
+        wg = wg.transpose(2, 3).reshape(b * o, kept, k, k)  # (B*O, K, k, k)
+        # Head-major grad (undo the interleave), batch folded into the channels.
+        g_y = grad_out.view(b, o // heads, heads, *grad_out.shape[-2:]).transpose(1, 2)
+        g_y = g_y.reshape(1, b * o, *grad_out.shape[-2:])  # (1, B*O, H', W')
+        g_xs, g_wg = _conv_backward(
+            g_y, (xg * s).view(1, -1, h, w), wg, ctx.conv_args, b * heads, (True, True)
         )
-        del xg
-        flat_index = index.reshape(b, heads * kept)  # (B, h*K)
-        g_xg = g_xg.view(b, heads * kept, h * w)  # (B, h*K, HW)
-        grad_x = (
-            torch.zeros(b, c, h * w, dtype=dtype, device=x.device)
-            .scatter_add_(1, flat_index[..., None].expand(-1, -1, h * w), g_xg * s_kept)
-            .view_as(x)
-        )
-        grad_s = torch.zeros_like(sal, dtype=dtype).scatter_(
-            -1, index, (g_xg * x_kept).sum(-1).view(b, heads, kept)
-        )  # unique per head
-        grad_w = _scatter_kernel_grad(g_wg, index, weight.shape)
+        g_xs = g_xs.view(-1, h * w)  # (B*h*K, HW), grad of the scaled input
+        grad_x = torch.zeros(b * c, h * w, dtype=dtype, device=x.device)
+        grad_x.index_add_(0, G.flat_rows(index, c), g_xs * s)
+        grad_scale = (g_xs * xg).sum(-1).view(b, heads, kept)  # (B, h, K)
+        # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2), summed into the head-major weight rows.
+        g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)
+        g_rows = g_rows.reshape(b * heads * kept, -1)
+        grad_rows = torch.zeros_like(rows).index_add_(0, G.head_rows(index, c), g_rows)
+        grad_w = grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(weight.shape)
         return (
-            grad_x.to(x.dtype),
-            grad_s.to(sal.dtype),
+            grad_x.view_as(x).to(x.dtype),
+            grad_scale.to(scale.dtype),
             grad_w.to(weight.dtype),
             None,
             None,
@@ -198,38 +202,6 @@ def gated_conv(
     # x: (B, C, H, W), sal: (B, h, C), weight: (O, C, k, k)
     gated = _gate(x, sal)  # (B, h*C, H, W)
     return F.conv2d(gated, weight, None, stride, padding, dilation, sal.shape[1])  # (B, O, H', W')
-
-
-def gathered_conv(
-    x: Tensor, sal: Tensor, weight: Tensor, index: Tensor, stride: int, padding: int, dilation: int
-) -> Tensor:
-    """Kept channels only: per-sample kernels, batch folded into the groups."""
-    # index: (B, h, K)
-    b, _, h, w = x.shape
-    x_kept, s_kept = _kept_inputs(x, sal, index)  # (B, h*K, HW), (B, h*K, 1)
-    xg = (x_kept * s_kept).view(1, -1, h, w)  # (1, B*h*K, H, W), saliency-scaled
-    wg = _kept_kernels(weight, index)  # (B*O, K, k, k)
-    y = F.conv2d(xg, wg, None, stride, padding, dilation, b * sal.shape[1])  # (1, B*O, H', W')
-    return y.view(b, weight.shape[0], *y.shape[-2:])  # (B, O, H', W')
-
-
-def _kept_inputs(x: Tensor, sal: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-    """Each sample's kept channels per head and their saliencies: (B, h*K, HW), (B, h*K, 1)."""
-    b, c, h, w = x.shape
-    heads, kept = index.shape[1:]
-    flat = index.reshape(b, heads * kept)  # (B, h*K)
-    x_kept = x.reshape(b, c, h * w).gather(1, flat[..., None].expand(-1, -1, h * w))
-    return x_kept, sal.gather(-1, index).reshape(b, heads * kept, 1)
-
-
-def _kept_kernels(weight: Tensor, index: Tensor) -> Tensor:
-    """Each sample's kernel columns of its kept channels: (B*O, K, k, k)."""
-    b, heads, kept = index.shape
-    o, c, kh, kw = weight.shape
-    per_head = weight.view(heads, o // heads, c, kh * kw)  # (h, O/h, C, k^2)
-    cols = index[:, :, None, :, None].expand(-1, -1, o // heads, -1, kh * kw)  # (B,h,O/h,K,k^2)
-    wg = per_head.unsqueeze(0).expand(b, -1, -1, -1, -1).gather(3, cols)  # (B, h, O/h, K, k^2)
-    return wg.reshape(b * o, kept, kh, kw)
 
 
 def _conv_backward(
@@ -256,18 +228,6 @@ def _conv_backward(
         [mask[0], mask[1], False],
     )
     return g_in, g_w
-
-
-def _scatter_kernel_grad(g_wg: Tensor, index: Tensor, shape: torch.Size) -> Tensor:
-    """Sum per-sample kernel-column gradients back into the (O, C, k, k) weight gradient."""
-    b, heads, kept = index.shape
-    o, c, kh, kw = shape
-    per = (o // heads) * kh * kw
-    g = g_wg.view(b, heads, o // heads, kept, kh * kw).permute(1, 0, 3, 2, 4)  # (h,B,K,O/h,k^2)
-    g = g.reshape(heads, b * kept, per)
-    idx = index.permute(1, 0, 2).reshape(heads, b * kept, 1).expand(-1, -1, per)
-    out = torch.zeros(heads, c, per, dtype=g.dtype, device=g.device).scatter_add_(1, idx, g)
-    return out.view(heads, c, o // heads, kh * kw).transpose(1, 2).reshape(shape)
 
 
 def _gate(x: Tensor, sal: Tensor) -> Tensor:
@@ -340,6 +300,11 @@ class DynamicGroupConv2d(nn.Module):
         self.register_buffer("inactive_channels", torch.zeros((), dtype=torch.long))
         self._inactive_host = 0
         self.impl = impl
+        # Inference: the kernel chosen per input shape, and the weight in row layout.
+        self.kernels = KernelChoice()
+        self.register_buffer("eval_rows", torch.empty(0), persistent=False)
+        self.register_buffer("eval_taps", torch.empty(0), persistent=False)
+        self._rows_version: dict[str, tuple] = {}
         self.last_saliency_loss: Tensor | None = None
         self.reset_parameters()
 
@@ -378,28 +343,63 @@ class DynamicGroupConv2d(nn.Module):
         sal = self.gate(x.mean(dim=(2, 3)))  # (B, h, C)
         # Kept only when training (the loss needs it); inference and export stay stateless.
         self.last_saliency_loss = sal.mean(dim=(0, 2)).sum() if self.training else None
-        n = self._inactive_host
+        if torch.is_grad_enabled():
+            return self._forward_autograd(x, sal)  # (B, O, H', W')
+        return self._forward_inference(x, sal)  # (B, O, H', W')
+
+    def _forward_autograd(self, x: Tensor, sal: Tensor) -> Tensor:
+        n, args = self._inactive_host, (self.stride, self.padding, self.dilation)
+        gather = self.in_channels - n <= GATHER_MAX_KEPT * self.in_channels
+        if n > 0 and (self.impl == "gather" or (self.impl == "auto" and gather)):
+            index, scale = G.select_channels(sal, n)  # (B, h, K) each
+            return _GatheredGroupConv.apply(x, scale, self.weight, index, *args)
         sal = deactivate_bottom_k(sal, n)  # (B, h, C), pruned -> 0
-        kept = self.in_channels - n
-        args = (self.stride, self.padding, self.dilation)
-        # Without autograd the plain functions run (no saved state; TorchScript-traceable).
-        grad = torch.is_grad_enabled()
-        gather = 0 < kept <= GATHER_MAX_KEPT * self.in_channels
-        if self.impl == "gather" or (self.impl == "auto" and gather):
-            index = sal.detach().topk(kept, dim=-1, sorted=False).indices  # (B, h, K)
-            y = (
-                _GatheredGroupConv.apply(x, sal, self.weight, index, *args)
-                if grad
-                else gathered_conv(x, sal, self.weight, index, *args)
-            )
+        y = _GatedGroupConv.apply(x, sal, self.weight, *args)  # (B, O, H', W'), head-major
+        return G.interleave(y, self.heads)
+
+    def _forward_inference(self, x: Tensor, sal: Tensor) -> Tensor:
+        """No autograd: the fastest kernel for this input shape (see ``KernelChoice``)."""
+        n, args = self._inactive_host, (self.stride, self.padding, self.dilation)
+
+        def masked() -> Tensor:
+            y = gated_conv(x, deactivate_bottom_k(sal, n), self.weight, *args)
+            return G.interleave(y, self.heads)  # (B, O, H', W')
+
+        if n == 0 or self.impl == "masked":
+            return masked()
+        index, scale = G.select_channels(sal, n)  # (B, h, K) each
+        k = self.kernel_size
+        if k == 1 and self.padding == 0:
+            rows = self._weight_rows(False)  # (h*C, O/h)
+            kernels = {"bmm": lambda: G.bmm_conv(x, index, scale, rows, self.stride)}
         else:
-            y = (
-                _GatedGroupConv.apply(x, sal, self.weight, *args)
-                if grad
-                else gated_conv(x, sal, self.weight, *args)
-            )
-        b, o, h, w = y.shape  # (B, O, H', W'), head-major channels
-        return y.view(b, self.heads, o // self.heads, h, w).transpose(1, 2).reshape(b, o, h, w)
+            rows, taps = self._weight_rows(False), self._weight_rows(True)
+            kernels = {
+                "fold": lambda: G.fold_conv(x, index, scale, rows, k, args),
+                "unfold": lambda: G.unfold_conv(x, index, scale, taps, k, args),
+            }
+        default = next(iter(kernels))
+        if self.impl == "auto":
+            kernels["masked"] = masked
+        key = (tuple(x.shape), x.dtype, x.device, n)
+        return self.kernels.run(key, kernels, default)  # (B, O, H', W')
+
+    def _weight_rows(self, taps_major: bool) -> Tensor:
+        """The weight in ``gathered.weight_rows`` layout, rebuilt only when the weight changed.
+
+        Kept in non-persistent buffers so that ``.to()``, tracing and torch.export see them like
+        any buffer; a trace or export records the layout current at that time.
+        """
+        name = "eval_taps" if taps_major else "eval_rows"
+        cached, w = getattr(self, name), self.weight
+        if tracing():
+            return cached if cached.numel() else G.weight_rows(w, self.heads, taps_major)
+        version = (w._version, w.data_ptr(), w.dtype, w.device)
+        if version != self._rows_version.get(name) or cached.numel() == 0:
+            cached = G.weight_rows(w.detach(), self.heads, taps_major)
+            setattr(self, name, cached)
+            self._rows_version[name] = version
+        return cached
 
     def extra_repr(self) -> str:
         return (

@@ -15,8 +15,9 @@ from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 def test_cifar100_dydensenet86_reproduces_the_authors_logged_totals():
     # The authors' CIFAR-100 log is named dydensenet_<params>_<flops>.txt by their main.py:
     # dydensenet_4336900_71109208.txt (hellozhuo/dgc issue #4).
-    model = dgc.create_model("dydensenet86", num_classes=100, heads=4, gate_factor=0.25,
-                             squeeze_rate=16)
+    model = dgc.create_model(
+        "dydensenet86", num_classes=100, heads=4, gate_factor=0.25, squeeze_rate=16
+    )
     cost = dgc.count_cost(model, (3, 32, 32))
     assert (cost.macs, cost.params) == (71_109_208, 4_336_900)
 
@@ -38,32 +39,50 @@ def test_dgc_layer_cost_by_hand():
 
 
 def test_conv_linear_pool_relu_by_hand():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, groups=1, bias=False), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, groups=1, bias=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
     cost = dgc.count_cost(model, (3, 16, 16))
     conv = 3 * 8 * 9 * 8 * 8
     expected = conv + 8 * 8 * 8 + 8 * 4 * 4 * 4 + 8 * 4 * 4 + (8 * 5 + 5)
     assert cost.macs == expected
-    assert [r.kind for r in cost.layers] == ["Conv2d", "ReLU", "MaxPool2d", "AdaptiveAvgPool2d",
-                                             "Flatten", "Linear"]
+    assert [r.kind for r in cost.layers] == [
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Linear",
+    ]
 
 
-@pytest.mark.parametrize("name,size", [("resnet20", 32), ("densenet86", 32), ("gcresnet8", 16),
-                                       ("resnet18", 64)])
+@pytest.mark.parametrize(
+    "name,size", [("resnet20", 32), ("densenet86", 32), ("gcresnet8", 16), ("resnet18", 64)]
+)
 def test_dense_models_agree_with_flop_counter_mode_on_conv_and_linear(name, size):
     model = dgc.create_model(name).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.zeros(1, 3, size, size))
     ours = dgc.count_cost(model, (3, size, size))
-    conv_linear = sum(r.macs - (r.output_shape[-1] if r.kind == "Linear" else 0)  # minus bias adds
-                      for r in ours.layers if r.kind in ("Conv2d", "Linear"))
+    conv_linear = sum(
+        r.macs - (r.output_shape[-1] if r.kind == "Linear" else 0)  # minus bias adds
+        for r in ours.layers
+        if r.kind in ("Conv2d", "Linear")
+    )
     assert 2 * conv_linear == counter.get_total_flops()
 
 
 def test_macs_fall_with_gate_factor_and_heads_only_change_gate_cost():
-    macs = [dgc.count_cost(dgc.create_model("dyresnet20", gate_factor=g), (3, 32, 32)).macs
-            for g in (1.0, 0.5, 0.25)]
+    macs = [
+        dgc.count_cost(dgc.create_model("dyresnet20", gate_factor=g), (3, 32, 32)).macs
+        for g in (1.0, 0.5, 0.25)
+    ]
     assert macs[0] > macs[1] > macs[2]
     h2 = dgc.count_cost(dgc.create_model("dyresnet20", heads=2), (3, 32, 32))
     h4 = dgc.count_cost(dgc.create_model("dyresnet20", heads=4), (3, 32, 32))
@@ -85,7 +104,9 @@ def test_unknown_parametrised_leaf_is_an_error():
 
 
 def test_importing_dgc_loads_no_framework():
-    code = ("import sys, dgc; bad = [m for m in ('ray', 'optuna', 'mlflow', 'yaml', 'pydantic') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, dgc; bad = [m for m in ('ray', 'optuna', 'mlflow', 'yaml', 'pydantic') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -26,7 +26,9 @@ def test_model_forward_backward_every_parameter_gets_a_gradient(name):
     loss = out.square().mean() + 1e-3 * dgc.aux_loss(model)
     assert torch.isfinite(loss)
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert not missing, missing
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     has_dgc = bool(dgc.dgc_layers(model))
@@ -49,22 +51,37 @@ def test_static_group_baseline_uses_groups_equal_to_inverse_gate():
     cost_gc = dgc.count_cost(model, (3, 32, 32))
     cost_dgc = dgc.count_cost(dgc.create_model("dydensenet86", gate_factor=0.25), (3, 32, 32))
     conv_macs = lambda c, kind: sum(r.macs for r in c.layers if ".conv1" in r.name)  # noqa: E731
-    dgc_conv = sum(m.in_channels * m.out_channels * 0.25 * r.output_shape[-1] ** 2
-                   for m, r in zip(dgc.dgc_layers(dgc.create_model("dydensenet86")),
-                                   [r for r in cost_dgc.layers if r.kind == "DynamicGroupConv2d"]))
+    dgc_conv = sum(
+        m.in_channels * m.out_channels * 0.25 * r.output_shape[-1] ** 2
+        for m, r in zip(
+            dgc.dgc_layers(dgc.create_model("dydensenet86")),
+            [r for r in cost_dgc.layers if r.kind == "DynamicGroupConv2d"],
+        )
+    )
     # The 1x1 conv MACs of the static baseline equal DGC's head-conv MACs at its gate factor.
     gc_1x1 = sum(r.macs for r in cost_gc.layers if r.kind == "Conv2d" and ".conv1" in r.name)
     assert gc_1x1 == pytest.approx(dgc_conv)
     assert conv_macs(cost_gc, "gc") > 0
 
 
-@pytest.mark.parametrize("name,kwargs,match", [
-    ("dyresnet20", dict(heads=3), r"stages\.0\.0\.conv1: heads=3 must divide"),
-    ("dyresnet20", dict(heads=[2, 4]), r"heads=\[2, 4\] has 2 values but the network has 3 stages"),
-    ("dydensenet86", dict(gate_factor=1.2), r"features\.0\.conv1: gate_factor=1.2 must be in \(0, 1\]"),
-    ("gcresnet20", dict(gate_factor=0.3), r"gate_factor=0.3 has no static group conv"),
-    ("dyresnet2O", {}, r"unknown model name='dyresnet2O'; did you mean .*dyresnet20"),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("dyresnet20", dict(heads=3), r"stages\.0\.0\.conv1: heads=3 must divide"),
+        (
+            "dyresnet20",
+            dict(heads=[2, 4]),
+            r"heads=\[2, 4\] has 2 values but the network has 3 stages",
+        ),
+        (
+            "dydensenet86",
+            dict(gate_factor=1.2),
+            r"features\.0\.conv1: gate_factor=1.2 must be in \(0, 1\]",
+        ),
+        ("gcresnet20", dict(gate_factor=0.3), r"gate_factor=0.3 has no static group conv"),
+        ("dyresnet2O", {}, r"unknown model name='dyresnet2O'; did you mean .*dyresnet20"),
+    ],
+)
 def test_constructor_errors(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         dgc.create_model(name, **kwargs)

@@ -1,0 +1,235 @@
+"""Whole-network speed of DGC against the dense and static-group networks it replaces (issue #7).
+
+    python bench/dgc_speed.py infer  [--device cpu] [--threads 2] [--runs 15]
+    python bench/dgc_speed.py train  [--device cpu] [--threads 2] [--runs 8]
+    python bench/dgc_speed.py export [--runs 15]
+
+infer   eval mode, no grad, gates fully pruned (set_progress 1.0), random weights and inputs:
+        dense <family>, gc<family> and dy<family> at gate 0.25, heads 4, per (family, batch).
+train   one training step (forward, cross-entropy + 1e-5 * aux loss, backward, SGD step) of
+        dense, gc (gate 0.5) and dy at gate 0.25 and 0.5.
+export  the DGC network as it ships: eager eval against the TorchScript that `search export`
+        writes (search.commands.write_export) and the model MLflow logs and loads back
+        (mlflow.pytorch.log_model / load_model in a temporary SQLite store), outputs compared.
+
+Variants of one (family, batch) are timed round-robin in one process (load drift hits all
+alike); each figure is the median of --runs timed calls after two warm-ups. Ratios are
+dense time / variant time, so > 1 means faster than dense. Results go to stdout as markdown
+and to bench/out/dgc_speed_<mode>_<device>.json with the versions and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dgc
+
+# (family, image size, batches); the issue's configurations.
+INFER_CASES = [("resnet18", 224, (1, 8)), ("densenet86", 32, (1, 64)), ("resnet20", 32, (1, 64))]
+TRAIN_CASES = [("resnet18", 224, (8,)), ("densenet86", 32, (64,)), ("resnet20", 32, (64,))]
+
+
+def build(name: str, gate: float | None, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    kwargs = {} if gate is None else {"gate_factor": gate}
+    model = dgc.create_model(name, **kwargs)
+    dgc.set_progress(model, 1.0)  # fully pruned: the network that is deployed
+    return model.to(device=device, dtype=dtype)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def round_robin(fns: dict[str, Callable[[], object]], runs: int, device: str) -> dict[str, float]:
+    """Median milliseconds per call, variants interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up: allocator, oneDNN/cuDNN plans, DGC kernel choice
+        fn()
+        fn()
+    for _ in range(runs):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def infer(a: argparse.Namespace) -> list[dict]:
+    rows = []
+    for family, size, batches in INFER_CASES:
+        models = {
+            family: build(family, None, a.device, a.dtype).eval(),
+            f"gc{family}": build(f"gc{family}", 0.25, a.device, a.dtype).eval(),
+            f"dy{family}": build(f"dy{family}", 0.25, a.device, a.dtype).eval(),
+        }
+        macs = {k: cost_of(k, 0.25 if k != family else None, size) for k in models}
+        for batch in a.batches or batches:
+            x = torch.randn(batch, 3, size, size, device=a.device, dtype=a.dtype)
+            fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+            with torch.inference_mode():
+                ms = round_robin(fns, a.runs, a.device)
+            rows += table_rows(family, batch, ms, macs)
+            print_rows(rows[-len(ms) :])
+    return rows
+
+
+def train(a: argparse.Namespace) -> list[dict]:
+    rows = []
+    for family, size, batches in TRAIN_CASES:
+        variants = {
+            family: (family, None),
+            f"gc{family} g0.5": (f"gc{family}", 0.5),
+            f"dy{family} g0.25": (f"dy{family}", 0.25),
+            f"dy{family} g0.5": (f"dy{family}", 0.5),
+        }
+        macs = {k: cost_of(n, g, size) for k, (n, g) in variants.items()}
+        for batch in a.batches or batches:
+            x = torch.randn(batch, 3, size, size, device=a.device)
+            y = torch.randint(0, 10, (batch,), device=a.device)
+            fns = {}
+            for key, (name, gate) in variants.items():
+                model = build(name, gate, a.device, torch.float32).train()
+                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+                fns[key] = lambda m=model, o=opt: step(m, o, x, y, a)
+            ms = round_robin(fns, a.runs, a.device)
+            rows += table_rows(family, batch, ms, macs)
+            print_rows(rows[-len(ms) :])
+    return rows
+
+
+def step(model, opt, x, y, a: argparse.Namespace) -> None:  # noqa: ANN001
+    with torch.autocast(a.device, dtype=a.dtype, enabled=a.dtype != torch.float32):
+        loss = F.cross_entropy(model(x), y[: x.shape[0]] % model_classes(model))
+        loss = loss + 1e-5 * dgc.aux_loss(model).to(loss.device)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def model_classes(model: torch.nn.Module) -> int:
+    return int(getattr(model, "num_classes"))
+
+
+def export(a: argparse.Namespace) -> list[dict]:
+    """Eager eval vs the shipped TorchScript and MLflow model, same inputs, outputs compared."""
+    import mlflow
+
+    from search.commands import write_export
+
+    rows = []
+    for family, size, batches in INFER_CASES:
+        name = f"dy{family}"
+        model = build(name, 0.25, "cpu", torch.float32).eval()
+        example = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            model(example)  # the kernel choice for batch 1, as the product's export does
+        tmp = Path(tempfile.mkdtemp())
+        write_export(model, tmp / "export", (3, size, size), {"name": name})
+        ts = torch.jit.load(str(tmp / "export" / "model.ts"))
+        mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+        with mlflow.start_run():
+            ex2 = torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                model(ex2)
+            info = mlflow.pytorch.log_model(model, name="model", input_example=ex2.numpy())
+        loaded = mlflow.pytorch.load_model(info.model_uri)
+        for batch in a.batches or batches:
+            x = torch.randn(batch, 3, size, size)
+            shipped = {"eager eval": model, "TorchScript (search export)": ts, "MLflow": loaded}
+            with torch.inference_mode():
+                ref = model(x)
+                diff = {k: float((m(x) - ref).abs().max()) for k, m in shipped.items()}
+                ms = round_robin({k: (lambda m=m: m(x)) for k, m in shipped.items()}, a.runs, "cpu")
+            for key, t in ms.items():
+                rows.append(
+                    {
+                        "family": name,
+                        "batch": batch,
+                        "variant": key,
+                        "ms": t,
+                        "eager_over_variant": ms["eager eval"] / t,
+                        "max_abs_diff": diff[key],
+                    }
+                )
+            print_rows(rows[-len(ms) :], ratio_key="eager_over_variant")
+    return rows
+
+
+def cost_of(name: str, gate: float | None, size: int) -> int:
+    with torch.device("meta"):
+        model = dgc.create_model(name, **({} if gate is None else {"gate_factor": gate}))
+    return dgc.count_cost(model, (3, size, size)).macs
+
+
+def table_rows(family: str, batch: int, ms: dict[str, float], macs: dict[str, int]) -> list[dict]:
+    dense = ms[family]
+    return [
+        {
+            "family": family,
+            "batch": batch,
+            "variant": k,
+            "macs": macs[k],
+            "ms": t,
+            "dense_over_variant": dense / t,
+        }
+        for k, t in ms.items()
+    ]
+
+
+def print_rows(rows: list[dict], ratio_key: str = "dense_over_variant") -> None:
+    for r in rows:
+        extra = f" | {r['macs'] / 1e6:.1f} M" if "macs" in r else f" | {r['max_abs_diff']:.2e}"
+        print(f"| {r['variant']} | {r['batch']}{extra} | {r['ms']:.2f} | {r[ratio_key]:.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("mode", choices=["infer", "train", "export"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=15)
+    p.add_argument("--batches", type=int, nargs="*", help="override the issue's batch sizes")
+    p.add_argument("--families", nargs="*", help="subset of resnet18 densenet86 resnet20")
+    a = p.parse_args()
+    a.dtype = getattr(torch, a.dtype)
+    torch.set_num_threads(a.threads)
+    if a.families:
+        global INFER_CASES, TRAIN_CASES
+        INFER_CASES = [c for c in INFER_CASES if c[0] in a.families]
+        TRAIN_CASES = [c for c in TRAIN_CASES if c[0] in a.families]
+    torch.manual_seed(0)
+    rows = {"infer": infer, "train": train, "export": export}[a.mode](a)
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        "threads": a.threads,
+        "dtype": str(a.dtype),
+        "runs": a.runs,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    dest = out / f"dgc_speed_{a.mode}_{a.device}_{str(a.dtype).split('.')[-1]}.json"
+    dest.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    print(json.dumps(env))
+
+
+if __name__ == "__main__":
+    main()

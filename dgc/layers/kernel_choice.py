@@ -1,0 +1,86 @@
+"""Per-shape choice between equivalent kernels, by measured time, made once and cached.
+
+The fastest way to run a DGC layer's kept-channel convolution depends on its shape (batch,
+channels, resolution, kernel size) and on the machine: a batch-folded grouped conv wins on wide
+early layers, a batched matmul on 1x1 layers, and the full-width masked conv where most channels
+are kept. Like ``torch.backends.cudnn.benchmark``, the first forward at a new input shape times
+each candidate a few times and keeps the fastest; later forwards at that shape run it directly.
+The cache belongs to the layer (no global state).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from collections.abc import Hashable
+
+import torch
+from torch import Tensor
+
+TIMED_RUNS = 3
+
+
+def tracing() -> bool:
+    """True while TorchScript tracing, torch.export or torch.compile records the forward."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class KernelChoice:
+    """Remembers, per input shape, which of a set of equivalent kernels is fastest.
+
+    Args:
+        measure: time the candidates (False: always take the default).
+    """
+
+    def __init__(self, measure: bool = True) -> None:
+        self.measure = measure
+        self.chosen: dict[Hashable, str] = {}
+        self.last: str | None = None
+
+    def run(self, key: Hashable, kernels: dict[str, Callable[[], Tensor]], default: str) -> Tensor:
+        """Run the kernel chosen for ``key``, choosing it first if the shape is new.
+
+        While a trace or export records the forward nothing is timed (the timing runs would
+        be recorded too): the choice made for that shape in eager mode is used, else the last
+        one made, else ``default``.
+        """
+        if tracing():
+            name = self.chosen.get(key, self.last or default) if _hashable(key) else self.last
+            name = name if name in kernels else default
+        else:
+            name = self.chosen.get(key)
+            if name is None:
+                name = self._fastest(kernels) if self.measure and len(kernels) > 1 else default
+                self.chosen[key] = name
+        self.last = name
+        return kernels[name]()
+
+    @staticmethod
+    def _fastest(kernels: dict[str, Callable[[], Tensor]]) -> str:
+        times: dict[str, list[float]] = {name: [] for name in kernels}
+        for name, kernel in kernels.items():  # warm-up (allocator, oneDNN/cuDNN plans)
+            _timed(kernel)
+        for _ in range(TIMED_RUNS):  # round-robin, so drifting load hits all alike
+            for name, kernel in kernels.items():
+                times[name].append(_timed(kernel))
+        return min(times, key=lambda name: statistics.median(times[name]))
+
+
+def _timed(kernel: Callable[[], Tensor]) -> float:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()  # time this kernel, not the work queued before it
+    start = time.perf_counter()
+    kernel()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _hashable(key: Hashable) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
