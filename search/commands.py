@@ -102,8 +102,10 @@ def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta:
     torch.save(model.state_dict(), out / "model.pt")
     info = {**meta, "dgc_layers": len(dgc.dgc_layers(model))}
     (out / "model.json").write_text(json.dumps(info, indent=2))
+    example = torch.zeros(1, *size)
     with torch.no_grad():
-        traced = torch.jit.trace(model, torch.zeros(1, *size), check_trace=False)
+        model(example)  # DGC layers choose their fastest kernels at batch 1; the trace keeps them
+        traced = torch.jit.trace(model, example, check_trace=False)
     traced.save(str(out / "model.ts"))
     print(
         f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "

@@ -204,6 +204,15 @@ def gated_conv(
     return F.conv2d(gated, weight, None, stride, padding, dilation, sal.shape[1])  # (B, O, H', W')
 
 
+def masked_conv(
+    x: Tensor, sal: Tensor, weight: Tensor, n_inactive: int, heads: int, conv: tuple[int, int, int]
+) -> Tensor:
+    """The full-width masked conv (dense MACs), heads interleaved: (B, O, H', W')."""
+    stride, padding, dilation = conv
+    y = gated_conv(x, deactivate_bottom_k(sal, n_inactive), weight, stride, padding, dilation)
+    return G.interleave(y, heads)
+
+
 def _conv_backward(
     grad_out: Tensor,
     inputs: Tensor,
@@ -343,7 +352,9 @@ class DynamicGroupConv2d(nn.Module):
         sal = self.gate(x.mean(dim=(2, 3)))  # (B, h, C)
         # Kept only when training (the loss needs it); inference and export stay stateless.
         self.last_saliency_loss = sal.mean(dim=(0, 2)).sum() if self.training else None
-        if torch.is_grad_enabled():
+        # An eval model that a trace or torch.export records (MLflow logs with grad enabled)
+        # ships the inference path; eager eval with grad enabled keeps full autograd.
+        if torch.is_grad_enabled() and (self.training or not tracing()):
             return self._forward_autograd(x, sal)  # (B, O, H', W')
         return self._forward_inference(x, sal)  # (B, O, H', W')
 
@@ -361,9 +372,10 @@ class DynamicGroupConv2d(nn.Module):
         """No autograd: the fastest kernel for this input shape (see ``KernelChoice``)."""
         n, args = self._inactive_host, (self.stride, self.padding, self.dilation)
 
+        t = G.traceable  # while tracing, scripted kernels keep the batch size dynamic
+
         def masked() -> Tensor:
-            y = gated_conv(x, deactivate_bottom_k(sal, n), self.weight, *args)
-            return G.interleave(y, self.heads)  # (B, O, H', W')
+            return t(masked_conv)(x, sal, self.weight, n, self.heads, args)  # (B, O, H', W')
 
         if n == 0 or self.impl == "masked":
             return masked()
@@ -371,12 +383,12 @@ class DynamicGroupConv2d(nn.Module):
         k = self.kernel_size
         if k == 1 and self.padding == 0:
             rows = self._weight_rows(False)  # (h*C, O/h)
-            kernels = {"bmm": lambda: G.bmm_conv(x, index, scale, rows, self.stride)}
+            kernels = {"bmm": lambda: t(G.bmm_conv)(x, index, scale, rows, self.stride)}
         else:
             rows, taps = self._weight_rows(False), self._weight_rows(True)
             kernels = {
-                "fold": lambda: G.fold_conv(x, index, scale, rows, k, args),
-                "unfold": lambda: G.unfold_conv(x, index, scale, taps, k, args),
+                "fold": lambda: t(G.fold_conv)(x, index, scale, rows, k, args),
+                "unfold": lambda: t(G.unfold_conv)(x, index, scale, taps, k, args),
             }
         default = next(iter(kernels))
         if self.impl == "auto":

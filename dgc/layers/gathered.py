@@ -21,11 +21,30 @@ gathering a kept channel's kernel columns is one row copy.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 EVAL_KERNELS = ("fold", "unfold", "bmm")
+
+
+def traceable(fn: Callable) -> Callable:
+    """``fn``, or its TorchScript-compiled version while ``torch.jit.trace`` records a forward.
+
+    The kernels derive sizes from the batch (groups = B*heads, row offsets): traced as Python
+    they would be frozen at the example's batch size, and ``search export``'s TorchScript
+    would fail at any other. A scripted call is recorded as a call, with its sizes computed at
+    run time.
+    """
+    return _scripted(fn) if torch.jit.is_tracing() else fn
+
+
+@functools.cache
+def _scripted(fn: Callable) -> Callable:
+    return torch.jit.script(fn)
 
 
 def select_channels(sal: Tensor, n_inactive: int) -> tuple[Tensor, Tensor]:
@@ -99,23 +118,26 @@ def fold_conv(
     kernel (O/h*k^2 values) is smaller than its feature map (H*W), else the inputs.
     """
     b, c, h, w = x.shape
-    heads, kept = index.shape[1:]
+    heads, kept = index.shape[1], index.shape[2]
     per = rows.shape[1]  # O/h * k^2
-    o_h, k2 = per // kernel_size**2, kernel_size**2
+    k2 = kernel_size * kernel_size
+    o_h = per // k2
     xg = gather_inputs(x, index)  # (B*h*K, HW)
     wg = gather_kernels(rows, index, c).view(b, heads, kept, o_h, k2)  # (B, h, K, O/h, k^2)
     wg_t = wg.transpose(2, 3)  # (B, h, O/h, K, k^2), a view
     wk = torch.empty(
         b * heads * o_h, kept, kernel_size, kernel_size, dtype=x.dtype, device=x.device
     )
-    if per < h * w:  # saliency on the kernels, in the same pass as their transpose
-        torch.mul(wg_t, scale[:, :, None, :, None], out=wk.view(b, heads, o_h, kept, k2))
-    else:  # saliency on the inputs
+    wk.view(b, heads, o_h, kept, k2).copy_(wg_t)  # (B*O, K, k, k), the transpose
+    if per < h * w:  # saliency on the (smaller) kernels
+        wk.mul_(
+            scale.view(b, heads, 1, kept, 1).expand(-1, -1, o_h, -1, -1).reshape(-1, kept, 1, 1)
+        )
+    else:  # saliency on the (smaller) inputs
         xg = xg * scale.reshape(-1, 1)
-        wk.view(b, heads, o_h, kept, k2).copy_(wg_t)
     stride, padding, dilation = conv
     y = F.conv2d(xg.view(1, -1, h, w), wk, None, stride, padding, dilation, b * heads)
-    return interleave(y.view(b, heads * o_h, *y.shape[-2:]), heads)  # (B, O, H', W')
+    return interleave(y.view(b, heads * o_h, y.shape[2], y.shape[3]), heads)  # (B, O, H', W')
 
 
 def unfold_conv(
@@ -132,18 +154,18 @@ def unfold_conv(
     k*k taps of O/h outputs are one row, and the gathered rows are the bmm's transposed operand.
     """
     b, c, h, w = x.shape
-    heads, kept = index.shape[1:]
+    heads, kept = index.shape[1], index.shape[2]
     stride, padding, dilation = conv
     xg = gather_inputs(x, index) * scale.reshape(-1, 1)  # (B*h*K, HW), saliency-scaled
     cols = F.unfold(xg.view(b, -1, h, w), kernel_size, dilation, padding, stride)  # (B, hKk^2, L)
     ho = (h + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
-    wg = gather_kernels(taps, index, c).view(b * heads, kept * kernel_size**2, -1)  # (Bh,Kk^2,O/h)
+    wg = gather_kernels(taps, index, c).view(b * heads, kept * kernel_size * kernel_size, -1)
     y = torch.bmm(wg.transpose(1, 2), cols.view(b * heads, wg.shape[1], -1))  # (B*h, O/h, L)
     return interleave(y.view(b, -1, ho, y.shape[-1] // ho), heads)  # (B, O, H', W')
 
 
 def bmm_conv(x: Tensor, index: Tensor, scale: Tensor, rows: Tensor, stride: int) -> Tensor:
-    """A 1x1, unpadded conv over the kept channels as one bmm over (sample, head): (B, O, H', W')."""
+    """A 1x1 unpadded conv over the kept channels, one bmm over (sample, head): (B, O, H', W')."""
     if stride > 1:
         x = x[:, :, ::stride, ::stride]  # a strided 1x1 conv reads every stride-th pixel
     b, c, h, w = x.shape

@@ -31,10 +31,12 @@ class KernelChoice:
 
     Args:
         measure: time the candidates (False: always take the default).
+        prefer: run this kernel wherever it is a candidate (pins the choice, e.g. for
+            reproducible outputs or tests).
     """
 
-    def __init__(self, measure: bool = True) -> None:
-        self.measure = measure
+    def __init__(self, measure: bool = True, prefer: str | None = None) -> None:
+        self.measure, self.prefer = measure, prefer
         self.chosen: dict[Hashable, str] = {}
         self.last: str | None = None
 
@@ -45,7 +47,9 @@ class KernelChoice:
         be recorded too): the choice made for that shape in eager mode is used, else the last
         one made, else ``default``.
         """
-        if tracing():
+        if self.prefer in kernels:
+            name = self.prefer
+        elif tracing():
             name = self.chosen.get(key, self.last or default) if _hashable(key) else self.last
             name = name if name in kernels else default
         else:

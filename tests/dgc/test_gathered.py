@@ -1,0 +1,130 @@
+"""The kept-channel kernels against the per-head oracle, and their traces at other batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgc
+from dgc.layers import gathered as G
+from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from dgc.layers.dynamic_group_conv import deactivate_bottom_k
+from dgc.layers.kernel_choice import KernelChoice
+from tests.dgc.test_layers import oracle_forward
+
+
+def test_select_channels_equals_bottom_k_zeroing_with_ties():
+    # Head 0: ties at the threshold (both 0.5s) and exact zeros; head 1: distinct values.
+    sal = torch.tensor([[[0.0, 0.5, 0.0, 0.5, 0.9, 0.75], [0.1, 0.6, 0.2, 0.3, 0.5, 0.4]]])
+    for n in range(1, 6):
+        index, scale = G.select_channels(sal, n)
+        assert index.shape == scale.shape == (1, 2, 6 - n)
+        dense = torch.zeros_like(sal).scatter(-1, index, scale)
+        assert torch.equal(dense, deactivate_bottom_k(sal, n)), n
+
+
+def test_select_channels_passes_gradient_to_kept_saliencies_only():
+    sal = torch.tensor([[[0.1, 0.6, 0.2, 0.3]]], requires_grad=True)
+    _, scale = G.select_channels(sal, 2)
+    scale.sum().backward()
+    assert sal.grad.tolist() == [[[0.0, 1.0, 0.0, 1.0]]]
+
+
+def _layer(cin, cout, k, stride, heads, gate, seed=0):
+    torch.manual_seed(seed)
+    pad = k // 2
+    layer = DynamicGroupConv2d(cin, cout, k, stride, pad, heads=heads, gate_factor=gate).eval()
+    layer.set_inactive(layer.target_inactive)
+    with torch.no_grad():  # non-trivial BN, so that the gate sees varied inputs
+        layer.norm.running_mean.uniform_(-0.5, 0.5)
+        layer.norm.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+SHAPES = [  # (C, O, k, stride, heads, gate, H)
+    (16, 8, 3, 1, 2, 0.25, 6),
+    (16, 16, 3, 2, 4, 0.25, 7),  # stride 2, odd size
+    (12, 8, 3, 1, 4, 0.5, 5),
+    (16, 8, 1, 1, 2, 0.25, 6),
+    (16, 16, 1, 2, 4, 0.25, 6),  # strided 1x1 (a ResNet downsample)
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,size", SHAPES)
+def test_every_eval_kernel_equals_the_per_head_oracle(cin, cout, k, stride, heads, gate, size):
+    layer = _layer(cin, cout, k, stride, heads, gate)
+    x = torch.randn(3, cin, size, size)
+    names = ["bmm", "masked"] if k == 1 else ["fold", "unfold", "masked"]
+    with torch.no_grad():
+        expected, _ = oracle_forward(layer, x)
+        for name in names:
+            layer.kernels = KernelChoice(prefer=name)
+            torch.testing.assert_close(layer(x), expected, msg=name)
+            assert layer.kernels.last == name
+
+
+@pytest.mark.parametrize("prefer", ["fold", "unfold", "masked"])
+def test_network_traced_at_batch_1_runs_at_other_batches(prefer):
+    # search export traces at batch 1; the kernels fold the batch into conv groups and row
+    # offsets, which a plain trace would freeze at 1.
+    torch.manual_seed(0)
+    model = dgc.create_model("dyresnet8", num_classes=5, in_chans=1, gate_factor=0.25).eval()
+    dgc.set_progress(model, 1.0)
+    for layer in dgc.dgc_layers(model):
+        layer.kernels = KernelChoice(prefer=prefer)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.zeros(1, 1, 12, 12), check_trace=False)
+        for batch in (1, 3, 8):
+            x = torch.randn(batch, 1, 12, 12)
+            torch.testing.assert_close(traced(x), model(x))
+
+
+def test_eval_weight_layout_follows_weight_updates():
+    layer = _layer(16, 8, 3, 1, 2, 0.25)
+    x = torch.randn(2, 16, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(2.0)  # an optimizer step or load_state_dict writes in place
+        expected, _ = oracle_forward(layer, x)
+        torch.testing.assert_close(layer(x), expected)
+        layer.load_state_dict(_layer(16, 8, 3, 1, 2, 0.25, seed=1).state_dict())
+        expected, _ = oracle_forward(layer, x)
+        torch.testing.assert_close(layer(x), expected)
+    assert "eval_rows" not in layer.state_dict()  # a cache, never a checkpoint entry
+
+
+def test_eval_under_bf16_autocast_matches_float32():
+    layer = _layer(16, 16, 3, 1, 4, 0.25)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        ref = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_torch_export_with_grad_enabled_ships_the_inference_path():
+    # MLflow logs PyTorch models with torch.export (pt2) and grad enabled: an eval model must
+    # export its inference kernels (with their cached weight layout), not the training path,
+    # and the program must serve other batch sizes.
+    torch.manual_seed(0)
+    model = dgc.create_model("dyresnet8", num_classes=5, in_chans=1, gate_factor=0.25).eval()
+    dgc.set_progress(model, 1.0)
+    example = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        model(example)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    buffers = program.graph_signature.inputs_to_buffers  # placeholder -> buffer name
+    used = [
+        buffers[node.name]
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in buffers and node.users
+    ]
+    assert any(name.endswith(("eval_rows", "eval_taps")) for name in used)
+    with torch.no_grad():
+        for size in (1, 3):
+            x = torch.randn(size, 1, 12, 12)
+            torch.testing.assert_close(program.module()(x), model(x))

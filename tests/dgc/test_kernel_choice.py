@@ -1,0 +1,54 @@
+"""KernelChoice: times once per shape, caches, never times while a trace records."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dgc.layers.kernel_choice import TIMED_RUNS
+from dgc.layers.kernel_choice import KernelChoice
+
+
+def _kernels(calls, slow_s=0.01):
+    def slow():
+        calls["slow"] += 1
+        time.sleep(slow_s)
+        return torch.zeros(1)
+
+    def fast():
+        calls["fast"] += 1
+        return torch.ones(1)
+
+    return {"slow": slow, "fast": fast}
+
+
+def test_choice_is_the_fastest_and_is_made_once_per_key():
+    choice, calls = KernelChoice(), {"slow": 0, "fast": 0}
+    assert choice.run("a", _kernels(calls), default="slow").item() == 1.0
+    assert calls == {"slow": 1 + TIMED_RUNS, "fast": 2 + TIMED_RUNS}  # warm-up + timed + run
+    choice.run("a", _kernels(calls), default="slow")
+    assert calls == {"slow": 1 + TIMED_RUNS, "fast": 3 + TIMED_RUNS}  # cached: no timing
+    assert choice.chosen == {"a": "fast"}
+
+
+def test_no_measurement_takes_the_default_and_prefer_pins():
+    calls = {"slow": 0, "fast": 0}
+    assert KernelChoice(measure=False).run("a", _kernels(calls), "slow").item() == 0.0
+    assert KernelChoice(prefer="slow").run("a", _kernels(calls), "fast").item() == 0.0
+    assert calls == {"slow": 2, "fast": 0}
+
+
+def test_a_trace_records_one_kernel_and_no_timing_runs():
+    choice, calls = KernelChoice(), {"slow": 0, "fast": 0}
+    choice.run((2, 3), _kernels(calls), default="slow")  # eager: chooses "fast" for (2, 3)
+    before = dict(calls)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            k = _kernels(calls)
+            return x + choice.run(tuple(x.shape), k, default="slow")
+
+    traced = torch.jit.trace(M(), torch.zeros(2, 3), check_trace=False)
+    assert calls == {"slow": before["slow"], "fast": before["fast"] + 1}
+    assert traced(torch.zeros(2, 3)).sum().item() == 6.0  # the eager choice was recorded
