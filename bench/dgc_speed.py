@@ -3,6 +3,7 @@
     python bench/dgc_speed.py infer  [--device cpu] [--threads 2] [--runs 15]
     python bench/dgc_speed.py train  [--device cpu] [--threads 2] [--runs 8]
     python bench/dgc_speed.py export [--runs 15]
+    python bench/dgc_speed.py table bench/out/dgc_speed_infer_cpu_float32.json
 
 infer   eval mode, no grad, gates fully pruned (set_progress 1.0), random weights and inputs
         (BN statistics from 10 random batches of 8): dense <family>, gc<family> and
@@ -241,9 +242,28 @@ def print_rows(rows: list[dict], ratio_key: str = "dense_over_variant") -> None:
         print(f"| {r['variant']} | {r['batch']}{extra} | {r['ms']:.2f} | {r[ratio_key]:.2f} |")
 
 
+def table(path: str) -> str:
+    """One markdown row per (family, batch): each variant's ms and dense/variant ratio."""
+    data = json.loads(Path(path).read_text())
+    groups: dict[tuple, list[dict]] = {}
+    for r in data["rows"]:
+        groups.setdefault((r["family"], r["batch"]), []).append(r)
+    lines = []
+    for (family, batch), rows in groups.items():
+        if not lines:
+            names = [r["variant"].replace(family, "").strip() or "dense" for r in rows]
+            lines.append("| network | batch | " + " | ".join(f"{n} ms (x)" for n in names) + " |")
+            lines.append("|---|---:|" + "---:|" * len(rows))
+        key = "dense_over_variant" if "dense_over_variant" in rows[0] else "eager_over_variant"
+        cells = [f"{r['ms']:.2f} ({r[key]:.2f})" for r in rows]
+        lines.append(f"| {family} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n{json.dumps(data['env'])}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=["infer", "train", "export"])
+    p.add_argument("mode", choices=["infer", "train", "export", "table"])
+    p.add_argument("json", nargs="?", help="table: a bench/out/dgc_speed_*.json to render")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
@@ -252,6 +272,9 @@ def main() -> None:
     p.add_argument("--families", nargs="*", help="subset of resnet18 densenet86 resnet20")
     p.add_argument("--cuda-graph", action="store_true", help="infer: replay captured CUDA graphs")
     a = p.parse_args()
+    if a.mode == "table":
+        print(table(a.json))
+        return
     a.dtype = getattr(torch, a.dtype)
     torch.set_num_threads(a.threads)
     if a.families:

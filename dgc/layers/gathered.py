@@ -62,11 +62,10 @@ def select_channels(sal: Tensor, n_inactive: int) -> tuple[Tensor, Tensor]:
         index (B, h, K) and scale (B, h, K), K = C - n. ``scale`` carries autograd to ``sal``.
     """
     kept = sal.shape[-1] - n_inactive
-    top = sal.detach().topk(kept + 1, dim=-1, sorted=True)  # (B, h, K+1), descending
-    index = top.indices[..., :kept]  # (B, h, K)
-    alive = top.values[..., :kept] > top.values[..., kept:]  # (B, h, K), strict: ties go
-    scale = sal.gather(-1, index) * alive  # (B, h, K)
-    return index, scale
+    values, index = sal.topk(kept + 1, dim=-1, sorted=True)  # (B, h, K+1), descending
+    top = values[..., :kept]  # (B, h, K); topk's values carry the gradient to ``sal``
+    alive = top.detach() > values[..., kept:].detach()  # strict: ties at the threshold go
+    return index[..., :kept], top * alive  # (B, h, K) each
 
 
 def weight_rows(weight: Tensor, heads: int, taps_major: bool = False) -> Tensor:
