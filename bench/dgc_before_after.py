@@ -1,0 +1,99 @@
+"""Eval and train-step time of this checkout's DGC networks against an older checkout's, in one
+process, round-robin (same weights, gates fully pruned, float32, 2 threads).
+
+    git archive <old-commit> dgc | tar -x -C /tmp/old && mv /tmp/old/dgc /tmp/old/dgc_old
+    grep -rl dgc /tmp/old/dgc_old | xargs sed -i 's/from dgc\\./from dgc_old./g; \\
+        s/from dgc import/from dgc_old import/g'
+    PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10]
+
+Prints before/after milliseconds and the speed-up (before / after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import dgc_old
+import torch
+import torch.nn.functional as F
+
+import dgc
+
+CASES = [
+    ("dyresnet18", 224, 1),
+    ("dyresnet18", 224, 8),
+    ("dydensenet86", 32, 1),
+    ("dydensenet86", 32, 64),
+    ("dyresnet20", 32, 1),
+    ("dyresnet20", 32, 64),
+]
+TRAIN = [("dyresnet18", 224, 8), ("dydensenet86", 32, 64), ("dyresnet20", 32, 64)]
+
+
+def pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    new = dgc.create_model(name, gate_factor=0.25)
+    old = dgc_old.create_model(name, gate_factor=0.25)
+    old.load_state_dict(new.state_dict())
+    dgc.set_progress(new, 1.0)
+    dgc_old.set_progress(old, 1.0)
+    return old, new
+
+
+def timed(fns: dict, runs: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+        f()
+    for _ in range(runs):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def train_step(model, lib, opt, x, y):  # noqa: ANN001, ANN201
+    loss = F.cross_entropy(model(x), y) + 1e-5 * lib.aux_loss(model)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=10)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    print("| network (g 0.25) | batch | mode | before ms | after ms | speed-up |")
+    print("|---|---:|---|---:|---:|---:|")
+    for name, size, batch in CASES:
+        old, new = (m.eval() for m in pair(name))
+        x = torch.randn(batch, 3, size, size)
+        with torch.inference_mode():
+            ms = timed({"before": lambda: old(x), "after": lambda: new(x)}, a.runs)
+        print(
+            f"| {name} | {batch} | eval | {ms['before']:.1f} | {ms['after']:.1f} | "
+            f"{ms['before'] / ms['after']:.2f} |",
+            flush=True,
+        )
+    for name, size, batch in TRAIN:
+        old, new = (m.train() for m in pair(name))
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+        o1, o2 = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (old, new))
+        fns = {
+            "before": lambda: train_step(old, dgc_old, o1, x, y),
+            "after": lambda: train_step(new, dgc, o2, x, y),
+        }
+        ms = timed(fns, max(3, a.runs // 2))
+        print(
+            f"| {name} | {batch} | train step | {ms['before']:.0f} | {ms['after']:.0f} | "
+            f"{ms['before'] / ms['after']:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
