@@ -349,7 +349,7 @@ class DynamicGroupConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W)
         x = self.act(self.norm(x))  # (B, C, H, W)
-        sal = self.gate(x.mean(dim=(2, 3)))  # (B, h, C)
+        sal = self._saliency(x)  # (B, h, C), float32 under autocast too
         # Kept only when training (the loss needs it); inference and export stay stateless.
         self.last_saliency_loss = sal.mean(dim=(0, 2)).sum() if self.training else None
         # An eval model that a trace or torch.export records (MLflow logs with grad enabled)
@@ -357,6 +357,16 @@ class DynamicGroupConv2d(nn.Module):
         if torch.is_grad_enabled() and (self.training or not tracing()):
             return self._forward_autograd(x, sal)  # (B, O, H', W')
         return self._forward_inference(x, sal)  # (B, O, H', W')
+
+    def _saliency(self, x: Tensor) -> Tensor:
+        """The generators' saliencies. Under autocast they and the selection stay float32:
+        bf16 matmuls round differently and the bottom-k would then zero extra channels on ties
+        the float32 network does not have (issue #8)."""
+        device = x.device.type
+        if x.is_meta or not torch.is_autocast_enabled(device):
+            return self.gate(x.mean(dim=(2, 3)))  # (B, h, C)
+        with torch.autocast(device, enabled=False):
+            return self.gate(x.float().mean(dim=(2, 3)))  # (B, h, C), float32
 
     def _forward_autograd(self, x: Tensor, sal: Tensor) -> Tensor:
         n, args = self._inactive_host, (self.stride, self.padding, self.dilation)

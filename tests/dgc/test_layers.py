@@ -222,3 +222,20 @@ def test_no_grad_path_equals_autograd_path_and_traces(impl, tmp_path):
     torch.testing.assert_close(layer(x).detach(), plain)
     traced.save(str(tmp_path / "m.ts"))
     torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.ts"))(x), plain)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_saliency_and_selection_stay_float32_under_bf16_autocast(training):
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(32, 32, 3, padding=1, heads=4, gate_factor=0.25)
+    layer.set_inactive(layer.target_inactive)
+    layer.train(training)
+    seen = []
+    layer.gate.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    x = torch.randn(4, 32, 8, 8)
+    with torch.no_grad():
+        layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    assert seen[1].dtype == torch.float32
+    assert torch.equal(seen[0], seen[1])  # same saliencies, hence the same kept channels
