@@ -106,7 +106,8 @@ def resume(folder: Path, address: str | None = None) -> int:
 
     from trainables.trainable import train_dgc
 
-    exp, state, tracking = open_search(folder.resolve())
+    folder = folder.resolve()  # Tune's restore takes a URI: a relative path has no scheme
+    exp, state, tracking = open_search(folder)
     connect_ray(exp, address)
     tuner = tune.Tuner.restore(
         str(folder / TUNE_NAME),

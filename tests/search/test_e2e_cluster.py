@@ -38,9 +38,10 @@ def _finished(uri: str) -> int:
 
 
 def test_resume_after_driver_sigkill_completes_exactly_the_requested_trials(tmp_path):
+    # The README's form: default storage_dir (runs/), `resume runs/<name>` as a relative path.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["--set", f"storage_dir={tmp_path}", "--set", f"mlflow.tracking_uri={uri}",
-            "--set", "num_trials=6", "--set", "trial.epochs=3"]
+    sets = ["--set", f"mlflow.tracking_uri={uri}", "--set", "num_trials=6",
+            "--set", "trial.epochs=3"]
     with open(tmp_path / "first.log", "w") as log:
         driver = subprocess.Popen(_cli("launch", SMOKE, *sets), stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True, cwd=tmp_path)
@@ -52,14 +53,14 @@ def test_resume_after_driver_sigkill_completes_exactly_the_requested_trials(tmp_
         driver.wait()
     before = _finished(uri)
     assert 2 <= before < 6
-    out = subprocess.run(_cli("resume", str(tmp_path / "smoke")), capture_output=True, text=True,
+    out = subprocess.run(_cli("resume", "runs/smoke"), capture_output=True, text=True,
                          timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, kids = children(uri, "smoke")
     ids = [k.data.tags["ray_trial_id"] for k in kids]
     assert len(kids) == 6 and len(set(ids)) == 6, ids  # nothing lost, nothing duplicated
     assert all(k.info.status == "FINISHED" for k in kids)
-    state = SearchState.load(tmp_path / "smoke")
+    state = SearchState.load(tmp_path / "runs" / "smoke")
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(ids)
