@@ -130,7 +130,7 @@ def _cifar_split(root: Path, files: tuple[str, ...], key: bytes) -> Split:
             )
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")  # noqa: S301 (the official format)
+                batch = _CifarUnpickler(f, encoding="bytes").load()
             images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
             labels.append(torch.as_tensor(batch[key], dtype=torch.long))
         except (pickle.UnpicklingError, KeyError, RuntimeError, EOFError) as err:
@@ -139,6 +139,32 @@ def _cifar_split(root: Path, files: tuple[str, ...], key: bytes) -> Split:
                 f"dict with b'data' (N x 3072 uint8) and {key!r}"
             ) from err
     return Split(torch.cat(images), torch.cat(labels))
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what the CIFAR python format holds (dicts, lists, bytes, numpy arrays) and
+    refuses every other global: a crafted batch in a data folder must not run code."""
+
+    # (module, name) -> where it lives now; the official files were written with Python 2 and
+    # numpy 1.x (numpy.core), files re-pickled by Python 3 add _codecs.encode for bytes.
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("_codecs", "encode"): ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        target = self.ALLOWED.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name}: a CIFAR batch holds only dicts, "
+                "lists, bytes and numpy arrays"
+            )
+        return super().find_class(*target)
 
 
 def load_imagefolder_arrays(datadir: Path, image_size: int | None) -> tuple[Split, Split, int]:

@@ -145,3 +145,35 @@ def test_imagenet_layout_uses_standard_transforms(tmp_path):
     xs = [x for x, _ in test.epoch()]
     assert [len(x) for x in xs] == [3, 3, 3, 1] and xs[0].shape[-2:] == (224, 224)
     assert D.describe(params) == (2, (3, 224, 224))
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, 'w')``: what a crafted CIFAR batch could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cifar_batch_that_would_run_code_is_refused_and_named(tmp_path):
+    _write_cifar(tmp_path, 4, 10)
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    bad.write_bytes(pickle.dumps({b"data": _Payload(str(marker)), b"labels": [0]}))
+    with pytest.raises(D.DatasetError, match=r"data_batch_2.*refusing to load global io\.open"):
+        D.load_splits(DataParams(dataset="cifar10", datadir=str(tmp_path)))
+    assert not marker.exists()
+
+
+def test_cifar_batch_in_the_official_python2_numpy1_spelling_loads(tmp_path):
+    _write_cifar(tmp_path, 4, 10)
+    folder = tmp_path / "cifar-10-batches-py"
+    batch = {b"data": np.arange(4 * 3072, dtype=np.uint8).reshape(4, 3072), b"labels": [1, 2, 3, 4]}
+    raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in raw
+    (folder / "test_batch").write_bytes(raw)
+    s = D.load_splits(DataParams(dataset="cifar10", datadir=str(tmp_path), val_size=10))
+    assert s.test.labels.tolist() == [1, 2, 3, 4]
+    assert torch.equal(s.test.images.flatten(1)[0, :5], torch.arange(5, dtype=torch.uint8))
