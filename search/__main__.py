@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from search.overrides import SearchConfigError
+from search.redact import RedactingFilter
+from search.redact import redact
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no password of a storage URL in any log line
     for noisy in ("mlflow", "alembic", "ray", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import optuna
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except SearchConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,8 @@ from search.config import ExperimentConfig
 from search.overrides import SearchConfigError
 from search.preflight import Problem
 from search.preflight import run_preflight
+from search.redact import log_redacted_artifact
+from search.redact import redact
 from search.searcher import OptunaSearcher
 from search.searcher import StudyRef
 from search.tracking import ConsoleProgress
@@ -83,13 +85,13 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     state.parent_run_id = tracking.start_parent(
         exp.name, _parent_params(exp), {**_run_tags(source), "search_dir": str(folder)}
     )
-    tracking.client.log_artifact(state.parent_run_id, str(folder / RESOLVED_FILE))
-    tracking.client.log_artifact(state.parent_run_id, source)
+    log_redacted_artifact(tracking.client, state.parent_run_id, folder / RESOLVED_FILE)
+    log_redacted_artifact(tracking.client, state.parent_run_id, source)
     state.save(folder)
     log.info(
         "experiment folder: %s | MLflow: %s (experiment %r, parent run %s)",
         folder,
-        state.tracking_uri,
+        redact(state.tracking_uri),
         state.mlflow_experiment,
         state.parent_run_id,
     )
