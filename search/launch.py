@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import socket
 import subprocess
 from dataclasses import asdict
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     if any(o.metric == M.LATENCY_MS for o in exp.objectives):
         trial = exp.trial.model_copy(update={"measure_latency": True})
         exp = exp.model_copy(update={"trial": trial})
+    check_cluster_reachable(address or exp.ray.address)
     report = run_preflight(exp, source)
     log.info("preflight: %s", report.summary(exp.budget.macs))
     folder = exp.experiment_dir
@@ -110,6 +112,7 @@ def resume(folder: Path, address: str | None = None) -> int:
 
     folder = folder.resolve()  # Tune's restore takes a URI: a relative path has no scheme
     exp, state, tracking = open_search(folder)
+    check_cluster_reachable(address or exp.ray.address)
     connect_ray(exp, address)
     tuner = tune.Tuner.restore(
         str(folder / TUNE_NAME),
@@ -163,6 +166,32 @@ def _new_state(exp: ExperimentConfig, problem: Problem, folder: Path) -> SearchS
         list(problem.input_size),
         problem.num_stages,
     )
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_cluster_reachable(address: str | None) -> None:
+    """Fail fast if the cluster at ``address`` does not answer: ``ray.init`` would wait for
+    minutes. Checked before anything of the search is written."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://").rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit():
+        raise SearchConfigError(
+            f"ray address {address!r} has no port; give HOST:PORT of the head node (the "
+            "--port of `ray start --head`, 6379 by default) or ray://HOST:10001"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise SearchConfigError(
+            f"no Ray cluster answers at {address} ({err}); start one with `ray start --head "
+            f"--port {port}` there, or leave out --address (and ray.address) to run on a "
+            "local cluster"
+        ) from err
 
 
 def connect_ray(exp: ExperimentConfig, address: str | None) -> None:

@@ -83,3 +83,24 @@ def test_launch_refuses_to_overwrite_an_existing_search(tmp_path, capsys):
     path = _write(tmp_path, _with(storage_dir=str(tmp_path)))
     assert main(["launch", path]) == 2
     assert "already holds a search; continue it with" in capsys.readouterr().err
+
+
+def test_launch_with_an_address_nobody_listens_on_fails_fast_and_writes_nothing(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = _write(tmp_path, GOOD)
+    code = ("import sys, ray; from search.__main__ import main; "
+            "rc = main(['launch', sys.argv[1], '--address', sys.argv[2]]); "
+            "print('RC', rc, 'RAY', ray.is_initialized())")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code, path, f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert time.monotonic() - start < 30  # ray.init alone waits for minutes
+    assert "RC 2 RAY False" in out.stdout, out.stdout + out.stderr
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in out.stderr
+    assert "ray start --head" in out.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
