@@ -79,6 +79,16 @@ QUIET_ENV = {
 }
 
 
+MAX_MESSAGE = 4000
+
+
+def _capped(message: str) -> str:
+    """At most MAX_MESSAGE characters of an error (a value in it can be arbitrarily large)."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]} ... ({len(message) - MAX_MESSAGE} more characters)"
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except SearchConfigError as err:
-        print(f"error: {redact(str(err))}", file=sys.stderr)
+        print(f"error: {_capped(redact(str(err)))}", file=sys.stderr)
         return 2
 
 

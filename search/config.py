@@ -23,6 +23,7 @@ from spaces.load import load_space
 from spaces.load import resolve_space_path
 from spaces.schema import SearchSpace
 from trainables import metrics as M
+from trainables.config import MAX_SEED
 from trainables.config import TrialConfig
 
 
@@ -48,7 +49,7 @@ class Objective(_Strict):
 
 class SamplerConfig(_Strict):
     name: Literal["tpe", "nsgaii", "random"] = "tpe"
-    seed: int | None = 0
+    seed: int | None = Field(0, ge=0, le=MAX_SEED)
     population_size: int | None = Field(None, ge=2)
     n_startup_trials: int | None = Field(None, ge=0)
 
@@ -75,7 +76,7 @@ class Budget(_Strict):
     macs: float | None = Field(None, gt=0)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: "$" let a newline through
 
 
 class ExperimentConfig(_Strict):
@@ -105,10 +106,11 @@ class ExperimentConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not _NAME.fullmatch(v):
             raise ValueError(
-                f"name={v!r} must be letters, digits, '_', '.', '-' (it names "
-                "folders, the Optuna study and the registered model)"
+                f"name={v[:120]!r} must be 1 to 100 letters, digits, '_', '.', '-', starting "
+                "with a letter or digit (it names folders, the Optuna study and the registered "
+                "model)"
             )
         return v
 

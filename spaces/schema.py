@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 from typing import Any
 from typing import Literal
@@ -26,6 +27,8 @@ class _Numeric(_Param):
 
     @model_validator(mode="after")
     def _bounds(self) -> _Numeric:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(f"low={self.low}, high={self.high}: bounds must be finite numbers")
         if self.low > self.high:
             raise ValueError(f"low={self.low} > high={self.high}; swap them")
         if self.log and self.low <= 0:
@@ -37,12 +40,24 @@ class FloatParam(_Numeric):
     type: Literal["float"]
     step: float | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _log_or_step(self) -> FloatParam:
+        if self.log and self.step is not None:
+            raise ValueError(f"log=true and step={self.step} cannot be combined; drop one")
+        return self
+
 
 class IntParam(_Numeric):
     type: Literal["int"]
     low: int
     high: int
     step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _log_or_step(self) -> IntParam:
+        if self.log and self.step != 1:
+            raise ValueError(f"log=true and step={self.step} cannot be combined; drop one")
+        return self
 
 
 class CategoricalParam(_Param):

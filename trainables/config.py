@@ -10,6 +10,9 @@ from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import model_validator
 
+#: numpy's and Optuna's seeds are 32-bit unsigned
+MAX_SEED = 2**32 - 1
+
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet")
 
 
@@ -50,7 +53,7 @@ class DataParams(_Strict):
     dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
     datadir: str | None = None
     val_size: float = Field(0.1, gt=0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(1000, ge=1)
     train_subset: int | None = Field(None, ge=1)
@@ -89,7 +92,7 @@ class TrialConfig(_Strict):
     data: DataParams = Field(default_factory=DataParams)
     optim: OptimParams = Field(default_factory=OptimParams)
     epochs: int = Field(30, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True

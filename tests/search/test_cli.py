@@ -39,6 +39,19 @@ BAD = [
      "data.datadir='/nonexistent/cifar' does not exist; cifar10 expects cifar-10-batches-py"),
     ("unknown objective", _with(objectives=[{"metric": "accuracy"}]), "unknown objective metric 'accuracy'"),
     ("unknown model", _with(trial__model={"name": "dyresnet9"}), "unknown model name='dyresnet9'"),
+    ("name with a trailing newline", _with(name="t\n"), "must be 1 to 100 letters"),
+    ("name too long", _with(name="n" * 101), "must be 1 to 100 letters"),
+    ("name with a control character", _with(name="a\x07b"), "must be 1 to 100 letters"),
+    ("float log and step", _with(space={"params": {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True, "step": 0.01}}}),
+     "log=true and step=0.01 cannot be combined"),
+    ("int log and step", _with(space={"params": {"model.squeeze_rate": {"type": "int", "low": 2, "high": 16, "log": True, "step": 2}}}),
+     "log=true and step=2 cannot be combined"),
+    ("infinite bound", _with(space={"params": {"optim.lr": {"type": "float", "low": 0.01, "high": float("inf")}}}),
+     "bounds must be finite numbers"),
+    ("NaN bound", _with(space={"params": {"optim.lr": {"type": "float", "low": float("nan"), "high": 0.1}}}),
+     "bounds must be finite numbers"),
+    ("sampler seed out of range", _with(sampler={"seed": 2**40}), "sampler.seed = 1099511627776"),
+    ("trial seed out of range", _with(trial__seed=-1), "trial.seed = -1"),
     ("space key not in the trial config", _with(space={"params": {"optim.learning_rate": {"type": "float", "low": 0.01, "high": 0.1}}}),
      "trial.optim.learning_rate"),
 ]
@@ -104,3 +117,29 @@ def test_launch_with_an_address_nobody_listens_on_fails_fast_and_writes_nothing(
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in out.stderr
     assert "ray start --head" in out.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_file_that_is_not_utf8_text_is_named(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_bytes(b"name: t\nnum_trials: 4\n# caf\xe9\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "not UTF-8 text" in err
+
+
+def test_yaml_tags_in_set_are_refused(tmp_path, capsys):
+    path = _write(tmp_path, GOOD)
+    assert main(["validate", path, "--set", "num_trials=!!python/object/apply:os.system [true]"]) == 2
+    err = capsys.readouterr().err
+    assert "--set num_trials: not valid YAML" in err and "Traceback" not in err
+
+
+def test_an_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path, capsys):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, "
+              f"*a{i-1}, *a{i-1}, *a{i-1}]" for i in range(1, 9)]  # 10**9 values once expanded
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nname: t\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "expands to more than 100000 values" in err and len(err) < 1000
