@@ -76,6 +76,10 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
             f"search resume {folder}` or choose another name (nothing "
             "recorded is overwritten)"
         )
+    # Everything that can fail before the first trial runs before anything is written.
+    connect_ray(exp, address)
+    check_resources(exp)
+    trainable = _trainable(exp)
     folder.mkdir(parents=True, exist_ok=True)
     # Absolute storage_dir in the resolved file: resume and pareto may run from another folder.
     exp = exp.model_copy(update={"storage_dir": str(folder.parent)})
@@ -97,9 +101,8 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
         state.mlflow_experiment,
         state.parent_run_id,
     )
-    connect_ray(exp, address)
     searcher = OptunaSearcher(exp, report.problem, StudyRef(state.optuna_storage, state.study_name))
-    tuner = _build_tuner(exp, folder, searcher, tracking)
+    tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
     return _conclude(exp, state, tracking, searcher, tuner.fit())
 
 
@@ -108,15 +111,15 @@ def resume(folder: Path, address: str | None = None) -> int:
     last checkpoint, the study goes on, and no MLflow run is created twice."""
     from ray import tune
 
-    from trainables.trainable import train_dgc
 
     folder = folder.resolve()  # Tune's restore takes a URI: a relative path has no scheme
     exp, state, tracking = open_search(folder)
     check_cluster_reachable(address or exp.ray.address)
     connect_ray(exp, address)
+    check_resources(exp)
     tuner = tune.Tuner.restore(
         str(folder / TUNE_NAME),
-        _trainable(exp, train_dgc),
+        _trainable(exp),
         resume_unfinished=True,
         resume_errored=True,
     )
@@ -222,12 +225,30 @@ def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
         )
 
 
-def _trainable(exp: ExperimentConfig, fn: Any) -> Any:
+def check_resources(exp: ExperimentConfig) -> None:
+    """Refuse a per-trial request that no node of the connected cluster can ever give (Tune
+    would leave the trials pending forever, with warnings)."""
+    import ray
+
+    need = {"CPU": exp.resources.cpu, "GPU": exp.resources.gpu}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(r.get(k, 0.0) >= v for k, v in need.items() if v > 0) for r in nodes):
+        return
+    have = "; ".join(f"{r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU" for r in nodes)
+    raise SearchConfigError(
+        f"resources: cpu={exp.resources.cpu:g}, gpu={exp.resources.gpu:g} per trial, but no "
+        f"node of the cluster has that much (nodes: {have or 'none'}); lower resources.cpu "
+        "/ resources.gpu, or join a cluster with such a node (--address)"
+    )
+
+
+def _trainable(exp: ExperimentConfig) -> Any:
     """The trainable with its resources; small datasets decoded once here and shipped to every
     worker through the object store (no shared file system needed)."""
     from ray import tune
 
     from trainables.data import load_splits
+    from trainables.trainable import train_dgc as fn
 
     resources = {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu}
     if exp.trial.data.dataset == "imagenet":
@@ -238,11 +259,13 @@ def _trainable(exp: ExperimentConfig, fn: Any) -> Any:
 
 
 def _build_tuner(
-    exp: ExperimentConfig, folder: Path, searcher: OptunaSearcher, tracking: Tracking
+    exp: ExperimentConfig,
+    folder: Path,
+    searcher: OptunaSearcher,
+    tracking: Tracking,
+    trainable: Any,
 ) -> Any:
     from ray import tune
-
-    from trainables.trainable import train_dgc
 
     objectives = [(o.metric, o.direction) for o in exp.objectives]
     run_config = tune.RunConfig(
@@ -260,7 +283,7 @@ def _build_tuner(
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
     )
-    return tune.Tuner(_trainable(exp, train_dgc), tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
 def _trial_name(trial: Any) -> str:

@@ -143,3 +143,15 @@ def test_an_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path, capsys)
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "expands to more than 100000 values" in err and len(err) < 1000
+
+
+@pytest.mark.parametrize("resource", ["resources.gpu=1", "resources.cpu=64"])
+def test_a_resource_request_no_node_can_meet_is_refused_and_nothing_written(tmp_path, resource):
+    path = _write(tmp_path, GOOD)
+    code = ("import sys; from search.__main__ import main; "
+            "print('RC', main(['launch', sys.argv[1], '--set', sys.argv[2]]))")
+    out = subprocess.run([sys.executable, "-c", code, path, resource],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "no node of the cluster has that much" in out.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
