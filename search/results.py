@@ -87,8 +87,11 @@ def log_and_register(
 
 
 def _alias(p: Point) -> str:
+    """``macs-0p414m-1a2b3c4d``: the MACs to read, and the run id's first 8 characters so that
+    two points of nearly equal MACs (or two searches of one name) never share an alias and
+    an alias never moves to another version."""
     macs = p.metrics.get(M.MACS, 0)
-    return re.sub(r"[^\w-]", "_", f"macs-{macs / 1e6:.3g}m".replace(".", "p"))
+    return re.sub(r"[^\w-]", "_", f"macs-{macs / 1e6:.3g}m-{p.run_id[:8]}".replace(".", "p"))
 
 
 def _log_model(
