@@ -67,37 +67,149 @@ def export_command(source: str, out: str, tracking_uri: str | None) -> int:
     """
     import mlflow
 
-    import dgc
-
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = mlflow.MlflowClient(uri)
+    _check_out(Path(out))
     with using_uri(uri):
-        run_id = (
-            mlflow.models.get_model_info(source).run_id if source.startswith("models:/") else source
-        )
         try:
+            run_id = (
+                mlflow.models.get_model_info(source).run_id
+                if source.startswith("models:/")
+                else source
+            )
             meta_path = client.download_artifacts(run_id, "dgc/model_meta.json")
             weights = client.download_artifacts(run_id, "dgc/weights.pt")
         except (OSError, mlflow.exceptions.MlflowException) as err:
             raise SearchConfigError(
-                f"{source}: no exported dgc weights in run {run_id} (only "
-                "Pareto models have them; run `python -m search pareto "
-                f"DIR` first): {err}"
+                f"{source}: no exported dgc model there ({str(err)[:300]}); give "
+                "models:/<name>@<alias> of a registered Pareto model or its run id (only "
+                "Pareto models have weights: run `python -m search pareto DIR` first)"
             ) from err
-    meta = json.loads(Path(meta_path).read_text())
-    model = dgc.create_model(
-        meta["name"], num_classes=meta["num_classes"], in_chans=meta["in_chans"], **meta["kwargs"]
-    )
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    meta = read_model_meta(Path(meta_path))
+    model = build_from_meta(meta, Path(meta_path))
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (RuntimeError, ValueError, OSError) as err:
+        raise SearchConfigError(
+            f"{weights}: does not fit {meta['name']} ({str(err)[:300]})"
+        ) from err
     return write_export(
         model, Path(out), tuple(meta["input_size"]), {**meta, "source": source, "run_id": run_id}
     )
 
 
-def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta: dict) -> int:
+MAX_EXPORT_PARAMS = 10**9
+
+
+def read_model_meta(path: Path) -> dict:
+    """``dgc/model_meta.json`` checked before anything is built: a tampered file must not make
+    export allocate tens of GB."""
     import dgc
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise SearchConfigError(f"{path}: not a JSON model description ({err})") from err
+    problems = []
+    if not isinstance(meta, dict) or set(meta) != {
+        "name",
+        "num_classes",
+        "in_chans",
+        "kwargs",
+        "input_size",
+    }:
+        raise SearchConfigError(
+            f"{path}: expected exactly name, num_classes, in_chans, kwargs, input_size"
+        )
+    if meta["name"] not in dgc.list_models():
+        problems.append(f"name={meta['name']!r} is not a registered model")
+    if not _int_in(meta["num_classes"], 1, 100_000):
+        problems.append(f"num_classes={meta['num_classes']!r} must be an int in [1, 100000]")
+    if not _int_in(meta["in_chans"], 1, 64):
+        problems.append(f"in_chans={meta['in_chans']!r} must be an int in [1, 64]")
+    size = meta["input_size"]
+    if not (isinstance(size, list) and len(size) == 3 and all(_int_in(v, 1, 4096) for v in size)):
+        problems.append(f"input_size={size!r} must be [channels, height, width], each 1-4096")
+    kwargs = meta["kwargs"]
+    if not isinstance(kwargs, dict) or not all(_plain(v) for v in kwargs.values()):
+        problems.append(f"kwargs={kwargs!r} must map names to numbers or short lists of numbers")
+    if problems:
+        raise SearchConfigError(f"{path}: " + "; ".join(problems))
+    return meta
+
+
+def build_from_meta(meta: dict, path: Path) -> torch.nn.Module:
+    """The model of ``meta``: first on the meta device (no memory) to check its size."""
+    import dgc
+
+    def build() -> torch.nn.Module:
+        return dgc.create_model(
+            meta["name"],
+            num_classes=meta["num_classes"],
+            in_chans=meta["in_chans"],
+            **meta["kwargs"],
+        )
+
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build().parameters())
+    except (TypeError, ValueError) as err:
+        raise SearchConfigError(f"{path}: cannot build {meta['name']}: {err}") from err
+    if params > MAX_EXPORT_PARAMS:
+        raise SearchConfigError(
+            f"{path}: {meta['name']} with these settings has {params:,} parameters; refusing "
+            f"more than {MAX_EXPORT_PARAMS:,}"
+        )
+    return build()
+
+
+def _int_in(v: object, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _plain(v: object) -> bool:
+    if isinstance(v, list):
+        return len(v) <= 16 and all(_plain(x) for x in v if not isinstance(x, list))
+    return v is None or (isinstance(v, (int, float, str)) and len(str(v)) <= 64)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SearchConfigError(f"--out {out}: is a file; give a folder (it is created)")
+
+
+def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta: dict) -> int:
+    """Write the export into a temporary sibling folder, then swap it in: a failed export never
+    leaves a mix of two models' files in ``out``."""
+    import shutil
+    import tempfile
+
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_export_files(model, tmp, size, meta)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "
+        f"in_chans=, **kwargs)) and model.ts (TorchScript, input Nx{'x'.join(map(str, size))})"
+    )
+    return 0
+
+
+def _write_export_files(
+    model: torch.nn.Module, out: Path, size: tuple[int, ...], meta: dict
+) -> None:
+    import dgc
+
     model.eval()
     torch.save(model.state_dict(), out / "model.pt")
     info = {**meta, "dgc_layers": len(dgc.dgc_layers(model))}
@@ -107,8 +219,3 @@ def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta:
         model(example)  # DGC layers choose their fastest kernels at batch 1; the trace keeps them
         traced = torch.jit.trace(model, example, check_trace=False)
     traced.save(str(out / "model.ts"))
-    print(
-        f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "
-        f"in_chans=, **kwargs)) and model.ts (TorchScript, input Nx{'x'.join(map(str, size))})"
-    )
-    return 0

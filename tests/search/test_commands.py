@@ -1,0 +1,99 @@
+"""search export: the model description is checked before anything is built, and the export is
+written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+import dgc
+from search.commands import export_command
+from search.commands import read_model_meta
+from search.commands import write_export
+from search.overrides import SearchConfigError
+
+META = {"name": "dyresnet8", "num_classes": 10, "in_chans": 1,
+        "kwargs": {"heads": 2, "gate_factor": 0.25}, "input_size": [1, 8, 8]}
+
+
+def _meta_file(tmp_path: Path, **changes: object) -> Path:
+    path = tmp_path / "model_meta.json"
+    path.write_text(json.dumps({**META, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_classes": 10**9}, "num_classes=1000000000 must be an int in [1, 100000]"),
+    ({"name": "os.system"}, "name='os.system' is not a registered model"),
+    ({"input_size": [1, 10**6, 8]}, "input_size=[1, 1000000, 8] must be"),
+    ({"kwargs": {"heads": {"x": 1}}}, "kwargs={'heads': {'x': 1}} must map names"),
+    ({"extra": 1}, "expected exactly name, num_classes"),
+])
+def test_tampered_model_meta_is_refused_before_anything_is_built(tmp_path, changes, message):
+    path = _meta_file(tmp_path, **changes)
+    with pytest.raises(SearchConfigError) as info:
+        read_model_meta(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def _logged_run(tmp_path: Path, meta: dict) -> tuple[str, str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp).info.run_id
+    torch.manual_seed(0)
+    model = dgc.create_model(META["name"], num_classes=10, in_chans=1, **META["kwargs"])
+    dgc.set_progress(model, 1.0)
+    folder = tmp_path / "dgc"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "weights.pt")
+    (folder / "model_meta.json").write_text(json.dumps(meta))
+    client.log_artifacts(run, str(folder), "dgc")
+    return uri, run
+
+
+def test_a_huge_model_in_the_meta_is_refused_without_allocating(tmp_path, capsys):
+    uri, run = _logged_run(tmp_path, {**META, "kwargs": {"widths": [60000, 60000, 60000]}})
+    with pytest.raises(SearchConfigError, match=r"parameters; refusing more than"):
+        export_command(run, str(tmp_path / "out"), uri)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_writes_a_working_model_and_replaces_an_old_export_whole(tmp_path, capsys):
+    uri, run = _logged_run(tmp_path, META)
+    out = tmp_path / "out"
+    assert export_command(run, str(out), uri) == 0
+    assert export_command(run, str(out), uri) == 0  # again: replaced, not mixed
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt", "model.ts"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    ts = torch.jit.load(str(out / "model.ts"))
+    assert ts(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_a_failed_export_leaves_the_previous_one_intact(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.pt").write_text("previous export")
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_export(Broken(), out, (1, 8, 8), {})
+    assert (out / "model.pt").read_text() == "previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_export_to_a_file_and_from_an_unknown_alias_are_clear_errors(tmp_path):
+    uri, run = _logged_run(tmp_path, META)
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    with pytest.raises(SearchConfigError, match="is a file; give a folder"):
+        export_command(run, str(target), uri)
+    with pytest.raises(SearchConfigError, match="models:/nosuch@nope: no exported dgc model"):
+        export_command("models:/nosuch@nope", str(tmp_path / "out"), uri)
