@@ -19,7 +19,9 @@ from spaces.convert import to_optuna_distributions
 from spaces.errors import format_validation_error
 from trainables.config import TrialConfig
 from trainables.data import DatasetError
+from trainables.data import count_training_images
 from trainables.data import describe
+from trainables.data import split_indices
 from trainables.runner import trial_cost
 
 
@@ -52,8 +54,10 @@ class Report:
 
 
 def problem_of(exp: ExperimentConfig, source: str) -> Problem:
+    data = exp.trial.data
     try:
-        classes, size = describe(exp.trial.data)
+        classes, size = describe(data)
+        split_indices(data.val_size, count_training_images(data), data.split_seed)
     except DatasetError as err:
         raise SearchConfigError(f"{source}: trial.data: {err}") from err
     try:
@@ -84,6 +88,11 @@ def point_macs(
         return trial_cost(cfg, problem.num_classes, problem.input_size).macs
     except ValueError as err:
         raise SearchConfigError(f"{source}: {where}: {err}") from err
+    except TypeError as err:  # a keyword the recipe does not take (trial.model.kwargs)
+        raise SearchConfigError(
+            f"{source}: {where}: trial.model.kwargs = {cfg.model.kwargs!r}: {err}; remove the "
+            f"keyword or check the signature of {cfg.model.name}'s recipe in dgc/models"
+        ) from err
 
 
 def _center(exp: ExperimentConfig, problem: Problem) -> dict[str, Any]:

@@ -52,6 +52,10 @@ BAD = [
      "bounds must be finite numbers"),
     ("sampler seed out of range", _with(sampler={"seed": 2**40}), "sampler.seed = 1099511627776"),
     ("trial seed out of range", _with(trial__seed=-1), "trial.seed = -1"),
+    ("model kwargs the recipe does not take", _with(trial__model={"name": "dyresnet8", "kwargs": {"bogus": 3}}),
+     "trial.model.kwargs = {'bogus': 3}: ResNet.__init__() got an unexpected keyword argument 'bogus'"),
+    ("val_size larger than the data", _with(trial__data={"dataset": "digits", "val_size": 5000}),
+     "data.val_size=5000.0 gives 5000 validation images of 1438 training images"),
     ("space key not in the trial config", _with(space={"params": {"optim.learning_rate": {"type": "float", "low": 0.01, "high": 0.1}}}),
      "trial.optim.learning_rate"),
 ]
@@ -155,3 +159,15 @@ def test_a_resource_request_no_node_can_meet_is_refused_and_nothing_written(tmp_
     assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
     assert "no node of the cluster has that much" in out.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_validate_reads_the_data_and_names_a_truncated_cifar_batch(tmp_path, capsys):
+    from tests.trainables.test_data import _write_cifar
+
+    _write_cifar(tmp_path, 20, 10)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    batch.write_bytes(batch.read_bytes()[:500])  # an interrupted download
+    doc = _with(trial__data={"dataset": "cifar10", "datadir": str(tmp_path), "val_size": 10})
+    assert main(["validate", _write(tmp_path, doc)]) == 2
+    err = capsys.readouterr().err
+    assert "data_batch_4: not a CIFAR python batch" in err

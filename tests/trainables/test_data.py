@@ -177,3 +177,12 @@ def test_cifar_batch_in_the_official_python2_numpy1_spelling_loads(tmp_path):
     s = D.load_splits(DataParams(dataset="cifar10", datadir=str(tmp_path), val_size=10))
     assert s.test.labels.tolist() == [1, 2, 3, 4]
     assert torch.equal(s.test.images.flatten(1)[0, :5], torch.arange(5, dtype=torch.uint8))
+
+
+def test_count_training_images_names_empty_files(tmp_path):
+    _write_imagefolder(tmp_path)
+    params = DataParams(dataset="imagefolder", datadir=str(tmp_path))
+    assert D.count_training_images(params) == 12
+    (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(D.DatasetError, match=r"1 empty image file\(s\), e.g. .*dog/broken.jpg"):
+        D.count_training_images(params)
