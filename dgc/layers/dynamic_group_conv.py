@@ -5,15 +5,18 @@ Neural Networks", ECCV 2020 (arXiv 2007.04242). Spec: methods.md 1.1 to 1.4 and 
 
 Differences from the reference code (all deliberate, none changes the maths):
 
+* The reference convolves all channels (pruned ones are zeros). Here only each sample's kept
+  channels are convolved (``dgc.layers.gathered``): in training by the batch-folded grouped
+  conv of ``_GatheredGroupConv`` when at most half the channels are kept, in eval by the
+  fastest of three equivalent kernels for the input shape (``dgc.layers.kernel_choice``).
 * The reference concatenates ``heads`` gated copies of the input and keeps that tensor alive
-  for the backward pass (activation memory ``heads x input``). Here the gated input of all heads
-  is built transiently inside one autograd function, used for one grouped convolution, and
-  rebuilt in the backward pass, so only the (shared) post-BN-ReLU input is saved.
+  for the backward pass (activation memory ``heads x input``). Here the gathered (or gated)
+  input is rebuilt in the backward pass, so only the (shared) post-BN-ReLU input is saved.
 * The reference reads the inactive-channel count with ``int(buffer[0])`` on every forward
-  (a GPU->CPU sync per layer per step). Here the bottom-k threshold is computed from the buffer
-  on the device with a sort and a gather, so a forward never synchronises.
+  (a GPU->CPU sync per layer per step). Here ``set_inactive`` keeps a host-side mirror of the
+  buffer, so a forward never synchronises.
 * The per-head saliency generators are evaluated for all heads at once with batched matmuls
-  instead of a Python loop over heads.
+  instead of a Python loop over heads, and in float32 under autocast.
 """
 
 from __future__ import annotations
