@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -20,6 +21,7 @@ from mlflow.entities import Param
 from mlflow.entities import RunStatus
 from ray.tune import Callback
 
+from search.redact import redact
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -167,11 +169,33 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial)
-        error = getattr(trial, "error_file", None) or ""
+        text = redact(error_text(trial))
         self.tracking.client.set_tag(run_id, "status", "failed")
-        self.tracking.client.set_tag(run_id, "error_file", str(error))
+        # The text itself: Ray's error file lives in a session folder that is deleted later.
+        self.tracking.client.log_text(run_id, text or "(no error text)", "error.txt")
+        self.tracking.client.set_tag(run_id, "error", error_line(text)[:500])
         self.tracking.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        log.warning("trial %s failed; see %s", trial.trial_id, error)
+        log.warning(
+            "trial %s failed: %s (full text: artifact error.txt of run %s)",
+            trial.trial_id,
+            error_line(text)[:300],
+            run_id,
+        )
+
+
+def error_text(trial: Any) -> str:
+    """The traceback Ray wrote for a failed trial ('' if there is none)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        return Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return ""
+
+
+def error_line(text: str) -> str:
+    """The exception line of a traceback: its last non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 def _short(v: object) -> str:
@@ -212,5 +236,5 @@ class ConsoleProgress(Callback):
             len(self.done) + self.failed,
             self.total,
             trial.trial_id,
-            getattr(trial, "error_file", ""),
+            error_line(redact(error_text(trial)))[:300],
         )

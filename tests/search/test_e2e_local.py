@@ -110,6 +110,11 @@ def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray
     assert parent.info.status == "FAILED"
     assert len(kids) == 2 and all(k.info.status == "FAILED" for k in kids)
     assert all("val_accuracy" not in k.data.metrics for k in kids)  # no fake scores
+    client = mlflow.MlflowClient(uri)
+    for k in kids:  # the error text itself, not a path into Ray's temporary session folder
+        text = open(client.download_artifacts(k.info.run_id, "error.txt", str(tmp_path))).read()
+        assert "NonFiniteLossError" in text and "NonFiniteLossError" in k.data.tags["error"]
+        assert "error_file" not in k.data.tags
     state = SearchState.load(tmp_path / "smoke")
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
