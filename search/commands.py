@@ -11,6 +11,8 @@ import torch
 from search.config import load_experiment
 from search.overrides import SearchConfigError
 from search.preflight import run_preflight
+from search.tracking import default_tracking_uri
+from search.tracking import existing_store
 from search.tracking import tracking_uri as using_uri
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,9 @@ def pareto_command(target: str, register: bool, tracking_uri: str | None = None)
     from search.launch import rank
 
     folder = Path(target) if Path(target).is_dir() else _folder_of_run(target, tracking_uri)
-    exp, state, tracking = open_search(folder.resolve())
-    print(rank(exp, state, tracking, register))
+    folder = folder.resolve()
+    exp, state, tracking = open_search(folder)
+    print(rank(exp, state, tracking, register, folder))
     print(f"\nplot: {folder / 'pareto.png'} and {folder / 'pareto.html'}")
     return 0
 
@@ -44,7 +47,7 @@ def pareto_command(target: str, register: bool, tracking_uri: str | None = None)
 def _folder_of_run(run_id: str, tracking_uri: str | None) -> Path:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    client = mlflow.MlflowClient(existing_store(tracking_uri or default_tracking_uri()))
     try:
         folder = client.get_run(run_id).data.tags.get("search_dir")
     except mlflow.exceptions.MlflowException as err:
@@ -67,7 +70,7 @@ def export_command(source: str, out: str, tracking_uri: str | None) -> int:
     """
     import mlflow
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = existing_store(tracking_uri or default_tracking_uri())
     client = mlflow.MlflowClient(uri)
     _check_out(Path(out))
     with using_uri(uri):

@@ -25,6 +25,7 @@ from search.searcher import StudyRef
 from search.tracking import ConsoleProgress
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
+from search.tracking import default_tracking_uri
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,13 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     )
     searcher = OptunaSearcher(exp, report.problem, StudyRef(state.optuna_storage, state.study_name))
     tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
-    return _conclude(exp, state, tracking, searcher, tuner.fit())
+    return _conclude(exp, state, tracking, searcher, tuner.fit(), folder)
 
 
 def resume(folder: Path, address: str | None = None) -> int:
     """Continue an interrupted search: finished trials stay, running ones restart from their
     last checkpoint, the study goes on, and no MLflow run is created twice."""
     from ray import tune
-
 
     folder = folder.resolve()  # Tune's restore takes a URI: a relative path has no scheme
     exp, state, tracking = open_search(folder)
@@ -126,7 +126,7 @@ def resume(folder: Path, address: str | None = None) -> int:
     searcher = OptunaSearcher(
         exp, _problem(state), StudyRef(state.optuna_storage, state.study_name)
     )
-    return _conclude(exp, state, tracking, searcher, tuner.fit())
+    return _conclude(exp, state, tracking, searcher, tuner.fit(), folder)
 
 
 def open_search(folder: Path) -> tuple[ExperimentConfig, SearchState, Tracking]:
@@ -136,7 +136,9 @@ def open_search(folder: Path) -> tuple[ExperimentConfig, SearchState, Tracking]:
     return exp, state, Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
 
 
-def rank(exp: ExperimentConfig, state: SearchState, tracking: Tracking, register: bool) -> str:
+def rank(
+    exp: ExperimentConfig, state: SearchState, tracking: Tracking, register: bool, folder: Path
+) -> str:
     """Pareto tags, (registered models,) plot and table of a search; returns the table."""
     from search.results import finalize
 
@@ -145,7 +147,7 @@ def rank(exp: ExperimentConfig, state: SearchState, tracking: Tracking, register
         tracking,
         objectives,
         list(exp.space.params),
-        exp.experiment_dir,
+        folder,  # where it is now: the folder may have been moved since launch
         exp.name if register else None,
         state.num_classes,
         tuple(state.input_size),
@@ -157,7 +159,7 @@ def _problem(state: SearchState) -> Problem:
 
 
 def _new_state(exp: ExperimentConfig, problem: Problem, folder: Path) -> SearchState:
-    uri = exp.mlflow.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    uri = exp.mlflow.tracking_uri or default_tracking_uri()
     storage = exp.optuna_storage or f"sqlite:///{folder / 'optuna.db'}"
     return SearchState(
         uri,
@@ -296,6 +298,7 @@ def _conclude(
     tracking: Tracking,
     searcher: OptunaSearcher,
     results: Any,
+    folder: Path,
 ) -> int:
     orphans = searcher.fail_orphans()
     if orphans:
@@ -303,7 +306,7 @@ def _conclude(
     failed = [r for r in results if r.error is not None]
     for r in failed:
         log.warning("trial at %s failed: %s", r.path, str(r.error).splitlines()[0][:300])
-    text = rank(exp, state, tracking, exp.mlflow.register_models)
+    text = rank(exp, state, tracking, exp.mlflow.register_models, folder)
     tracking.client.set_terminated(
         state.parent_run_id, "FAILED" if len(failed) == len(results) else "FINISHED"
     )
@@ -313,7 +316,7 @@ def _conclude(
         len(results) - len(failed),
         len(failed),
         text,
-        exp.experiment_dir / "pareto.png",
+        folder / "pareto.png",
     )
     if results and len(failed) == len(results):
         log.error("every trial failed")

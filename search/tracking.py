@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlflow.entities import Param
 from mlflow.entities import RunStatus
 from ray.tune import Callback
 
+from search.overrides import SearchConfigError
 from search.redact import redact
 from trainables import metrics as M
 
@@ -43,15 +45,38 @@ LOGGED_METRICS = (
 TRIAL_TAG = "ray_trial_id"
 
 
+def default_tracking_uri() -> str:
+    """The one default of every command: $MLFLOW_TRACKING_URI, else ./mlflow.db (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def existing_store(uri: str) -> str:
+    """``uri``, after checking that a SQLite store is there: a command that only reads must not
+    leave an empty mlflow.db behind (MLflow creates one on first contact)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise SearchConfigError(
+                f"no MLflow store at {path} (tracking URI {uri}); run the command in the folder "
+                "you launched from, or pass --tracking-uri"
+            )
+    return uri
+
+
 @contextlib.contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` for the block only (it is process-global)."""
-    previous = mlflow.get_tracking_uri()
+    """Point MLflow's fluent API at ``uri`` for the block only (it is process-global).
+    ``set_tracking_uri`` also exports MLFLOW_TRACKING_URI; the environment is restored too."""
+    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 class Tracking:

@@ -2,6 +2,7 @@
 SQLite Optuna study: a 5-trial search on digits."""
 from __future__ import annotations
 
+import shutil
 import mlflow
 import numpy as np
 import optuna
@@ -10,6 +11,7 @@ import pytest
 from search.config import load_experiment
 from search.launch import SearchState
 from search.launch import launch
+from search.overrides import SearchConfigError
 from search.tracking import tracking_uri
 from tests.conftest import REPO
 from tests.search.helpers import brute_force_front
@@ -98,6 +100,19 @@ def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys, monke
     assert not (elsewhere / "runs").exists()
     assert len(mlflow.MlflowClient(uri).search_model_versions("name = 'smoke'")) == versions
     assert len(children(uri, "smoke")[1]) == len(kids) == 3
+    # Without --tracking-uri, from a folder that holds no store: a clear error, and no empty
+    # mlflow.db left behind.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SearchConfigError, match="no MLflow store at"):
+        pareto_command(parent.info.run_id, False)
+    assert not (elsewhere / "mlflow.db").exists()
+    # A moved copy of the search folder: pareto writes into the copy, where it says it does.
+    moved = tmp_path / "moved" / "smoke"
+    shutil.copytree(tmp_path / "runs" / "smoke", moved)
+    (moved / "pareto.md").unlink()
+    assert pareto_command(str(moved), False, uri) == 0
+    assert (moved / "pareto.md").is_file()
+    assert f"plot: {moved / 'pareto.png'}" in capsys.readouterr().out
 
 
 def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray_2cpu, tmp_path):
