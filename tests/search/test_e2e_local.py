@@ -3,6 +3,7 @@ SQLite Optuna study: a 5-trial search on digits."""
 from __future__ import annotations
 
 import shutil
+
 import mlflow
 import numpy as np
 import optuna
