@@ -25,8 +25,16 @@ log = logging.getLogger(__name__)
 def trial_config_from_file(path: str, overrides: list[str]) -> TrialConfig:
     """A trial-config YAML, or an experiment YAML whose ``trial:`` section is used."""
     doc = load_yaml(path)
-    trial = doc.get("trial", doc) if isinstance(doc.get("trial"), dict) else doc
-    trial = apply_overrides(trial, overrides, path)
+    if isinstance(doc.get("trial"), dict):  # an experiment: --set exactly as for launch
+        other = [o for o in overrides if not o.startswith("trial.")]
+        if other:
+            raise SearchConfigError(
+                f"{path}: --set {other[0]!r}: train runs the file's trial: section, so only "
+                "trial.* keys apply (e.g. --set trial.epochs=2, as with launch)"
+            )
+        trial = apply_overrides(doc, overrides, path)["trial"]
+    else:  # a bare trial config: the same keys, with or without the "trial." prefix
+        trial = apply_overrides(doc, [o.removeprefix("trial.") for o in overrides], path)
     try:
         return TrialConfig.model_validate(trial)
     except ValidationError as err:
