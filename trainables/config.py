@@ -83,6 +83,18 @@ class OptimParams(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     warmup_epochs: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    #: multistep: epochs at whose start the lr is multiplied by ``gamma``. Default, as the
+    #: authors: the first epochs at or past 50% and 75% of the run (CIFAR), every 30 epochs
+    #: on ImageNet.
+    milestones: list[int] | None = None
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _increasing(self) -> OptimParams:
+        m = self.milestones
+        if m is not None and (any(e < 1 for e in m) or any(b <= a for a, b in zip(m, m[1:]))):
+            raise ValueError(f"milestones={m} must be strictly increasing epochs >= 1")
+        return self
 
 
 class TrialConfig(_Strict):

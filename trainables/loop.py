@@ -28,6 +28,7 @@ class Schedule:
     optim: OptimParams
     iters_per_epoch: int
     epochs: int
+    dataset: str = "cifar10"  # only picks the default multistep milestones
 
     @property
     def total(self) -> int:
@@ -39,9 +40,19 @@ class Schedule:
         factor = min(1.0, (it + 1) / warm) if warm > 0 else 1.0
         if o.schedule == "cosine":
             factor *= 0.5 * (1.0 + math.cos(math.pi * t))
-        elif o.schedule == "multistep":
-            factor *= 0.1 ** ((t >= 0.5) + (t >= 0.75))
+        elif o.schedule == "multistep":  # at epoch boundaries, as the authors
+            epoch = it // self.iters_per_epoch
+            factor *= o.gamma ** sum(epoch >= m for m in self.milestones)
         return o.lr * factor
+
+    @property
+    def milestones(self) -> tuple[int, ...]:
+        """The multistep epochs: the configured ones, else the authors' for the dataset."""
+        if self.optim.milestones is not None:
+            return tuple(self.optim.milestones)
+        if self.dataset == "imagenet":
+            return tuple(range(30, self.epochs, 30))
+        return tuple(sorted({math.ceil(0.5 * self.epochs), math.ceil(0.75 * self.epochs)}))
 
     def progress(self, it: int) -> float:
         """Fraction of iterations done before step ``it``, as the authors compute it."""

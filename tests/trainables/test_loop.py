@@ -45,6 +45,22 @@ def test_schedule_is_per_iteration_cosine_and_progress():
     assert [round(multi.lr(i), 6) for i in (0, 20, 30)] == [0.1, 0.01, 0.001]
 
 
+def test_multistep_decays_at_epoch_boundaries_with_the_authors_defaults():
+    # 3 epochs: the authors decay when epoch >= 1.5 (the start of epoch 2) and >= 2.25 (epoch 3,
+    # past the end); never in the middle of an epoch (iteration 15 is half-way through epoch 1).
+    s = Schedule(OptimParams(lr=0.1, schedule="multistep"), 10, 3)
+    assert s.milestones == (2, 3)
+    assert [round(s.lr(i), 6) for i in (14, 15, 19, 20)] == [0.1, 0.1, 0.1, 0.01]
+    assert Schedule(OptimParams(schedule="multistep"), 10, 90, "imagenet").milestones == (30, 60)
+    custom = Schedule(OptimParams(lr=1.0, schedule="multistep", milestones=[1, 3], gamma=0.5), 10, 4)
+    assert [custom.lr(i) for i in (9, 10, 29, 30)] == [1.0, 0.5, 0.5, 0.25]
+
+
+def test_milestones_must_increase():
+    with pytest.raises(ValueError, match=r"milestones=\[3, 2\] must be strictly increasing"):
+        OptimParams(milestones=[3, 2])
+
+
 def test_gate_schedule_advances_every_iteration():
     model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
     layer = dgc.dgc_layers(model)[-1]
