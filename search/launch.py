@@ -321,6 +321,9 @@ def _conclude(
     if results and len(failed) == len(results):
         log.error("every trial failed")
         return 1
+    if not results:
+        log.error("no trial trained: the sampler found no point within the budget")
+        return 1
     return 0
 
 

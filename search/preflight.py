@@ -108,6 +108,11 @@ def _mid(p: Any) -> Any:
     return round(mid) if p.type == "int" else mid
 
 
+#: below this share of random points within budget, a space is refused (the sampler would
+#: flood the study with over-budget placeholders).
+MIN_FEASIBLE_SHARE = 0.05
+
+
 def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Report:
     """Raise SearchConfigError on the first problem; otherwise the MACs range report."""
     problem = problem_of(exp, source)
@@ -123,7 +128,8 @@ def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Repo
             )
     for i, point in enumerate(exp.warm_start):
         macs.append(point_macs(exp, problem, {**center, **point}, source, f"warm_start[{i}]"))
-    macs += _random_macs(exp, problem, source, samples)
+    random = _random_macs(exp, problem, source, samples)
+    macs += random
     budget = exp.budget.macs
     over = sum(m > budget for m in macs) if budget else 0
     if budget and over == len(macs):
@@ -131,6 +137,14 @@ def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Repo
             f"{source}: budget.macs = {budget:g} is below every configuration "
             f"of the space (smallest seen: {min(macs):,} MACs); raise the "
             "budget or allow cheaper settings (smaller gate_factor)"
+        )
+    feasible = sum(m <= budget for m in random) if budget else len(random)
+    if feasible < MIN_FEASIBLE_SHARE * len(random):
+        raise SearchConfigError(
+            f"{source}: budget.macs = {budget:g}: only {feasible} of {len(random)} random points "
+            f"of the space are within it ({100 * feasible / len(random):.0f}%, under "
+            f"{100 * MIN_FEASIBLE_SHARE:.0f}%), so the sampler would mostly draw points that "
+            "never train; raise the budget or narrow the space to cheaper settings"
         )
     return Report(problem, macs, over)
 

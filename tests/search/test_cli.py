@@ -35,6 +35,8 @@ BAD = [
      "space.params.model.heads = 3: stages.0.0.conv1: heads=3 must divide both in_channels=16"),
     ("budget below every configuration", _with(budget={"macs": 1000}),
      "budget.macs = 1000 is below every configuration of the space"),
+    ("budget almost no point meets", _with(budget={"macs": 230000}),
+     "budget.macs = 230000: only 0 of 32 random points of the space are within it"),
     ("missing dataset", _with(trial__data={"dataset": "cifar10", "datadir": "/nonexistent/cifar"}),
      "data.datadir='/nonexistent/cifar' does not exist; cifar10 expects cifar-10-batches-py"),
     ("unknown objective", _with(objectives=[{"metric": "accuracy"}]), "unknown objective metric 'accuracy'"),
@@ -83,7 +85,7 @@ def test_validate_good_files_and_set_overrides(tmp_path, capsys):
     assert main(["validate", str(REPO / "experiments" / "quickstart.yaml")]) == 0
     assert "M MACs" in capsys.readouterr().out
     path = _write(tmp_path, GOOD)
-    assert main(["validate", path, "--set", "budget.macs=300000"]) == 0
+    assert main(["validate", path, "--set", "budget.macs=500000"]) == 0
     assert "over the budget" in capsys.readouterr().out
     assert main(["validate", path, "--set", "trial.epochz=3"]) == 2
     assert "trial.epochz = 3: unknown key" in capsys.readouterr().err
