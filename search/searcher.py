@@ -47,9 +47,11 @@ SAMPLERS = {
 }
 
 
-def make_sampler(exp: ExperimentConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(exp: ExperimentConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The experiment's sampler. ``offset`` (the trials a study already holds) shifts the
+    seed: a resumed search must not replay the suggestions it began with."""
     s = exp.sampler
-    kwargs: dict[str, Any] = {"seed": s.seed}
+    kwargs: dict[str, Any] = {"seed": None if s.seed is None else (s.seed + offset) % 2**32}
     if s.name == "nsgaii" and s.population_size:
         kwargs["population_size"] = s.population_size
     if s.name == "tpe" and s.n_startup_trials is not None:
@@ -84,6 +86,8 @@ def open_study(exp: ExperimentConfig, ref: StudyRef) -> optuna.Study:
         sampler=make_sampler(exp),
         load_if_exists=True,
     )
+    if study.trials:  # loaded: reseed past what the first sampler already drew
+        study.sampler = make_sampler(exp, offset=len(study.trials))
     with warnings.catch_warnings():  # experimental since Optuna 3.2, still fine in 5.0
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([o.metric for o in exp.objectives])
@@ -132,6 +136,8 @@ class OptunaSearcher(Searcher):
         dists = to_optuna_distributions(self.exp.space, self.problem.num_stages)
         for _ in range(MAX_TRIES):
             trial = self.study.ask(dists)
+            if self._duplicate(trial):
+                continue
             config = self._costed_config(trial)
             if config is not None:
                 trial.set_user_attr("ray_trial_id", trial_id)
@@ -140,6 +146,19 @@ class OptunaSearcher(Searcher):
                 return config
         log.warning("no trainable point in %d samples; stopping the search", MAX_TRIES)
         return Searcher.FINISHED
+
+    def _duplicate(self, trial: optuna.Trial) -> bool:
+        """A point the study already trained or is training (a categorical space, or a sampler
+        replaying its draws) is not trained again: FAIL, with ``duplicate_of``."""
+        held = (TrialState.COMPLETE, TrialState.RUNNING)
+        for t in self.study.get_trials(deepcopy=False, states=held):
+            if t.number != trial.number and t.params == trial.params and "macs" in t.user_attrs:
+                if t.user_attrs.get("over_budget"):
+                    continue  # its twin is costed and refused again below
+                trial.set_user_attr("duplicate_of", t.number)
+                self.study.tell(trial, state=TrialState.FAIL)
+                return True
+        return False
 
     def _costed_config(self, trial: optuna.Trial) -> dict[str, Any] | None:
         values = assemble(self.exp.space, trial.params, self.problem.num_stages)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import optuna
+from ray.tune.search import Searcher
 
 from search.config import load_experiment
 from search.preflight import run_preflight
@@ -67,3 +68,27 @@ def test_journal_file_storage(tmp_path):
     assert (tmp_path / "study.log").stat().st_size > 0
     again = OptunaSearcher(exp, problem, ref).study  # reopened from the file
     assert [t.values for t in again.trials] == [[0.5, 1.0]]
+
+
+def test_a_resumed_searcher_does_not_propose_points_the_study_already_holds(tmp_path):
+    first = _searcher(tmp_path, "warm_start=[]")
+    for i in range(4):
+        first.suggest(f"a{i}")
+        first.on_trial_complete(f"a{i}", {"val_accuracy": 0.5, "macs": 400000})
+    done = [t.params for t in first.study.trials]
+    again = _searcher(tmp_path, "warm_start=[]")  # as after `resume`: same seed, same study
+    for i in range(4):
+        again.suggest(f"b{i}")
+    fresh = [t.params for t in again.study.trials[len(done):] if t.state.name == "RUNNING"]
+    assert len(fresh) == 4 and not [p for p in fresh if p in done]
+
+
+def test_a_point_already_trained_is_not_trained_twice(tmp_path):
+    # One categorical parameter with two values: the third suggestion can only repeat one.
+    s = _searcher(tmp_path, "warm_start=[]",
+                  "space={params: {model.heads: {type: categorical, choices: [2, 4]}}}")
+    a, b = s.suggest("a"), s.suggest("b")
+    assert {a["model"]["heads"], b["model"]["heads"]} == {2, 4}
+    assert s.suggest("c") is Searcher.FINISHED  # the space is exhausted
+    dupes = [t for t in s.study.trials if "duplicate_of" in t.user_attrs]
+    assert dupes and all(t.state == optuna.trial.TrialState.FAIL for t in dupes)
