@@ -104,7 +104,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     )
     searcher = OptunaSearcher(exp, report.problem, StudyRef(state.optuna_storage, state.study_name))
     tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
-    return _conclude(exp, state, tracking, searcher, tuner.fit(), folder)
+    return _conclude(exp, state, tracking, searcher, _fit(tuner, tracking, state, folder), folder)
 
 
 def resume(folder: Path, address: str | None = None) -> int:
@@ -117,16 +117,52 @@ def resume(folder: Path, address: str | None = None) -> int:
     check_cluster_reachable(address or exp.ray.address)
     connect_ray(exp, address)
     check_resources(exp)
-    tuner = tune.Tuner.restore(
-        str(folder / TUNE_NAME),
-        _trainable(exp),
-        resume_unfinished=True,
-        resume_errored=True,
-    )
     searcher = OptunaSearcher(
         exp, _problem(state), StudyRef(state.optuna_storage, state.study_name)
     )
-    return _conclude(exp, state, tracking, searcher, tuner.fit(), folder)
+    if tune.Tuner.can_restore(str(folder / TUNE_NAME)):
+        tuner = tune.Tuner.restore(
+            str(folder / TUNE_NAME),
+            _trainable(exp),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    elif not searcher.study.get_trials(states=[optuna_state("COMPLETE")]):
+        # The launch stopped before Tune saved anything: start Tune on the same study and run.
+        log.info(
+            "%s has no Tune state yet (the launch stopped before it began); starting it", folder
+        )
+        tuner = _build_tuner(exp, folder, searcher, tracking, _trainable(exp))
+    else:
+        raise SearchConfigError(
+            f"{folder / TUNE_NAME}: Tune's state is missing but the study has finished trials; "
+            "the folder was damaged. Nothing is deleted: rank what exists with `python -m "
+            f"search pareto {folder}`, or launch a new search under another name"
+        )
+    tracking.client.update_run(state.parent_run_id, status="RUNNING")
+    return _conclude(exp, state, tracking, searcher, _fit(tuner, tracking, state, folder), folder)
+
+
+def _fit(tuner: Any, tracking: Tracking, state: SearchState, folder: Path) -> Any:
+    """``tuner.fit()``; if it raises, the parent run is marked FAILED (KILLED on Ctrl-C) rather
+    than left RUNNING, and the folder stays resumable."""
+    try:
+        return tuner.fit()
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        tracking.client.set_terminated(state.parent_run_id, status)
+        log.error(
+            "the search stopped (%s); continue it with `python -m search resume %s`",
+            type(err).__name__,
+            folder,
+        )
+        raise
+
+
+def optuna_state(name: str) -> Any:
+    import optuna
+
+    return optuna.trial.TrialState[name]
 
 
 def open_search(folder: Path) -> tuple[ExperimentConfig, SearchState, Tracking]:

@@ -134,3 +134,25 @@ def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray
     state = SearchState.load(tmp_path / "smoke")
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+
+
+def test_resume_when_tune_never_saved_its_state(ray_2cpu, tmp_path):
+    from search.launch import resume
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = load_experiment(SMOKE, [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
+                                  "num_trials=2", "trial.epochs=1"])
+    assert launch(exp, SMOKE) == 0
+    folder = tmp_path / "smoke"
+    shutil.rmtree(folder / "tune")
+    # Finished trials in the study but no Tune state: damaged, said so, nothing deleted.
+    with pytest.raises(SearchConfigError, match="Tune's state is missing but the study has"):
+        resume(folder)
+    # A launch that stopped before Tune saved anything (no trial finished): resume runs it.
+    (folder / "optuna.db").unlink()
+    assert resume(folder) == 0
+    state = SearchState.load(folder)
+    study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
+    parent, _ = children(uri, "smoke")
+    assert parent.info.status == "FINISHED"
