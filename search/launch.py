@@ -339,9 +339,10 @@ def _conclude(
     orphans = searcher.fail_orphans()
     if orphans:
         log.info("marked %d Optuna trial(s) that never finished as FAIL", orphans)
-    failed = [r for r in results if r.error is not None]
+    failed = [r for r in results if r.error is not None or M.TRIAL_ERROR in (r.metrics or {})]
     for r in failed:
-        log.warning("trial at %s failed: %s", r.path, str(r.error).splitlines()[0][:300])
+        reason = r.error if r.error is not None else r.metrics[M.TRIAL_ERROR]
+        log.warning("trial at %s failed: %s", r.path, str(reason).splitlines()[0][:300])
     text = rank(exp, state, tracking, exp.mlflow.register_models, folder)
     tracking.client.set_terminated(
         state.parent_run_id, "FAILED" if len(failed) == len(results) else "FINISHED"

@@ -187,14 +187,20 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial)
+        result = trial.last_result or {}
+        if M.TRIAL_ERROR in result:  # a deterministic failure, reported rather than raised
+            self._failed(trial, run_id, result.get(M.TRIAL_ERROR_TEXT) or result[M.TRIAL_ERROR])
+            return
         if trial.checkpoint is not None:
             self.tracking.client.set_tag(run_id, "checkpoint", trial.checkpoint.path)
         self.tracking.client.set_tag(run_id, "status", "finished")
         self.tracking.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._run_id(trial)
-        text = redact(error_text(trial))
+        self._failed(trial, self._run_id(trial), error_text(trial))
+
+    def _failed(self, trial: Any, run_id: str, text: str) -> None:
+        text = redact(text)
         self.tracking.client.set_tag(run_id, "status", "failed")
         # The text itself: Ray's error file lives in a session folder that is deleted later.
         self.tracking.client.log_text(run_id, text or "(no error text)", "error.txt")
@@ -241,6 +247,16 @@ class ConsoleProgress(Callback):
         from search.pareto import pareto_ranks
 
         r = trial.last_result or {}
+        if M.TRIAL_ERROR in r:
+            self.failed += 1
+            log.warning(
+                "[%d/%d] trial %s FAILED (%s; not retried: it would fail again)",
+                len(self.done) + self.failed,
+                self.total,
+                trial.trial_id,
+                redact(str(r[M.TRIAL_ERROR]))[:300],
+            )
+            return
         self.done.append(tuple(float(r.get(m, "nan")) for m, _ in self.objectives))
         ranks = pareto_ranks(self.done, [d for _, d in self.objectives])
         front = sorted(p for p, k in zip(self.done, ranks) if k == 1)

@@ -14,6 +14,11 @@ EPOCH = "epoch"
 EPOCH_TIME_S = "epoch_time_s"
 IMAGES_PER_S = "images_per_s"
 GATE_PROGRESS = "gate_progress"
+#: a deterministic failure (a non-finite loss), reported as the trial's last result instead of
+#: raised, so that Tune neither retries it (max_failures) nor reruns it on resume; its
+#: traceback travels as TRIAL_ERROR_TEXT.
+TRIAL_ERROR = "trial_error"
+TRIAL_ERROR_TEXT = "trial_error_text"
 
 #: metrics an experiment may use as objectives, with their natural direction.
 OBJECTIVES = {VAL_ACCURACY: "max", VAL_LOSS: "min", MACS: "min", PARAMS: "min", LATENCY_MS: "min"}

@@ -8,11 +8,14 @@ checkpoints hold model, optimiser, iteration, gate progress, epoch and RNG state
 from __future__ import annotations
 
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
+from trainables import metrics as M
 from trainables.config import TrialConfig
 from trainables.data import Splits
+from trainables.loop import NonFiniteLossError
 from trainables.runner import load_state
 from trainables.runner import run_trial
 from trainables.runner import save_state
@@ -55,4 +58,9 @@ def train_dgc(config: dict[str, Any], splits: Splits | None = None) -> None:
             resume = load_state(Path(d) / STATE_FILE)
     context = ray.get_runtime_context()
     cpus = context.get_assigned_resources().get("CPU", 1.0)
-    run_trial(cfg, RayReporter(context.get_node_id()), resume, splits, threads=max(1, int(cpus)))
+    reporter = RayReporter(context.get_node_id())
+    try:
+        run_trial(cfg, reporter, resume, splits, threads=max(1, int(cpus)))
+    except NonFiniteLossError as err:  # the same on every retry: report it, do not raise
+        error = {M.TRIAL_ERROR: f"{type(err).__name__}: {err}"}
+        reporter.report({**error, M.TRIAL_ERROR_TEXT: traceback.format_exc()}, None)

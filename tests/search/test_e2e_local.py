@@ -120,7 +120,7 @@ def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = load_experiment(REPO / "experiments" / "smoke.yaml",
                           [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "num_trials=2",
-                           "trial.epochs=1", "trial.optim.lr=1.0e+30", "max_failures=0"])
+                           "trial.epochs=1", "trial.optim.lr=1.0e+30", "max_failures=2"])
     assert launch(exp, SMOKE) == 1
     parent, kids = children(uri, "smoke")
     assert parent.info.status == "FAILED"
@@ -134,6 +134,17 @@ def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray
     state = SearchState.load(tmp_path / "smoke")
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    # A non-finite loss is deterministic: reported, not raised, so Tune saw no error to retry
+    # (max_failures=2) ...
+    assert not list((tmp_path / "smoke" / "tune").rglob("error.pkl"))
+    # ... and resume does not run these trials again.
+    from search.launch import resume
+
+    ended = {k.info.run_id: k.info.end_time for k in kids}
+    assert resume(tmp_path / "smoke") == 1
+    _, again = children(uri, "smoke")
+    assert {k.info.run_id: k.info.end_time for k in again} == ended
+    assert len(optuna.load_study(study_name="smoke", storage=state.optuna_storage).trials) == 2
 
 
 def test_resume_when_tune_never_saved_its_state(ray_2cpu, tmp_path):
