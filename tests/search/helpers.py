@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import mlflow
 
-from search.pareto import dominates
-
 
 def children(uri: str, experiment: str) -> tuple[object, list]:
     client = mlflow.MlflowClient(uri)
@@ -17,5 +15,8 @@ def children(uri: str, experiment: str) -> tuple[object, list]:
 
 def brute_force_front(kids: list) -> set[str]:
     pts = {k.info.run_id: (k.data.metrics["val_accuracy"], k.data.metrics["macs"]) for k in kids}
-    return {r for r, p in pts.items()
-            if not any(dominates(q, p, (1, -1)) for s, q in pts.items() if s != r)}
+    # Literal dominance (max accuracy, min MACs), independent of search.pareto.
+    def beats(q: tuple, p: tuple) -> bool:
+        return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
+
+    return {r for r, p in pts.items() if not any(beats(q, p) for s, q in pts.items() if s != r)}

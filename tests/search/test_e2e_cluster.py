@@ -103,13 +103,13 @@ def test_search_logs_to_a_real_mlflow_server(ray_2cpu, tmp_path):
         stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
+        deadline, up = time.time() + 120, False
+        while not up and time.time() < deadline:
             try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
+                up = urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
             except OSError:
                 time.sleep(1)
+        assert up, (tmp_path / "server.log").read_text()[-3000:]  # the server really came up
         exp = load_experiment(SMOKE, [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
                                       "num_trials=3"])
         assert launch(exp, SMOKE) == 0

@@ -68,18 +68,30 @@ def test_imagefolder_layout_png_and_jpeg_and_cache_reuse(tmp_path, monkeypatch):
     assert torch.equal(again.train.images, s.train.images)
 
 
-def _load_in_child(args: tuple[str, str]) -> int:
-    datadir, cache = args
+def _load_in_child(args: tuple[str, str, str]) -> int:
+    import time
+
+    datadir, cache, decodes = args
+    decode = D._decode_to_blob
+
+    def counted(*a, **k):  # record each decode; linger so that a second writer would overlap
+        with open(decodes, "a") as f:
+            f.write("decode\n")
+        time.sleep(1.0)
+        return decode(*a, **k)
+
+    D._decode_to_blob = counted
     train, _, _ = D.cached_arrays(DataParams(dataset="imagefolder", datadir=datadir, cache_dir=cache))
     return int(train.images.sum())
 
 
 def test_cache_survives_two_concurrent_writers(tmp_path):
     _write_imagefolder(tmp_path, per_class=40)
-    cache = str(tmp_path / "cache")
+    cache, decodes = str(tmp_path / "cache"), tmp_path / "decodes.log"
     with mp.get_context("spawn").Pool(2) as pool:
-        sums = pool.map(_load_in_child, [(str(tmp_path), cache)] * 2)
+        sums = pool.map(_load_in_child, [(str(tmp_path), cache, str(decodes))] * 2, chunksize=1)
     assert sums[0] == sums[1]
+    assert decodes.read_text().count("decode") == 1  # the lock: one decodes, the other reads
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len([f for f in files if f.endswith(".pt")]) == 1 and not [f for f in files if ".tmp" in f]
 
