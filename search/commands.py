@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from search import names as N
 from search.config import load_experiment
 from search.overrides import SearchConfigError
 from search.preflight import run_preflight
@@ -49,7 +50,7 @@ def _folder_of_run(run_id: str, tracking_uri: str | None) -> Path:
 
     client = mlflow.MlflowClient(existing_store(tracking_uri or default_tracking_uri()))
     try:
-        folder = client.get_run(run_id).data.tags.get("search_dir")
+        folder = client.get_run(run_id).data.tags.get(N.SEARCH_DIR_TAG)
     except mlflow.exceptions.MlflowException as err:
         raise SearchConfigError(
             f"{run_id!r} is neither a folder nor a run of the tracking store "

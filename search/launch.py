@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from search import names as N
 from search.config import ExperimentConfig
 from search.overrides import SearchConfigError
 from search.preflight import Problem
@@ -90,7 +91,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     state = _new_state(exp, report.problem, folder)
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment)
     state.parent_run_id = tracking.start_parent(
-        exp.name, _parent_params(exp), {**_run_tags(source), "search_dir": str(folder)}
+        exp.name, _parent_params(exp), {**_run_tags(source), N.SEARCH_DIR_TAG: str(folder)}
     )
     log_redacted_artifact(tracking.client, state.parent_run_id, folder / RESOLVED_FILE)
     log_redacted_artifact(tracking.client, state.parent_run_id, source)
@@ -398,5 +399,5 @@ def _run_tags(source: str) -> dict[str, str]:
     return {
         "git_sha": sha,
         "experiment_file": str(Path(source).resolve()),
-        "dgc_search.kind": "search",
+        N.KIND_TAG: "search",
     }

@@ -12,11 +12,13 @@ import mlflow
 import numpy as np
 import torch
 
+from search import names as N
 from search.pareto import pareto_ranks
 from search.tracking import Tracking
 from search.tracking import tracking_uri
 from trainables import metrics as M
 from trainables.config import TrialConfig
+from trainables.runner import STATE_FILE
 from trainables.runner import build_model
 from trainables.runner import load_state
 
@@ -48,7 +50,7 @@ def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> li
                 tuple(m[k] for k, _ in objectives),
                 dict(m),
                 dict(run.data.params),
-                model_uri=run.data.tags.get("model_uri", ""),
+                model_uri=run.data.tags.get(N.MODEL_URI_TAG, ""),
             )
         )
     return points
@@ -58,8 +60,8 @@ def tag_pareto(tracking: Tracking, points: list[Point], objectives: list[tuple[s
     ranks = pareto_ranks([p.values for p in points], [d for _, d in objectives])
     for p, rank in zip(points, ranks):
         p.rank = rank
-        tracking.client.set_tag(p.run_id, "pareto", "true" if rank == 1 else "false")
-        tracking.client.set_tag(p.run_id, "pareto_rank", str(rank))
+        tracking.client.set_tag(p.run_id, N.PARETO_TAG, "true" if rank == 1 else "false")
+        tracking.client.set_tag(p.run_id, N.PARETO_RANK_TAG, str(rank))
 
 
 def log_and_register(
@@ -75,14 +77,14 @@ def log_and_register(
     for p in sorted(front, key=lambda p: p.metrics.get(M.MACS, 0)):
         if not p.model_uri:
             p.model_uri = _log_model(tracking, p, num_classes, input_size)
-        if "registered_version" in client.get_run(p.run_id).data.tags:
+        if N.REGISTERED_VERSION_TAG in client.get_run(p.run_id).data.tags:
             continue
         with tracking_uri(tracking.uri):
             version = mlflow.register_model(p.model_uri, registered_name).version
         alias = _alias(p)
         client.set_registered_model_alias(registered_name, alias, version)
-        client.set_tag(p.run_id, "registered_version", str(version))
-        client.set_tag(p.run_id, "registered_alias", alias)
+        client.set_tag(p.run_id, N.REGISTERED_VERSION_TAG, str(version))
+        client.set_tag(p.run_id, N.REGISTERED_ALIAS_TAG, alias)
         log.info("registered %s version %s as @%s (%s)", registered_name, version, alias, p.name)
 
 
@@ -99,13 +101,13 @@ def _log_model(
 ) -> str:
     client = tracking.client
     run = client.get_run(p.run_id)
-    checkpoint = run.data.tags.get("checkpoint")
+    checkpoint = run.data.tags.get(N.CHECKPOINT_TAG)
     if not checkpoint:
         raise RuntimeError(f"run {p.run_id} has no checkpoint tag; cannot log its model")
     config_path = client.download_artifacts(p.run_id, "trial_config.json")
     cfg = TrialConfig.model_validate(json.loads(Path(config_path).read_text()))
     model = build_model(cfg, num_classes, input_size[0])
-    model.load_state_dict(load_state(Path(checkpoint) / "state.pt")["model"])
+    model.load_state_dict(load_state(Path(checkpoint) / STATE_FILE)["model"])
     model.eval()
     # Batch 2: a batch of 1 would let torch.export (MLflow's pt2 format) specialise it to 1.
     example = np.random.default_rng(0).standard_normal((2, *input_size)).astype(np.float32)
@@ -123,7 +125,7 @@ def _log_model(
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     _log_weights(tracking, p.run_id, model, cfg, num_classes, input_size)
-    client.set_tag(p.run_id, "model_uri", info.model_uri)
+    client.set_tag(p.run_id, N.MODEL_URI_TAG, info.model_uri)
     return info.model_uri
 
 

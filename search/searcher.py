@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from pydantic import ValidationError
 from ray.tune.search import Searcher
 
+from search import names as N
 from search.config import ExperimentConfig
 from search.preflight import Problem
 from spaces.convert import apply_to_trial
@@ -140,9 +141,9 @@ class OptunaSearcher(Searcher):
                 continue
             config = self._costed_config(trial)
             if config is not None:
-                trial.set_user_attr("ray_trial_id", trial_id)
+                trial.set_user_attr(N.TRIAL_TAG, trial_id)
                 self.live[trial_id] = trial.number
-                config["tags"] = {"optuna_trial": trial.number}
+                config["tags"] = {N.OPTUNA_TRIAL_TAG: trial.number}
                 return config
         log.warning("no trainable point in %d samples; stopping the search", MAX_TRIES)
         return Searcher.FINISHED
@@ -219,7 +220,7 @@ class OptunaSearcher(Searcher):
 
     def _number_of(self, trial_id: str) -> int | None:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("ray_trial_id") == trial_id:
+            if t.user_attrs.get(N.TRIAL_TAG) == trial_id:
                 return t.number
         return None
 

@@ -22,6 +22,7 @@ from mlflow.entities import Param
 from mlflow.entities import RunStatus
 from ray.tune import Callback
 
+from search import names as N
 from search.overrides import SearchConfigError
 from search.redact import redact
 from trainables import metrics as M
@@ -42,7 +43,6 @@ LOGGED_METRICS = (
     M.GATE_PROGRESS,
     M.LATENCY_MS,
 )
-TRIAL_TAG = "ray_trial_id"
 
 
 def default_tracking_uri() -> str:
@@ -109,7 +109,8 @@ class Tracking:
     def find_child(self, trial_id: str) -> str | None:
         runs = self.client.search_runs(
             [self.experiment_id],
-            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.{TRIAL_TAG} = '{trial_id}'",
+            f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
+            f"and tags.{N.TRIAL_TAG} = '{trial_id}'",
             max_results=1,
         )
         return runs[0].info.run_id if runs else None
@@ -154,15 +155,15 @@ class MlflowTrialLogger(Callback):
         return run_id
 
     def _create(self, trial: Any) -> str:
-        number = trial.config.get("tags", {}).get("optuna_trial", "")
+        number = trial.config.get("tags", {}).get(N.OPTUNA_TRIAL_TAG, "")
         client = self.tracking.client
         run = client.create_run(
             self.tracking.experiment_id,
             run_name=f"trial-{number}",
             tags={
                 "mlflow.parentRunId": self.tracking.parent_run_id,
-                TRIAL_TAG: trial.trial_id,
-                "optuna_trial": str(number),
+                N.TRIAL_TAG: trial.trial_id,
+                N.OPTUNA_TRIAL_TAG: str(number),
                 "ray_trial_dir": str(trial.path or ""),
             },
         )
@@ -192,7 +193,7 @@ class MlflowTrialLogger(Callback):
             self._failed(trial, run_id, result.get(M.TRIAL_ERROR_TEXT) or result[M.TRIAL_ERROR])
             return
         if trial.checkpoint is not None:
-            self.tracking.client.set_tag(run_id, "checkpoint", trial.checkpoint.path)
+            self.tracking.client.set_tag(run_id, N.CHECKPOINT_TAG, trial.checkpoint.path)
         self.tracking.client.set_tag(run_id, "status", "finished")
         self.tracking.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 

@@ -15,6 +15,7 @@ from search.overrides import load_yaml
 from spaces.errors import format_validation_error
 from trainables import metrics as M
 from trainables.config import TrialConfig
+from trainables.runner import STATE_FILE
 from trainables.runner import load_state
 from trainables.runner import run_trial
 from trainables.runner import save_state
@@ -64,7 +65,7 @@ class ConsoleReporter:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if state is not None:
-                save_state(state, self.out / "state.pt")
+                save_state(state, self.out / STATE_FILE)
 
 
 def train_command(path: str, overrides: list[str], out: str | None, resume: bool) -> int:
@@ -72,11 +73,11 @@ def train_command(path: str, overrides: list[str], out: str | None, resume: bool
     out_dir = Path(out) if out else None
     state = None
     if resume:
-        if out_dir is None or not (out_dir / "state.pt").is_file():
+        if out_dir is None or not (out_dir / STATE_FILE).is_file():
             raise SearchConfigError(
                 f"--resume needs --out DIR holding a state.pt from an earlier run (got {out_dir})"
             )
-        state = load_state(out_dir / "state.pt")
+        state = load_state(out_dir / STATE_FILE)
     reporter = ConsoleReporter(cfg.epochs, int(state["epoch"]) if state else 0, out_dir)
     final = run_trial(cfg, reporter, state)
     reporter.bar.close()

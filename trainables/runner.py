@@ -31,6 +31,9 @@ from trainables.loop import train_one_epoch
 
 log = logging.getLogger(__name__)
 
+#: the checkpoint file of a trial (Tune checkpoints, `search train --out`).
+STATE_FILE = "state.pt"
+
 
 class Reporter(Protocol):
     """Receives every epoch's metrics, and a checkpoint state when one is due."""
@@ -66,6 +69,7 @@ def build_loaders(
         return Loaders(tr, va, te, classes, (3, 224, 224))
     s = splits or load_splits(d)
     augment = d.augment if d.augment is not None else d.dataset != "digits"
+
     def mk(split: Split, batch_size: int, train: bool) -> DeviceLoader:
         return DeviceLoader(split, batch_size, device, s.mean, s.std, augment and train, train, cl)
 

@@ -16,11 +16,10 @@ from trainables import metrics as M
 from trainables.config import TrialConfig
 from trainables.data import Splits
 from trainables.loop import NonFiniteLossError
+from trainables.runner import STATE_FILE
 from trainables.runner import load_state
 from trainables.runner import run_trial
 from trainables.runner import save_state
-
-STATE_FILE = "state.pt"
 
 
 class RayReporter:
@@ -30,7 +29,7 @@ class RayReporter:
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         from ray import tune
 
-        metrics = {**metrics, "node_id": self.node_id}  # which cluster node trained it
+        metrics = {**metrics, M.NODE_ID: self.node_id}  # which cluster node trained it
         if state is None:
             tune.report(metrics)
             return

@@ -1,0 +1,17 @@
+"""Names shared between the modules of search/ (MLflow tag keys, Optuna attributes), each
+defined once. File names of trainables live there (``trainables.runner.STATE_FILE``)."""
+
+from __future__ import annotations
+
+SEARCH_DIR_TAG = "search_dir"  # parent run: the search folder
+KIND_TAG = "dgc_search.kind"  # parent run: "search"
+TRIAL_TAG = "ray_trial_id"  # child run tag and Optuna user attribute: Tune's trial id
+OPTUNA_TRIAL_TAG = "optuna_trial"  # child run tag and trial-config tag: Optuna trial number
+STATUS_TAG = "status"
+ERROR_TAG = "error"
+CHECKPOINT_TAG = "checkpoint"
+MODEL_URI_TAG = "model_uri"
+PARETO_TAG = "pareto"
+PARETO_RANK_TAG = "pareto_rank"
+REGISTERED_VERSION_TAG = "registered_version"
+REGISTERED_ALIAS_TAG = "registered_alias"
