@@ -39,20 +39,11 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class Cost:
-    """Totals and the per-layer table (one row per counted call, in execution order)."""
+    """Totals and the per-layer costs (one entry per counted call, in execution order)."""
 
     macs: int
     params: int
     layers: list[LayerCost] = field(repr=False)
-
-    def table(self) -> str:
-        rows = [f"{'layer':48s} {'type':22s} {'MACs':>14s} {'params':>10s}  output"]
-        rows += [
-            f"{r.name:48s} {r.kind:22s} {r.macs:14,.0f} {r.params:10,d}  {list(r.output_shape)}"
-            for r in self.layers
-        ]
-        rows.append(f"{'total':48s} {'':22s} {self.macs:14,d} {self.params:10,d}")
-        return "\n".join(rows)
 
 
 def count_cost(model: nn.Module, input_size: Sequence[int]) -> Cost:
