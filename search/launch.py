@@ -17,6 +17,7 @@ import yaml
 from search import names as N
 from search.config import ExperimentConfig
 from search.overrides import SearchConfigError
+from search.overrides import safe_yaml
 from search.preflight import Problem
 from search.preflight import run_preflight
 from search.redact import log_redacted_artifact
@@ -60,7 +61,13 @@ class SearchState:
                 f"{folder}: not a search folder (no {STATE_FILE}); give the "
                 "folder that `launch` printed"
             )
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as err:  # JSON errors, missing or unknown fields
+            raise SearchConfigError(
+                f"{path}: damaged search state ({str(err)[:200]}); it is written by launch and "
+                "not meant to be edited (restore it from a backup, or launch a new search)"
+            ) from err
 
 
 def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> int:
@@ -169,7 +176,16 @@ def optuna_state(name: str) -> Any:
 def open_search(folder: Path) -> tuple[ExperimentConfig, SearchState, Tracking]:
     """The resolved experiment, the saved state and the MLflow connection of a search folder."""
     state = SearchState.load(folder)
-    exp = ExperimentConfig.model_validate(yaml.safe_load((folder / RESOLVED_FILE).read_text()))
+    path = folder / RESOLVED_FILE
+    try:
+        exp = ExperimentConfig.model_validate(
+            safe_yaml(path.read_text(encoding="utf-8"), str(path))
+        )
+    except (OSError, ValueError) as err:  # missing, not UTF-8, not YAML, or invalid
+        raise SearchConfigError(
+            f"{path}: damaged resolved experiment ({str(err)[:300]}); launch writes it and "
+            "resume, pareto and export read it"
+        ) from err
     return exp, state, Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
 
 

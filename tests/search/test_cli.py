@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -173,3 +174,17 @@ def test_validate_reads_the_data_and_names_a_truncated_cifar_batch(tmp_path, cap
     assert main(["validate", _write(tmp_path, doc)]) == 2
     err = capsys.readouterr().err
     assert "data_batch_4: not a CIFAR python batch" in err
+
+
+@pytest.mark.parametrize("damage", ["state", "resolved"])
+def test_a_damaged_search_folder_is_a_message_not_a_traceback(tmp_path, capsys, damage):
+    from search.launch import RESOLVED_FILE
+    from search.launch import STATE_FILE
+
+    folder = tmp_path / "runs" / "x"
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text('{"folder": ' if damage == "state" else json.dumps({}))
+    (folder / RESOLVED_FILE).write_text("name: [unclosed")
+    assert main(["pareto", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged search state" in err and str(folder / STATE_FILE) in err
