@@ -1,0 +1,42 @@
+"""The console progress of a search, driven by hand with plain trial records."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+from search.tracking import ConsoleProgress
+
+OBJECTIVES = [("val_accuracy", "max"), ("macs", "min")]
+
+
+def _trial(tid: str, **result: object) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=tid, last_result=result, error_file=None)
+
+
+def test_progress_counts_trials_and_shows_the_front_so_far(caplog, tmp_path):
+    progress = ConsoleProgress(4, OBJECTIVES)
+    with caplog.at_level(logging.INFO, logger="search.tracking"):
+        progress.on_trial_complete(0, [], _trial("a", val_accuracy=0.9, macs=400000))
+        progress.on_trial_complete(0, [], _trial("b", val_accuracy=0.8, macs=200000))
+        progress.on_trial_complete(0, [], _trial("c", val_accuracy=0.7, macs=300000))  # dominated
+        error = tmp_path / "error.txt"
+        error.write_text("Traceback ...\nRuntimeError: worker died at postgresql://u:pw@h/db\n")
+        progress.on_trial_error(0, [], SimpleNamespace(trial_id="d", error_file=str(error)))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == (
+        "[1/4] trial a done: val_accuracy=0.9000, macs=0.400M | front so far: (0.9000, 0.400M)"
+    )
+    assert lines[1].endswith("front so far: (0.8000, 0.200M) (0.9000, 0.400M)")
+    assert lines[2].startswith("[3/4] trial c done") and "(0.7000" not in lines[2]
+    assert lines[3] == "[4/4] trial d FAILED (RuntimeError: worker died at postgresql://u:***@h/db)"
+
+
+def test_a_reported_deterministic_failure_counts_as_failed(caplog):
+    progress = ConsoleProgress(2, OBJECTIVES)
+    with caplog.at_level(logging.INFO, logger="search.tracking"):
+        progress.on_trial_complete(0, [], _trial("a", trial_error="NonFiniteLossError: nan"))
+        progress.on_trial_complete(0, [], _trial("b", val_accuracy=0.9, macs=400000))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("[1/2] trial a FAILED (NonFiniteLossError: nan; not retried")
+    assert lines[1].startswith("[2/2] trial b done") and progress.failed == 1
