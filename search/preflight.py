@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 import dgc
+from dgc.cost import Cost
 from search.config import ExperimentConfig
 from search.overrides import SearchConfigError
 from spaces.convert import apply_to_trial
@@ -67,31 +68,38 @@ def problem_of(exp: ExperimentConfig, source: str) -> Problem:
     return Problem(classes, size, stages)
 
 
-def point_config(
-    exp: ExperimentConfig, assignments: dict[str, Any], source: str, where: str
-) -> TrialConfig:
-    """The TrialConfig of one point of the space (validated)."""
-    trial = apply_to_trial(exp.trial.model_dump(), assignments)
-    try:
-        return TrialConfig.model_validate(trial)
-    except ValidationError as err:
-        raise SearchConfigError(
-            format_validation_error(err, f"{source}: {where}", prefix="trial")
-        ) from err
+def cost_point(
+    exp: ExperimentConfig, problem: Problem, assignments: dict[str, Any]
+) -> tuple[dict[str, Any], Cost]:
+    """The trial config (a dict, as Tune receives it) of one point of the space and its
+    analytic cost: the one costing path of preflight and the searcher.
+
+    Raises:
+        ValidationError: the point is not a valid TrialConfig.
+        ValueError, TypeError: the model cannot be built with these settings.
+    """
+    config = apply_to_trial(exp.trial.model_dump(mode="json"), assignments)
+    cfg = TrialConfig.model_validate(config)
+    return config, trial_cost(cfg, problem.num_classes, problem.input_size)
 
 
 def point_macs(
     exp: ExperimentConfig, problem: Problem, assignments: dict[str, Any], source: str, where: str
 ) -> int:
-    cfg = point_config(exp, assignments, source, where)
+    """MACs of one point, or SearchConfigError naming the file, the point and the rule."""
     try:
-        return trial_cost(cfg, problem.num_classes, problem.input_size).macs
+        return cost_point(exp, problem, assignments)[1].macs
+    except ValidationError as err:
+        raise SearchConfigError(
+            format_validation_error(err, f"{source}: {where}", prefix="trial")
+        ) from err
     except ValueError as err:
         raise SearchConfigError(f"{source}: {where}: {err}") from err
     except TypeError as err:  # a keyword the recipe does not take (trial.model.kwargs)
+        kwargs = exp.trial.model.kwargs
         raise SearchConfigError(
-            f"{source}: {where}: trial.model.kwargs = {cfg.model.kwargs!r}: {err}; remove the "
-            f"keyword or check the signature of {cfg.model.name}'s recipe in dgc/models"
+            f"{source}: {where}: trial.model.kwargs = {kwargs!r}: {err}; remove the keyword "
+            f"or check the signature of {exp.trial.model.name}'s recipe in dgc/models"
         ) from err
 
 

@@ -22,19 +22,16 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from pydantic import ValidationError
 from ray.tune.search import Searcher
 
 from search import names as N
 from search.config import ExperimentConfig
 from search.preflight import Problem
-from spaces.convert import apply_to_trial
+from search.preflight import cost_point
 from spaces.convert import assemble
 from spaces.convert import param_names
 from spaces.convert import to_optuna_distributions
 from trainables import metrics as M
-from trainables.config import TrialConfig
-from trainables.runner import trial_cost
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +160,9 @@ class OptunaSearcher(Searcher):
 
     def _costed_config(self, trial: optuna.Trial) -> dict[str, Any] | None:
         values = assemble(self.exp.space, trial.params, self.problem.num_stages)
-        config = apply_to_trial(self.exp.trial.model_dump(mode="json"), values)
         try:
-            cost = trial_cost(
-                TrialConfig.model_validate(config),
-                self.problem.num_classes,
-                self.problem.input_size,
-            )
-        except (ValueError, ValidationError) as err:
+            config, cost = cost_point(self.exp, self.problem, values)
+        except (ValueError, TypeError) as err:  # ValidationError is a ValueError
             trial.set_user_attr("invalid", str(err).splitlines()[0])
             self.study.tell(trial, state=TrialState.FAIL)
             log.info("Optuna trial %d cannot be built (%s); not trained", trial.number, err)
