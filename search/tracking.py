@@ -249,14 +249,7 @@ class ConsoleProgress(Callback):
 
         r = trial.last_result or {}
         if M.TRIAL_ERROR in r:
-            self.failed += 1
-            log.warning(
-                "[%d/%d] trial %s FAILED (%s; not retried: it would fail again)",
-                len(self.done) + self.failed,
-                self.total,
-                trial.trial_id,
-                redact(str(r[M.TRIAL_ERROR]))[:300],
-            )
+            self._failed(trial, f"{r[M.TRIAL_ERROR]}; not retried: it would fail again")
             return
         self.done.append(tuple(float(r.get(m, "nan")) for m, _ in self.objectives))
         ranks = pareto_ranks(self.done, [d for _, d in self.objectives])
@@ -272,11 +265,11 @@ class ConsoleProgress(Callback):
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._failed(trial, error_line(error_text(trial)))
+
+    def _failed(self, trial: Any, reason: str) -> None:
         self.failed += 1
+        count = len(self.done) + self.failed
         log.warning(
-            "[%d/%d] trial %s FAILED (%s)",
-            len(self.done) + self.failed,
-            self.total,
-            trial.trial_id,
-            error_line(redact(error_text(trial)))[:300],
+            "[%d/%d] trial %s FAILED (%s)", count, self.total, trial.trial_id, redact(reason)[:300]
         )
