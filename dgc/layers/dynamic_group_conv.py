@@ -75,7 +75,7 @@ class SaliencyGate(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         # z: (B, C) globally pooled activations. matmul/baddbmm, not einsum: at batch 1 the
-        # generator is all overhead, and einsum's costs ~40 us a call on CPU.
+        # generator is all overhead, and einsum adds its own on every call.
         hid = torch.matmul(self.fc1_weight, z.t()).relu()  # (h, r, B)
         sal = torch.baddbmm(self.fc2_bias.unsqueeze(-1), self.fc2_weight, hid)  # (h, C, B)
         return sal.relu().permute(2, 0, 1)  # (B, h, C), non-negative
@@ -151,23 +151,25 @@ class _GatheredGroupConv(torch.autograd.Function):
     the groups of one conv2d (groups = B * heads, the CondConv trick). This executes
     g * C * O * k^2 * H'W' MACs, the count the paper reports, instead of the dense count the
     reference code executes. Gathered inputs and kernels are rebuilt in backward, so only
-    ``x``, the kept saliencies and the indices are saved. Gradients go back with ``index_add``
+    ``x``, the kept saliencies, the indices and the weight's row layout (weight-sized) are
+    saved. Gradients go back with ``index_add``
     on rows (the transpose of the row gathers).
     """
 
     @staticmethod
     def forward(ctx, x, scale, weight, index, stride, padding, dilation):  # type: ignore[override]
-        ctx.conv_args = (stride, padding, dilation)
-        ctx.save_for_backward(x, scale, weight, index)
-        rows = G.weight_rows(weight, index.shape[1])
+        ctx.conv_args, ctx.weight_shape = (stride, padding, dilation), weight.shape
+        rows = G.weight_rows(weight, index.shape[1])  # (h*C, O/h*k^2), reused in backward
+        ctx.save_for_backward(x, scale, rows, index)
         return G.fold_conv(x, index, scale, rows, weight.shape[-1], ctx.conv_args)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, scale, weight, index = ctx.saved_tensors
+        x, scale, rows, index = ctx.saved_tensors
         (b, c, h, w), (heads, kept), dtype = x.shape, index.shape[1:], grad_out.dtype
-        o, k = weight.shape[0], weight.shape[-1]
-        rows = G.weight_rows(weight.to(dtype), heads)  # (h*C, O/h*k^2)
+        shape = ctx.weight_shape
+        o, k = shape[0], shape[-1]
+        weight_dtype, rows = rows.dtype, rows.to(dtype)  # (h*C, O/h*k^2)
         xg = G.gather_inputs(x.to(dtype), index)  # (B*h*K, HW), unscaled
         s = scale.to(dtype).reshape(-1, 1)  # (B*h*K, 1)
         wg = G.gather_kernels(rows, index, c).view(b, heads, kept, o // heads, k * k)
@@ -186,11 +188,11 @@ class _GatheredGroupConv(torch.autograd.Function):
         g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)
         g_rows = g_rows.reshape(b * heads * kept, -1)
         grad_rows = torch.zeros_like(rows).index_add_(0, G.head_rows(index, c), g_rows)
-        grad_w = grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(weight.shape)
+        grad_w = grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(shape)
         return (
             grad_x.view_as(x).to(x.dtype),
             grad_scale.to(scale.dtype),
-            grad_w.to(weight.dtype),
+            grad_w.to(weight_dtype),
             None,
             None,
             None,

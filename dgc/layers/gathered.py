@@ -13,8 +13,8 @@ is laid out:
   where feature maps are small and kernels large (the last stages of an ImageNet network).
 * ``bmm``: 1x1 convolutions as one batched matmul over (sample, head) pairs.
 
-Gathers use ``index_select`` on rows (a contiguous copy per kept channel). An expanded
-``gather`` on the same data is 3 to 10 times slower on CPU (bench/dgc_speed.py). Kernels read
+Gathers use ``index_select`` on rows (a contiguous copy per kept channel), much cheaper on CPU
+than the expanded ``gather`` the layer used before (bench/dgc_before_after.py). Kernels read
 the weight in a head-major row layout, ``(heads*C, O/heads*k*k)`` (see ``weight_rows``), so that
 gathering a kept channel's kernel columns is one row copy.
 """
@@ -27,8 +27,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-EVAL_KERNELS = ("fold", "unfold", "bmm")
 
 
 def traceable(fn: Callable) -> Callable:
