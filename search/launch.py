@@ -118,6 +118,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
 def resume(folder: Path, address: str | None = None) -> int:
     """Continue an interrupted search: finished trials stay, running ones restart from their
     last checkpoint, the study goes on, and no MLflow run is created twice."""
+    from optuna.trial import TrialState
     from ray import tune
 
     folder = folder.resolve()  # Tune's restore takes a URI: a relative path has no scheme
@@ -135,7 +136,7 @@ def resume(folder: Path, address: str | None = None) -> int:
             resume_unfinished=True,
             resume_errored=True,
         )
-    elif not searcher.study.get_trials(states=[optuna_state("COMPLETE")]):
+    elif not searcher.study.get_trials(states=[TrialState.COMPLETE]):
         # The launch stopped before Tune saved anything: start Tune on the same study and run.
         log.info(
             "%s has no Tune state yet (the launch stopped before it began); starting it", folder
@@ -165,12 +166,6 @@ def _fit(tuner: Any, tracking: Tracking, state: SearchState, folder: Path) -> An
             folder,
         )
         raise
-
-
-def optuna_state(name: str) -> Any:
-    import optuna
-
-    return optuna.trial.TrialState[name]
 
 
 def open_search(folder: Path) -> tuple[ExperimentConfig, SearchState, Tracking]:
