@@ -1,0 +1,96 @@
+"""Where a network's eval forward spends its time, and what torch.compile changes (issue #7).
+
+    python bench/dgc_profile.py profile dyresnet18 --batch 1 --size 224
+    python bench/dgc_profile.py compile resnet20 --batches 1 64
+
+profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, gate
+         0.25 for gc/dy models: the top ops by self CPU time, in ms per forward.
+compile  eager and torch.compile(dynamic=False) eval forwards of the dense network and its DGC
+         variant, round-robin (bench/dgc_speed.py's timing), and the ratio compiled dense /
+         compiled DGC.
+
+Random weights with BN statistics from random batches (bench/dgc_speed.py's ``build``);
+float32, 2 threads by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dgc_speed import build  # noqa: E402
+from dgc_speed import round_robin  # noqa: E402
+
+FORWARDS = 5
+
+
+def gate_of(name: str) -> float | None:
+    return 0.25 if name.startswith(("dy", "gc")) else None
+
+
+def profile(a: argparse.Namespace) -> None:
+    model = build(a.model, gate_of(a.model), "cpu", torch.float32, a.size).eval()
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(FORWARDS):
+                model(x)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / FORWARDS
+    print(f"{a.model} b{a.batch} {a.size}px: {total:.1f} ms self CPU per forward")
+    print("| op | ms per forward | calls per forward |\n|---|---:|---:|")
+    for e in events[: a.top]:
+        ms = e.self_cpu_time_total / 1e3 / FORWARDS
+        print(f"| {e.key} | {ms:.2f} | {e.count // FORWARDS} |")
+
+
+def compile_(a: argparse.Namespace) -> None:
+    models = {
+        "dense": build(a.model, None, "cpu", torch.float32, a.size).eval(),
+        "dgc": build("dy" + a.model, 0.25, "cpu", torch.float32, a.size).eval(),
+    }
+    for batch in a.batches:
+        x = torch.randn(batch, 3, a.size, a.size)
+        fns = {}
+        with torch.no_grad():
+            for name, m in models.items():
+                m(x)
+                t0 = time.time()
+                compiled = torch.compile(m, dynamic=False)
+                compiled(x)
+                print(f"compile {name} b{batch}: {time.time() - t0:.0f} s", flush=True)
+                fns[name] = lambda m=m: m(x)
+                fns[f"{name} compiled"] = lambda c=compiled: c(x)
+            ms = round_robin(fns, a.runs, "cpu")
+        cells = ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
+        ratio = ms["dense compiled"] / ms["dgc compiled"]
+        print(f"{a.model} b{batch}: {cells}; compiled dense / compiled DGC = {ratio:.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("mode", choices=["profile", "compile"])
+    p.add_argument("model", help="profile: any dgc name; compile: the dense family name")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    profile(a) if a.mode == "profile" else compile_(a)
+
+
+if __name__ == "__main__":
+    main()
