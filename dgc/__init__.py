@@ -10,6 +10,7 @@ from dgc import models as _models  # noqa: F401  (registers the recipes)
 from dgc.cost import Cost
 from dgc.cost import count_cost
 from dgc.layers import DynamicGroupConv2d
+from dgc.layers import GateSchedule
 from dgc.layers import inactive_channels
 from dgc.ops import aux_loss
 from dgc.ops import dgc_layers
@@ -22,6 +23,7 @@ from dgc.registry import num_stages
 __all__ = [
     "Cost",
     "DynamicGroupConv2d",
+    "GateSchedule",
     "aux_loss",
     "count_cost",
     "create_model",

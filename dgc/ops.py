@@ -7,6 +7,8 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from dgc.layers.schedule import PAPER
+from dgc.layers.schedule import GateSchedule
 from dgc.layers.schedule import inactive_channels
 
 
@@ -15,9 +17,10 @@ def dgc_layers(model: nn.Module) -> list[DynamicGroupConv2d]:
     return [m for m in model.modules() if isinstance(m, DynamicGroupConv2d)]
 
 
-def set_progress(model: nn.Module, progress: float) -> None:
+def set_progress(model: nn.Module, progress: float, schedule: GateSchedule = PAPER) -> None:
     """Write the scheduled number of inactive channels for training progress ``progress``
-    (fraction of all iterations done) into every DGC layer's buffer.
+    (fraction of all iterations done) into every DGC layer's buffer; ``schedule`` holds the
+    ramp's breakpoints (the paper's by default).
 
     Raises:
         ValueError: progress outside [0, 1].
@@ -25,7 +28,9 @@ def set_progress(model: nn.Module, progress: float) -> None:
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress={progress!r} must be in [0, 1] (iterations done / total)")
     for layer in dgc_layers(model):
-        layer.set_inactive(inactive_channels(progress, layer.in_channels, layer.gate_factor))
+        layer.set_inactive(
+            inactive_channels(progress, layer.in_channels, layer.gate_factor, schedule)
+        )
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -97,6 +97,37 @@ class OptimParams(_Strict):
         return self
 
 
+class GateScheduleParams(_Strict):
+    """Breakpoints of DGC's deactivation ramp: nothing pruned up to ``warmup_end``, the target
+    sparsity reached at ``ramp_end``, fine-tuning after. In ``unit`` of the run (``fraction``,
+    the paper's 1/12 and 3/4 by default) or of ``epochs`` (e.g. ``{warmup_end: 0.5, ramp_end:
+    2, unit: epochs}`` finishes pruning after epoch 2 of any run length)."""
+
+    warmup_end: float = Field(1.0 / 12.0, ge=0, allow_inf_nan=False)
+    ramp_end: float = Field(0.75, ge=0, allow_inf_nan=False)
+    unit: Literal["fraction", "epochs"] = "fraction"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GateScheduleParams:
+        if self.warmup_end > self.ramp_end:
+            raise ValueError(
+                f"warmup_end={self.warmup_end} is after ramp_end={self.ramp_end}; the warm-up "
+                "must end before (or when) the ramp does"
+            )
+        if self.unit == "fraction" and self.ramp_end > 1:
+            raise ValueError(
+                f"ramp_end={self.ramp_end} is past the end of the run (unit: fraction, at most "
+                "1); give a fraction, or set unit: epochs"
+            )
+        return self
+
+    def fractions(self, epochs: int) -> tuple[float, float]:
+        """(warmup_end, ramp_end) as fractions of a run of ``epochs`` epochs."""
+        if self.unit == "fraction":
+            return self.warmup_end, self.ramp_end
+        return self.warmup_end / epochs, self.ramp_end / epochs
+
+
 class TrialConfig(_Strict):
     """One trial, completely: model, data, optimiser, schedule length, seed and runtime."""
 
@@ -104,6 +135,7 @@ class TrialConfig(_Strict):
     data: DataParams = Field(default_factory=DataParams)
     optim: OptimParams = Field(default_factory=OptimParams)
     epochs: int = Field(30, ge=1)
+    gate_schedule: GateScheduleParams = Field(default_factory=GateScheduleParams)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     checkpoint_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -115,3 +147,14 @@ class TrialConfig(_Strict):
     measure_latency: bool = False
     #: bookkeeping set by the search (e.g. the Optuna trial number); training ignores it.
     tags: dict[str, int | float | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ramp_within_run(self) -> TrialConfig:
+        g = self.gate_schedule
+        if g.unit == "epochs" and g.ramp_end > self.epochs:
+            raise ValueError(
+                f"gate_schedule.ramp_end={g.ramp_end} epochs is past the end of the run "
+                f"(epochs={self.epochs}); the network would never reach its target sparsity. "
+                "Lower ramp_end or raise epochs"
+            )
+        return self

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch import nn
 
 import dgc
+from dgc.layers.schedule import PAPER
 from trainables.config import OptimParams
 
 
@@ -29,6 +30,8 @@ class Schedule:
     iters_per_epoch: int
     epochs: int
     dataset: str = "cifar10"  # only picks the default multistep milestones
+    #: the deactivation ramp's (warmup_end, ramp_end) as fractions of the run
+    gate_fractions: tuple[float, float] = (PAPER.warmup_end, PAPER.ramp_end)
 
     @property
     def total(self) -> int:
@@ -57,6 +60,12 @@ class Schedule:
     def progress(self, it: int) -> float:
         """Fraction of iterations done before step ``it``, as the authors compute it."""
         return it / self.total
+
+    @property
+    def gate(self) -> dgc.GateSchedule:
+        """The deactivation ramp's breakpoints for this run (paper's by default)."""
+        warmup_end, ramp_end = self.gate_fractions
+        return dgc.GateSchedule(warmup_end, ramp_end)
 
 
 @dataclass(frozen=True)
@@ -99,8 +108,9 @@ def train_one_epoch(
     device = next(model.parameters()).device
     check_every = 1 if device.type == "cpu" else 25  # a finiteness check syncs the GPU
     total = torch.zeros((), device=device)
+    gate = schedule.gate
     for x, y in batches:
-        dgc.set_progress(model, schedule.progress(it))
+        dgc.set_progress(model, schedule.progress(it), gate)
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(it)
         with autocast(device, bf16):
@@ -117,6 +127,9 @@ def train_one_epoch(
         if (it - start_it) % check_every == 0:
             _check_finite(total, it, schedule.lr(it - 1))
     _check_finite(total, it, schedule.lr(max(it - 1, 0)))
+    # Evaluate the network at the epoch's end: with a ramp that ends at an epoch boundary, the
+    # validation after that epoch sees the target sparsity.
+    dgc.set_progress(model, schedule.progress(it), gate)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return EpochStats(

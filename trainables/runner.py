@@ -147,7 +147,13 @@ def run_trial(
     cost = trial_cost(cfg, data.num_classes, data.input_size)
     latency = measure_latency(model, data.input_size, device) if cfg.measure_latency else None
     optimizer = make_optimizer(model, cfg.optim)
-    schedule = Schedule(cfg.optim, len(data.train), cfg.epochs, cfg.data.dataset)
+    schedule = Schedule(
+        cfg.optim,
+        len(data.train),
+        cfg.epochs,
+        cfg.data.dataset,
+        cfg.gate_schedule.fractions(cfg.epochs),
+    )
     start_epoch = restore(resume, model, optimizer) if resume else 0
     step_model = torch.compile(model) if cfg.compile else model
     metrics: dict[str, Any] = {}

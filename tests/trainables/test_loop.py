@@ -28,8 +28,13 @@ class Collect:
 
 
 def _cfg(**kw) -> TrialConfig:
-    base = {"epochs": 3, "seed": 7, "model": {"name": "dyresnet8", "gate_factor": 0.5},
-            "optim": {"lr": 0.05}, "data": {"batch_size": 64, "val_size": 300}}
+    base = {
+        "epochs": 3,
+        "seed": 7,
+        "model": {"name": "dyresnet8", "gate_factor": 0.5},
+        "optim": {"lr": 0.05},
+        "data": {"batch_size": 64, "val_size": 300},
+    }
     base.update(kw)
     return TrialConfig.model_validate(base)
 
@@ -52,7 +57,9 @@ def test_multistep_decays_at_epoch_boundaries_with_the_authors_defaults():
     assert s.milestones == (2, 3)
     assert [round(s.lr(i), 6) for i in (14, 15, 19, 20)] == [0.1, 0.1, 0.1, 0.01]
     assert Schedule(OptimParams(schedule="multistep"), 10, 90, "imagenet").milestones == (30, 60)
-    custom = Schedule(OptimParams(lr=1.0, schedule="multistep", milestones=[1, 3], gamma=0.5), 10, 4)
+    custom = Schedule(
+        OptimParams(lr=1.0, schedule="multistep", milestones=[1, 3], gamma=0.5), 10, 4
+    )
     assert [custom.lr(i) for i in (9, 10, 29, 30)] == [1.0, 0.5, 0.5, 0.25]
 
 
@@ -129,3 +136,60 @@ def test_latency_is_measured_once_and_carried_by_every_report():
     run_trial(_cfg(epochs=2, measure_latency=True), out)
     latencies = {m[M.LATENCY_MS] for m in out.metrics}
     assert len(latencies) == 1 and latencies.pop() > 0
+
+
+def test_custom_gate_schedule_reaches_target_at_its_breakpoint_and_eval_sees_it():
+    # Ramp over epoch 1 of 3 (warm-up to 0.25 epoch): pruning is complete at the end of epoch 1,
+    # and the validation after epoch 1 runs at the target sparsity.
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
+    layer = dgc.dgc_layers(model)[-1]
+    target = dgc.inactive_channels(1.0, layer.in_channels, 0.25)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m._inactive_host))
+    gate = TrialConfig(
+        epochs=3, gate_schedule={"warmup_end": 0.25, "ramp_end": 1, "unit": "epochs"}
+    )
+    sched = Schedule(OptimParams(lr=0.01), 8, 3, gate_fractions=gate.gate_schedule.fractions(3))
+    batches = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))) for _ in range(8)]
+    train_one_epoch(model, batches, make_optimizer(model, sched.optim), sched, 0)
+    # iterations 0..7 of 24: warm-up while it/24 <= 1/12 (it <= 2), then linear to it=8
+    assert seen[:3] == [0, 0, 0] and 0 < seen[3] < seen[7] < target
+    assert seen == sorted(seen)
+    assert layer._inactive_host == target  # left at the epoch's end for evaluation
+
+
+@pytest.mark.parametrize(
+    "p,expected",
+    [(0.0, 0), (0.1, 0), (0.1 + 1e-9, 0), (0.3, 48), (0.5, 96), (0.5 - 1e-9, 96), (0.9, 96)],
+)
+def test_moved_breakpoints_at_their_boundaries(p, expected):
+    # C=128, g=0.25 (target 96), warm-up to 0.1, ramp to 0.5: 96 * (p - 0.1) / 0.4
+    assert dgc.inactive_channels(p, 128, 0.25, dgc.GateSchedule(0.1, 0.5)) == expected
+
+
+def test_empty_ramp_prunes_at_once_and_paper_schedule_is_the_default():
+    assert dgc.inactive_channels(0.0, 128, 0.25, dgc.GateSchedule(0.0, 0.0)) == 96
+    for i in range(1000):  # the paper's breakpoints keep the reference code's expression
+        p = i / 999
+        assert (
+            dgc.inactive_channels(p, 77, 0.3, dgc.GateSchedule())
+            == dgc.inactive_channels(p, 77, 0.3)
+            == (0 if p <= 1 / 12 else round(77 * 0.7 * min(1.5 * (p - 1 / 12), 1.0)))
+        )
+
+
+@pytest.mark.parametrize(
+    "gate,match",
+    [
+        ({"warmup_end": 0.5, "ramp_end": 0.25}, "warmup_end=0.5 is after ramp_end=0.25"),
+        ({"ramp_end": 1.5}, "ramp_end=1.5 is past the end of the run"),
+        ({"ramp_end": 4, "unit": "epochs"}, r"ramp_end=4.0 epochs is past the end of the run"),
+        ({"ramp_end": "nan"}, "ramp_end"),
+        ({"ramp_end": -1}, "ramp_end"),
+    ],
+)
+def test_bad_gate_schedules_are_refused(gate, match):
+    with pytest.raises(ValueError, match=match):
+        TrialConfig(epochs=3, gate_schedule=gate)
+    with pytest.raises(ValueError, match="need 0 <= warmup_end <= ramp_end <= 1"):
+        dgc.GateSchedule(0.5, 0.25)
