@@ -29,6 +29,8 @@ def validate_command(path: str, overrides: list[str]) -> int:
         f"{', '.join(f'{o.metric} ({o.direction})' for o in exp.objectives)}"
     )
     print(report.summary(exp.budget.macs))
+    for note in report.notes:
+        print(f"note: {note}")
     return 0
 
 

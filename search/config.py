@@ -76,6 +76,16 @@ class Budget(_Strict):
     macs: float | None = Field(None, gt=0)
 
 
+class SchedulerConfig(_Strict):
+    """Early stopping across trials: ``mo-asha`` (multi-objective asynchronous successive
+    halving, search/scheduler.py). Rungs at epochs grace_period * reduction_factor**k below
+    ``trial.epochs``; about 1 in reduction_factor trials goes on at each rung."""
+
+    name: Literal["mo-asha"]
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1, allow_inf_nan=False)
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: "$" let a newline through
 
 
@@ -94,6 +104,7 @@ class ExperimentConfig(_Strict):
     num_trials: int = Field(20, ge=1)
     concurrency: int | None = Field(None, ge=1)
     resources: Resources = Field(default_factory=Resources)
+    scheduler: SchedulerConfig | None = None
     max_failures: int = Field(1, ge=0)
     warm_start: list[dict[str, Any]] = Field(default_factory=list)
     storage_dir: str = "runs"
@@ -123,6 +134,24 @@ class ExperimentConfig(_Strict):
                     f"warm_start[{i}] sets {sorted(unknown)}, which are not "
                     f"parameters of the space ({sorted(self.space.params)})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _scheduler_fits(self) -> ExperimentConfig:
+        s, epochs = self.scheduler, self.trial.epochs
+        if s is None:
+            return self
+        if s.grace_period >= epochs:
+            raise ValueError(
+                f"scheduler.grace_period={s.grace_period} is not below trial.epochs={epochs}: "
+                "there would be no rung, so nothing would ever be stopped; lower grace_period "
+                "or raise trial.epochs"
+            )
+        if "epochs" in self.space.params:
+            raise ValueError(
+                "the space searches 'epochs' but scheduler rungs are fixed by trial.epochs; "
+                "remove epochs from the space, or the scheduler section"
+            )
         return self
 
     @property

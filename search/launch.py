@@ -22,6 +22,7 @@ from search.preflight import Problem
 from search.preflight import run_preflight
 from search.redact import log_redacted_artifact
 from search.redact import redact
+from search.scheduler import stopped_at
 from search.searcher import OptunaSearcher
 from search.searcher import StudyRef
 from search.tracking import ConsoleProgress
@@ -78,6 +79,8 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     check_cluster_reachable(address or exp.ray.address)
     report = run_preflight(exp, source)
     log.info("preflight: %s", report.summary(exp.budget.macs))
+    for note in report.notes:
+        log.warning("%s", note)
     folder = exp.experiment_dir
     if (folder / STATE_FILE).exists():
         raise SearchConfigError(
@@ -328,12 +331,24 @@ def _build_tuner(
     )
     tune_config = tune.TuneConfig(
         search_alg=searcher,
+        scheduler=_scheduler(exp, objectives),
         num_samples=exp.num_trials,
         max_concurrent_trials=exp.concurrency,
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _scheduler(exp: ExperimentConfig, objectives: list[tuple[str, str]]) -> Any:
+    """The experiment's early-stopping scheduler; None keeps Tune's FIFO (every trial runs to
+    its last epoch)."""
+    from search.scheduler import MoAshaScheduler
+
+    s = exp.scheduler
+    if s is None:
+        return None
+    return MoAshaScheduler(objectives, exp.trial.epochs, s.grace_period, s.reduction_factor)
 
 
 def _trial_name(trial: Any) -> str:
@@ -359,10 +374,16 @@ def _conclude(
     tracking.client.set_terminated(
         state.parent_run_id, "FAILED" if len(failed) == len(results) else "FINISHED"
     )
+    stopped = sum(
+        stopped_at(r.metrics or {}, exp.trial.epochs) is not None
+        for r in results
+        if r.error is None
+    )
     log.info(
-        "\nPareto front of %s (%d finished, %d failed):\n%s\n\nplot: %s",
+        "\nPareto front of %s (%d finished, %d stopped early, %d failed):\n%s\n\nplot: %s",
         exp.name,
-        len(results) - len(failed),
+        len(results) - len(failed) - stopped,
+        stopped,
         len(failed),
         text,
         folder / "pareto.png",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -35,3 +36,38 @@ def pareto_ranks(points: Sequence[Sequence[float]], directions: Sequence[str]) -
         remaining -= front
         rank += 1
     return ranks
+
+
+def crowding_distances(points: Sequence[Sequence[float]]) -> list[float]:
+    """NSGA-II crowding distance of each point within one front: per objective, the gap between
+    its two neighbours over the front's range, summed; the extremes get infinity."""
+    n = len(points)
+    if n <= 2:
+        return [math.inf] * n
+    dist = [0.0] * n
+    for k in range(len(points[0])):
+        order = sorted(range(n), key=lambda i: points[i][k])
+        low, high = points[order[0]][k], points[order[-1]][k]
+        dist[order[0]] = dist[order[-1]] = math.inf
+        if high == low:
+            continue
+        for before, i, after in zip(order, order[1:], order[2:]):
+            dist[i] += (points[after][k] - points[before][k]) / (high - low)
+    return dist
+
+
+def promotion_order(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
+    """Indices of ``points`` from best to worst, for successive halving over several objectives:
+    by non-dominated rank, then by crowding distance within a rank (larger first: the front's
+    extremes and its sparse parts go first), then by index (earlier first, so ties are
+    deterministic). A point with a non-finite value comes after every finite one."""
+    finite = [i for i, p in enumerate(points) if all(math.isfinite(v) for v in p)]
+    broken = [i for i in range(len(points)) if i not in set(finite)]
+    ranks = pareto_ranks([points[i] for i in finite], directions)
+    crowd: dict[int, float] = {}
+    for rank in set(ranks):
+        members = [i for i, r in zip(finite, ranks) if r == rank]
+        for i, d in zip(members, crowding_distances([points[i] for i in members])):
+            crowd[i] = d
+    rank_of = dict(zip(finite, ranks))
+    return sorted(finite, key=lambda i: (rank_of[i], -crowd[i], i)) + broken

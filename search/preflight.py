@@ -40,6 +40,7 @@ class Report:
     problem: Problem
     macs: list[int]
     over_budget: int
+    notes: tuple[str, ...] = ()
 
     def summary(self, budget: float | None) -> str:
         lo, hi = min(self.macs), max(self.macs)
@@ -154,7 +155,28 @@ def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Repo
             f"{100 * MIN_FEASIBLE_SHARE:.0f}%), so the sampler would mostly draw points that "
             "never train; raise the budget or narrow the space to cheaper settings"
         )
-    return Report(problem, macs, over)
+    return Report(problem, macs, over, scheduler_notes(exp))
+
+
+def scheduler_notes(exp: ExperimentConfig) -> tuple[str, ...]:
+    """Warnings about an early-stopping scheduler whose rungs come before the DGC ramp ends:
+    there every DGC network is still nearly dense, so the rung ranks unpruned networks."""
+    from search.scheduler import rung_epochs
+
+    s = exp.scheduler
+    if s is None:
+        return ()
+    rungs = rung_epochs(s.grace_period, s.reduction_factor, exp.trial.epochs)
+    ramp_end = exp.trial.gate_schedule.fractions(exp.trial.epochs)[1] * exp.trial.epochs
+    text = f"{s.name} compares trials at epochs {rungs} of {exp.trial.epochs}"
+    if rungs[0] >= ramp_end:
+        return (f"{text}; the gate ramp ends at epoch {ramp_end:g}, by the first rung",)
+    return (
+        f"{text}, but the gate ramp ends at epoch {ramp_end:g}: at the earlier rungs DGC "
+        "networks are not yet pruned to their gate factors, so those rungs rank nearly dense "
+        "networks. Finish the ramp first, e.g. trial.gate_schedule: {warmup_end: "
+        f"{min(0.5, rungs[0] / 4):g}, ramp_end: {rungs[0]}, unit: epochs}}",
+    )
 
 
 def _random_macs(exp: ExperimentConfig, problem: Problem, source: str, n: int) -> list[int]:

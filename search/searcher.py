@@ -28,6 +28,7 @@ from search import names as N
 from search.config import ExperimentConfig
 from search.preflight import Problem
 from search.preflight import cost_point
+from search.scheduler import stopped_at
 from spaces.convert import assemble
 from spaces.convert import param_names
 from spaces.convert import to_optuna_distributions
@@ -148,7 +149,7 @@ class OptunaSearcher(Searcher):
     def _duplicate(self, trial: optuna.Trial) -> bool:
         """A point the study already trained or is training (a categorical space, or a sampler
         replaying its draws) is not trained again: FAIL, with ``duplicate_of``."""
-        held = (TrialState.COMPLETE, TrialState.RUNNING)
+        held = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
         for t in self.study.get_trials(deepcopy=False, states=held):
             if t.number != trial.number and t.params == trial.params and "macs" in t.user_attrs:
                 if t.user_attrs.get("over_budget"):
@@ -205,10 +206,23 @@ class OptunaSearcher(Searcher):
         values = (
             None if error or not result else [result.get(o.metric) for o in self.exp.objectives]
         )
-        if values is None or any(v is None for v in values):
+        stopped = stopped_at(result or {}, self.exp.trial.epochs)
+        if values is not None and stopped is not None:
+            self._prune(number, stopped)
+        elif values is None or any(v is None for v in values):
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         else:
             self.study.tell(number, [float(v) for v in values], skip_if_finished=True)
+
+    def _prune(self, number: int, epoch: int) -> None:
+        """A trial the scheduler stopped: PRUNED, with the epoch it reached. Its rung values
+        are not told as objectives (they would put a half-trained network on the study's front);
+        TPE still learns from it, as a bad region (its pruned trials rank below every complete
+        one); NSGA-II's selection ignores it."""
+        storage = self.study._storage  # noqa: SLF001 (Optuna has no public setter after ask)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)  # noqa: SLF001
+        storage.set_trial_user_attr(trial_id, N.STOPPED_TAG, epoch)
+        self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
 
     def _number_of(self, trial_id: str) -> int | None:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

@@ -25,6 +25,7 @@ from ray.tune import Callback
 from search import names as N
 from search.overrides import SearchConfigError
 from search.redact import redact
+from search.scheduler import stopped_at
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,10 @@ class MlflowTrialLogger(Callback):
             return
         if trial.checkpoint is not None:
             self.tracking.client.set_tag(run_id, N.CHECKPOINT_TAG, trial.checkpoint.path)
-        self.tracking.client.set_tag(run_id, "status", "finished")
+        stopped = stopped_at(result, int(trial.config.get("epochs", 0)))
+        if stopped is not None:  # keeps its per-epoch metrics; never ranked on the front
+            self.tracking.client.set_tag(run_id, N.STOPPED_TAG, str(stopped))
+        self.tracking.client.set_tag(run_id, "status", "finished" if stopped is None else "stopped")
         self.tracking.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -242,7 +246,7 @@ class ConsoleProgress(Callback):
     def __init__(self, total: int, objectives: list[tuple[str, str]]) -> None:
         self.total, self.objectives = total, objectives
         self.done: list[tuple[float, ...]] = []
-        self.failed = 0
+        self.failed = self.stopped = 0
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from search.pareto import pareto_ranks
@@ -251,13 +255,25 @@ class ConsoleProgress(Callback):
         if M.TRIAL_ERROR in r:
             self._failed(trial, f"{r[M.TRIAL_ERROR]}; not retried: it would fail again")
             return
+        stopped = stopped_at(r, int(trial.config.get("epochs", 0)))
+        if stopped is not None:
+            self.stopped += 1
+            log.info(
+                "[%d/%d] trial %s stopped early at epoch %d (dominated at that rung): %s",
+                len(self.done) + self.failed + self.stopped,
+                self.total,
+                trial.trial_id,
+                stopped,
+                ", ".join(f"{m}={_short(r.get(m))}" for m, _ in self.objectives),
+            )
+            return
         self.done.append(tuple(float(r.get(m, "nan")) for m, _ in self.objectives))
         ranks = pareto_ranks(self.done, [d for _, d in self.objectives])
         front = sorted(p for p, k in zip(self.done, ranks) if k == 1)
         shown = ", ".join(f"{m}={_short(r.get(m))}" for m, _ in self.objectives)
         log.info(
             "[%d/%d] trial %s done: %s | front so far: %s",
-            len(self.done) + self.failed,
+            len(self.done) + self.failed + self.stopped,
             self.total,
             trial.trial_id,
             shown,
@@ -269,7 +285,7 @@ class ConsoleProgress(Callback):
 
     def _failed(self, trial: Any, reason: str) -> None:
         self.failed += 1
-        count = len(self.done) + self.failed
+        count = len(self.done) + self.failed + self.stopped
         log.warning(
             "[%d/%d] trial %s FAILED (%s)", count, self.total, trial.trial_id, redact(reason)[:300]
         )

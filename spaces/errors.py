@@ -16,10 +16,13 @@ def format_validation_error(err: ValidationError, source: str, prefix: str = "")
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         value = e.get("input")
-        shown = "" if e["type"] == "missing" else f" = {value!r}"
+        # A whole section failing a rule across its fields is not echoed: the message names them.
+        section = isinstance(value, dict) and e["type"] == "value_error"
+        shown = "" if e["type"] == "missing" or section else f" = {value!r}"
         fix = _FIXES.get(e["type"], "")
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{source}: {loc or '<top>'}{shown}: {msg}" + (f" ({fix})" if fix else ""))
+        where = f"{loc}{shown}: " if loc else ""
+        lines.append(f"{source}: {where}{msg}" + (f" ({fix})" if fix else ""))
     return "\n".join(lines)

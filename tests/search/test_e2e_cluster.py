@@ -20,6 +20,7 @@ from search.launch import SearchState
 from search.launch import launch
 from search.tracking import tracking_uri
 from tests.conftest import REPO
+from tests.search.helpers import brute_force_front
 from tests.search.helpers import children
 
 pytestmark = pytest.mark.e2e
@@ -64,6 +65,72 @@ def test_resume_after_driver_sigkill_completes_exactly_the_requested_trials(tmp_
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(ids)
+
+
+def _ended(uri: str, name: str) -> int:
+    try:
+        return sum(k.info.status == "FINISHED" for k in children(uri, name)[1])
+    except Exception:  # noqa: BLE001 (store not created yet)
+        return 0
+
+
+def test_mo_asha_search_stops_trials_and_resumes_after_driver_sigkill(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ["--set", f"mlflow.tracking_uri={uri}", "--set", "name=moasha", "--set",
+            "num_trials=8", "--set", "trial.epochs=4", "--set",
+            "scheduler={name: mo-asha, grace_period: 1, reduction_factor: 3}", "--set",
+            "trial.gate_schedule={warmup_end: 0.25, ramp_end: 1, unit: epochs}"]
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(_cli("launch", SMOKE, *sets), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, cwd=tmp_path)
+        deadline = time.time() + 400
+        while _ended(uri, "moasha") < 3 and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    folder = tmp_path / "runs" / "moasha"
+    assert (folder / "tune" / "mo_asha.json").is_file()
+    client = mlflow.MlflowClient(uri)
+
+    def histories() -> dict[str, int]:
+        return {k.data.tags["ray_trial_id"]: len(client.get_metric_history(k.info.run_id, "epoch"))
+                for k in children(uri, "moasha")[1] if "stopped_at_epoch" in k.data.tags}
+
+    stopped_before = histories()
+    out = subprocess.run(_cli("resume", "runs/moasha"), capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, kids = children(uri, "moasha")
+    ids = [k.data.tags["ray_trial_id"] for k in kids]
+    assert len(kids) == 8 and len(set(ids)) == 8, ids
+    assert all(k.info.status == "FINISHED" for k in kids)
+    stopped = [k for k in kids if "stopped_at_epoch" in k.data.tags]
+    full = [k for k in kids if "stopped_at_epoch" not in k.data.tags]
+    assert stopped and full, "with 8 trials and rungs at epochs 1 and 3 some must stop"
+    after = histories()
+    for tid, n in stopped_before.items():  # stopped before the kill: not restarted
+        assert after[tid] == n
+    for k in stopped:
+        epoch = int(k.data.tags["stopped_at_epoch"])
+        assert epoch in (1, 3) and k.data.tags["status"] == "stopped"
+        assert k.data.tags["pareto"] == "false" and "pareto_rank" not in k.data.tags
+        assert [m.step for m in client.get_metric_history(k.info.run_id, "val_accuracy")] == list(
+            range(1, epoch + 1))  # per-epoch metrics kept, up to the rung
+    for k in full:
+        assert k.data.metrics["epoch"] == 4 and "pareto_rank" in k.data.tags
+    assert {k.info.run_id for k in full if k.data.tags["pareto"] == "true"} == brute_force_front(
+        full)
+    state = SearchState.load(folder)
+    study = optuna.load_study(study_name="moasha", storage=state.optuna_storage)
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials if "ray_trial_id" in t.user_attrs}
+    for k in stopped:
+        t = by_id[k.data.tags["ray_trial_id"]]
+        assert t.state == optuna.trial.TrialState.PRUNED
+        assert t.user_attrs["stopped_at_epoch"] == int(k.data.tags["stopped_at_epoch"])
+    for k in full:
+        assert by_id[k.data.tags["ray_trial_id"]].state == optuna.trial.TrialState.COMPLETE
+    assert "stopped early" in out.stdout + out.stderr
 
 
 def test_search_through_address_on_a_two_node_cluster(tmp_path):

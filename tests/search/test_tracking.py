@@ -11,7 +11,7 @@ OBJECTIVES = [("val_accuracy", "max"), ("macs", "min")]
 
 
 def _trial(tid: str, **result: object) -> SimpleNamespace:
-    return SimpleNamespace(trial_id=tid, last_result=result, error_file=None)
+    return SimpleNamespace(trial_id=tid, last_result=result, error_file=None, config={"epochs": 6})
 
 
 def test_progress_counts_trials_and_shows_the_front_so_far(caplog, tmp_path):
@@ -30,6 +30,20 @@ def test_progress_counts_trials_and_shows_the_front_so_far(caplog, tmp_path):
     assert lines[1].endswith("front so far: (0.8000, 0.200M) (0.9000, 0.400M)")
     assert lines[2].startswith("[3/4] trial c done") and "(0.7000" not in lines[2]
     assert lines[3] == "[4/4] trial d FAILED (RuntimeError: worker died at postgresql://u:***@h/db)"
+
+
+def test_a_stopped_trial_is_counted_and_shown_but_never_joins_the_front(caplog):
+    progress = ConsoleProgress(3, OBJECTIVES)
+    with caplog.at_level(logging.INFO, logger="search.tracking"):
+        progress.on_trial_complete(0, [], _trial("a", epoch=6, val_accuracy=0.5, macs=400000))
+        progress.on_trial_complete(0, [], _trial("b", epoch=2, val_accuracy=0.9, macs=100000))
+        progress.on_trial_complete(0, [], _trial("c", epoch=6, val_accuracy=0.6, macs=300000))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[1] == (
+        "[2/3] trial b stopped early at epoch 2 (dominated at that rung): val_accuracy=0.9000, "
+        "macs=0.100M"
+    )
+    assert lines[2].endswith("front so far: (0.6000, 0.300M)") and progress.stopped == 1
 
 
 def test_a_reported_deterministic_failure_counts_as_failed(caplog):
