@@ -14,6 +14,10 @@ import torch
 
 from search import names as N
 from search.pareto import pareto_ranks
+from search.plots import fmt_metric
+from search.plots import fmt_setting
+from search.plots import heading
+from search.plots import write_plots
 from search.tracking import Tracking
 from search.tracking import tracking_uri
 from trainables import metrics as M
@@ -34,6 +38,8 @@ class Point:
     params: dict[str, str]
     rank: int = 0
     model_uri: str = ""
+    stopped: int | None = None  # the epoch an early-stopping scheduler stopped it at
+    alias: str = ""  # its registry alias, once registered
 
 
 def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> list[Point]:
@@ -51,14 +57,25 @@ def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> li
                 dict(m),
                 dict(run.data.params),
                 model_uri=run.data.tags.get(N.MODEL_URI_TAG, ""),
+                stopped=_int_or_none(run.data.tags.get(N.STOPPED_TAG)),
+                alias=run.data.tags.get(N.REGISTERED_ALIAS_TAG, ""),
             )
         )
     return points
 
 
+def _int_or_none(v: str | None) -> int | None:
+    return int(v) if v is not None and v.isdigit() else None
+
+
 def tag_pareto(tracking: Tracking, points: list[Point], objectives: list[tuple[str, str]]) -> None:
-    ranks = pareto_ranks([p.values for p in points], [d for _, d in objectives])
-    for p, rank in zip(points, ranks):
+    """Rank the trials that ran to their last epoch; early-stopped ones are never on a front."""
+    for p in points:
+        if p.stopped is not None:
+            tracking.client.set_tag(p.run_id, N.PARETO_TAG, "false")
+    ranked = [p for p in points if p.stopped is None]
+    ranks = pareto_ranks([p.values for p in ranked], [d for _, d in objectives])
+    for p, rank in zip(ranked, ranks):
         p.rank = rank
         tracking.client.set_tag(p.run_id, N.PARETO_TAG, "true" if rank == 1 else "false")
         tracking.client.set_tag(p.run_id, N.PARETO_RANK_TAG, str(rank))
@@ -78,14 +95,33 @@ def log_and_register(
         if not p.model_uri:
             p.model_uri = _log_model(tracking, p, num_classes, input_size)
         if N.REGISTERED_VERSION_TAG in client.get_run(p.run_id).data.tags:
-            continue
+            continue  # registered by an earlier run of pareto (p.alias read from its tag)
         with tracking_uri(tracking.uri):
             version = mlflow.register_model(p.model_uri, registered_name).version
         alias = _alias(p)
         client.set_registered_model_alias(registered_name, alias, version)
+        _describe_version(tracking, registered_name, version, p)
+        p.alias = alias
         client.set_tag(p.run_id, N.REGISTERED_VERSION_TAG, str(version))
         client.set_tag(p.run_id, N.REGISTERED_ALIAS_TAG, alias)
         log.info("registered %s version %s as @%s (%s)", registered_name, version, alias, p.name)
+
+
+def _describe_version(tracking: Tracking, name: str, version: str, p: Point) -> None:
+    """Accuracy, cost and settings on the registered version itself, so the registry page alone
+    tells the versions apart."""
+    keys = (M.VAL_ACCURACY, M.MACS, M.PARAMS, M.LATENCY_MS)
+    shown = {k: p.metrics[k] for k in keys if k in p.metrics}
+    settings = {k: fmt_setting(v) for k, v in p.params.items() if k.startswith("model.")}
+    for key, value in {**{k: f"{v:.6g}" for k, v in shown.items()}, **settings}.items():
+        tracking.client.set_model_version_tag(name, version, key, value[:5000])
+    text = ", ".join(fmt_metric(k, v) + f" {k}" for k, v in shown.items())
+    tracking.client.update_model_version(
+        name,
+        version,
+        description=f"{p.name} (run {p.run_id}): {text}; "
+        + ", ".join(f"{k}={v}" for k, v in settings.items()),
+    )
 
 
 def _alias(p: Point) -> str:
@@ -154,88 +190,29 @@ def _log_weights(
         tracking.client.log_artifacts(run_id, tmp, "dgc")
 
 
-def table(points: list[Point], objectives: list[tuple[str, str]], space_keys: list[str]) -> str:
+def table(
+    points: list[Point],
+    objectives: list[tuple[str, str]],
+    space_keys: list[str],
+    registered_name: str | None,
+) -> str:
+    """The front as markdown, narrow enough for a terminal: objectives in readable units, the
+    sampled settings rounded, and how to load each model (``models:/<name>@<alias>``). The test
+    accuracy stays in MLflow: selecting on it would make it a second validation set."""
     front = sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics.get(M.MACS, 0))
-    heads = [
-        "trial",
-        *[m for m, _ in objectives],
-        M.PARAMS,
-        M.TEST_ACCURACY,
-        *space_keys,
-        "run id",
-        "model URI",
-    ]
+    metrics = [m for m, _ in objectives] + ([M.PARAMS] if M.PARAMS not in dict(objectives) else [])
+    heads = ["trial", *metrics, *(k.removeprefix("model.") for k in space_keys), "load with"]
     rows = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for p in front:
+        where = f"models:/{registered_name}@{p.alias}" if registered_name and p.alias else "-"
         cells = [
             p.name,
-            *[_fmt(p.metrics.get(m)) for m, _ in objectives],
-            _fmt(p.metrics.get(M.PARAMS)),
-            _fmt(p.metrics.get(M.TEST_ACCURACY)),
-            *[p.params.get(k, "") for k in space_keys],
-            p.run_id,
-            p.model_uri or "-",
+            *[fmt_metric(m, p.metrics.get(m)) for m in metrics],
+            *[fmt_setting(p.params.get(k, "")) for k in space_keys],
+            f"`{where}`" if where != "-" else where,
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.4f}" if abs(v) < 10 else f"{v:,.0f}"
-
-
-def write_plots(points: list[Point], objectives: list[tuple[str, str]], out: Path) -> list[Path]:
-    """Accuracy against MACs (or the first two objectives), front highlighted: PNG and HTML."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import plotly.graph_objects as go
-
-    (ym, _), (xm, _) = objectives[0], objectives[min(1, len(objectives) - 1)]
-    front = sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics[xm])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(
-        [p.metrics[xm] for p in points], [p.metrics[ym] for p in points], c="0.6", label="trials"
-    )
-    ax.plot(
-        [p.metrics[xm] for p in front],
-        [p.metrics[ym] for p in front],
-        "o-",
-        c="C3",
-        label="Pareto front",
-    )
-    ax.set_xlabel(xm)
-    ax.set_ylabel(ym)
-    ax.legend()
-    fig.tight_layout()
-    png, html = out / "pareto.png", out / "pareto.html"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    hover = [f"{p.name}<br>{p.run_id}" for p in points]
-    gfig = go.Figure(
-        [
-            go.Scatter(
-                x=[p.metrics[xm] for p in points],
-                y=[p.metrics[ym] for p in points],
-                mode="markers",
-                name="trials",
-                text=hover,
-            ),
-            go.Scatter(
-                x=[p.metrics[xm] for p in front],
-                y=[p.metrics[ym] for p in front],
-                mode="lines+markers",
-                name="Pareto front",
-                text=[p.name for p in front],
-            ),
-        ]
-    )
-    gfig.update_layout(xaxis_title=xm, yaxis_title=ym)
-    gfig.write_html(html, include_plotlyjs=True)
-    return [png, html]
 
 
 def finalize(
@@ -257,9 +234,10 @@ def finalize(
             tracking, [p for p in points if p.rank == 1], registered_name, num_classes, input_size
         )
     out.mkdir(parents=True, exist_ok=True)
-    text = table(points, objectives, space_keys)
+    title = heading(points, registered_name or tracking.experiment_name)
+    text = title + "\n\n" + table(points, objectives, space_keys, registered_name)
     (out / "pareto.md").write_text(text + "\n")
-    files = [out / "pareto.md", *write_plots(points, objectives, out)]
+    files = [out / "pareto.md", *write_plots(points, objectives, space_keys, out, title)]
     for f in files:
         tracking.client.log_artifact(tracking.parent_run_id, str(f))
     return text

@@ -1,0 +1,164 @@
+"""The Pareto plot of a search: a PNG for reports and an interactive HTML page (hover a point for
+its trial, alias and settings). Objectives are shown in readable units (MACs in M, accuracy in
+%), the front as a step (no point lies between two front points), early-stopped trials greyed
+with the epoch they stopped at."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from trainables import metrics as M
+
+#: metric -> (factor, axis label)
+UNITS = {
+    M.MACS: (1e-6, "MACs (M)"),
+    M.PARAMS: (1e-6, "parameters (M)"),
+    M.VAL_ACCURACY: (100.0, "validation accuracy (%)"),
+    M.VAL_LOSS: (1.0, "validation loss"),
+    M.LATENCY_MS: (1.0, "batch-1 latency (ms)"),
+}
+
+
+def fmt_setting(text: str) -> str:
+    """A logged parameter for people: floats to 3 significant digits, lists kept as lists."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+
+    def short(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, list):
+            return "[" + ", ".join(short(x) for x in v) + "]"
+        return str(v)
+
+    return short(value)
+
+
+def scaled(metric: str, value: float) -> float:
+    return value * UNITS.get(metric, (1.0, metric))[0]
+
+
+def label(metric: str) -> str:
+    return UNITS.get(metric, (1.0, metric))[1]
+
+
+def hover(p: Any, space_keys: list[str]) -> str:
+    lines = [f"<b>{p.name}</b>"]
+    if p.alias:
+        lines.append(f"alias @{p.alias}")
+    if p.stopped is not None:
+        lines.append(f"stopped early at epoch {p.stopped}")
+    lines += [f"{k} = {fmt_setting(p.params[k])}" for k in space_keys if k in p.params]
+    return "<br>".join(lines)
+
+
+def write_plots(
+    points: list[Any],
+    objectives: list[tuple[str, str]],
+    space_keys: list[str],
+    out: Path,
+    title: str,
+) -> list[Path]:
+    """``pareto.png`` and ``pareto.html`` of the first objective against the second."""
+    (ym, _), (xm, _) = objectives[0], objectives[min(1, len(objectives) - 1)]
+    groups = {
+        "trials": [p for p in points if p.stopped is None and p.rank != 1],
+        "stopped": [p for p in points if p.stopped is not None],
+        "front": sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics[xm]),
+    }
+    png, html = out / "pareto.png", out / "pareto.html"
+    _png(groups, xm, ym, title, png)
+    _html(groups, xm, ym, title, space_keys, html)
+    return [png, html]
+
+
+def _xy(points: list[Any], xm: str, ym: str) -> tuple[list[float], list[float]]:
+    return [scaled(xm, p.metrics[xm]) for p in points], [scaled(ym, p.metrics[ym]) for p in points]
+
+
+def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(*_xy(groups["trials"], xm, ym), c="0.45", label="trials", zorder=2)
+    if groups["stopped"]:
+        xs, ys = _xy(groups["stopped"], xm, ym)
+        ax.scatter(xs, ys, c="0.75", marker="x", label="stopped early (at its rung)", zorder=1)
+        for x, y, p in zip(xs, ys, groups["stopped"]):
+            ax.annotate(f"ep {p.stopped}", (x, y), fontsize=7, color="0.6",
+                        xytext=(3, -8), textcoords="offset points")  # fmt: skip
+    xs, ys = _xy(groups["front"], xm, ym)
+    ax.step(xs, ys, where="post", c="C3", lw=1.2, zorder=3)
+    ax.scatter(xs, ys, c="C3", label="Pareto front", zorder=4)
+    for x, y, p in zip(xs, ys, groups["front"]):
+        ax.annotate(p.name, (x, y), fontsize=8, color="C3",
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set(xlabel=label(xm), ylabel=label(ym), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _html(
+    groups: dict[str, list[Any]],
+    xm: str,
+    ym: str,
+    title: str,
+    space_keys: list[str],
+    path: Path,
+) -> None:
+    import plotly.graph_objects as go
+
+    style = {
+        "trials": ("trials", {"color": "grey"}, "markers"),
+        "stopped": ("stopped early", {"color": "lightgrey", "symbol": "x"}, "markers"),
+        "front": ("Pareto front", {"color": "crimson", "size": 9}, "lines+markers"),
+    }
+    traces = []
+    for key, (name, marker, mode) in style.items():
+        xs, ys = _xy(groups[key], xm, ym)
+        traces.append(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode=mode,
+                name=name,
+                marker=marker,
+                line={"shape": "hv"} if key == "front" else None,
+                text=[hover(p, space_keys) for p in groups[key]],
+                hovertemplate="%{text}<br>(%{x:.3g}, %{y:.3g})<extra></extra>",
+            )
+        )
+    fig = go.Figure(traces)
+    fig.update_layout(title=title, xaxis_title=label(xm), yaxis_title=label(ym))
+    fig.write_html(path, include_plotlyjs=True)
+
+
+def heading(points: list[Any], name: str) -> str:
+    """``quickstart: 4 of 12 trials on the front (3 stopped early)``."""
+    ranked = [p for p in points if p.stopped is None]
+    front = sum(p.rank == 1 for p in ranked)
+    stopped = len(points) - len(ranked)
+    extra = f" ({stopped} stopped early)" if stopped else ""
+    return f"{name}: {front} of {len(ranked)} trials on the front{extra}"
+
+
+def fmt_metric(metric: str, v: float | None) -> str:
+    """A metric for the table: MACs and parameters in M, accuracy in %, others 4 digits."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    if metric in (M.MACS, M.PARAMS):
+        return f"{v / 1e6:.3f} M"
+    if metric in (M.VAL_ACCURACY, M.TEST_ACCURACY):
+        return f"{100 * v:.2f}%"
+    return f"{v:.4g}"
