@@ -19,6 +19,7 @@ from dgc.registry import create_model
 from dgc.registry import list_models
 from dgc.registry import model_kind
 from dgc.registry import num_stages
+from dgc.registry import variant_of
 
 __all__ = [
     "Cost",
@@ -33,4 +34,5 @@ __all__ = [
     "model_kind",
     "num_stages",
     "set_progress",
+    "variant_of",
 ]

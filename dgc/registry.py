@@ -76,6 +76,23 @@ def num_stages(name: str) -> int:
     return int(getattr(model, "num_stages"))
 
 
+def variant_of(name: str, kind: str) -> str:
+    """The ``kind`` variant ("dense", "dynamic" or "group") of the family ``name`` belongs to:
+    ``variant_of("dyresnet8", "group") == "gcresnet8"``.
+
+    Raises:
+        ValueError: ``name`` is not a variant of a registered family.
+    """
+    base = name
+    for prefix in ("dy", "gc"):
+        if name.startswith(prefix) and name[len(prefix) :] in _MODELS:
+            base = name[len(prefix) :]
+    prefix = {k: p for p, k in VARIANT_KINDS.items()}[kind]
+    if not all(p + base in _MODELS for p in VARIANT_KINDS):
+        raise ValueError(f"{name!r} is not part of a registered dense/dy/gc model family")
+    return prefix + base
+
+
 def model_kind(name: str) -> str:
     """ "dense", "dynamic" or "group" for a registered family variant name."""
     for prefix in ("dy", "gc"):

@@ -38,12 +38,14 @@ def pareto_command(target: str, register: bool, tracking_uri: str | None = None)
     """Rank, tag and plot a search given its folder or its MLflow parent run id."""
     from search.launch import open_search
     from search.launch import rank
+    from search.tracking import front_link
 
     folder = Path(target) if Path(target).is_dir() else _folder_of_run(target, tracking_uri)
     folder = folder.resolve()
     exp, state, tracking = open_search(folder)
     print(rank(exp, state, tracking, register, folder))
     print(f"\nplot: {folder / 'pareto.png'} and {folder / 'pareto.html'}")
+    print(front_link(tracking.uri, tracking.experiment_id))
     return 0
 
 

@@ -76,6 +76,23 @@ class Budget(_Strict):
     macs: float | None = Field(None, gt=0)
 
 
+class References(_Strict):
+    """Reference trials trained next to the searched ones, by the same recipe, ranked on the
+    same front: the dense network of the model's family and its static group convolution at
+    each gate factor in ``static_group``. They show what the searched networks must beat."""
+
+    dense: bool = True
+    static_group: list[float] = Field(default_factory=list)
+
+    @field_validator("static_group")
+    @classmethod
+    def _gates(cls, v: list[float]) -> list[float]:
+        bad = [g for g in v if not 0 < g <= 1]
+        if bad:
+            raise ValueError(f"gate factors {bad} must be in (0, 1] (the kept share of channels)")
+        return v
+
+
 class SchedulerConfig(_Strict):
     """Early stopping across trials: ``mo-asha`` (multi-objective asynchronous successive
     halving, search/scheduler.py). Rungs at epochs grace_period * reduction_factor**k below
@@ -105,6 +122,7 @@ class ExperimentConfig(_Strict):
     concurrency: int | None = Field(None, ge=1)
     resources: Resources = Field(default_factory=Resources)
     scheduler: SchedulerConfig | None = None
+    references: References | None = None
     max_failures: int = Field(1, ge=0)
     warm_start: list[dict[str, Any]] = Field(default_factory=list)
     storage_dir: str = "runs"

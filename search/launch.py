@@ -22,6 +22,7 @@ from search.preflight import Problem
 from search.preflight import run_preflight
 from search.redact import log_redacted_artifact
 from search.redact import redact
+from search.references import reference_trials
 from search.scheduler import stopped_at
 from search.searcher import OptunaSearcher
 from search.searcher import StudyRef
@@ -29,6 +30,7 @@ from search.tracking import ConsoleProgress
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
 from search.tracking import default_tracking_uri
+from search.tracking import front_link
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -321,18 +323,19 @@ def _build_tuner(
     from ray import tune
 
     objectives = [(o.metric, o.direction) for o in exp.objectives]
+    total = exp.num_trials + len(reference_trials(exp))  # references come on top
     run_config = tune.RunConfig(
         name=TUNE_NAME,
         storage_path=str(folder),
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=exp.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[MlflowTrialLogger(tracking), ConsoleProgress(exp.num_trials, objectives)],
+        callbacks=[MlflowTrialLogger(tracking), ConsoleProgress(total, objectives)],
     )
     tune_config = tune.TuneConfig(
         search_alg=searcher,
         scheduler=_scheduler(exp, objectives),
-        num_samples=exp.num_trials,
+        num_samples=total,
         max_concurrent_trials=exp.concurrency,
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
@@ -380,13 +383,14 @@ def _conclude(
         if r.error is None
     )
     log.info(
-        "\nPareto front of %s (%d finished, %d stopped early, %d failed):\n%s\n\nplot: %s",
+        "\nPareto front of %s (%d finished, %d stopped early, %d failed):\n%s\n\nplot: %s\n%s",
         exp.name,
         len(results) - len(failed) - stopped,
         stopped,
         len(failed),
         text,
         folder / "pareto.png",
+        front_link(tracking.uri, tracking.experiment_id),
     )
     if results and len(failed) == len(results):
         log.error("every trial failed")

@@ -16,3 +16,4 @@ PARETO_RANK_TAG = "pareto_rank"
 REGISTERED_VERSION_TAG = "registered_version"
 REGISTERED_ALIAS_TAG = "registered_alias"
 STOPPED_TAG = "stopped_at_epoch"  # child run tag, Optuna user attribute: early-stopped trial
+REFERENCE_TAG = "reference"  # trial-config tag, child run tag, Optuna user attribute: its label

@@ -48,7 +48,7 @@ def label(metric: str) -> str:
 
 
 def hover(p: Any, space_keys: list[str]) -> str:
-    lines = [f"<b>{p.name}</b>"]
+    lines = [f"<b>{p.name}</b>" + (f" (reference: {p.reference})" if p.reference else "")]
     if p.alias:
         lines.append(f"alias @{p.alias}")
     if p.stopped is not None:
@@ -67,9 +67,10 @@ def write_plots(
     """``pareto.png`` and ``pareto.html`` of the first objective against the second."""
     (ym, _), (xm, _) = objectives[0], objectives[min(1, len(objectives) - 1)]
     groups = {
-        "trials": [p for p in points if p.stopped is None and p.rank != 1],
+        "trials": [p for p in points if p.stopped is None and p.rank != 1 and not p.reference],
         "stopped": [p for p in points if p.stopped is not None],
         "front": sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics[xm]),
+        "references": [p for p in points if p.reference and p.stopped is None],
     }
     png, html = out / "pareto.png", out / "pareto.html"
     _png(groups, xm, ym, title, png)
@@ -95,6 +96,13 @@ def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path)
         for x, y, p in zip(xs, ys, groups["stopped"]):
             ax.annotate(f"ep {p.stopped}", (x, y), fontsize=7, color="0.6",
                         xytext=(3, -8), textcoords="offset points")  # fmt: skip
+    if groups["references"]:
+        xs, ys = _xy(groups["references"], xm, ym)
+        ax.scatter(xs, ys, marker="D", s=50, facecolors="none", edgecolors="C0", zorder=5,
+                   label="reference (dense, static group)")  # fmt: skip
+        for x, y, p in zip(xs, ys, groups["references"]):
+            ax.annotate(p.reference, (x, y), fontsize=8, color="C0",
+                        xytext=(4, -10), textcoords="offset points")  # fmt: skip
     xs, ys = _xy(groups["front"], xm, ym)
     ax.step(xs, ys, where="post", c="C3", lw=1.2, zorder=3)
     ax.scatter(xs, ys, c="C3", label="Pareto front", zorder=4)
@@ -123,6 +131,11 @@ def _html(
         "trials": ("trials", {"color": "grey"}, "markers"),
         "stopped": ("stopped early", {"color": "lightgrey", "symbol": "x"}, "markers"),
         "front": ("Pareto front", {"color": "crimson", "size": 9}, "lines+markers"),
+        "references": (
+            "reference (dense, static group)",
+            {"symbol": "diamond-open", "size": 12, "color": "royalblue"},
+            "markers",
+        ),
     }
     traces = []
     for key, (name, marker, mode) in style.items():
@@ -145,11 +158,13 @@ def _html(
 
 
 def heading(points: list[Any], name: str) -> str:
-    """``quickstart: 4 of 12 trials on the front (3 stopped early)``."""
+    """``quickstart: 4 of 12 trials on the front (3 references, 2 stopped early)``."""
     ranked = [p for p in points if p.stopped is None]
     front = sum(p.rank == 1 for p in ranked)
-    stopped = len(points) - len(ranked)
-    extra = f" ({stopped} stopped early)" if stopped else ""
+    stopped, refs = len(points) - len(ranked), sum(bool(p.reference) for p in ranked)
+    notes = [f"{refs} references"] if refs else []
+    notes += [f"{stopped} stopped early"] if stopped else []
+    extra = f" ({', '.join(notes)})" if notes else ""
     return f"{name}: {front} of {len(ranked)} trials on the front{extra}"
 
 

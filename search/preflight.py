@@ -4,6 +4,7 @@ at every corner of the space, and the MACs range the space spans against the bud
 from __future__ import annotations
 
 import math
+from dataclasses import astuple
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,7 @@ def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Repo
             )
     for i, point in enumerate(exp.warm_start):
         macs.append(point_macs(exp, problem, {**center, **point}, source, f"warm_start[{i}]"))
+    _check_references(exp, problem, source)
     random = _random_macs(exp, problem, source, samples)
     macs += random
     budget = exp.budget.macs
@@ -177,6 +179,27 @@ def scheduler_notes(exp: ExperimentConfig) -> tuple[str, ...]:
         "networks. Finish the ramp first, e.g. trial.gate_schedule: {warmup_end: "
         f"{min(0.5, rungs[0] / 4):g}, ramp_end: {rungs[0]}, unit: epochs}}",
     )
+
+
+def _check_references(exp: ExperimentConfig, problem: Problem, source: str) -> None:
+    """Every reference trial builds (they bypass the budget: they are what it is judged by)."""
+    from search.references import reference_trials
+
+    try:
+        refs = reference_trials(exp)
+    except ValueError as err:
+        raise SearchConfigError(
+            f"{source}: references: {err}; remove the references section or search a model of "
+            "such a family (dgc.list_models())"
+        ) from err
+    for ref in refs:
+        try:
+            trial_cost(TrialConfig.model_validate(ref.config), *astuple(problem)[:2])
+        except (ValueError, TypeError) as err:
+            raise SearchConfigError(
+                f"{source}: references: {ref.config['model']['name']} ({ref.label}) cannot be "
+                f"built: {str(err).splitlines()[0]}; change or remove that reference"
+            ) from err
 
 
 def _random_macs(exp: ExperimentConfig, problem: Problem, source: str, n: int) -> list[int]:

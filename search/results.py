@@ -40,6 +40,7 @@ class Point:
     model_uri: str = ""
     stopped: int | None = None  # the epoch an early-stopping scheduler stopped it at
     alias: str = ""  # its registry alias, once registered
+    reference: str = ""  # the label of a reference trial ("dense", "group-0.25")
 
 
 def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> list[Point]:
@@ -59,6 +60,7 @@ def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> li
                 model_uri=run.data.tags.get(N.MODEL_URI_TAG, ""),
                 stopped=_int_or_none(run.data.tags.get(N.STOPPED_TAG)),
                 alias=run.data.tags.get(N.REGISTERED_ALIAS_TAG, ""),
+                reference=run.data.tags.get(N.REFERENCE_TAG, ""),
             )
         )
     return points

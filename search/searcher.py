@@ -28,6 +28,7 @@ from search import names as N
 from search.config import ExperimentConfig
 from search.preflight import Problem
 from search.preflight import cost_point
+from search.references import reference_trials
 from search.scheduler import stopped_at
 from spaces.convert import assemble
 from spaces.convert import param_names
@@ -36,6 +37,8 @@ from trainables import metrics as M
 
 log = logging.getLogger(__name__)
 
+#: study user attribute prefix: reference label -> the Tune trial id it was issued as
+REFERENCE_KEY = "reference:"
 # Per suggestion; validate refuses spaces with < 5% feasible points (0.95**100 < 1%).
 MAX_TRIES = 100
 PLACEHOLDER = {"max": 0.0, "min": 1e12}
@@ -132,6 +135,9 @@ class OptunaSearcher(Searcher):
         return True  # objectives come from the experiment, in exactly one place
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        reference = self._next_reference(trial_id)
+        if reference is not None:
+            return reference
         dists = to_optuna_distributions(self.exp.space, self.problem.num_stages)
         for _ in range(MAX_TRIES):
             trial = self.study.ask(dists)
@@ -145,6 +151,47 @@ class OptunaSearcher(Searcher):
                 return config
         log.warning("no trainable point in %d samples; stopping the search", MAX_TRIES)
         return Searcher.FINISHED
+
+    def _next_reference(self, trial_id: str) -> dict[str, Any] | None:
+        """The next reference trial not yet issued (recorded in the study at once, so a resumed
+        search never issues one twice), with its Tune trial id."""
+        issued = self.study.user_attrs
+        for ref in reference_trials(self.exp):
+            key = REFERENCE_KEY + ref.label
+            if key not in issued:
+                self.study.set_user_attr(key, trial_id)
+                return {**ref.config, "tags": {N.REFERENCE_TAG: ref.label}}
+        return None
+
+    def _reference_of(self, trial_id: str) -> str | None:
+        for key, value in self.study.user_attrs.items():
+            if key.startswith(REFERENCE_KEY) and value == trial_id:
+                return key.removeprefix(REFERENCE_KEY)
+        return None
+
+    def _tell_reference(self, label: str, trial_id: str, result: dict | None) -> None:
+        """A reference is added to the study when it ends, without parameters (it is not a
+        point of the space), flagged ``reference``: the sampler's models skip it, the study's
+        front and its dashboard show it."""
+        result = result or {}
+        values = [result.get(o.metric) for o in self.exp.objectives]
+        stopped = stopped_at(result, self.exp.trial.epochs)
+        attrs: dict[str, Any] = {N.REFERENCE_TAG: label, N.TRIAL_TAG: trial_id}
+        if stopped is not None:
+            state, attrs[N.STOPPED_TAG] = TrialState.PRUNED, stopped
+        elif result and all(isinstance(v, (int, float)) for v in values):
+            state = TrialState.COMPLETE
+        else:
+            state = TrialState.FAIL
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                values=[float(v) for v in values] if state == TrialState.COMPLETE else None,
+                params={},
+                distributions={},
+                user_attrs=attrs,
+            )
+        )
 
     def _duplicate(self, trial: optuna.Trial) -> bool:
         """A point the study already trained or is training (a categorical space, or a sampler
@@ -198,6 +245,11 @@ class OptunaSearcher(Searcher):
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        label = self._reference_of(trial_id)
+        if label is not None:
+            if not any(t.user_attrs.get(N.TRIAL_TAG) == trial_id for t in self.study.trials):
+                self._tell_reference(label, trial_id, None if error else result)
+            return
         number = self.live.pop(trial_id, None)
         if number is None:
             number = self._number_of(trial_id)

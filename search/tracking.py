@@ -37,13 +37,12 @@ LOGGED_METRICS = (
     M.VAL_LOSS,
     M.TEST_ACCURACY,
     M.TEST_LOSS,
-    M.MACS,
-    M.PARAMS,
     M.EPOCH_TIME_S,
     M.IMAGES_PER_S,
     M.GATE_PROGRESS,
-    M.LATENCY_MS,
 )
+#: properties of the network, the same every epoch: logged once per run (step 0), not as curves
+STATIC_METRICS = (M.MACS, M.PARAMS, M.LATENCY_MS)
 
 
 def default_tracking_uri() -> str:
@@ -62,6 +61,22 @@ def existing_store(uri: str) -> str:
                 "you launched from, or pass --tracking-uri"
             )
     return uri
+
+
+#: the MLflow UI's runs view, filtered on the Pareto front (checked in MLflow 3.17's UI)
+FRONT_VIEW = "#/experiments/{id}/runs?searchFilter=tags.pareto%20%3D%20%22true%22"
+
+
+def front_link(uri: str, experiment_id: str) -> str:
+    """Where to see the front in the MLflow UI: the server's page, or for a local store the
+    command that serves it and the page to open."""
+    view = FRONT_VIEW.format(id=experiment_id)
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow runs on the front: {redact(uri.rstrip('/'))}/{view}"
+    return (
+        f"MLflow runs on the front: `mlflow ui --backend-store-uri {redact(uri)}`, then "
+        f"http://127.0.0.1:5000/{view}"
+    )
 
 
 @contextlib.contextmanager
@@ -137,10 +152,11 @@ class MlflowTrialLogger(Callback):
         self.spec = (tracking.uri, tracking.experiment_name, tracking.parent_run_id)
         self._tracking: Tracking | None = tracking
         self.runs: dict[str, str] = {}
+        self.costed: set[str] = set()  # runs whose static metrics are logged
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment; the client reconnects after a restore.
-        return {"spec": self.spec, "_tracking": None, "runs": {}}
+        return {"spec": self.spec, "_tracking": None, "runs": {}, "costed": set()}
 
     @property
     def tracking(self) -> Tracking:
@@ -156,16 +172,19 @@ class MlflowTrialLogger(Callback):
         return run_id
 
     def _create(self, trial: Any) -> str:
-        number = trial.config.get("tags", {}).get(N.OPTUNA_TRIAL_TAG, "")
+        tags = trial.config.get("tags", {})
+        number, reference = tags.get(N.OPTUNA_TRIAL_TAG, ""), tags.get(N.REFERENCE_TAG)
         client = self.tracking.client
         run = client.create_run(
             self.tracking.experiment_id,
-            run_name=f"trial-{number}",
+            run_name=f"ref-{reference}" if reference else f"trial-{number}",
             tags={
                 "mlflow.parentRunId": self.tracking.parent_run_id,
                 N.TRIAL_TAG: trial.trial_id,
-                N.OPTUNA_TRIAL_TAG: str(number),
                 "ray_trial_dir": str(trial.path or ""),
+                **(
+                    {N.REFERENCE_TAG: reference} if reference else {N.OPTUNA_TRIAL_TAG: str(number)}
+                ),
             },
         )
         params = flat_params(trial.config)
@@ -180,12 +199,18 @@ class MlflowTrialLogger(Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         ts, step = int(time.time() * 1000), int(result.get(M.EPOCH, 0))
+        run_id = self._run_id(trial)
+        keys = list(LOGGED_METRICS)
+        if run_id not in self.costed:
+            self.costed.add(run_id)
+            if M.MACS not in self.tracking.client.get_run(run_id).data.metrics:  # resumed?
+                keys += STATIC_METRICS
         metrics = [
-            Metric(k, float(result[k]), ts, step)
-            for k in LOGGED_METRICS
+            Metric(k, float(result[k]), ts, 0 if k in STATIC_METRICS else step)
+            for k in keys
             if isinstance(result.get(k), (int, float))
         ]
-        self.tracking.client.log_batch(self._run_id(trial), metrics=metrics)
+        self.tracking.client.log_batch(run_id, metrics=metrics)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial)

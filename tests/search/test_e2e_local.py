@@ -25,11 +25,18 @@ SMOKE = str(REPO / "experiments" / "smoke.yaml")
 def test_small_search_end_to_end(ray_2cpu, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = load_experiment(REPO / "experiments" / "smoke.yaml",
-                          [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}"])
+                          [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
+                           "references={dense: true, static_group: [0.5]}"])
     assert launch(exp, str(REPO / "experiments" / "smoke.yaml")) == 0
 
     parent, kids = children(uri, "smoke")
-    assert parent.info.status == "FINISHED" and len(kids) == 5
+    assert parent.info.status == "FINISHED" and len(kids) == 7  # 5 sampled + 2 references
+    refs = {k.data.tags["reference"]: k for k in kids if "reference" in k.data.tags}
+    assert set(refs) == {"dense", "group-0.5"}
+    assert refs["dense"].data.params["model.name"] == "resnet8"
+    assert refs["group-0.5"].data.params["model.name"] == "gcresnet8"
+    assert refs["group-0.5"].data.params["model.gate_factor"] == "0.5"
+    assert refs["dense"].info.run_name == "ref-dense" and "pareto_rank" in refs["dense"].data.tags
     client = mlflow.MlflowClient(uri)
     for k in kids:
         assert k.info.status == "FINISHED"
@@ -57,9 +64,16 @@ def test_small_search_end_to_end(ray_2cpu, tmp_path):
     state = SearchState.load(tmp_path / "smoke")
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 5
+    assert len(done) == 7
     assert {t.user_attrs["ray_trial_id"] for t in done} == {k.data.tags["ray_trial_id"] for k in kids}
-    assert {t.number for t in done} == {int(k.data.tags["optuna_trial"]) for k in kids}
+    sampled = [k for k in kids if "reference" not in k.data.tags]
+    assert {t.number for t in done if "reference" not in t.user_attrs} == {
+        int(k.data.tags["optuna_trial"]) for k in sampled}
+    for t in done:  # references are flagged, have no parameters, and carry their objectives
+        if "reference" in t.user_attrs:
+            k = refs[t.user_attrs["reference"]]
+            assert t.params == {} and t.values == [k.data.metrics["val_accuracy"],
+                                                   k.data.metrics["macs"]]
 
 
 def _check_export(uri, source, out, x):

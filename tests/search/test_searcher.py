@@ -92,3 +92,41 @@ def test_a_point_already_trained_is_not_trained_twice(tmp_path):
     assert s.suggest("c") is Searcher.FINISHED  # the space is exhausted
     dupes = [t for t in s.study.trials if "duplicate_of" in t.user_attrs]
     assert dupes and all(t.state == optuna.trial.TrialState.FAIL for t in dupes)
+
+
+def test_references_come_first_once_and_are_told_flagged_without_params(tmp_path):
+    s = _searcher(tmp_path, "references={dense: true, static_group: [0.25, 0.5]}",
+                  "trial.epochs=4", "sampler={name: tpe, seed: 0, n_startup_trials: 2}")
+    first = [s.suggest(t) for t in ("r1", "r2", "r3", "x")]
+    assert [c["model"]["name"] for c in first] == ["resnet8", "gcresnet8", "gcresnet8",
+                                                   "dyresnet8"]
+    assert [c["model"]["gate_factor"] for c in first[1:3]] == [0.25, 0.5]
+    assert [c["tags"].get("reference") for c in first] == ["dense", "group-0.25", "group-0.5",
+                                                          None]
+    # A resumed searcher (new object, same study) issues no reference again.
+    again = OptunaSearcher(s.exp, s.problem, s.ref)
+    assert "reference" not in again.suggest("y")["tags"]
+    again.on_trial_complete("r1", {"epoch": 4, "val_accuracy": 0.9, "macs": 768394})
+    again.on_trial_complete("r2", {"epoch": 2, "val_accuracy": 0.5, "macs": 203000})  # stopped
+    again.on_trial_complete("r3", error=True)
+    again.on_trial_complete("r1", {"epoch": 4, "val_accuracy": 0.9, "macs": 768394})  # twice
+    refs = {t.user_attrs["reference"]: t for t in again.study.trials if "reference" in t.user_attrs}
+    assert len(refs) == 3 and all(t.params == {} for t in refs.values())
+    assert refs["dense"].state == optuna.trial.TrialState.COMPLETE
+    assert refs["dense"].values == [0.9, 768394] and refs["dense"].user_attrs["ray_trial_id"] == "r1"
+    assert refs["group-0.25"].state == optuna.trial.TrialState.PRUNED
+    assert refs["group-0.25"].user_attrs["stopped_at_epoch"] == 2
+    assert refs["group-0.5"].state == optuna.trial.TrialState.FAIL
+    # TPE goes on with parameter-less (and pruned) trials in the study.
+    for i in range(12):
+        c = again.suggest(f"z{i}")
+        again.on_trial_complete(f"z{i}", {"epoch": 4, "val_accuracy": 0.5 + i / 100, "macs": 4e5})
+    assert c["model"]["name"] == "dyresnet8"
+
+
+def test_a_stopped_trial_is_pruned_with_its_epoch(tmp_path):
+    s = _searcher(tmp_path, "trial.epochs=4")
+    s.suggest("a")
+    s.on_trial_complete("a", {"epoch": 1, "val_accuracy": 0.2, "macs": 400000})
+    (t,) = s.study.trials
+    assert t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["stopped_at_epoch"] == 1
