@@ -115,7 +115,8 @@ def _macs(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def dgc_macs(layer: DynamicGroupConv2d, in_hw: int, out_hw: int) -> float:
     """Analytic MACs of one DGC layer at its target gate factor (per sample)."""
     c, o, h, r = layer.in_channels, layer.out_channels, layer.heads, layer.hidden
-    pre = 2 * c * in_hw  # BN-ReLU's ReLU, then the global average pool
+    relu = isinstance(layer.act, nn.ReLU)  # False: the block's BN-ReLU only (double_norm)
+    pre = (2 if relu else 1) * c * in_hw  # BN-ReLU's ReLU, then the global average pool
     gates = h * (c * r + r + r * c + c + c + c)  # fc1, ReLU, fc2 (+bias), ReLU, gating
     per_head_conv = c * (o // h) * layer.kernel_size**2 * out_hw * layer.gate_factor
     return pre + gates + h * per_head_conv

@@ -38,6 +38,7 @@ class ConvLayer(Protocol):
         stage: int,
         preact: bool,
         name: str,
+        shortcut: bool = False,
     ) -> nn.Module: ...
 
 
@@ -55,6 +56,28 @@ def per_stage(field: str, value: StageValue, num_stages: int) -> tuple:
 
 
 @dataclass(frozen=True)
+class DgcOptions:
+    """Design choices of the DGC networks, each defaulting to the paper (Su et al. 2020):
+
+    Args:
+        gate_shortcut: the 1x1 projection shortcuts are DGC layers too (paper) or dense.
+        saliency: kept channels scaled by their saliency ("scale", paper) or a binary mask
+            ("mask", straight-through gradient to the saliency generators).
+        double_norm: a DGC layer in a block that already normalises its input (ResNet) adds
+            its own BN-ReLU (paper: the input is normalised twice) or uses the block's only.
+    """
+
+    gate_shortcut: bool = True
+    saliency: str = "scale"
+    double_norm: bool = True
+
+
+def pop_options(kwargs: dict[str, object]) -> dict[str, object]:
+    """Take the ``DgcOptions`` keywords out of a recipe's keyword arguments."""
+    return {k: kwargs.pop(k) for k in DgcOptions.__dataclass_fields__ if k in kwargs}
+
+
+@dataclass(frozen=True)
 class ConvFactory:
     """Builds the replaceable convolutions of a network.
 
@@ -68,6 +91,7 @@ class ConvFactory:
     heads: tuple[int, ...]
     gate_factor: tuple[float, ...]
     squeeze_rate: tuple[int, ...]
+    options: DgcOptions = DgcOptions()
 
     def __call__(
         self,
@@ -80,8 +104,10 @@ class ConvFactory:
         stage: int,
         preact: bool,
         name: str,
+        shortcut: bool = False,
     ) -> nn.Module:
-        if self.kind == "dynamic":
+        o = self.options
+        if self.kind == "dynamic" and (o.gate_shortcut or not shortcut):
             return DynamicGroupConv2d(
                 in_channels,
                 out_channels,
@@ -91,8 +117,12 @@ class ConvFactory:
                 heads=self.heads[stage],
                 squeeze_rate=self.squeeze_rate[stage],
                 gate_factor=self.gate_factor[stage],
+                saliency=o.saliency,
+                norm=preact or o.double_norm,
                 name=name,
             )
+        if self.kind == "dynamic":  # an ungated shortcut: the dense conv
+            return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
         groups = (
             1
             if self.kind == "dense"
@@ -112,8 +142,12 @@ def make_conv_factory(
     heads: StageValue = 4,
     gate_factor: StageValue = 0.25,
     squeeze_rate: StageValue = 16,
+    gate_shortcut: bool = True,
+    saliency: str = "scale",
+    double_norm: bool = True,
 ) -> ConvFactory:
-    """Validate the kind and expand per-stage settings into a ``ConvFactory``."""
+    """Validate the kind and expand per-stage settings into a ``ConvFactory``; the last three
+    are ``DgcOptions`` (ignored by the dense and static group kinds)."""
     if kind not in CONV_KINDS:
         raise ValueError(f"conv kind={kind!r} is unknown; choose one of {CONV_KINDS}")
     return ConvFactory(
@@ -121,6 +155,7 @@ def make_conv_factory(
         per_stage("heads", heads, num_stages),
         per_stage("gate_factor", gate_factor, num_stages),
         per_stage("squeeze_rate", squeeze_rate, num_stages),
+        DgcOptions(gate_shortcut, saliency, double_norm),
     )
 
 

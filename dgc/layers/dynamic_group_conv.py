@@ -35,6 +35,7 @@ from dgc.layers.schedule import target_inactive_channels
 
 NARROW_LAYER_CHANNELS = 80
 IMPLS = ("auto", "masked", "gather")
+SALIENCY_MODES = ("scale", "mask")
 # "auto" gathers the kept channels when at most this fraction of them is kept; above it the
 # per-sample grouped conv no longer beats one full-width grouped conv (bench/dgc_layer.py).
 GATHER_MAX_KEPT = 0.5
@@ -275,6 +276,11 @@ class DynamicGroupConv2d(nn.Module):
         heads: h, must divide C and O.
         squeeze_rate: s of the saliency generators (halved when C < 80).
         gate_factor: g, kept fraction of the input channels, in (0, 1].
+        saliency: "scale" (the paper: kept channels are multiplied by their saliency) or
+            "mask" (a binary mask of the kept channels; the generators learn through a
+            straight-through gradient).
+        norm: the layer's own BN-ReLU before the gate (the paper); False where the network
+            already normalises the input (the block's BN-ReLU is then the only one).
         name: layer name used in error messages.
     """
 
@@ -290,12 +296,17 @@ class DynamicGroupConv2d(nn.Module):
         squeeze_rate: int = 16,
         gate_factor: float = 0.25,
         impl: str = "auto",
+        saliency: str = "scale",
+        norm: bool = True,
         name: str = "DynamicGroupConv2d",
     ) -> None:
         super().__init__()
         _validate(name, in_channels, out_channels, heads, squeeze_rate, gate_factor)
         if impl not in IMPLS:
             raise ValueError(f"{name}: impl={impl!r} must be one of {IMPLS}")
+        if saliency not in SALIENCY_MODES:
+            raise ValueError(f"{name}: saliency={saliency!r} must be one of {SALIENCY_MODES}")
+        self.saliency = saliency
         self.in_channels, self.out_channels, self.kernel_size = (
             in_channels,
             out_channels,
@@ -303,8 +314,8 @@ class DynamicGroupConv2d(nn.Module):
         )
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.heads, self.squeeze_rate, self.gate_factor = heads, squeeze_rate, gate_factor
-        self.norm = nn.BatchNorm2d(in_channels)
-        self.act = nn.ReLU(inplace=True)
+        self.norm = nn.BatchNorm2d(in_channels) if norm else nn.Identity()
+        self.act = nn.ReLU(inplace=True) if norm else nn.Identity()
         hidden = in_channels // effective_squeeze(in_channels, squeeze_rate)
         self.gate = SaliencyGate(in_channels, heads, hidden)
         # Rows [i*O/h, (i+1)*O/h) are head i's dense kernel over all C input channels.
@@ -363,6 +374,14 @@ class DynamicGroupConv2d(nn.Module):
             return self._forward_autograd(x, sal)  # (B, O, H', W')
         return self._forward_inference(x, sal)  # (B, O, H', W')
 
+    def _kept(self, v: Tensor) -> Tensor:
+        """What a kept channel is multiplied by: its saliency ``v`` (the paper), or 1 with the
+        saliency's gradient (straight-through) in ``mask`` mode; a pruned one (0) stays 0."""
+        if self.saliency == "scale":
+            return v
+        d = v.detach()
+        return v - d + (d > 0).to(v.dtype)
+
     def _saliency(self, x: Tensor) -> Tensor:
         """The generators' saliencies. Under autocast they and the selection stay float32:
         bf16 matmuls round differently and the bottom-k would then zero extra channels on ties
@@ -378,8 +397,8 @@ class DynamicGroupConv2d(nn.Module):
         gather = self.in_channels - n <= GATHER_MAX_KEPT * self.in_channels
         if n > 0 and (self.impl == "gather" or (self.impl == "auto" and gather)):
             index, scale = G.select_channels(sal, n)  # (B, h, K) each
-            return _GatheredGroupConv.apply(x, scale, self.weight, index, *args)
-        sal = deactivate_bottom_k(sal, n)  # (B, h, C), pruned -> 0
+            return _GatheredGroupConv.apply(x, self._kept(scale), self.weight, index, *args)
+        sal = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C), pruned -> 0
         y = _GatedGroupConv.apply(x, sal, self.weight, *args)  # (B, O, H', W'), head-major
         return G.interleave(y, self.heads)
 
@@ -390,11 +409,15 @@ class DynamicGroupConv2d(nn.Module):
         t = G.traceable  # while tracing, scripted kernels keep the batch size dynamic
 
         def masked() -> Tensor:
-            return t(masked_conv)(x, sal, self.weight, n, self.heads, args)  # (B, O, H', W')
+            if self.saliency == "scale":
+                return t(masked_conv)(x, sal, self.weight, n, self.heads, args)  # (B, O, H', W')
+            mask = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C) of 0/1
+            return t(masked_conv)(x, mask, self.weight, 0, self.heads, args)  # (B, O, H', W')
 
         if n == 0 or self.impl == "masked":
             return masked()
         index, scale = G.select_channels(sal, n)  # (B, h, K) each
+        scale = self._kept(scale)
         k = self.kernel_size
         if k == 1 and self.padding == 0:
             rows = self._weight_rows(False)  # (h*C, O/h)

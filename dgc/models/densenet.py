@@ -16,6 +16,7 @@ from torch import nn
 from dgc.layers.conv import ConvLayer
 from dgc.layers.conv import StageValue
 from dgc.layers.conv import make_conv_factory
+from dgc.layers.conv import pop_options
 from dgc.models.common import init_weights
 from dgc.registry import register_family
 
@@ -132,7 +133,8 @@ def _densenet(
     squeeze_rate: StageValue = 16,
     **kwargs: object,
 ) -> DenseNet:
-    conv = make_conv_factory(kind, len(stages), heads, gate_factor, squeeze_rate)
+    options = pop_options(kwargs)
+    conv = make_conv_factory(kind, len(stages), heads, gate_factor, squeeze_rate, **options)
     return DenseNet(stages, growth, conv, stem_stride=stem_stride, **kwargs)  # type: ignore[arg-type]
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from dgc.layers.conv import ConvLayer
 from dgc.layers.conv import StageValue
 from dgc.layers.conv import make_conv_factory
+from dgc.layers.conv import pop_options
 from dgc.models.common import init_weights
 from dgc.registry import register_family
 
@@ -55,6 +56,7 @@ class BasicBlock(nn.Module):
                     stage=stage,
                     preact=False,
                     name=f"{name}.downsample.0",
+                    shortcut=True,
                 ),
                 nn.BatchNorm2d(planes),
             )
@@ -155,7 +157,8 @@ def _resnet(
     if gate_factor is None:
         # The paper's DyResNet-18 keeps 45%; a static group conv needs 1/G, so it defaults to 1/2.
         gate_factor = default_gate if kind == "dynamic" else 0.5
-    conv = make_conv_factory(kind, len(layers), heads, gate_factor, squeeze_rate)
+    options = pop_options(kwargs)
+    conv = make_conv_factory(kind, len(layers), heads, gate_factor, squeeze_rate, **options)
     return ResNet(layers, widths, conv, stem=stem, **kwargs)  # type: ignore[arg-type]
 
 

@@ -97,3 +97,84 @@ def test_create_model_drops_none_kwargs_and_lists_by_pattern():
 def test_digits_sized_model_runs_on_one_channel_8x8():
     model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1)
     assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+def _run(name: str, **kw) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Train-mode output, every gradient, and the eval output of a seeded network."""
+    torch.manual_seed(0)
+    model = dgc.create_model(name, num_classes=10, in_chans=1, **kw)
+    dgc.set_progress(model, 0.9)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = model(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():
+        ev = model.eval()(x)
+    return y.detach(), grads, ev
+
+
+@pytest.mark.parametrize("name", ["dyresnet8", "dydensenet86"])
+def test_design_switches_at_the_paper_defaults_are_bit_identical(name):
+    base = _run(name)
+    paper = _run(name, gate_shortcut=True, saliency="scale", double_norm=True)
+    assert torch.equal(base[0], paper[0])
+    assert all(torch.equal(a, b) for a, b in zip(base[1], paper[1]))
+    # Eval picks its kernel per shape by measured time (as cudnn.benchmark), and the kernels
+    # round differently, so two instances agree to rounding, not bit for bit.
+    torch.testing.assert_close(base[2], paper[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "switch", [{"gate_shortcut": False}, {"saliency": "mask"}, {"double_norm": False}]
+)
+def test_each_design_switch_trains_and_changes_the_network(switch):
+    y, grads, ev = _run("dyresnet8", **switch)
+    assert torch.isfinite(y).all() and torch.isfinite(ev).all()
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert not torch.equal(ev, _run("dyresnet8")[2])
+
+
+def test_ungated_shortcut_is_a_dense_conv_with_its_macs():
+    gated = dgc.create_model("dyresnet8", num_classes=10, in_chans=1)
+    plain = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_shortcut=False)
+    assert isinstance(plain.stages[1][0].downsample[0], torch.nn.Conv2d)
+    assert isinstance(gated.stages[1][0].downsample[0], dgc.DynamicGroupConv2d)
+    # Hand-counted (methods.md 1.7). Stage 2's shortcut, 16->32 from 8x8 to 4x4, heads 4,
+    # hidden 2 (squeeze 16 halved below 80 channels): ReLU + pool 2*16*64 = 2048, gates
+    # 4*(16*2 + 2 + 2*16 + 3*16) = 456, convs 4 * 16*8*16*0.5 = 4096: 6600 against the dense
+    # 16*32*16 = 8192. Stage 3's, 32->64 from 4x4 to 2x2, hidden 4: 1024 + 4*(32*4 + 4 + 4*32
+    # + 3*32) + 4 * 32*16*4*0.5 = 1024 + 1424 + 4096 = 6544 against 32*64*4 = 8192.
+    diff = dgc.count_cost(plain, (1, 8, 8)).macs - dgc.count_cost(gated, (1, 8, 8)).macs
+    assert diff == (8192 - 6600) + (8192 - 6544)
+
+
+def test_single_norm_drops_the_layers_bn_only_where_the_block_normalises():
+    res = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, double_norm=False)
+    assert all(isinstance(m.norm, torch.nn.Identity) for m in dgc.dgc_layers(res))
+    paper = dgc.create_model("dyresnet8", num_classes=10, in_chans=1)
+    # One ReLU fewer per DGC layer (C x input H*W at 8x8): stage 1 conv1, conv2 16x64 each;
+    # stage 2 conv1 16x64, conv2 32x16, shortcut 16x64; stage 3 conv1 32x16, conv2 64x4,
+    # shortcut 32x16.
+    relus = 1024 + 1024 + 1024 + 512 + 1024 + 512 + 256 + 512
+    cost = dgc.count_cost(paper, (1, 8, 8)).macs - dgc.count_cost(res, (1, 8, 8)).macs
+    assert cost == relus
+    dense = dgc.create_model("dydensenet86", num_classes=10, double_norm=False)
+    assert all(isinstance(m.norm, torch.nn.BatchNorm2d) for m in dgc.dgc_layers(dense))
+
+
+def test_mask_saliency_multiplies_kept_channels_by_one():
+    from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+    from dgc.layers.dynamic_group_conv import deactivate_bottom_k
+
+    torch.manual_seed(0)
+    layer = DynamicGroupConv2d(8, 8, 1, heads=2, gate_factor=0.5, saliency="mask", norm=False)
+    layer.set_inactive(4)
+    x = torch.randn(3, 8, 5, 5)
+    sal = layer.gate(x.mean(dim=(2, 3)))  # (B, h, C)
+    mask = (deactivate_bottom_k(sal, 4) > 0).float()  # (B, h, C)
+    w = layer.weight.view(2, 4, 8)  # head-major rows: (h, O/h, C)
+    expect = torch.einsum("bhc,hoc,bcxy->bhoxy", mask, w, x)  # (B, h, O/h, H, W)
+    expect = expect.transpose(1, 2).reshape(3, 8, 5, 5)  # heads interleaved
+    for training in (True, False):
+        layer.train(training)
+        torch.testing.assert_close(layer(x).detach(), expect, rtol=1e-5, atol=1e-5)
