@@ -14,6 +14,7 @@ from dgc.layers import GateSchedule
 from dgc.layers import inactive_channels
 from dgc.ops import aux_loss
 from dgc.ops import dgc_layers
+from dgc.ops import load_dense_weights
 from dgc.ops import set_progress
 from dgc.registry import create_model
 from dgc.registry import list_models
@@ -31,6 +32,7 @@ __all__ = [
     "dgc_layers",
     "inactive_channels",
     "list_models",
+    "load_dense_weights",
     "model_kind",
     "num_stages",
     "set_progress",

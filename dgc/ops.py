@@ -42,3 +42,39 @@ def aux_loss(model: nn.Module) -> Tensor:
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()
+
+
+def load_dense_weights(model: nn.Module, weights: dict[str, Tensor]) -> int:
+    """Start ``model`` from the ``state_dict`` of the dense network of its family: every tensor
+    whose name and shape match is copied. A DGC layer's kernel is stored head-major (row
+    ``i*O/h + j`` is output ``j`` of head ``i``, which becomes channel ``j*h + i``), so the dense
+    kernel is permuted into that layout: each output channel starts from its dense kernel. The
+    gates and the DGC layers' own norms keep their initialisation. Returns the tensors copied.
+
+    Raises:
+        ValueError: a tensor of both has another shape, or no convolution matches.
+    """
+    own = model.state_dict()
+    clash = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+             if k in own and v.shape != own[k].shape]  # fmt: skip
+    if clash:
+        raise ValueError(
+            f"{len(clash)} tensors have other shapes in this network (first: {clash[0]}); "
+            "start a network from the dense variant of its own family"
+        )
+    heads = {f"{name}.weight": m.heads for name, m in model.named_modules()
+             if isinstance(m, DynamicGroupConv2d)}  # fmt: skip
+    shared = {}
+    for key, value in weights.items():
+        if key in own:
+            shared[key] = _head_major(value, heads[key]) if key in heads else value
+    if not any(v.dim() == 4 for v in shared.values()):
+        raise ValueError("no convolution of the checkpoint is in this network")
+    model.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+def _head_major(w: Tensor, heads: int) -> Tensor:
+    # w: (O, C, k, k), row o = output channel o  ->  row i*O/h + j = channel j*h + i
+    o = w.shape[0]
+    return w.reshape(o // heads, heads, *w.shape[1:]).transpose(0, 1).reshape(w.shape)

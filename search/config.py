@@ -93,6 +93,13 @@ class References(_Strict):
         return v
 
 
+class Pretrain(_Strict):
+    """Train the dense network of the searched model's family once, for ``epochs`` epochs by
+    the trial recipe, and start every searched trial from it (``trial.init_from``)."""
+
+    epochs: int = Field(ge=1)
+
+
 class SchedulerConfig(_Strict):
     """Early stopping across trials: ``mo-asha`` (multi-objective asynchronous successive
     halving, search/scheduler.py). Rungs at epochs grace_period * reduction_factor**k below
@@ -123,6 +130,7 @@ class ExperimentConfig(_Strict):
     resources: Resources = Field(default_factory=Resources)
     scheduler: SchedulerConfig | None = None
     references: References | None = None
+    pretrain: Pretrain | None = None
     max_failures: int = Field(1, ge=0)
     warm_start: list[dict[str, Any]] = Field(default_factory=list)
     storage_dir: str = "runs"

@@ -20,6 +20,8 @@ from search.overrides import SearchConfigError
 from search.overrides import safe_yaml
 from search.preflight import Problem
 from search.preflight import run_preflight
+from search.pretrain import ensure_pretrained
+from search.pretrain import with_init
 from search.redact import log_redacted_artifact
 from search.redact import redact
 from search.references import reference_trials
@@ -96,7 +98,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     trainable = _trainable(exp)
     folder.mkdir(parents=True, exist_ok=True)
     # Absolute storage_dir in the resolved file: resume and pareto may run from another folder.
-    exp = exp.model_copy(update={"storage_dir": str(folder.parent)})
+    exp = with_init(exp.model_copy(update={"storage_dir": str(folder.parent)}), folder)
     (folder / RESOLVED_FILE).write_text(
         yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
     )
@@ -115,6 +117,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
         state.mlflow_experiment,
         state.parent_run_id,
     )
+    _pretrain(exp, folder, tracking, state, trainable)
     searcher = OptunaSearcher(exp, report.problem, StudyRef(state.optuna_storage, state.study_name))
     tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
     return _conclude(exp, state, tracking, searcher, _fit(tuner, tracking, state, folder), folder)
@@ -131,13 +134,15 @@ def resume(folder: Path, address: str | None = None) -> int:
     check_cluster_reachable(address or exp.ray.address)
     connect_ray(exp, address)
     check_resources(exp)
+    trainable = _trainable(exp)
+    _pretrain(exp, folder, tracking, state, trainable)
     searcher = OptunaSearcher(
         exp, _problem(state), StudyRef(state.optuna_storage, state.study_name)
     )
     if tune.Tuner.can_restore(str(folder / TUNE_NAME)):
         tuner = tune.Tuner.restore(
             str(folder / TUNE_NAME),
-            _trainable(exp),
+            trainable,
             resume_unfinished=True,
             resume_errored=True,
         )
@@ -146,7 +151,7 @@ def resume(folder: Path, address: str | None = None) -> int:
         log.info(
             "%s has no Tune state yet (the launch stopped before it began); starting it", folder
         )
-        tuner = _build_tuner(exp, folder, searcher, tracking, _trainable(exp))
+        tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
     else:
         raise SearchConfigError(
             f"{folder / TUNE_NAME}: Tune's state is missing but the study has finished trials; "
@@ -155,6 +160,20 @@ def resume(folder: Path, address: str | None = None) -> int:
         )
     tracking.client.update_run(state.parent_run_id, status="RUNNING")
     return _conclude(exp, state, tracking, searcher, _fit(tuner, tracking, state, folder), folder)
+
+
+def _pretrain(
+    exp: ExperimentConfig, folder: Path, tracking: Tracking, state: SearchState, trainable: Any
+) -> None:
+    """The search's dense network (``pretrain``), trained once; the parent run is marked
+    FAILED (KILLED on Ctrl-C) if that stops, and the folder stays resumable."""
+    try:
+        ensure_pretrained(exp, folder, tracking, trainable)
+    except BaseException as err:
+        tracking.client.set_terminated(
+            state.parent_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        )
+        raise
 
 
 def _fit(tuner: Any, tracking: Tracking, state: SearchState, folder: Path) -> Any:

@@ -139,6 +139,7 @@ def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Repo
     for i, point in enumerate(exp.warm_start):
         macs.append(point_macs(exp, problem, {**center, **point}, source, f"warm_start[{i}]"))
     _check_references(exp, problem, source)
+    _check_pretrain(exp, source)
     random = _random_macs(exp, problem, source, samples)
     macs += random
     budget = exp.budget.macs
@@ -200,6 +201,27 @@ def _check_references(exp: ExperimentConfig, problem: Problem, source: str) -> N
                 f"{source}: references: {ref.config['model']['name']} ({ref.label}) cannot be "
                 f"built: {str(err).splitlines()[0]}; change or remove that reference"
             ) from err
+
+
+def _check_pretrain(exp: ExperimentConfig, source: str) -> None:
+    """The searched model can start from its family's dense network (same tensor shapes)."""
+    import torch
+
+    if exp.pretrain is None:
+        return
+    name = exp.trial.model.name
+    try:
+        with torch.device("meta"):
+            dense = dgc.create_model(dgc.variant_of(name, "dense")).state_dict()
+            own = dgc.create_model(name, **exp.trial.model.arch_kwargs()).state_dict()
+    except (ValueError, TypeError) as err:
+        raise SearchConfigError(f"{source}: pretrain: {err}") from err
+    clash = [k for k, v in dense.items() if k in own and own[k].shape != v.shape]
+    if clash:
+        raise SearchConfigError(
+            f"{source}: pretrain: {name} cannot start from the dense network of its family "
+            f"({clash[0]} has another shape); pretrain is for the DGC (dy...) models"
+        )
 
 
 def _random_macs(exp: ExperimentConfig, problem: Problem, source: str, n: int) -> list[int]:

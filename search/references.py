@@ -39,4 +39,5 @@ def reference_trials(exp: ExperimentConfig) -> list[Reference]:
 def _with_model(exp: ExperimentConfig, name: str, gate_factor: float | None) -> dict[str, Any]:
     config = exp.trial.model_dump(mode="json")
     config["model"] = {**config["model"], "name": name, "gate_factor": gate_factor}
+    config["init_from"] = None  # the baselines train from scratch, by the trial recipe
     return config

@@ -50,6 +50,8 @@ def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> li
         m = run.data.metrics
         if run.info.status != "FINISHED" or any(k not in m for k, _ in objectives):
             continue
+        if N.PRETRAIN_TAG in run.data.tags:  # the search's starting point, not a candidate
+            continue
         points.append(
             Point(
                 run.info.run_id,

@@ -174,17 +174,16 @@ class MlflowTrialLogger(Callback):
     def _create(self, trial: Any) -> str:
         tags = trial.config.get("tags", {})
         number, reference = tags.get(N.OPTUNA_TRIAL_TAG, ""), tags.get(N.REFERENCE_TAG)
+        pretrain = tags.get(N.PRETRAIN_TAG)
         client = self.tracking.client
         run = client.create_run(
             self.tracking.experiment_id,
-            run_name=f"ref-{reference}" if reference else f"trial-{number}",
+            run_name=_run_name(number, reference, pretrain),
             tags={
                 "mlflow.parentRunId": self.tracking.parent_run_id,
                 N.TRIAL_TAG: trial.trial_id,
                 "ray_trial_dir": str(trial.path or ""),
-                **(
-                    {N.REFERENCE_TAG: reference} if reference else {N.OPTUNA_TRIAL_TAG: str(number)}
-                ),
+                **_kind_tags(number, reference, pretrain),
             },
         )
         params = flat_params(trial.config)
@@ -242,6 +241,18 @@ class MlflowTrialLogger(Callback):
             error_line(text)[:300],
             run_id,
         )
+
+
+def _run_name(number: object, reference: str | None, pretrain: str | None) -> str:
+    if pretrain:
+        return "pretrain-dense"
+    return f"ref-{reference}" if reference else f"trial-{number}"
+
+
+def _kind_tags(number: object, reference: str | None, pretrain: str | None) -> dict[str, str]:
+    if pretrain:
+        return {N.PRETRAIN_TAG: pretrain}
+    return {N.REFERENCE_TAG: reference} if reference else {N.OPTUNA_TRIAL_TAG: str(number)}
 
 
 def error_text(trial: Any) -> str:

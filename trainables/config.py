@@ -143,6 +143,11 @@ class TrialConfig(_Strict):
     channels_last: bool = True
     compile: bool = False
     threads: int | None = Field(None, ge=1)
+    #: a checkpoint (``state.pt`` of a trial or of ``search train --out``) whose weights start
+    #: this network where names and shapes match, e.g. a trained dense network of the family
+    #: for its DGC variant (the head kernels have the dense conv's shape); the rest (gates,
+    #: the DGC layers' own norms) keeps its initialisation. Ignored when resuming.
+    init_from: str | None = None
     #: measure batch-1 inference latency once per trial and report it (``latency_ms``).
     measure_latency: bool = False
     #: bookkeeping set by the search (e.g. the Optuna trial number); training ignores it.

@@ -154,6 +154,8 @@ def run_trial(
         cfg.data.dataset,
         cfg.gate_schedule.fractions(cfg.epochs),
     )
+    if cfg.init_from and not resume:
+        init_weights_from(model, cfg.init_from)
     start_epoch = restore(resume, model, optimizer) if resume else 0
     step_model = torch.compile(model) if cfg.compile else model
     metrics: dict[str, Any] = {}
@@ -191,6 +193,17 @@ def run_trial(
             metrics, checkpoint_state(model, optimizer, epoch + 1, stats, cfg) if due else None
         )
     return metrics
+
+
+def init_weights_from(model: nn.Module, path: str) -> int:
+    """``dgc.load_dense_weights`` from the checkpoint at ``path`` (``weights_only=True``)."""
+    state = load_state(path)
+    try:
+        n = dgc.load_dense_weights(model, state.get("model", state))
+    except ValueError as err:
+        raise ValueError(f"init_from={path}: {err}") from err
+    log.info("initialised %d of %d tensors from %s", n, len(model.state_dict()), path)
+    return n
 
 
 def checkpoint_state(

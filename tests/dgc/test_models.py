@@ -178,3 +178,27 @@ def test_mask_saliency_multiplies_kept_channels_by_one():
     for training in (True, False):
         layer.train(training)
         torch.testing.assert_close(layer(x).detach(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dgc_network_starts_from_its_dense_networks_kernels():
+    from dgc.layers.dynamic_group_conv import masked_conv
+
+    torch.manual_seed(0)
+    dense = dgc.create_model("resnet8", num_classes=10, in_chans=1)
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1)
+    n = dgc.load_dense_weights(model, dense.state_dict())
+    assert n == len(dense.state_dict())  # every dense tensor has its place
+    d = dict(dense.named_modules())
+    for name, layer in model.named_modules():
+        if isinstance(layer, dgc.DynamicGroupConv2d):
+            # All channels kept at saliency 1: each output channel is its dense conv's.
+            x = torch.randn(2, layer.in_channels, 6, 6)
+            ones = torch.ones(2, layer.heads, layer.in_channels)
+            args = (layer.stride, layer.padding, layer.dilation)
+            got = masked_conv(x, ones, layer.weight, 0, layer.heads, args)
+            torch.testing.assert_close(got, d[name](x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.fc.weight, dense.fc.weight)
+    assert torch.equal(model.stages[0][0].bn1.running_var, dense.stages[0][0].bn1.running_var)
+    group = dgc.create_model("gcresnet8", num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match=r"tensors have other shapes .*stages\.0\.0\.conv1"):
+        dgc.load_dense_weights(group, dense.state_dict())

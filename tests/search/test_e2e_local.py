@@ -181,3 +181,34 @@ def test_resume_when_tune_never_saved_its_state(ray_2cpu, tmp_path):
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
     parent, _ = children(uri, "smoke")
     assert parent.info.status == "FINISHED"
+
+
+def test_pretrained_dense_network_is_trained_once_and_survives_resume(ray_2cpu, tmp_path):
+    from search.launch import resume
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = load_experiment(SMOKE, [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
+                                  "num_trials=2", "trial.epochs=1", "pretrain={epochs: 2}",
+                                  "mlflow.register_models=false"])
+    assert launch(exp, SMOKE) == 0
+    folder = tmp_path / "smoke"
+    weights = folder / "pretrain.pt"
+    first = weights.read_bytes()
+    _, kids = children(uri, "smoke")
+    pre = [k for k in kids if "pretrain" in k.data.tags]
+    assert len(pre) == 1 and pre[0].info.run_name == "pretrain-dense"
+    assert pre[0].data.params["model.name"] == "resnet8" and pre[0].data.metrics["epoch"] == 2
+    assert "pareto" not in pre[0].data.tags  # the starting point, never a candidate
+    trials = [k for k in kids if "pretrain" not in k.data.tags]
+    assert len(trials) == 2
+    assert all(k.data.params["init_from"] == str(weights) for k in trials)
+
+    # The driver died after the pretraining finished but before its weights were copied out:
+    # resume takes them from the finished Tune run, trains nothing again.
+    weights.unlink()
+    assert resume(folder) == 0
+    assert weights.read_bytes() == first
+    _, again = children(uri, "smoke")
+    assert [k.info.run_id for k in again if "pretrain" in k.data.tags] == [pre[0].info.run_id]
+    client = mlflow.MlflowClient(uri)
+    assert len(client.get_metric_history(pre[0].info.run_id, "epoch")) == 2

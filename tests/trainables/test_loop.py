@@ -193,3 +193,23 @@ def test_bad_gate_schedules_are_refused(gate, match):
         TrialConfig(epochs=3, gate_schedule=gate)
     with pytest.raises(ValueError, match="need 0 <= warmup_end <= ramp_end <= 1"):
         dgc.GateSchedule(0.5, 0.25)
+
+
+def test_a_trial_starts_from_the_dense_checkpoint_it_is_given(tmp_path):
+    from dgc.ops import _head_major
+
+    dense = dgc.create_model("resnet8", num_classes=10, in_chans=1)
+    save_state({"model": dense.state_dict()}, tmp_path / "dense.pt")
+    out = Collect()
+    # lr so small that one epoch leaves the weights where they started
+    cfg = _cfg(epochs=1, init_from=str(tmp_path / "dense.pt"),
+               optim={"lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0})
+    run_trial(cfg, out)
+    start = out.states[-1]["model"]
+    layer = dgc.create_model("dyresnet8", num_classes=10, in_chans=1).stages[0][0].conv1
+    torch.testing.assert_close(start["stages.0.0.conv1.weight"],
+                               _head_major(dense.stages[0][0].conv1.weight, layer.heads))
+    torch.testing.assert_close(start["fc.weight"], dense.fc.weight)
+    bad = _cfg(model={"name": "gcresnet8"}, init_from=str(tmp_path / "dense.pt"))
+    with pytest.raises(ValueError, match=r"init_from=.*dense.pt: .* other shapes"):
+        run_trial(bad, Collect())

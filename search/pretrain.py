@@ -1,0 +1,88 @@
+"""``pretrain``: the dense network of the searched family, trained once per search (a Tune run
+of one trial in ``<folder>/pretrain``, tracked as the MLflow child run ``pretrain-dense``, never
+ranked), then the starting point of every searched trial (``trial.init_from``). A search resumed
+before it finished continues it from its last checkpoint; once ``pretrain.pt`` exists it is
+never trained again."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dgc
+from search import names as N
+from search.config import ExperimentConfig
+from search.tracking import MlflowTrialLogger
+from search.tracking import Tracking
+from trainables import metrics as M
+from trainables.runner import STATE_FILE
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "pretrain.pt"
+TUNE_NAME = "pretrain"
+
+
+def with_init(exp: ExperimentConfig, folder: Path) -> ExperimentConfig:
+    """The experiment whose trials start from the search's pretrained network, if it has one."""
+    if exp.pretrain is None:
+        return exp
+    trial = exp.trial.model_copy(update={"init_from": str(folder / WEIGHTS)})
+    return exp.model_copy(update={"trial": trial})
+
+
+def pretrain_config(exp: ExperimentConfig) -> dict[str, Any]:
+    """The dense network's trial: the trial recipe, its own epochs, no init, tagged."""
+    assert exp.pretrain is not None
+    config = exp.trial.model_dump(mode="json")
+    name = dgc.variant_of(exp.trial.model.name, "dense")
+    config.update(epochs=exp.pretrain.epochs, init_from=None, tags={N.PRETRAIN_TAG: name})
+    config["model"] = {**config["model"], "name": name}
+    return config
+
+
+def ensure_pretrained(
+    exp: ExperimentConfig, folder: Path, tracking: Tracking, trainable: Any
+) -> None:
+    """Train (or finish training) the dense network unless ``<folder>/pretrain.pt`` exists.
+
+    Raises:
+        RuntimeError: the pretraining failed (its MLflow run holds the error).
+    """
+    from ray import tune
+
+    target = folder / WEIGHTS
+    if exp.pretrain is None or target.is_file():
+        return
+    path = folder / TUNE_NAME
+    log.info("pretraining %s for %d epochs", pretrain_config(exp)["model"]["name"],
+             exp.pretrain.epochs)  # fmt: skip
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
+                                   resume_errored=True)  # fmt: skip
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=pretrain_config(exp),
+            run_config=tune.RunConfig(
+                name=TUNE_NAME,
+                storage_path=str(folder),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=exp.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[MlflowTrialLogger(tracking)],
+            ),
+        )
+    result = tuner.fit()[0]
+    if result.error is not None or result.checkpoint is None or M.TRIAL_ERROR in result.metrics:
+        raise RuntimeError(
+            f"pretraining the dense network failed ({str(result.error)[:300]}); see the MLflow "
+            f"run pretrain-dense, then `python -m search resume {folder}`"
+        )
+    with result.checkpoint.as_directory() as d:
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(Path(d) / STATE_FILE, tmp)
+        tmp.replace(target)
+    log.info("pretrained: %s (val_accuracy %.4f)", target, result.metrics.get("val_accuracy", 0))
