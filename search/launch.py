@@ -21,6 +21,7 @@ from search.overrides import safe_yaml
 from search.preflight import Problem
 from search.preflight import run_preflight
 from search.pretrain import ensure_pretrained
+from search.pretrain import run_config
 from search.pretrain import with_init
 from search.redact import log_redacted_artifact
 from search.redact import redact
@@ -343,14 +344,8 @@ def _build_tuner(
 
     objectives = [(o.metric, o.direction) for o in exp.objectives]
     total = exp.num_trials + len(reference_trials(exp))  # references come on top
-    run_config = tune.RunConfig(
-        name=TUNE_NAME,
-        storage_path=str(folder),
-        verbose=0,
-        failure_config=tune.FailureConfig(max_failures=exp.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[MlflowTrialLogger(tracking), ConsoleProgress(total, objectives)],
-    )
+    callbacks = [MlflowTrialLogger(tracking), ConsoleProgress(total, objectives)]
+    config = run_config(exp, folder, TUNE_NAME, callbacks)
     tune_config = tune.TuneConfig(
         search_alg=searcher,
         scheduler=_scheduler(exp, objectives),
@@ -359,7 +354,7 @@ def _build_tuner(
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
     )
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=config)
 
 
 def _scheduler(exp: ExperimentConfig, objectives: list[tuple[str, str]]) -> Any:

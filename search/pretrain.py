@@ -43,6 +43,21 @@ def pretrain_config(exp: ExperimentConfig) -> dict[str, Any]:
     return config
 
 
+def run_config(exp: ExperimentConfig, folder: Path, name: str, callbacks: list) -> Any:
+    """Tune's RunConfig of the search's Tune runs: under ``folder/name``, quiet, the
+    experiment's retries, the last checkpoint of each trial kept."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=str(folder),
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=exp.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=callbacks,
+    )
+
+
 def ensure_pretrained(
     exp: ExperimentConfig, folder: Path, tracking: Tracking, trainable: Any
 ) -> None:
@@ -66,14 +81,7 @@ def ensure_pretrained(
         tuner = tune.Tuner(
             trainable,
             param_space=pretrain_config(exp),
-            run_config=tune.RunConfig(
-                name=TUNE_NAME,
-                storage_path=str(folder),
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=exp.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[MlflowTrialLogger(tracking)],
-            ),
+            run_config=run_config(exp, folder, TUNE_NAME, [MlflowTrialLogger(tracking)]),
         )
     result = tuner.fit()[0]
     if result.error is not None or result.checkpoint is None or M.TRIAL_ERROR in result.metrics:
