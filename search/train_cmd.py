@@ -26,13 +26,9 @@ log = logging.getLogger(__name__)
 def trial_config_from_file(path: str, overrides: list[str]) -> TrialConfig:
     """A trial-config YAML, or an experiment YAML whose ``trial:`` section is used."""
     doc = load_yaml(path)
-    if isinstance(doc.get("trial"), dict):  # an experiment: --set exactly as for launch
-        other = [o for o in overrides if not o.startswith("trial.")]
-        if other:
-            raise SearchConfigError(
-                f"{path}: --set {other[0]!r}: train runs the file's trial: section, so only "
-                "trial.* keys apply (e.g. --set trial.epochs=2, as with launch)"
-            )
+    if isinstance(doc.get("trial"), dict):  # an experiment: its trial: section
+        # --set as for launch (trial.epochs=2), or a trial key alone (model.name=gcresnet8)
+        overrides = [o if o.startswith("trial.") else _as_trial_key(o, path) for o in overrides]
         trial = apply_overrides(doc, overrides, path)["trial"]
     else:  # a bare trial config: the same keys, with or without the "trial." prefix
         trial = apply_overrides(doc, [o.removeprefix("trial.") for o in overrides], path)
@@ -42,6 +38,17 @@ def trial_config_from_file(path: str, overrides: list[str]) -> TrialConfig:
         raise SearchConfigError(
             format_validation_error(err, path, prefix="trial" if trial is not doc else "")
         ) from err
+
+
+def _as_trial_key(override: str, path: str) -> str:
+    key = override.split("=", 1)[0]
+    if key.split(".", 1)[0] not in TrialConfig.model_fields:
+        raise SearchConfigError(
+            f"{path}: --set {override!r}: train runs the file's trial: section, so only its "
+            f"keys apply ({', '.join(sorted(TrialConfig.model_fields))}), with or without "
+            "the trial. prefix"
+        )
+    return "trial." + override
 
 
 class ConsoleReporter:

@@ -32,4 +32,12 @@ def test_train_a_bare_trial_config_takes_the_same_keys(tmp_path):
 
 def test_train_refuses_overrides_outside_the_trial_section(tmp_path, capsys):
     assert main(["train", SMOKE, "--set", "num_trials=3"]) == 2
-    assert "only trial.* keys apply" in capsys.readouterr().err
+    assert "--set 'num_trials=3': train runs the file's trial: section, so only its keys" in (
+        capsys.readouterr().err)
+
+
+def test_train_an_experiment_with_trial_keys_unprefixed(tmp_path):
+    out = tmp_path / "gc"
+    args = ["train", SMOKE, "--set", "model.name=gcresnet8", "--set", "epochs=1"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["macs"] == 391562
