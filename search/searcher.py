@@ -1,12 +1,14 @@
 """A Ray Tune ``Searcher`` over an Optuna study (ask/tell), multi-objective and budget-aware.
 
 Every suggestion is costed analytically before a worker sees it. A point over the MACs budget
-never trains: it is completed in the study with its constraint violation set
-(``trial.set_constraint``), so constrained TPE/NSGA-II learn the feasible region, and
-``study.best_trials`` excludes it. Optuna needs objective values for a completed trial; such a
-point gets the worst value for the objectives it never measured (0 accuracy, +1e12 for a
-minimised metric), marked ``over_budget=True`` in its user attributes; it never reaches Tune,
-MLflow or the Pareto front. Invalid points (a model that cannot be built) are FAILed likewise.
+never trains: it is PRUNED in the study with its constraint violation set
+(``trial.set_constraint``) and ``over_budget=True`` in its user attributes. TPE reads pruned
+trials and ranks one that violates a constraint by its violation, exactly as a completed one,
+so constrained sampling learns the feasible region; and having no objective values, it is
+never drawn on optuna-dashboard's front or history nor weighed in its importances (fake values
+would be). NSGA-II's selection uses completed trials only, so it does not see them. It never
+reaches Tune, MLflow or the Pareto front. Invalid points (a model that cannot be built) are
+FAILed.
 
 The study lives in persistent storage (SQLite in the experiment folder by default); each
 Optuna trial records its Ray trial id, so a restored search tells the right trial.
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 REFERENCE_KEY = "reference:"
 # Per suggestion; validate refuses spaces with < 5% feasible points (0.95**100 < 1%).
 MAX_TRIES = 100
-PLACEHOLDER = {"max": 0.0, "min": 1e12}
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
     "nsgaii": optuna.samplers.NSGAIISampler,
@@ -224,23 +225,13 @@ class OptunaSearcher(Searcher):
         if cost.macs <= budget:
             return config
         trial.set_user_attr("over_budget", True)
-        self.study.tell(
-            trial, [self._placeholder(o.metric, o.direction, cost) for o in self.exp.objectives]
-        )
+        self.study.tell(trial, state=TrialState.PRUNED)
         log.info(
             "Optuna trial %d: %.2f M MACs is over the budget; not trained",
             trial.number,
             cost.macs / 1e6,
         )
         return None
-
-    @staticmethod
-    def _placeholder(metric: str, direction: str, cost: Any) -> float:
-        if metric == M.MACS:
-            return float(cost.macs)
-        if metric == M.PARAMS:
-            return float(cost.params)
-        return PLACEHOLDER[direction]
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False

@@ -28,8 +28,8 @@ def test_over_budget_points_never_reach_tune_but_teach_optuna(tmp_path):
     study = s.study
     over = [t for t in study.trials if t.user_attrs.get("over_budget")]
     assert over, "the budget should have rejected some samples"
-    for t in over:
-        assert t.state == optuna.trial.TrialState.COMPLETE
+    for t in over:  # no fake objective values: PRUNED, with the constraint TPE reads
+        assert t.state == optuna.trial.TrialState.PRUNED and t.values is None
         assert t.constraints["macs_over_budget"] > 0 and t.user_attrs["macs"] > 500000
     running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert len(running) == 6 and all(t.constraints["macs_over_budget"] <= 0 for t in running)
@@ -130,3 +130,15 @@ def test_a_stopped_trial_is_pruned_with_its_epoch(tmp_path):
     s.on_trial_complete("a", {"epoch": 1, "val_accuracy": 0.2, "macs": 400000})
     (t,) = s.study.trials
     assert t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["stopped_at_epoch"] == 1
+
+
+def test_tpe_learns_the_budget_from_pruned_over_budget_points(tmp_path):
+    s = _searcher(tmp_path, "budget.macs=500000", "num_trials=40",
+                  "sampler={name: tpe, seed: 0, n_startup_trials: 5}")
+    for i in range(30):
+        s.suggest(f"t{i}")
+        s.on_trial_complete(f"t{i}", {"val_accuracy": 0.5, "macs": 3e5})
+    trials = s.study.trials
+    over = [t.user_attrs.get("over_budget", False) for t in trials]
+    early, late = over[:15], over[-15:]
+    assert sum(late) < sum(early), (sum(early), sum(late))  # the sampler moved within budget
