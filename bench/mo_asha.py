@@ -49,6 +49,8 @@ def run_search(seed: int, mode: str, trials: int, out: Path) -> str:
     ]
     if mode == "full":
         sets.append("scheduler=null")
+    elif mode != "mo-asha":  # mo-asha-rf<N>
+        sets.append(f"scheduler.reduction_factor={mode.removeprefix('mo-asha-rf')}")
     exp = load_experiment(EXPERIMENT, sets)
     if launch(exp, str(EXPERIMENT)) != 0:
         raise SystemExit(f"{name} failed")
@@ -89,6 +91,7 @@ def hypervolume(points: list[tuple[float, float]]) -> float:
 
 
 def summary(full: dict, asha: dict) -> dict:
+    """Epochs and hypervolume of both, and where MO-ASHA reached full training's final one."""
     target = full["hypervolume"][-1]
     reach = next((x for x, h in zip(asha["epochs"], asha["hypervolume"]) if h >= target), None)
     return {
@@ -110,12 +113,14 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for seed, r in results.items():
-        for mode, color in (("full", "C0"), ("mo-asha", "C3")):
+    colors = {"full": "C0", "mo-asha": "C3", "mo-asha-rf2": "C2", "mo-asha-rf4": "C1"}
+    names = {"full": "full training", "mo-asha": "MO-ASHA (rf 3)"}
+    for i, r in enumerate(results.values()):
+        for mode in (m for m in r if not m.startswith("summary")):
             c = r[mode]
-            ax.step(c["epochs"], c["hypervolume"], where="post", c=color, alpha=0.8, lw=1.2,
-                    label=f"{'full training' if mode == 'full' else 'MO-ASHA'}"
-                    if seed == next(iter(results)) else None)  # fmt: skip
+            ax.step(c["epochs"], c["hypervolume"], where="post", c=colors.get(mode, "C4"),
+                    alpha=0.8, lw=1.2, label=None if i else names.get(
+                        mode, mode.replace("mo-asha-rf", "MO-ASHA (rf ") + ")"))  # fmt: skip
     ax.set(xlabel="epochs trained by all trials so far", ylabel="hypervolume (accuracy x M MACs)",
            title="digits, dyresnet8, 16 trials: front hypervolume vs compute")  # fmt: skip
     ax.grid(alpha=0.3)
@@ -130,6 +135,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mo_asha")
+    ap.add_argument(
+        "--extra-rf",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run MO-ASHA with these reduction factors (the recipe's is 3)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -139,11 +151,13 @@ def main() -> None:
     results: dict = {}
     for seed in args.seeds:  # round-robin: full and MO-ASHA alternate
         results[seed] = {}
-        for mode in ("full", "mo-asha"):
+        modes = ["full", "mo-asha", *(f"mo-asha-rf{rf}" for rf in args.extra_rf)]
+        for mode in modes:
             name = run_search(seed, mode, args.trials, args.out)
             results[seed][mode] = curve(uri, name, epochs)
-        results[seed]["summary"] = summary(results[seed]["full"], results[seed]["mo-asha"])
-        print(seed, json.dumps(results[seed]["summary"]), flush=True)
+        for mode in modes[1:]:
+            results[seed][f"summary {mode}"] = summary(results[seed]["full"], results[seed][mode])
+            print(seed, mode, json.dumps(results[seed][f"summary {mode}"]), flush=True)
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
@@ -155,8 +169,6 @@ def main() -> None:
     }  # fmt: skip
     (args.out / "mo_asha.json").write_text(json.dumps({"meta": meta, "results": results}))
     plot(results, ROOT / "docs" / "img" / "mo_asha_hypervolume.png")
-    for seed, r in results.items():
-        print(f"seed {seed}: {r['summary']}")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path)
         ax.scatter(xs, ys, marker="D", s=50, facecolors="none", edgecolors="C0", zorder=5,
                    label="reference (dense, static group)")  # fmt: skip
         for x, y, p in zip(xs, ys, groups["references"]):
+            if p.rank == 1:
+                continue  # labelled as a front point
             ax.annotate(p.reference, (x, y), fontsize=8, color="C0",
                         xytext=(4, -10), textcoords="offset points")  # fmt: skip
     xs, ys = _xy(groups["front"], xm, ym)
