@@ -1,0 +1,119 @@
+"""Which ingredients make DGC train well in a short budget: DGC against the static group conv of
+equal gate factor, several seeds, on digits (or any dataset a trial config can read).
+
+    python bench/dgc_recipe.py [--seeds 0 1 2] [--variants paper early-ramp ...] [--workers 2]
+
+Every variant is a set of trial-config overrides on experiments/digits_dgc_recipe.yaml's
+``trial:`` (dyresnet8, gate 0.5, digits) and, optionally, a dense pretraining of some of the
+epochs (the DGC network then starts from it, dgc.load_dense_weights; pretraining + DGC training
+never exceed the recipe's total). Runs go to ``--workers`` processes of one torch thread each,
+interleaved by seed so variants see the same machine load. Prints and writes (JSON) the mean and
+spread of the validation and test accuracy per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "experiments" / "digits_dgc_recipe.yaml"
+
+# name -> (trial overrides, dense pretraining epochs)
+VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
+    "gc": ({"model": {"name": "gcresnet8"}}, 0),
+    "paper": ({"gate_schedule": {"warmup_end": 1 / 12, "ramp_end": 0.75}}, 0),
+    "early-ramp": ({}, 0),
+    "mask": ({"model": {"kwargs": {"saliency": "mask"}}}, 0),
+    "single-norm": ({"model": {"kwargs": {"double_norm": False}}}, 0),
+    "dense-shortcut": ({"model": {"kwargs": {"gate_shortcut": False}}}, 0),
+    "pretrain10": ({}, 10),
+    "pretrain10-single-norm": ({"model": {"kwargs": {"double_norm": False}}}, 10),
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def run(variant: str, seed: int) -> dict[str, Any]:
+    """One training run of ``variant`` (in a worker process, one thread)."""
+    import dgc
+    from search.train_cmd import trial_config_from_file
+    from trainables.config import TrialConfig
+    from trainables.runner import run_trial
+    from trainables.runner import save_state
+
+    torch.set_num_threads(1)
+    base = trial_config_from_file(str(RECIPE), []).model_dump(mode="json")
+    over, pre = VARIANTS[variant]
+    cfg = merge(merge(base, over), {"seed": seed, "threads": 1})
+
+    class Keep:
+        def report(self, metrics: dict, state: dict | None) -> None:
+            self.metrics, self.state = metrics, state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if pre:
+            dense = merge(cfg, {"model": {"name": dgc.variant_of(cfg["model"]["name"], "dense")},
+                                "epochs": pre, "gate_schedule": {"unit": "fraction",
+                                "warmup_end": 0.0, "ramp_end": 0.0}})  # fmt: skip
+            keep = Keep()
+            run_trial(TrialConfig.model_validate(dense), keep)
+            save_state(keep.state, Path(tmp) / "dense.pt")
+            start = str(Path(tmp) / "dense.pt")
+            cfg = merge(cfg, {"epochs": cfg["epochs"] - pre, "init_from": start})
+            gs = cfg["gate_schedule"]
+            if gs["unit"] == "epochs":  # the same ramp, counted from the DGC run's start
+                cfg["gate_schedule"] = {**gs, "ramp_end": min(gs["ramp_end"], cfg["epochs"])}
+        final = run_trial(TrialConfig.model_validate(cfg), Keep())
+    return {"variant": variant, "seed": seed, "val": final["val_accuracy"],
+            "test": final["test_accuracy"], "macs": final["macs"]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "dgc_recipe.json")
+    args = ap.parse_args()
+    jobs = [(v, s) for s in args.seeds for v in args.variants]
+    with ProcessPoolExecutor(args.workers) as pool:
+        rows = list(pool.map(run, *zip(*jobs)))
+    table = {}
+    for v in args.variants:
+        mine = [r for r in rows if r["variant"] == v]
+        val, test = [r["val"] for r in mine], [r["test"] for r in mine]
+        table[v] = {
+            "val_mean": statistics.mean(val),
+            "val_min": min(val),
+            "val_max": max(val),
+            "test_mean": statistics.mean(test),
+            "macs": mine[0]["macs"],
+            "seeds": len(mine),
+        }
+        t = table[v]
+        print(f"{v:24s} val {100 * t['val_mean']:.2f}% ({100 * t['val_min']:.2f}-"
+              f"{100 * t['val_max']:.2f})  test {100 * t['test_mean']:.2f}%  "
+              f"{t['macs'] / 1e6:.3f} M MACs", flush=True)  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+            "torch": torch.__version__, "seeds": args.seeds}  # fmt: skip
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
