@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 import platform
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -37,7 +38,7 @@ REF_MACS = 0.8e6  # above every point of the space (dense dyresnet8 is 0.79 M)
 
 
 def run_search(seed: int, mode: str, trials: int, out: Path) -> str:
-    name = f"hv-{mode}-s{seed}"
+    name = f"hv-{mode}-s{seed}-{datetime.datetime.now():%H%M%S}"  # a rerun is a new search
     sets = [
         f"name={name}",
         f"storage_dir={out / 'runs'}",
@@ -123,6 +124,9 @@ def plot(results: dict, path: Path) -> None:
                         mode, mode.replace("mo-asha-rf", "MO-ASHA (rf ") + ")"))  # fmt: skip
     ax.set(xlabel="epochs trained by all trials so far", ylabel="hypervolume (accuracy x M MACs)",
            title="digits, dyresnet8, 16 trials: front hypervolume vs compute")  # fmt: skip
+    tops = [h for r in results.values() for m, c in r.items() if not m.startswith("summary")
+            for h in c["hypervolume"] if h > 0]  # fmt: skip
+    ax.set_ylim(0.95 * min(tops), 1.01 * max(tops))  # the first front point jumps from 0
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -142,19 +146,28 @@ def main() -> None:
         default=[],
         help="also run MO-ASHA with these reduction factors (the recipe's is 3)",
     )
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["full", "mo-asha"],
+        help="searches to run again; the other curves are kept from --out's mo_asha.json",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{args.out / 'mlflow.db'}"
     epochs = load_experiment(EXPERIMENT).trial.epochs
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    saved = args.out / "mo_asha.json"
+    kept = json.loads(saved.read_text())["results"] if saved.is_file() else {}
     results: dict = {}
     for seed in args.seeds:  # round-robin: full and MO-ASHA alternate
-        results[seed] = {}
+        results[seed] = {k: v for k, v in kept.get(str(seed), {}).items() if "summary" not in k}
         modes = ["full", "mo-asha", *(f"mo-asha-rf{rf}" for rf in args.extra_rf)]
         for mode in modes:
-            name = run_search(seed, mode, args.trials, args.out)
-            results[seed][mode] = curve(uri, name, epochs)
+            if mode in args.modes or mode not in results[seed]:
+                name = run_search(seed, mode, args.trials, args.out)
+                results[seed][mode] = curve(uri, name, epochs)
         for mode in modes[1:]:
             results[seed][f"summary {mode}"] = summary(results[seed]["full"], results[seed][mode])
             print(seed, mode, json.dumps(results[seed][f"summary {mode}"]), flush=True)
@@ -166,6 +179,8 @@ def main() -> None:
         "optuna": optuna.__version__,
         "command": "python bench/mo_asha.py " + " ".join(
             f"--seeds {' '.join(map(str, args.seeds))} --trials {args.trials}".split()),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.strip(),
     }  # fmt: skip
     (args.out / "mo_asha.json").write_text(json.dumps({"meta": meta, "results": results}))
     plot(results, ROOT / "docs" / "img" / "mo_asha_hypervolume.png")

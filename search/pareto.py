@@ -56,18 +56,18 @@ def crowding_distances(points: Sequence[Sequence[float]]) -> list[float]:
     return dist
 
 
-def promotion_order(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
-    """Indices of ``points`` from best to worst, for successive halving over several objectives:
-    by non-dominated rank, then by crowding distance within a rank (larger first: the front's
-    extremes and its sparse parts go first), then by index (earlier first, so ties are
-    deterministic). A point with a non-finite value comes after every finite one."""
+def sort_keys(
+    points: Sequence[Sequence[float]], directions: Sequence[str]
+) -> tuple[list[float], list[float]]:
+    """(rank, crowding distance) of each point, for successive halving over several
+    objectives: lower rank first, then larger crowding (the front's extremes and its sparse
+    parts first). A point with a non-finite value ranks after every finite one (rank inf)."""
     finite = [i for i, p in enumerate(points) if all(math.isfinite(v) for v in p)]
-    broken = [i for i in range(len(points)) if i not in set(finite)]
+    rank = [math.inf] * len(points)
+    crowd = [0.0] * len(points)
     ranks = pareto_ranks([points[i] for i in finite], directions)
-    crowd: dict[int, float] = {}
-    for rank in set(ranks):
-        members = [i for i, r in zip(finite, ranks) if r == rank]
+    for r in set(ranks):
+        members = [i for i, k in zip(finite, ranks) if k == r]
         for i, d in zip(members, crowding_distances([points[i] for i in members])):
-            crowd[i] = d
-    rank_of = dict(zip(finite, ranks))
-    return sorted(finite, key=lambda i: (rank_of[i], -crowd[i], i)) + broken
+            rank[i], crowd[i] = r, d
+    return rank, crowd

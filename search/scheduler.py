@@ -2,17 +2,18 @@
 
 Schmucker et al., "Multi-objective Asynchronous Successive Halving" (2021). Rungs sit at epochs
 ``grace_period * reduction_factor**k`` below the trial's last epoch. When a trial reaches a rung,
-its objective vector there is recorded; it goes on only if it is among the best
+its objective vector there is recorded; it goes on only if fewer than
 ``ceil(n / reduction_factor)`` of the ``n`` trials recorded at that rung so far (itself
-included), ordered by ``search.pareto.promotion_order``: non-dominated rank, then crowding
-distance. As in Ray's ASHA (the "stopping" variant), early arrivals at a rung are compared with
-fewer trials and are stopped less often; a trial is never resumed once stopped.
+included) are strictly ahead of it by non-dominated rank, then crowding distance
+(``search.pareto.sort_keys``); ties go its way. As in Ray's ASHA (the "stopping" variant),
+early arrivals at a rung are compared with fewer trials and are stopped less often; a trial is
+never resumed once stopped.
 
 Tie-break: NSGA-II's crowding distance rather than Syne Tune's epsilon-net. With two objectives
 both keep the ends of the front (the cheapest and the most accurate trial at the rung) and
 spread the rest; crowding needs no normalisation constant and no arbitrary first pick, so the
-decision is a pure function of the recorded values and the arrival order, which makes the rule
-testable with literal cases. A value that is not finite ranks after every finite one.
+decision is a pure function of the recorded values, which makes the rule testable with literal
+cases. A value that is not finite ranks after every finite one.
 
 Ray Tune does not save a scheduler with the experiment, so the rung records and decisions are
 written to ``mo_asha.json`` next to the trial folders after every decision: a search resumed
@@ -32,7 +33,7 @@ from typing import Any
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.schedulers import TrialScheduler
 
-from search.pareto import promotion_order
+from search.pareto import sort_keys
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,20 @@ def promoted(
     directions: list[str],
     reduction_factor: float,
 ) -> bool:
-    """Whether ``trial_id`` (already in ``recorded``, in arrival order) continues past the rung."""
-    order = promotion_order([v for _, v in recorded], directions)
+    """Whether ``trial_id`` (already in ``recorded``) continues past the rung: fewer than
+    ``ceil(n / reduction_factor)`` of the ``n`` recorded trials are strictly ahead of it (a
+    better non-dominated rank, or the same rank and a larger crowding distance). A tie does
+    not count against it, as in ASHA a value equal to the cutoff goes on; otherwise the trials
+    already promoted would win every tie with a newcomer, however good."""
+    values = [v for _, v in recorded]
+    mine = next(i for i, (t, _) in enumerate(recorded) if t == trial_id)
+    rank, crowd = sort_keys(values, directions)
     keep = max(1, math.ceil(len(recorded) / reduction_factor))
-    return trial_id in {recorded[i][0] for i in order[:keep]}
+    ahead = sum(
+        rank[j] < rank[mine] or (rank[j] == rank[mine] and crowd[j] > crowd[mine])
+        for j in range(len(values))
+    )
+    return ahead < keep
 
 
 class MoAshaScheduler(FIFOScheduler):
