@@ -53,6 +53,7 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     import dgc
     from search.train_cmd import trial_config_from_file
     from trainables.config import TrialConfig
+    from trainables.loop import NonFiniteLossError
     from trainables.runner import run_trial
     from trainables.runner import save_state
 
@@ -78,7 +79,12 @@ def run(variant: str, seed: int) -> dict[str, Any]:
             gs = cfg["gate_schedule"]
             if gs["unit"] == "epochs":  # the same ramp, counted from the DGC run's start
                 cfg["gate_schedule"] = {**gs, "ramp_end": min(gs["ramp_end"], cfg["epochs"])}
-        final = run_trial(TrialConfig.model_validate(cfg), Keep())
+        try:
+            final = run_trial(TrialConfig.model_validate(cfg), Keep())
+        except NonFiniteLossError as err:  # a diverged run is a result, not a crash
+            print(f"{variant} seed {seed}: {err}", flush=True)
+            return {"variant": variant, "seed": seed, "error": str(err)}
+    print(f"{variant} seed {seed}: val {final['val_accuracy']:.4f}", flush=True)
     return {"variant": variant, "seed": seed, "val": final["val_accuracy"],
             "test": final["test_accuracy"], "macs": final["macs"]}  # fmt: skip
 
@@ -95,7 +101,10 @@ def main() -> None:
         rows = list(pool.map(run, *zip(*jobs)))
     table = {}
     for v in args.variants:
-        mine = [r for r in rows if r["variant"] == v]
+        mine = [r for r in rows if r["variant"] == v and "error" not in r]
+        if not mine:
+            print(f"{v:24s} every run diverged")
+            continue
         val, test = [r["val"] for r in mine], [r["test"] for r in mine]
         table[v] = {
             "val_mean": statistics.mean(val),
@@ -104,6 +113,7 @@ def main() -> None:
             "test_mean": statistics.mean(test),
             "macs": mine[0]["macs"],
             "seeds": len(mine),
+            "diverged": sum(r["variant"] == v and "error" in r for r in rows),
         }
         t = table[v]
         print(f"{v:24s} val {100 * t['val_mean']:.2f}% ({100 * t['val_min']:.2f}-"
