@@ -96,7 +96,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     # Everything that can fail before the first trial runs before anything is written.
     connect_ray(exp, address)
     check_resources(exp)
-    trainable = _trainable(exp)
+    trainable = _trainable(exp, source)
     folder.mkdir(parents=True, exist_ok=True)
     # Absolute storage_dir in the resolved file: resume and pareto may run from another folder.
     exp = with_init(exp.model_copy(update={"storage_dir": str(folder.parent)}), folder)
@@ -135,7 +135,7 @@ def resume(folder: Path, address: str | None = None) -> int:
     check_cluster_reachable(address or exp.ray.address)
     connect_ray(exp, address)
     check_resources(exp)
-    trainable = _trainable(exp)
+    trainable = _trainable(exp, str(folder / RESOLVED_FILE))
     _pretrain(exp, folder, tracking, state, trainable)
     searcher = OptunaSearcher(
         exp, _problem(state), StudyRef(state.optuna_storage, state.study_name)
@@ -317,20 +317,23 @@ def check_resources(exp: ExperimentConfig) -> None:
     )
 
 
-def _trainable(exp: ExperimentConfig) -> Any:
+def _trainable(exp: ExperimentConfig, source: str) -> Any:
     """The trainable with its resources; small datasets decoded once here and shipped to every
     worker through the object store (no shared file system needed)."""
     from ray import tune
 
+    from trainables.data import DatasetError
     from trainables.data import load_splits
     from trainables.trainable import train_dgc as fn
 
     resources = {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu}
     if exp.trial.data.dataset == "imagenet":
         return tune.with_resources(fn, resources)  # workers read datadir; it must exist on all
-    return tune.with_resources(
-        tune.with_parameters(fn, splits=load_splits(exp.trial.data)), resources
-    )
+    try:
+        splits = load_splits(exp.trial.data)
+    except DatasetError as err:  # e.g. a file with an image suffix that is not an image
+        raise SearchConfigError(f"{source}: trial.data: {err}") from err
+    return tune.with_resources(tune.with_parameters(fn, splits=splits), resources)
 
 
 def _build_tuner(

@@ -203,21 +203,45 @@ def _decode_folder(folder: Path, classes: list[str], size: int | None) -> Split:
     ]
     if not files:
         raise DatasetError(f"{folder}: no images (.jpg/.png) under {', '.join(classes[:3])}...")
-    images = []
+    images, bad = [], []
     for path, _ in tqdm(
         files, desc=f"decoding {folder}", unit="img", mininterval=5, disable=len(files) < 2000
     ):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            size = size or im.width
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            images.append(
-                torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-                .view(size, size, 3)
-                .permute(2, 0, 1)
-            )
+        try:
+            im = _open_rgb(path)
+        except DatasetError as err:
+            bad.append(str(err))
+            continue
+        size = size or im.width
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        images.append(
+            torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            .view(size, size, 3)
+            .permute(2, 0, 1)
+        )
+    if bad:
+        raise DatasetError(f"{len(bad)} unreadable image file(s) in {folder}: {'; '.join(bad[:3])}")
     return Split(torch.stack(images), torch.tensor([i for _, i in files]))
+
+
+def _open_rgb(path: Path) -> "Image.Image":  # noqa: F821 (PIL is imported lazily)
+    """The image at ``path`` as RGB, decoded now.
+
+    Raises:
+        DatasetError: not an image PIL can read (wrong content behind an image suffix,
+            truncated file).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        raise DatasetError(
+            f"{path}: not a readable image ({type(err).__name__}: {str(err)[:120]}); remove or "
+            "replace it"
+        ) from err
 
 
 # ----------------------------------------------------------------------------- caching
@@ -508,11 +532,9 @@ def describe(params: DataParams) -> tuple[int, tuple[int, int, int]]:
 
 
 def _first_image_size(folder: Path, classes: list[str]) -> int:
-    from PIL import Image
 
     for c in classes:
         for p in sorted((folder / c).iterdir()):
             if p.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(p) as im:
-                    return im.width
+                return _open_rgb(p).width
     raise DatasetError(f"{folder}: no images (.jpg/.png) in its class folders")

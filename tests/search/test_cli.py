@@ -188,3 +188,21 @@ def test_a_damaged_search_folder_is_a_message_not_a_traceback(tmp_path, capsys, 
     assert main(["pareto", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "damaged search state" in err and str(folder / STATE_FILE) in err
+
+
+def test_launch_names_a_non_image_behind_an_image_suffix_and_writes_nothing(tmp_path):
+    from tests.trainables.test_data import _write_imagefolder
+
+    data = tmp_path / "data"
+    _write_imagefolder(data)
+    (data / "train" / "dog" / "zz_notes.jpg").write_text("a text file, not a JPEG\n")
+    doc = _with(trial__data={"dataset": "imagefolder", "datadir": str(data), "val_size": 2},
+                ray={"dashboard": False, "num_cpus": 1})
+    path = _write(tmp_path, doc)
+    code = "import sys; from search.__main__ import main; print('RC', main(['launch', sys.argv[1]]))"
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                         timeout=180, cwd=tmp_path)
+    assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert f"{path}: trial.data: 1 unreadable image file(s)" in out.stderr
+    assert "zz_notes.jpg: not a readable image" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

@@ -198,3 +198,13 @@ def test_count_training_images_names_empty_files(tmp_path):
     (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"")
     with pytest.raises(D.DatasetError, match=r"1 empty image file\(s\), e.g. .*dog/broken.jpg"):
         D.count_training_images(params)
+
+
+def test_a_file_with_an_image_suffix_that_is_not_an_image_is_named(tmp_path):
+    _write_imagefolder(tmp_path)
+    (tmp_path / "train" / "dog" / "zz_notes.jpg").write_text("not an image, a text file\n")
+    (tmp_path / "train" / "dog" / "zz_cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    params = DataParams(dataset="imagefolder", datadir=str(tmp_path), val_size=2)
+    with pytest.raises(D.DatasetError, match=r"2 unreadable image file\(s\) in .*train: .*"
+                       r"zz_cut.png: not a readable image .*remove or replace it"):
+        D.load_splits(params)
