@@ -164,7 +164,7 @@ def heading(points: list[Any], name: str) -> str:
     ranked = [p for p in points if p.stopped is None]
     front = sum(p.rank == 1 for p in ranked)
     stopped, refs = len(points) - len(ranked), sum(bool(p.reference) for p in ranked)
-    notes = [f"{refs} references"] if refs else []
+    notes = [f"{refs} reference{'s' * (refs != 1)}"] if refs else []
     notes += [f"{stopped} stopped early"] if stopped else []
     extra = f" ({', '.join(notes)})" if notes else ""
     return f"{name}: {front} of {len(ranked)} trials on the front{extra}"

@@ -14,3 +14,29 @@ def test_aliases_of_nearly_equal_macs_differ_and_are_stable():
     assert _alias(a) == "macs-0p414m-01234567"
     assert _alias(b) == "macs-0p414m-fedcba98"
     assert _alias(a) == _alias(_point(a.run_id, 414_123))  # a run's alias never changes
+
+
+def _ranked(name, acc, macs, rank, **kw) -> Point:
+    params = {"model.heads": "4", "model.gate_factor": "[0.4026332820318257, 0.573048618285045]"}
+    return Point(name + "0" * 32, name, (acc, macs), {"val_accuracy": acc, "macs": macs,
+                 "params": 87290.0, "test_accuracy": 0.5}, params, rank, **kw)  # fmt: skip
+
+
+def test_the_table_is_for_people_rounded_with_load_uris_and_no_test_column():
+    from search.plots import heading
+    from search.results import table
+
+    pts = [_ranked("trial-6", 0.52333, 378410, 1, alias="macs-0p378m-7207b96c"),
+           _ranked("ref-dense", 0.99, 768394, 1, reference="dense"),
+           _ranked("trial-2", 0.4, 500000, 2), _ranked("trial-3", 0.3, 600000, 0, stopped=2)]
+    objectives = [("val_accuracy", "max"), ("macs", "min")]
+    text = table(pts, objectives, ["model.heads", "model.gate_factor"], "smoke")
+    assert text.splitlines() == [
+        "| trial | val_accuracy | macs | params | heads | gate_factor | load with |",
+        "|---|---|---|---|---|---|---|",
+        "| trial-6 | 52.33% | 0.378 M | 0.087 M | 4 | [0.403, 0.573] | "
+        "`models:/smoke@macs-0p378m-7207b96c` |",
+        "| ref-dense | 99.00% | 0.768 M | 0.087 M | 4 | [0.403, 0.573] | - |",
+    ]
+    assert "test" not in text
+    assert heading(pts, "smoke") == "smoke: 2 of 3 trials on the front (1 reference, 1 stopped early)"
