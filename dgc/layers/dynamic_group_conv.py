@@ -375,12 +375,17 @@ class DynamicGroupConv2d(nn.Module):
         return self._forward_inference(x, sal)  # (B, O, H', W')
 
     def _kept(self, v: Tensor) -> Tensor:
-        """What a kept channel is multiplied by: its saliency ``v`` (the paper), or 1 with the
-        saliency's gradient (straight-through) in ``mask`` mode; a pruned one (0) stays 0."""
+        """What a kept channel is multiplied by: its saliency ``v`` (the paper), or 1 in
+        ``mask`` mode; a pruned one (0) stays 0. The mask passes the gradient of ``v`` divided
+        by the largest saliency of its head (straight-through): the forward no longer depends
+        on the saliencies' scale, so a plain straight-through gradient let it grow until the
+        generators overflowed (measured: non-finite gate outputs by epoch 9 of 30 on digits);
+        the scaled one shrinks as the saliencies grow."""
         if self.saliency == "scale":
             return v
         d = v.detach()
-        return v - d + (d > 0).to(v.dtype)
+        top = d.amax(dim=-1, keepdim=True).clamp_min(1e-6)  # (B, h, 1)
+        return (v - d) / top + (d > 0).to(v.dtype)
 
     def _saliency(self, x: Tensor) -> Tensor:
         """The generators' saliencies. Under autocast they and the selection stay float32:
