@@ -180,6 +180,15 @@ class ExperimentConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_pretraining(self) -> ExperimentConfig:
+        if self.pretrain is not None and self.trial.pretrain_epochs:
+            raise ValueError(
+                f"pretrain (once per search) and trial.pretrain_epochs="
+                f"{self.trial.pretrain_epochs} (once per trial) both pretrain; keep one"
+            )
+        return self
+
     @property
     def experiment_dir(self) -> Path:
         return (Path(self.storage_dir).expanduser() / self.name).resolve()

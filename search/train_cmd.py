@@ -17,6 +17,7 @@ from trainables import metrics as M
 from trainables.config import TrialConfig
 from trainables.runner import STATE_FILE
 from trainables.runner import load_state
+from trainables.runner import pretrain_epochs
 from trainables.runner import run_trial
 from trainables.runner import save_state
 
@@ -85,7 +86,8 @@ def train_command(path: str, overrides: list[str], out: str | None, resume: bool
                 f"--resume needs --out DIR holding a state.pt from an earlier run (got {out_dir})"
             )
         state = load_state(out_dir / STATE_FILE)
-    reporter = ConsoleReporter(cfg.epochs, int(state["epoch"]) if state else 0, out_dir)
+    start = int(state["epoch"]) if state else pretrain_epochs(cfg)  # pretraining logs itself
+    reporter = ConsoleReporter(cfg.epochs, start, out_dir)
     final = run_trial(cfg, reporter, state)
     reporter.bar.close()
     print(json.dumps({k: final[k] for k in sorted(final)}, indent=2))

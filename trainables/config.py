@@ -148,18 +148,34 @@ class TrialConfig(_Strict):
     #: for its DGC variant (the head kernels have the dense conv's shape); the rest (gates,
     #: the DGC layers' own norms) keeps its initialisation. Ignored when resuming.
     init_from: str | None = None
+    #: for a DGC model, the first ``pretrain_epochs`` of ``epochs`` train its family's dense
+    #: network (same recipe), and the DGC network then starts from it for the rest (its gate
+    #: schedule and lr schedule span those). Other models train all ``epochs`` themselves: the
+    #: same budget. A search can share one pretrained network instead (``pretrain:``).
+    pretrain_epochs: int = Field(0, ge=0)
     #: measure batch-1 inference latency once per trial and report it (``latency_ms``).
     measure_latency: bool = False
     #: bookkeeping set by the search (e.g. the Optuna trial number); training ignores it.
     tags: dict[str, int | float | str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
+    def _pretrain_within_run(self) -> TrialConfig:
+        if self.pretrain_epochs >= self.epochs:
+            raise ValueError(
+                f"pretrain_epochs={self.pretrain_epochs} leaves no epoch of epochs="
+                f"{self.epochs} to train the network itself; lower it or raise epochs"
+            )
+        if self.pretrain_epochs and self.init_from:
+            raise ValueError("pretrain_epochs and init_from both choose the start; give one")
+        return self
+
+    @model_validator(mode="after")
     def _ramp_within_run(self) -> TrialConfig:
-        g = self.gate_schedule
-        if g.unit == "epochs" and g.ramp_end > self.epochs:
+        g, own = self.gate_schedule, self.epochs - self.pretrain_epochs
+        if g.unit == "epochs" and g.ramp_end > own:
             raise ValueError(
                 f"gate_schedule.ramp_end={g.ramp_end} epochs is past the end of the run "
-                f"(epochs={self.epochs}); the network would never reach its target sparsity. "
-                "Lower ramp_end or raise epochs"
+                f"(epochs={self.epochs}, of which pretrain_epochs={self.pretrain_epochs}); the "
+                "network would never reach its target sparsity. Lower ramp_end or raise epochs"
             )
         return self

@@ -18,6 +18,7 @@ from torch import nn
 
 import dgc
 from trainables import metrics as M
+from trainables.config import GateScheduleParams
 from trainables.config import TrialConfig
 from trainables.data import DeviceLoader
 from trainables.data import Split
@@ -147,16 +148,16 @@ def run_trial(
     cost = trial_cost(cfg, data.num_classes, data.input_size)
     latency = measure_latency(model, data.input_size, device) if cfg.measure_latency else None
     optimizer = make_optimizer(model, cfg.optim)
+    pre = pretrain_epochs(cfg)
+    own = cfg.epochs - pre  # the epochs this network trains; its schedules span them
     schedule = Schedule(
-        cfg.optim,
-        len(data.train),
-        cfg.epochs,
-        cfg.data.dataset,
-        cfg.gate_schedule.fractions(cfg.epochs),
+        cfg.optim, len(data.train), own, cfg.data.dataset, cfg.gate_schedule.fractions(own)
     )
-    if cfg.init_from and not resume:
+    if pre and not resume:
+        pretrain_dense(cfg, model, splits, threads)
+    elif cfg.init_from and not resume:
         init_weights_from(model, cfg.init_from)
-    start_epoch = restore(resume, model, optimizer) if resume else 0
+    start_epoch = restore(resume, model, optimizer) if resume else pre
     step_model = torch.compile(model) if cfg.compile else model
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -166,7 +167,7 @@ def run_trial(
             data.train.epoch(gen),
             optimizer,
             schedule,
-            epoch * len(data.train),
+            (epoch - pre) * len(data.train),
             cfg.bf16,
         )
         val_acc, val_loss = evaluate(step_model, data.val.epoch(), cfg.bf16)
@@ -193,6 +194,34 @@ def run_trial(
             metrics, checkpoint_state(model, optimizer, epoch + 1, stats, cfg) if due else None
         )
     return metrics
+
+
+def pretrain_epochs(cfg: TrialConfig) -> int:
+    """The epochs of ``cfg`` that train the dense network first (DGC models only)."""
+    return cfg.pretrain_epochs if dgc.model_kind(cfg.model.name) == "dynamic" else 0
+
+
+def pretrain_dense(
+    cfg: TrialConfig, model: nn.Module, splits: Splits | None, threads: int | None
+) -> None:
+    """Train the family's dense network for ``cfg.pretrain_epochs`` epochs by the same recipe
+    and start ``model`` from it (``dgc.load_dense_weights``)."""
+
+    class Last:
+        state: dict[str, Any] = {}
+
+        def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+            self.state = state or self.state
+            log.info("pretraining epoch %d: val_accuracy %.4f", metrics[M.EPOCH],
+                     metrics[M.VAL_ACCURACY])  # fmt: skip
+
+    dense = cfg.model.model_copy(update={"name": dgc.variant_of(cfg.model.name, "dense")})
+    update = {"model": dense, "epochs": cfg.pretrain_epochs, "pretrain_epochs": 0,
+              "measure_latency": False, "gate_schedule": GateScheduleParams()}  # fmt: skip
+    last = Last()
+    log.info("pretraining %s for %d epochs", dense.name, cfg.pretrain_epochs)
+    run_trial(cfg.model_copy(update=update), last, splits=splits, threads=threads)
+    dgc.load_dense_weights(model, last.state["model"])
 
 
 def init_weights_from(model: nn.Module, path: str) -> int:

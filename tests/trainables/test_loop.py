@@ -213,3 +213,44 @@ def test_a_trial_starts_from_the_dense_checkpoint_it_is_given(tmp_path):
     bad = _cfg(model={"name": "gcresnet8"}, init_from=str(tmp_path / "dense.pt"))
     with pytest.raises(ValueError, match=r"init_from=.*dense.pt: .* other shapes"):
         run_trial(bad, Collect())
+
+
+def test_pretrain_epochs_train_the_dense_network_first_within_the_budget(caplog):
+    import logging
+
+    out = Collect()
+    with caplog.at_level(logging.INFO, logger="trainables.runner"):
+        final = run_trial(_cfg(epochs=3, pretrain_epochs=1), out)
+    assert "pretraining resnet8 for 1 epochs" in caplog.text
+    assert [m[M.EPOCH] for m in out.metrics] == [2, 3]  # DGC's own epochs, counted in the 3
+    assert out.metrics[-1][M.GATE_PROGRESS] == 1.0 and final[M.MACS] == 414330
+    # The static baseline has no dense start: it trains the whole budget itself.
+    gc = Collect()
+    run_trial(_cfg(epochs=3, pretrain_epochs=1, model={"name": "gcresnet8"}), gc)
+    assert [m[M.EPOCH] for m in gc.metrics] == [1, 2, 3]
+
+
+def test_a_resumed_pretrained_trial_does_not_pretrain_again(caplog, tmp_path):
+    import logging
+
+    class Snapshot(Collect):  # a state_dict holds live tensors: save it when it is reported
+        def report(self, metrics, state):
+            super().report(metrics, state)
+            if metrics[M.EPOCH] == 2:
+                save_state(state, tmp_path / "state.pt")
+
+    first = Snapshot()
+    run_trial(_cfg(epochs=3, pretrain_epochs=1), first)
+    state = load_state(tmp_path / "state.pt")  # after epoch 2
+    again = Collect()
+    with caplog.at_level(logging.INFO, logger="trainables.runner"):
+        final = run_trial(_cfg(epochs=3, pretrain_epochs=1), again, resume=state)
+    assert "pretraining" not in caplog.text and [m[M.EPOCH] for m in again.metrics] == [3]
+    assert final[M.VAL_ACCURACY] == first.metrics[-1][M.VAL_ACCURACY]
+
+
+def test_pretrain_epochs_must_leave_epochs_to_train():
+    with pytest.raises(ValueError, match="pretrain_epochs=3 leaves no epoch of epochs=3"):
+        _cfg(epochs=3, pretrain_epochs=3)
+    with pytest.raises(ValueError, match=r"ramp_end=3.0 epochs is past the end .*pretrain_epochs=1"):
+        _cfg(epochs=3, pretrain_epochs=1, gate_schedule={"ramp_end": 3, "unit": "epochs"})
