@@ -24,8 +24,8 @@ import mlflow
 import ray
 import torch
 
+from search.cluster import connect_ray
 from search.config import load_experiment
-from search.launch import connect_ray
 from search.launch import launch
 from trainables.config import TrialConfig
 from trainables.runner import run_trial

@@ -36,8 +36,8 @@ def validate_command(path: str, overrides: list[str]) -> int:
 
 def pareto_command(target: str, register: bool, tracking_uri: str | None = None) -> int:
     """Rank, tag and plot a search given its folder or its MLflow parent run id."""
-    from search.launch import open_search
     from search.launch import rank
+    from search.state import open_search
     from search.tracking import front_link
 
     folder = Path(target) if Path(target).is_dir() else _folder_of_run(target, tracking_uri)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import socket
 import subprocess
-from dataclasses import asdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from search import names as N
+from search.cluster import check_cluster_reachable
+from search.cluster import check_resources
+from search.cluster import connect_ray
 from search.config import ExperimentConfig
 from search.overrides import SearchConfigError
-from search.overrides import safe_yaml
 from search.preflight import Problem
 from search.preflight import run_preflight
 from search.pretrain import ensure_pretrained
@@ -29,51 +28,20 @@ from search.references import reference_trials
 from search.scheduler import stopped_at
 from search.searcher import OptunaSearcher
 from search.searcher import StudyRef
+from search.state import RESOLVED_FILE
+from search.state import STATE_FILE
+from search.state import SearchState
+from search.state import new_state
+from search.state import open_search
 from search.tracking import ConsoleProgress
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
-from search.tracking import default_tracking_uri
 from search.tracking import front_link
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "search.json"
-RESOLVED_FILE = "experiment.resolved.yaml"
 TUNE_NAME = "tune"
-
-
-@dataclass
-class SearchState:
-    """What ``resume`` and ``pareto`` need to find a search again (``<dir>/search.json``)."""
-
-    tracking_uri: str
-    mlflow_experiment: str
-    parent_run_id: str
-    optuna_storage: str
-    study_name: str
-    num_classes: int
-    input_size: list[int]
-    num_stages: int
-
-    def save(self, folder: Path) -> None:
-        (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, folder: Path) -> SearchState:
-        path = folder / STATE_FILE
-        if not path.is_file():
-            raise SearchConfigError(
-                f"{folder}: not a search folder (no {STATE_FILE}); give the "
-                "folder that `launch` printed"
-            )
-        try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, TypeError) as err:  # JSON errors, missing or unknown fields
-            raise SearchConfigError(
-                f"{path}: damaged search state ({str(err)[:200]}); it is written by launch and "
-                "not meant to be edited (restore it from a backup, or launch a new search)"
-            ) from err
 
 
 def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> int:
@@ -103,7 +71,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
     (folder / RESOLVED_FILE).write_text(
         yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
     )
-    state = _new_state(exp, report.problem, folder)
+    state = new_state(exp, report.problem, folder)
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment)
     state.parent_run_id = tracking.start_parent(
         exp.name, _parent_params(exp), {**_run_tags(source), N.SEARCH_DIR_TAG: str(folder)}
@@ -193,22 +161,6 @@ def _fit(tuner: Any, tracking: Tracking, state: SearchState, folder: Path) -> An
         raise
 
 
-def open_search(folder: Path) -> tuple[ExperimentConfig, SearchState, Tracking]:
-    """The resolved experiment, the saved state and the MLflow connection of a search folder."""
-    state = SearchState.load(folder)
-    path = folder / RESOLVED_FILE
-    try:
-        exp = ExperimentConfig.model_validate(
-            safe_yaml(path.read_text(encoding="utf-8"), str(path))
-        )
-    except (OSError, ValueError) as err:  # missing, not UTF-8, not YAML, or invalid
-        raise SearchConfigError(
-            f"{path}: damaged resolved experiment ({str(err)[:300]}); launch writes it and "
-            "resume, pareto and export read it"
-        ) from err
-    return exp, state, Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
-
-
 def rank(
     exp: ExperimentConfig, state: SearchState, tracking: Tracking, register: bool, folder: Path
 ) -> str:
@@ -229,92 +181,6 @@ def rank(
 
 def _problem(state: SearchState) -> Problem:
     return Problem(state.num_classes, tuple(state.input_size), state.num_stages)  # type: ignore[arg-type]
-
-
-def _new_state(exp: ExperimentConfig, problem: Problem, folder: Path) -> SearchState:
-    uri = exp.mlflow.tracking_uri or default_tracking_uri()
-    storage = exp.optuna_storage or f"sqlite:///{folder / 'optuna.db'}"
-    return SearchState(
-        uri,
-        exp.mlflow.experiment or exp.name,
-        "",
-        storage,
-        exp.name,
-        problem.num_classes,
-        list(problem.input_size),
-        problem.num_stages,
-    )
-
-
-CONNECT_TIMEOUT_S = 5.0
-
-
-def check_cluster_reachable(address: str | None) -> None:
-    """Fail fast if the cluster at ``address`` does not answer: ``ray.init`` would wait for
-    minutes. Checked before anything of the search is written."""
-    if not address or address in ("auto", "local"):
-        return
-    hostport = address.removeprefix("ray://").rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit():
-        raise SearchConfigError(
-            f"ray address {address!r} has no port; give HOST:PORT of the head node (the "
-            "--port of `ray start --head`, 6379 by default) or ray://HOST:10001"
-        )
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as err:
-        raise SearchConfigError(
-            f"no Ray cluster answers at {address} ({err}); start one with `ray start --head "
-            f"--port {port}` there, or leave out --address (and ray.address) to run on a "
-            "local cluster"
-        ) from err
-
-
-def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
-    """Join ``address`` (or the experiment's ``ray.address``), or start a local cluster."""
-    import ray
-
-    if ray.is_initialized():
-        log.info("using the Ray cluster this process is already connected to")
-        return
-    target = address or exp.ray.address
-    if target:
-        ctx = ray.init(address=target, configure_logging=False, log_to_driver=False)
-    else:
-        ctx = ray.init(
-            num_cpus=exp.ray.num_cpus,
-            include_dashboard=exp.ray.dashboard,
-            dashboard_host="127.0.0.1",
-            dashboard_port=exp.ray.dashboard_port,
-            configure_logging=False,
-            log_to_driver=False,
-        )
-    url = getattr(ctx, "dashboard_url", "") or ""
-    if url:
-        log.info(
-            "Ray dashboard: http://%s (it asks for the token in ~/.ray/auth_token; see "
-            "README, 'Watch it run')",
-            url.removeprefix("http://"),
-        )
-
-
-def check_resources(exp: ExperimentConfig) -> None:
-    """Refuse a per-trial request that no node of the connected cluster can ever give (Tune
-    would leave the trials pending forever, with warnings)."""
-    import ray
-
-    need = {"CPU": exp.resources.cpu, "GPU": exp.resources.gpu}
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(all(r.get(k, 0.0) >= v for k, v in need.items() if v > 0) for r in nodes):
-        return
-    have = "; ".join(f"{r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU" for r in nodes)
-    raise SearchConfigError(
-        f"resources: cpu={exp.resources.cpu:g}, gpu={exp.resources.gpu:g} per trial, but no "
-        f"node of the cluster has that much (nodes: {have or 'none'}); lower resources.cpu "
-        "/ resources.gpu, or join a cluster with such a node (--address)"
-    )
 
 
 def _trainable(exp: ExperimentConfig, source: str) -> Any:

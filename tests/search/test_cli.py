@@ -178,8 +178,8 @@ def test_validate_reads_the_data_and_names_a_truncated_cifar_batch(tmp_path, cap
 
 @pytest.mark.parametrize("damage", ["state", "resolved"])
 def test_a_damaged_search_folder_is_a_message_not_a_traceback(tmp_path, capsys, damage):
-    from search.launch import RESOLVED_FILE
-    from search.launch import STATE_FILE
+    from search.state import RESOLVED_FILE
+    from search.state import STATE_FILE
 
     folder = tmp_path / "runs" / "x"
     folder.mkdir(parents=True)

@@ -16,8 +16,8 @@ import optuna
 import pytest
 
 from search.config import load_experiment
-from search.launch import SearchState
 from search.launch import launch
+from search.state import SearchState
 from search.tracking import tracking_uri
 from tests.conftest import REPO
 from tests.search.helpers import brute_force_front

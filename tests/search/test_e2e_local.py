@@ -10,9 +10,9 @@ import optuna
 import pytest
 
 from search.config import load_experiment
-from search.launch import SearchState
 from search.launch import launch
 from search.overrides import SearchConfigError
+from search.state import SearchState
 from search.tracking import tracking_uri
 from tests.conftest import REPO
 from tests.search.helpers import brute_force_front
