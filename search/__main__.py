@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except SearchConfigError as err:
         print(f"error: {_capped(redact(str(err)))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output went to a pipe that closed (`... | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

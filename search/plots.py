@@ -24,6 +24,8 @@ UNITS = {
 
 def fmt_setting(text: str) -> str:
     """A logged parameter for people: floats to 3 significant digits, lists kept as lists."""
+    if text in ("None", "null", ""):
+        return "-"  # not set for this trial (a reference's heads, say)
     try:
         value = json.loads(text)
     except ValueError:
@@ -112,6 +114,7 @@ def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path)
         ax.annotate(p.name, (x, y), fontsize=8, color="C3",
                     xytext=(4, 4), textcoords="offset points")  # fmt: skip
     ax.set(xlabel=label(xm), ylabel=label(ym), title=title)
+    ax.margins(x=0.08)  # room for the labels of the extreme points
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
