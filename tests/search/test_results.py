@@ -40,3 +40,19 @@ def test_the_table_is_for_people_rounded_with_load_uris_and_no_test_column():
     ]
     assert "test" not in text
     assert heading(pts, "smoke") == "smoke: 2 of 3 trials on the front (1 reference, 1 stopped early)"
+
+
+def test_the_plots_mark_references_and_stopped_trials(tmp_path):
+    from search.plots import write_plots
+
+    pts = [_ranked("trial-6", 0.52333, 378410, 1, alias="macs-0p378m-7207b96c"),
+           _ranked("ref-group-0.5", 0.99, 391562, 1, reference="group-0.5"),
+           _ranked("trial-2", 0.4, 500000, 2), _ranked("trial-3", 0.3, 600000, 0, stopped=2)]
+    png, html = write_plots(pts, [("val_accuracy", "max"), ("macs", "min")],
+                            ["model.heads"], tmp_path, "smoke: 2 of 3 trials on the front")
+    assert png.stat().st_size > 10_000
+    page = html.read_text()
+    for text in ("reference (dense, static group)", "(reference: group-0.5)",
+                 "stopped early at epoch 2", "alias @macs-0p378m-7207b96c", '"shape":"hv"',
+                 "MACs (M)", "validation accuracy (%)", "smoke: 2 of 3 trials on the front"):
+        assert text in page, text
