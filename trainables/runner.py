@@ -141,6 +141,9 @@ def run_trial(
     torch.set_num_threads(threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    pre = pretrain_epochs(cfg)
+    if pre and splits is None and cfg.data.dataset != "imagenet":
+        splits = load_splits(cfg.data)  # decoded once, for the pretraining and this network
     data = build_loaders(cfg, device, splits, threads)
     model = build_model(cfg, data.num_classes, data.input_size[0]).to(device)
     if cfg.channels_last and device.type == "cuda":
@@ -148,7 +151,6 @@ def run_trial(
     cost = trial_cost(cfg, data.num_classes, data.input_size)
     latency = measure_latency(model, data.input_size, device) if cfg.measure_latency else None
     optimizer = make_optimizer(model, cfg.optim)
-    pre = pretrain_epochs(cfg)
     own = cfg.epochs - pre  # the epochs this network trains; its schedules span them
     schedule = Schedule(
         cfg.optim, len(data.train), own, cfg.data.dataset, cfg.gate_schedule.fractions(own)
@@ -208,7 +210,8 @@ def pretrain_dense(
     and start ``model`` from it (``dgc.load_dense_weights``)."""
 
     class Last:
-        state: dict[str, Any] = {}
+        def __init__(self) -> None:
+            self.state: dict[str, Any] = {}
 
         def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
             self.state = state or self.state
