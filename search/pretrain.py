@@ -11,13 +11,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import dgc
 from search import names as N
 from search.config import ExperimentConfig
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
 from trainables import metrics as M
 from trainables.runner import STATE_FILE
+from trainables.runner import dense_start_config
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,8 @@ def with_init(exp: ExperimentConfig, folder: Path) -> ExperimentConfig:
 def pretrain_config(exp: ExperimentConfig) -> dict[str, Any]:
     """The dense network's trial: the trial recipe, its own epochs, no init, tagged."""
     assert exp.pretrain is not None
-    config = exp.trial.model_dump(mode="json")
-    name = dgc.variant_of(exp.trial.model.name, "dense")
-    config.update(epochs=exp.pretrain.epochs, init_from=None, tags={N.PRETRAIN_TAG: name})
-    config["model"] = {**config["model"], "name": name}
+    config = dense_start_config(exp.trial, exp.pretrain.epochs).model_dump(mode="json")
+    config["tags"] = {N.PRETRAIN_TAG: config["model"]["name"]}
     return config
 
 

@@ -218,13 +218,20 @@ def pretrain_dense(
             log.info("pretraining epoch %d: val_accuracy %.4f", metrics[M.EPOCH],
                      metrics[M.VAL_ACCURACY])  # fmt: skip
 
-    dense = cfg.model.model_copy(update={"name": dgc.variant_of(cfg.model.name, "dense")})
-    update = {"model": dense, "epochs": cfg.pretrain_epochs, "pretrain_epochs": 0,
-              "measure_latency": False, "gate_schedule": GateScheduleParams()}  # fmt: skip
+    dense = dense_start_config(cfg, cfg.pretrain_epochs)
     last = Last()
-    log.info("pretraining %s for %d epochs", dense.name, cfg.pretrain_epochs)
-    run_trial(cfg.model_copy(update=update), last, splits=splits, threads=threads)
+    log.info("pretraining %s for %d epochs", dense.model.name, dense.epochs)
+    run_trial(dense, last, splits=splits, threads=threads)
     dgc.load_dense_weights(model, last.state["model"])
+
+
+def dense_start_config(cfg: TrialConfig, epochs: int) -> TrialConfig:
+    """The trial that trains the dense network ``cfg`` starts from: ``cfg``'s recipe for
+    ``epochs`` epochs, with no start of its own and no gate schedule (it has no gates)."""
+    dense = cfg.model.model_copy(update={"name": dgc.variant_of(cfg.model.name, "dense")})
+    update = {"model": dense, "epochs": epochs, "pretrain_epochs": 0, "init_from": None,
+              "measure_latency": False, "gate_schedule": GateScheduleParams()}  # fmt: skip
+    return TrialConfig.model_validate(cfg.model_copy(update=update).model_dump())
 
 
 def init_weights_from(model: nn.Module, path: str) -> int:

@@ -212,3 +212,15 @@ def test_pretrained_dense_network_is_trained_once_and_survives_resume(ray_2cpu, 
     assert [k.info.run_id for k in again if "pretrain" in k.data.tags] == [pre[0].info.run_id]
     client = mlflow.MlflowClient(uri)
     assert len(client.get_metric_history(pre[0].info.run_id, "epoch")) == 2
+
+
+def test_the_search_pretraining_config_is_a_valid_dense_trial():
+    from search.pretrain import pretrain_config
+    from trainables.config import TrialConfig
+
+    # An epochs-unit ramp longer than the pretraining: the dense trial has no gates to ramp.
+    exp = load_experiment(SMOKE, ["trial.epochs=12", "pretrain={epochs: 2}",
+                                  "trial.gate_schedule={warmup_end: 1, ramp_end: 10, unit: epochs}"])
+    cfg = TrialConfig.model_validate(pretrain_config(exp))
+    assert cfg.model.name == "resnet8" and cfg.epochs == 2 and cfg.init_from is None
+    assert cfg.tags == {"pretrain": "resnet8"} and cfg.gate_schedule.unit == "fraction"
