@@ -1,4 +1,5 @@
-"""dgc: Dynamic Group Convolution layers, networks and cost accounting (depends on torch only).
+"""dgc: Dynamic Group Convolution, SG-CNN and DyNet layers, networks and cost accounting
+(depends on torch only).
 
 Front doors: ``create_model(name, **kwargs)``, ``list_models()``, ``count_cost(model, size)``,
 ``set_progress(model, p)`` and ``aux_loss(model)``.
@@ -10,12 +11,15 @@ from dgc import models as _models  # noqa: F401  (registers the recipes)
 from dgc.cost import Cost
 from dgc.cost import count_cost
 from dgc.layers import DynamicGroupConv2d
+from dgc.layers import DynamicKernelConv2d
 from dgc.layers import GateSchedule
+from dgc.layers import SelfGroupingConv2d
 from dgc.layers import inactive_channels
 from dgc.ops import aux_loss
 from dgc.ops import dgc_layers
 from dgc.ops import load_dense_weights
 from dgc.ops import set_progress
+from dgc.ops import sg_layers
 from dgc.registry import create_model
 from dgc.registry import list_models
 from dgc.registry import model_kind
@@ -25,7 +29,9 @@ from dgc.registry import variant_of
 __all__ = [
     "Cost",
     "DynamicGroupConv2d",
+    "DynamicKernelConv2d",
     "GateSchedule",
+    "SelfGroupingConv2d",
     "aux_loss",
     "count_cost",
     "create_model",
@@ -36,5 +42,6 @@ __all__ = [
     "model_kind",
     "num_stages",
     "set_progress",
+    "sg_layers",
     "variant_of",
 ]

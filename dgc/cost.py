@@ -1,13 +1,24 @@
-"""MACs and parameters by the DGC authors' counting rules (methods.md 1.7).
+"""MACs and parameters by the DGC authors' counting rules (methods.md 1.7), or SG-CNN's (2.4).
 
-One forward pass of a 1-sample zero input under hooks; each hooked module adds its count:
+One forward pass of a 1-sample zero input under hooks; each hooked module adds its count. The
+DGC rules (``rules="dgc"``, the default, used for every front):
 
 * Conv2d: C_in * C_out * k^2 * H' * W' / groups; Linear: weight + bias elements (per sample);
 * ReLU: elements of its input; AvgPool/MaxPool: C * H' * W' * k^2; AdaptiveAvgPool: C * H * W;
 * BatchNorm, Dropout, Flatten, Identity: no ops, parameters counted;
 * DynamicGroupConv2d, analytically at the target gate factor: BN-ReLU (C*H*W), global pool
   (C*H*W), per head fc1 (C*r), ReLU (r), fc2 (r*C + C), ReLU (C), gating (C, one op per
-  channel), and the head convolutions g * C * O * k^2 * H' * W'.
+  channel), and the head convolutions g * C * O * k^2 * H' * W';
+* SelfGroupingConv2d (SG-CNN): k^2 * H'W' per alive (filter, input channel) connection, the
+  grouped conv it runs; params k^2 per alive connection. Before its last self-grouping step the
+  connections are not known yet: the target ``(1 - compression)`` share is counted;
+* DynamicKernelConv2d (DyNet): pooling, coefficient prediction, kernel fusion and the conv.
+
+SG-CNN's rules (``rules="sgcnn"``, its ``torchsummary.py``): ReLU and pooling 0; BN 0 MACs and
+0 params; a masked conv adds one MAC per alive filter and 2 params per alive filter (its BN);
+unmasked convs (the stem and shortcut projections, which SG-CNN never masks) count in full,
+without their BN. A dense network counts as SG-CNN's unpruned baseline: ResNet-50 at 224 gives
+4.09 G MACs and 25.55 M parameters.
 
 MACs are accumulated as floats and truncated once at the end, as the authors' counter does, so
 fractional gate factors give the same totals. Build the model under ``torch.device("meta")``
@@ -24,7 +35,11 @@ import torch
 from torch import nn
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from dgc.layers.self_grouping import SelfGroupingConv2d
 
+RULES = ("dgc", "sgcnn")
+#: layer-name parts of the convolutions SG-CNN leaves unmasked (and unpruned)
+SG_UNMASKED = ("stem", "downsample")
 _NO_OP = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
 
 
@@ -46,14 +61,20 @@ class Cost:
     layers: list[LayerCost] = field(repr=False)
 
 
-def count_cost(model: nn.Module, input_size: Sequence[int]) -> Cost:
-    """Count MACs and parameters of ``model`` for one input of ``input_size`` (C, H, W).
+def count_cost(model: nn.Module, input_size: Sequence[int], rules: str = "dgc") -> Cost:
+    """Count MACs and parameters of ``model`` for one input of ``input_size`` (C, H, W), by
+    the DGC authors' ``rules="dgc"`` or SG-CNN's ``rules="sgcnn"``.
 
     Raises:
         TypeError: a leaf module with parameters has no counting rule.
+        ValueError: unknown rules.
     """
+    if rules not in RULES:
+        raise ValueError(f"rules={rules!r} is unknown; choose one of {RULES}")
     rows: list[LayerCost] = []
-    handles = [m.register_forward_hook(_hook(name, rows)) for name, m in _counted(model)]
+    hook = _hook if rules == "dgc" else _sg_hook
+    leaves = [("", model)] if _analytic(model) or not list(model.children()) else _counted(model)
+    handles = [m.register_forward_hook(hook(name, rows)) for name, m in leaves]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     try:
@@ -71,17 +92,25 @@ def _counted(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     out = []
     for name, child in model.named_children():
         path = f"{prefix}{name}"
-        if isinstance(child, DynamicGroupConv2d) or not list(child.children()):
+        if _analytic(child) or not list(child.children()):
             out.append((path, child))
         else:
             out.extend(_counted(child, path + "."))
     return out
 
 
+def _analytic(m: nn.Module) -> bool:
+    """A layer that counts itself (``cost_macs``/``cost_params``), or a DGC layer."""
+    return isinstance(m, DynamicGroupConv2d) or hasattr(m, "cost_macs")
+
+
 def _hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0]
-        params = sum(p.numel() for p in module.parameters())
+        if hasattr(module, "cost_params"):
+            params = module.cost_params()
+        else:
+            params = sum(p.numel() for p in module.parameters())
         rows.append(
             LayerCost(
                 name, type(module).__name__, _macs(module, x, output), params, tuple(output.shape)
@@ -91,9 +120,43 @@ def _hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
     return hook
 
 
+def _sg_hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0]
+        macs, params = _sg_cost(name, module, x, output)
+        rows.append(LayerCost(name, type(module).__name__, macs, params, tuple(output.shape)))
+
+    return hook
+
+
+def _sg_cost(name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """SG-CNN's counter (methods.md 2.4) for one module."""
+    if isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        return 0.0, 0
+    masked = isinstance(m, SelfGroupingConv2d) or (
+        isinstance(m, nn.Conv2d) and not any(part in name for part in SG_UNMASKED)
+    )
+    macs = _macs(m, x, y)
+    params = (
+        m.cost_params() if hasattr(m, "cost_params") else sum(p.numel() for p in m.parameters())
+    )
+    if not masked:
+        return macs, params
+    alive = _alive_filters(m)
+    return macs + alive, params + 2 * alive
+
+
+def _alive_filters(m: nn.Module) -> int:
+    if isinstance(m, SelfGroupingConv2d) and m.grouped and m.mask.device.type != "meta":
+        return int((m.mask.sum(1) > 0).sum())
+    return int(m.out_channels)  # type: ignore[arg-type]
+
+
 def _macs(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     if isinstance(m, DynamicGroupConv2d):
         return dgc_macs(m, x.shape[-2] * x.shape[-1], y.shape[-2] * y.shape[-1])
+    if hasattr(m, "cost_macs"):
+        return m.cost_macs(x.shape[-2] * x.shape[-1], y.shape[-2] * y.shape[-1])
     if isinstance(m, nn.Conv2d):
         k = m.kernel_size[0] * m.kernel_size[1]
         return m.in_channels * m.out_channels * k * y.shape[-2] * y.shape[-1] / m.groups

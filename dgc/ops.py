@@ -1,4 +1,4 @@
-"""Model-wide helpers the training loop calls: gate progress and the saliency L1 term."""
+"""Model-wide helpers the training loop calls: pruning progress and the saliency L1 term."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 from dgc.layers.schedule import PAPER
 from dgc.layers.schedule import GateSchedule
 from dgc.layers.schedule import inactive_channels
+from dgc.layers.self_grouping import SelfGroupingConv2d
 
 
 def dgc_layers(model: nn.Module) -> list[DynamicGroupConv2d]:
@@ -17,10 +18,19 @@ def dgc_layers(model: nn.Module) -> list[DynamicGroupConv2d]:
     return [m for m in model.modules() if isinstance(m, DynamicGroupConv2d)]
 
 
+def sg_layers(model: nn.Module) -> list[SelfGroupingConv2d]:
+    """All SG-CNN layers of ``model`` in module order."""
+    return [m for m in model.modules() if isinstance(m, SelfGroupingConv2d)]
+
+
 def set_progress(model: nn.Module, progress: float, schedule: GateSchedule = PAPER) -> None:
-    """Write the scheduled number of inactive channels for training progress ``progress``
-    (fraction of all iterations done) into every DGC layer's buffer; ``schedule`` holds the
-    ramp's breakpoints (the paper's by default).
+    """Move every pruning operator to training progress ``progress`` (fraction of all
+    iterations done). ``schedule`` holds the breakpoints (the paper's by default):
+
+    * DGC layers: the scheduled number of inactive channels (the ramp from ``warmup_end`` to
+      ``ramp_end``) is written into their buffers;
+    * SG-CNN layers: the self-grouping steps due by ``progress`` run (evenly spread from
+      ``warmup_end`` to ``ramp_end``; the rest of the run fine-tunes at the target).
 
     Raises:
         ValueError: progress outside [0, 1].
@@ -31,6 +41,8 @@ def set_progress(model: nn.Module, progress: float, schedule: GateSchedule = PAP
         layer.set_inactive(
             inactive_channels(progress, layer.in_channels, layer.gate_factor, schedule)
         )
+    for sg in sg_layers(model):
+        sg.advance(progress, schedule)
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -11,9 +11,12 @@ from collections.abc import Callable
 
 from torch import nn
 
+from dgc.layers.conv import KIND_PREFIX
+
 ModelFn = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFn] = {}
-VARIANT_KINDS = {"": "dense", "dy": "dynamic", "gc": "group"}
+#: name prefix -> operator kind: dense "", DGC "dy", static group "gc", SG-CNN "sg", DyNet "dn"
+VARIANT_KINDS = {prefix: kind for kind, prefix in KIND_PREFIX.items()}
 
 
 def register_model(name: str) -> Callable[[ModelFn], ModelFn]:
@@ -29,8 +32,9 @@ def register_model(name: str) -> Callable[[ModelFn], ModelFn]:
 
 
 def register_family(name: str) -> Callable[[ModelFn], ModelFn]:
-    """Register a network family as its three variants: dense ``name``, DGC ``dy<name>`` and
-    static group conv ``gc<name>``. ``fn(kind, **kwargs)`` builds the variant of that kind."""
+    """Register a network family as one variant per operator: dense ``name``, DGC
+    ``dy<name>``, static group conv ``gc<name>``, SG-CNN ``sg<name>`` and DyNet ``dn<name>``.
+    ``fn(kind, **kwargs)`` builds the variant of that kind."""
 
     def wrap(fn: ModelFn) -> ModelFn:
         for prefix, kind in VARIANT_KINDS.items():
@@ -77,25 +81,22 @@ def num_stages(name: str) -> int:
 
 
 def variant_of(name: str, kind: str) -> str:
-    """The ``kind`` variant ("dense", "dynamic" or "group") of the family ``name`` belongs to:
+    """The ``kind`` variant (a key of ``KIND_PREFIX``) of the family ``name`` belongs to:
     ``variant_of("dyresnet8", "group") == "gcresnet8"``.
 
     Raises:
         ValueError: ``name`` is not a variant of a registered family.
     """
-    base = name
-    for prefix in ("dy", "gc"):
-        if name.startswith(prefix) and name[len(prefix) :] in _MODELS:
-            base = name[len(prefix) :]
-    prefix = {k: p for p, k in VARIANT_KINDS.items()}[kind]
+    base = name.removeprefix(KIND_PREFIX[model_kind(name)])
     if not all(p + base in _MODELS for p in VARIANT_KINDS):
-        raise ValueError(f"{name!r} is not part of a registered dense/dy/gc model family")
-    return prefix + base
+        raise ValueError(f"{name!r} is not part of a registered model family (dense/dy/gc/sg/dn)")
+    return KIND_PREFIX[kind] + base
 
 
 def model_kind(name: str) -> str:
-    """ "dense", "dynamic" or "group" for a registered family variant name."""
-    for prefix in ("dy", "gc"):
-        if name.startswith(prefix) and name[len(prefix) :] in _MODELS:
-            return VARIANT_KINDS[prefix]
+    """The operator kind of a registered family variant name ("dense", "dynamic", "group",
+    "selfgroup" or "dynet")."""
+    for prefix, kind in VARIANT_KINDS.items():
+        if prefix and name.startswith(prefix) and name[len(prefix) :] in _MODELS:
+            return kind
     return "dense"

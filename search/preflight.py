@@ -220,7 +220,8 @@ def _check_pretrain(exp: ExperimentConfig, source: str) -> None:
     if clash:
         raise SearchConfigError(
             f"{source}: pretrain: {name} cannot start from the dense network of its family "
-            f"({clash[0]} has another shape); pretrain is for the DGC (dy...) models"
+            f"({clash[0]} has another shape); pretrain is for the DGC (dy...) and SG-CNN "
+            "(sg...) models"
         )
 
 

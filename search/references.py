@@ -21,7 +21,7 @@ def reference_trials(exp: ExperimentConfig) -> list[Reference]:
     """The experiment's reference trials, in the order they are issued.
 
     Raises:
-        ValueError: the model is not part of a dense/dy/gc family.
+        ValueError: the model is not part of a registered family.
     """
     refs = exp.references
     if refs is None:
@@ -38,6 +38,6 @@ def reference_trials(exp: ExperimentConfig) -> list[Reference]:
 
 def _with_model(exp: ExperimentConfig, name: str, gate_factor: float | None) -> dict[str, Any]:
     config = exp.trial.model_dump(mode="json")
-    config["model"] = {**config["model"], "name": name, "gate_factor": gate_factor}
+    config["model"] = exp.trial.model.variant(name, gate_factor).model_dump(mode="json")
     config["init_from"] = None  # the baselines train from scratch, by the trial recipe
     return config

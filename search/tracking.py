@@ -42,7 +42,7 @@ LOGGED_METRICS = (
     M.GATE_PROGRESS,
 )
 #: properties of the network, the same every epoch: logged once per run (step 0), not as curves
-STATIC_METRICS = (M.MACS, M.PARAMS, M.LATENCY_MS)
+STATIC_METRICS = (M.MACS, M.PARAMS, M.LATENCY_MS, M.TARGET_MACS)
 
 
 def default_tracking_uri() -> str:
@@ -152,11 +152,11 @@ class MlflowTrialLogger(Callback):
         self.spec = (tracking.uri, tracking.experiment_name, tracking.parent_run_id)
         self._tracking: Tracking | None = tracking
         self.runs: dict[str, str] = {}
-        self.costed: set[str] = set()  # runs whose static metrics are logged
+        self.static: dict[str, dict[str, float]] = {}  # run -> static metrics as logged
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment; the client reconnects after a restore.
-        return {"spec": self.spec, "_tracking": None, "runs": {}, "costed": set()}
+        return {"spec": self.spec, "_tracking": None, "runs": {}, "static": {}}
 
     @property
     def tracking(self) -> Tracking:
@@ -199,17 +199,24 @@ class MlflowTrialLogger(Callback):
     ) -> None:
         ts, step = int(time.time() * 1000), int(result.get(M.EPOCH, 0))
         run_id = self._run_id(trial)
-        keys = list(LOGGED_METRICS)
-        if run_id not in self.costed:
-            self.costed.add(run_id)
-            if M.MACS not in self.tracking.client.get_run(run_id).data.metrics:  # resumed?
-                keys += STATIC_METRICS
+        keys = list(LOGGED_METRICS) + self._changed_static(run_id, result)
         metrics = [
             Metric(k, float(result[k]), ts, 0 if k in STATIC_METRICS else step)
             for k in keys
             if isinstance(result.get(k), (int, float))
         ]
         self.tracking.client.log_batch(run_id, metrics=metrics)
+
+    def _changed_static(self, run_id: str, result: dict) -> list[str]:
+        """Static metrics not logged yet with their current value: all on a run's first result
+        (none on a resumed run's), and an SG-CNN model's realised MACs once it has them."""
+        seen = self.static.get(run_id)
+        if seen is None:  # first result this driver sees: a resumed run has them logged
+            seen = dict(self.tracking.client.get_run(run_id).data.metrics)
+        now = {k: float(v) for k, v in result.items()
+               if k in STATIC_METRICS and isinstance(v, (int, float))}  # fmt: skip
+        self.static[run_id] = {**{k: v for k, v in seen.items() if k in STATIC_METRICS}, **now}
+        return [k for k, v in now.items() if seen.get(k) != v]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial)

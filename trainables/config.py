@@ -23,24 +23,38 @@ class _Strict(BaseModel):
 class ModelParams(_Strict):
     """The network: a registered ``dgc`` name and its architecture settings.
 
-    ``heads``, ``gate_factor`` and ``squeeze_rate`` take one value or one per stage; ``kwargs``
-    passes any other keyword of the recipe. Unset values use the recipe's defaults.
+    DGC (``dy...``): ``heads``, ``gate_factor``, ``squeeze_rate``; static group (``gc...``):
+    ``gate_factor``; SG-CNN (``sg...``): ``compression``, ``sg_groups``, ``sg_steps``; DyNet
+    (``dn...``): ``kernels``; ResNets: ``width_mult``. Per-stage settings take one value or one
+    per stage; ``kwargs`` passes any other keyword of the recipe. Unset values use the
+    recipe's defaults; a setting of another operator is refused when the model is built.
     """
 
     name: str = "dyresnet8"
     heads: int | list[int] | None = None
     gate_factor: float | list[float] | None = None
     squeeze_rate: int | list[int] | None = None
+    compression: float | list[float] | None = None
+    sg_groups: int | list[int] | None = None
+    sg_steps: int | None = None
+    kernels: int | list[int] | None = None
+    width_mult: float | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     def arch_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``dgc.create_model`` (None values are dropped there)."""
-        return {
-            "heads": self.heads,
-            "gate_factor": self.gate_factor,
-            "squeeze_rate": self.squeeze_rate,
-            **self.kwargs,
-        }
+        fields = self.model_dump(exclude={"name", "kwargs"})
+        return {**fields, **self.kwargs}
+
+    def variant(self, name: str, gate_factor: float | None = None) -> ModelParams:
+        """The same backbone as ``name`` (another operator of the family, e.g. its dense
+        network), without this model's operator settings; ``gate_factor`` for a static group."""
+        from dgc.layers.conv import OWN_SETTINGS
+
+        own = {s for names in OWN_SETTINGS.values() for s in names}
+        kwargs = {k: v for k, v in self.kwargs.items() if k not in own}
+        return ModelParams(name=name, gate_factor=gate_factor, width_mult=self.width_mult,
+                           kwargs=kwargs)  # fmt: skip
 
 
 class DataParams(_Strict):

@@ -8,6 +8,9 @@ TRAIN_LOSS = "train_loss"
 TEST_ACCURACY = "test_accuracy"
 TEST_LOSS = "test_loss"
 MACS = "macs"
+#: SG-CNN models: MACs at the target compression, known before training (the budget's); their
+#: ``macs`` become the realised count once the last self-grouping step has run
+TARGET_MACS = "target_macs"
 PARAMS = "params"
 LATENCY_MS = "latency_ms"
 EPOCH = "epoch"

@@ -96,6 +96,21 @@ def trial_cost(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, i
     return dgc.count_cost(model, input_size)
 
 
+def realised_cost(
+    model: nn.Module, target: dgc.Cost, input_size: tuple[int, int, int]
+) -> dict[str, float]:
+    """For SG-CNN models, the target MACs and, once every self-grouping step has run, the
+    realised MACs and parameters (counted on the trained masks); nothing for other models."""
+    layers = dgc.sg_layers(model)
+    if not layers:
+        return {}
+    out = {M.TARGET_MACS: target.macs}
+    if all(layer.grouped for layer in layers):
+        realised = dgc.count_cost(model, input_size)
+        out |= {M.MACS: realised.macs, M.PARAMS: realised.params}
+    return out
+
+
 def measure_latency(
     model: nn.Module, input_size: tuple[int, int, int], device: torch.device, runs: int = 30
 ) -> float:
@@ -186,6 +201,7 @@ def run_trial(
         }
         if latency is not None:
             metrics[M.LATENCY_MS] = latency
+        metrics.update(realised_cost(model, cost, data.input_size))
         last = epoch + 1 == cfg.epochs
         if last:
             metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(
@@ -199,8 +215,13 @@ def run_trial(
 
 
 def pretrain_epochs(cfg: TrialConfig) -> int:
-    """The epochs of ``cfg`` that train the dense network first (DGC models only)."""
-    return cfg.pretrain_epochs if dgc.model_kind(cfg.model.name) == "dynamic" else 0
+    """The epochs of ``cfg`` that train the dense network first (DGC and SG-CNN models, whose
+    kernels have the dense conv's shape; the others train every epoch themselves)."""
+    return cfg.pretrain_epochs if dgc.model_kind(cfg.model.name) in PRETRAINED_KINDS else 0
+
+
+#: operators that can start from their family's dense network (``dgc.load_dense_weights``)
+PRETRAINED_KINDS = ("dynamic", "selfgroup")
 
 
 def pretrain_dense(
@@ -228,7 +249,7 @@ def pretrain_dense(
 def dense_start_config(cfg: TrialConfig, epochs: int) -> TrialConfig:
     """The trial that trains the dense network ``cfg`` starts from: ``cfg``'s recipe for
     ``epochs`` epochs, with no start of its own and no gate schedule (it has no gates)."""
-    dense = cfg.model.model_copy(update={"name": dgc.variant_of(cfg.model.name, "dense")})
+    dense = cfg.model.variant(dgc.variant_of(cfg.model.name, "dense"))
     update = {"model": dense, "epochs": epochs, "pretrain_epochs": 0, "init_from": None,
               "measure_latency": False, "gate_schedule": GateScheduleParams()}  # fmt: skip
     return TrialConfig.model_validate(cfg.model_copy(update=update).model_dump())

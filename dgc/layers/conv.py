@@ -1,11 +1,13 @@
-"""The convolution injected into the networks: dense, static group, or dynamic group.
+"""The convolution injected into the networks: dense, static group, dynamic group (DGC),
+self-grouping (SG-CNN) or dynamic kernels (DyNet).
 
 A network asks its ``ConvFactory`` for every convolution it wants replaceable (DenseNet's 1x1
 bottleneck convs; ResNet's 3x3 block convs and 1x1 downsample convs), passing the stage index
 (so ``heads``, ``gate_factor`` and ``squeeze_rate`` may differ per stage), whether the network
 wants a pre-activated conv (BN-ReLU-conv, DenseNet style) and the layer name (for errors).
-Other operators (SG-CNN's learned groups, DyNet's dynamic kernels) plug in as new kinds here
-without new network classes.
+Every operator is a kind here, so every network family gets all of them without new classes;
+``SETTINGS`` says which settings each kind takes (DGC's are ignored by the other kinds, as
+before; the SG-CNN and DyNet settings are refused by kinds that do not use them).
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ from typing import Protocol
 from torch import nn
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from dgc.layers.dynamic_kernel import DynamicKernelConv2d
+from dgc.layers.self_grouping import SelfGroupingConv2d
 
-CONV_KINDS = ("dense", "group", "dynamic")
+CONV_KINDS = ("dense", "group", "dynamic", "selfgroup", "dynet")
+#: the settings only one operator takes: refused by the other kinds
+OWN_SETTINGS = {
+    "selfgroup": ("compression", "sg_groups", "sg_steps", "group_mask"),
+    "dynet": ("kernels", "coeff_hidden", "coefficient"),
+}
 
 StageValue = float | int | Sequence[float] | Sequence[int]
 
@@ -72,9 +81,34 @@ class DgcOptions:
     double_norm: bool = True
 
 
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Settings of the SG-CNN and DyNet kinds (per stage where a tuple).
+
+    Args:
+        compression: SG-CNN target fraction of connections pruned per stage.
+        sg_groups: SG-CNN k-means clusters per layer, per stage (the release: 16).
+        sg_steps: SG-CNN self-grouping steps (None: one per 10 points of compression).
+        group_mask: SG-CNN group connectivity rule, "common" or the release's "first".
+        kernels: DyNet fixed kernels per output channel g_t, per stage.
+        coeff_hidden: DyNet coefficient predictor hidden width (0: one FC).
+        coefficient: DyNet coefficient activation, "sigmoid" or "softmax".
+    """
+
+    compression: tuple[float, ...]
+    sg_groups: tuple[int, ...]
+    kernels: tuple[int, ...]
+    sg_steps: int | None = None
+    group_mask: str = "common"
+    coeff_hidden: int = 0
+    coefficient: str = "sigmoid"
+
+
 def pop_options(kwargs: dict[str, object]) -> dict[str, object]:
-    """Take the ``DgcOptions`` keywords out of a recipe's keyword arguments."""
-    return {k: kwargs.pop(k) for k in DgcOptions.__dataclass_fields__ if k in kwargs}
+    """Take the conv factory's keywords (``DgcOptions`` and the SG-CNN and DyNet settings) out
+    of a recipe's keyword arguments."""
+    names = (*DgcOptions.__dataclass_fields__, *OperatorSettings.__dataclass_fields__)
+    return {k: kwargs.pop(k) for k in names if k in kwargs}
 
 
 @dataclass(frozen=True)
@@ -92,6 +126,7 @@ class ConvFactory:
     gate_factor: tuple[float, ...]
     squeeze_rate: tuple[int, ...]
     options: DgcOptions = DgcOptions()
+    operators: OperatorSettings | None = None
 
     def __call__(
         self,
@@ -107,6 +142,10 @@ class ConvFactory:
         shortcut: bool = False,
     ) -> nn.Module:
         o = self.options
+        if self.kind in OWN_SETTINGS and not shortcut:
+            conv = self._operator(in_channels, out_channels, kernel_size, stride, padding,
+                                  stage, name)  # fmt: skip
+            return _preactivated(conv, in_channels) if preact else conv
         if self.kind == "dynamic" and (o.gate_shortcut or not shortcut):
             return DynamicGroupConv2d(
                 in_channels,
@@ -121,19 +160,30 @@ class ConvFactory:
                 norm=preact or o.double_norm,
                 name=name,
             )
-        if self.kind == "dynamic":  # an ungated shortcut: the dense conv
-            return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
-        groups = (
-            1
-            if self.kind == "dense"
-            else _static_groups(name, in_channels, out_channels, self.gate_factor[stage])
-        )
+        if self.kind != "group":  # dense, or the shortcut of an operator that leaves it dense
+            groups = 1
+        else:
+            groups = _static_groups(name, in_channels, out_channels, self.gate_factor[stage])
         conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False
         )
-        if not preact:
-            return conv
-        return nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True), conv)
+        return _preactivated(conv, in_channels) if preact else conv
+
+    def _operator(
+        self, cin: int, cout: int, k: int, stride: int, padding: int, stage: int, name: str
+    ) -> nn.Module:
+        s = self.operators
+        assert s is not None
+        if self.kind == "selfgroup":
+            return SelfGroupingConv2d(
+                cin, cout, k, stride, padding, groups=s.sg_groups[stage],
+                compression=s.compression[stage], steps=s.sg_steps, group_mask=s.group_mask,
+                name=name,
+            )  # fmt: skip
+        return DynamicKernelConv2d(
+            cin, cout, k, stride, padding, kernels=s.kernels[stage], hidden=s.coeff_hidden,
+            coefficient=s.coefficient, name=name,
+        )  # fmt: skip
 
 
 def make_conv_factory(
@@ -145,18 +195,48 @@ def make_conv_factory(
     gate_shortcut: bool = True,
     saliency: str = "scale",
     double_norm: bool = True,
+    **operator: object,
 ) -> ConvFactory:
-    """Validate the kind and expand per-stage settings into a ``ConvFactory``; the last three
-    are ``DgcOptions`` (ignored by the dense and static group kinds)."""
+    """Validate the kind and expand per-stage settings into a ``ConvFactory``. The three
+    ``DgcOptions`` are ignored by the kinds other than "dynamic"; ``operator`` holds the
+    ``OperatorSettings`` keywords, refused by the kinds that do not use them.
+
+    SG-CNN defaults: compression 0.5, 16 groups; DyNet: 4 kernels.
+    """
     if kind not in CONV_KINDS:
         raise ValueError(f"conv kind={kind!r} is unknown; choose one of {CONV_KINDS}")
+    allowed = OWN_SETTINGS.get(kind, ())
+    foreign = sorted(k for k in operator if k not in allowed)
+    if foreign:
+        owner = {s: k for k, names in OWN_SETTINGS.items() for s in names}
+        bad = foreign[0]
+        if bad not in owner:
+            raise TypeError(f"unexpected keyword argument {bad!r}")
+        raise ValueError(
+            f"{bad}={operator[bad]!r} is a setting of the {owner[bad]!r} operator (models "
+            f"{KIND_PREFIX[owner[bad]]}...), but this model's operator is {kind!r}; remove it"
+        )
+    o = dict(operator)
     return ConvFactory(
         kind,
         per_stage("heads", heads, num_stages),
         per_stage("gate_factor", gate_factor, num_stages),
         per_stage("squeeze_rate", squeeze_rate, num_stages),
         DgcOptions(gate_shortcut, saliency, double_norm),
+        OperatorSettings(
+            per_stage("compression", o.pop("compression", 0.5), num_stages),  # type: ignore[arg-type]
+            per_stage("sg_groups", o.pop("sg_groups", 16), num_stages),  # type: ignore[arg-type]
+            per_stage("kernels", o.pop("kernels", 4), num_stages),  # type: ignore[arg-type]
+            **o,  # type: ignore[arg-type]
+        ),
     )
+
+
+def _preactivated(conv: nn.Module, in_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True), conv)
+
+
+KIND_PREFIX = {"dense": "", "dynamic": "dy", "group": "gc", "selfgroup": "sg", "dynet": "dn"}
 
 
 def _static_groups(name: str, cin: int, cout: int, gate_factor: float) -> int:

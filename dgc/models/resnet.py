@@ -1,9 +1,13 @@
-"""ResNet with injected convolutions: ImageNet ResNet-18/34 and CIFAR ResNet-8/20/32/56.
+"""ResNet with injected convolutions: ImageNet ResNet-18/34/50 and CIFAR ResNet-8/20/32/56.
 
 He et al., "Deep Residual Learning for Image Recognition" (arXiv 1512.03385); the DGC variant
 follows Su et al. (arXiv 2007.04242), ``dyresnet18``: every 3x3 block conv and every 1x1
 downsample conv is replaceable; the stem and the classifier stay dense. A DGC layer brings its
 own BN-ReLU, so a DGC block normalises twice before each conv, as in the authors' network.
+ResNet-50 is torchvision's v1.5 bottleneck network (stride on the 3x3 conv), SG-CNN's baseline;
+all three convs of a bottleneck and its 1x1 downsample conv are replaceable (SG-CNN leaves the
+downsample dense, as its release does). ``width_mult`` scales every stage width (DyNet's thinner
+backbones).
 """
 
 from __future__ import annotations
@@ -70,16 +74,61 @@ class BasicBlock(nn.Module):
         return self.act2(out + shortcut)
 
 
+class Bottleneck(nn.Module):
+    """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1-BN plus shortcut, then ReLU;
+    ``planes * 4`` output channels."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        conv_layer: ConvLayer,
+        stage: int,
+        name: str,
+    ) -> None:
+        super().__init__()
+        out = planes * self.expansion
+
+        def conv(
+            cin: int, cout: int, k: int, s: int, part: str, shortcut: bool = False
+        ) -> nn.Module:
+            return conv_layer(cin, cout, k, s, k // 2, stage=stage, preact=False,
+                              name=f"{name}.{part}", shortcut=shortcut)  # fmt: skip
+
+        self.conv1, self.bn1 = conv(in_channels, planes, 1, 1, "conv1"), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv(planes, planes, 3, stride, "conv2"), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = conv(planes, out, 1, 1, "conv3"), nn.BatchNorm2d(out)
+        self.act = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out:
+            self.downsample = nn.Sequential(
+                conv(in_channels, out, 1, stride, "downsample.0", shortcut=True),
+                nn.BatchNorm2d(out),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, C_in, H, W)
+        shortcut = x if self.downsample is None else self.downsample(x)  # (B, 4P, H/s, W/s)
+        out = self.act(self.bn1(self.conv1(x)))  # (B, P, H, W)
+        out = self.act(self.bn2(self.conv2(out)))  # (B, P, H/s, W/s)
+        out = self.bn3(self.conv3(out))  # (B, 4P, H/s, W/s)
+        return self.act(out + shortcut)
+
+
 class ResNet(nn.Module):
-    """Generic BasicBlock ResNet.
+    """Generic ResNet over BasicBlocks or Bottlenecks.
 
     Args:
         layers: blocks per stage.
-        widths: channels per stage.
+        widths: planes per stage (a Bottleneck outputs 4x its planes).
         conv_layer: factory of the replaceable convolutions (see ``dgc.layers.conv``).
         num_classes: classifier outputs.
         in_chans: input channels.
         stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (3x3/1 conv).
+        block: "basic" or "bottleneck".
     """
 
     def __init__(
@@ -90,16 +139,21 @@ class ResNet(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         stem: str = "imagenet",
+        block: str = "basic",
     ) -> None:
         super().__init__()
-        self.num_classes, self.num_features = num_classes, widths[-1]
+        if block not in BLOCKS:
+            raise ValueError(f"block={block!r} is unknown; choose one of {sorted(BLOCKS)}")
+        block_cls = BLOCKS[block]
+        expansion = getattr(block_cls, "expansion", 1)
+        self.num_classes, self.num_features = num_classes, widths[-1] * expansion
         self.num_stages = len(layers)
         self.stem = _make_stem(stem, in_chans, widths[0])
         stages, channels = [], widths[0]
         for i, (depth, width) in enumerate(zip(layers, widths)):
             blocks = [
-                BasicBlock(
-                    channels if j == 0 else width,
+                block_cls(
+                    channels if j == 0 else width * expansion,
                     width,
                     1 if (i == 0 or j > 0) else 2,
                     conv_layer,
@@ -109,7 +163,7 @@ class ResNet(nn.Module):
                 for j in range(depth)
             ]
             stages.append(nn.Sequential(*blocks))
-            channels = width
+            channels = width * expansion
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.num_features, num_classes)
@@ -117,13 +171,16 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         # x: (B, in_chans, H, W)
-        return self.stages(self.stem(x))  # (B, widths[-1], H/r, W/r)
+        return self.stages(self.stem(x))  # (B, num_features, H/r, W/r)
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.pool(x), 1))  # (B, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 def _make_stem(kind: str, in_chans: int, width: int) -> nn.Sequential:
@@ -152,11 +209,15 @@ def _resnet(
     heads: StageValue = 4,
     gate_factor: StageValue | None = None,
     squeeze_rate: StageValue = 16,
+    width_mult: float = 1.0,
     **kwargs: object,
 ) -> ResNet:
     if gate_factor is None:
         # The paper's DyResNet-18 keeps 45%; a static group conv needs 1/G, so it defaults to 1/2.
         gate_factor = default_gate if kind == "dynamic" else 0.5
+    if not 0.0 < width_mult <= 8.0:
+        raise ValueError(f"width_mult={width_mult!r} must be in (0, 8]")
+    widths = [max(1, round(w * width_mult)) for w in widths]
     options = pop_options(kwargs)
     conv = make_conv_factory(kind, len(layers), heads, gate_factor, squeeze_rate, **options)
     return ResNet(layers, widths, conv, stem=stem, **kwargs)  # type: ignore[arg-type]
@@ -176,6 +237,14 @@ def resnet18(kind: str, **kwargs: object) -> ResNet:
 def resnet34(kind: str, **kwargs: object) -> ResNet:
     """ImageNet ResNet-34."""
     return _resnet(kind, (3, 4, 6, 3), IMAGENET_WIDTHS, "imagenet", 0.45, **kwargs)
+
+
+@register_family("resnet50")
+def resnet50(kind: str, **kwargs: object) -> ResNet:
+    """ImageNet ResNet-50 (bottlenecks, torchvision v1.5): SG-CNN's ImageNet baseline,
+    4.09 G MACs and 25.55 M parameters by its counter (``count_cost(rules="sgcnn")``)."""
+    return _resnet(kind, (3, 4, 6, 3), IMAGENET_WIDTHS, "imagenet", 0.45, block="bottleneck",
+                   **kwargs)  # fmt: skip
 
 
 def _cifar_resnet(kind: str, depth: int, **kwargs: object) -> ResNet:

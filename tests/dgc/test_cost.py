@@ -110,3 +110,24 @@ def test_importing_dgc_loads_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dense_resnet50_at_224_is_sg_cnns_baseline_by_its_counter():
+    with torch.device("meta"):
+        model = dgc.create_model("resnet50")
+    sg = dgc.count_cost(model, (3, 224, 224), rules="sgcnn")
+    assert (round(sg.macs / 1e9, 2), round(sg.params / 1e6, 2)) == (4.09, 25.55)
+    assert (sg.macs, sg.params) == (4_089_207_912, 25_549_224)
+    ours = dgc.count_cost(model, (3, 224, 224))  # + ReLU and pooling; every BN's parameters
+    assert ours.params == 25_557_032 and ours.macs > sg.macs
+
+
+def test_sgcnn_rules_count_the_alive_filters_of_a_masked_conv():
+    layer = nn.Sequential()
+    layer.add_module("conv", nn.Conv2d(4, 6, 3, 1, 1, bias=False))
+    layer.add_module("bn", nn.BatchNorm2d(6))
+    layer.add_module("act", nn.ReLU())
+    cost = dgc.count_cost(layer, (4, 5, 5), rules="sgcnn")
+    assert (cost.macs, cost.params) == (4 * 6 * 9 * 25 + 6, 4 * 6 * 9 + 2 * 6)
+    with pytest.raises(ValueError, match="rules='flops' is unknown"):
+        dgc.count_cost(layer, (4, 5, 5), rules="flops")

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import dgc
+from dgc.layers.conv import KIND_PREFIX
 
 # ImageNet recipes run on 64x64 here; the networks pool adaptively, so shapes still work.
-SIZE = {"resnet18": 64, "resnet34": 64, "densenet74": 64}
+SIZE = {"resnet18": 64, "resnet34": 64, "resnet50": 64, "densenet74": 64}
 
 
 def _size(name: str) -> int:
-    base = name.removeprefix("dy").removeprefix("gc")
+    base = name.removeprefix(KIND_PREFIX[dgc.model_kind(name)])
     return SIZE.get(base, 32)
 
 
@@ -92,6 +93,9 @@ def test_create_model_drops_none_kwargs_and_lists_by_pattern():
     assert model.num_classes == 10
     assert dgc.list_models("dy*") == [n for n in dgc.list_models() if n.startswith("dy")]
     assert dgc.model_kind("gcresnet8") == "group" and dgc.model_kind("resnet8") == "dense"
+    assert dgc.model_kind("sgdensenet86") == "selfgroup" and dgc.model_kind("dnresnet50") == "dynet"
+    assert dgc.variant_of("sgresnet20", "dynet") == "dnresnet20"
+    assert dgc.variant_of("densenet86", "selfgroup") == "sgdensenet86"
 
 
 def test_digits_sized_model_runs_on_one_channel_8x8():
