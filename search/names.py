@@ -18,3 +18,4 @@ REGISTERED_ALIAS_TAG = "registered_alias"
 STOPPED_TAG = "stopped_at_epoch"  # child run tag, Optuna user attribute: early-stopped trial
 REFERENCE_TAG = "reference"  # trial-config tag, child run tag, Optuna user attribute: its label
 PRETRAIN_TAG = "pretrain"  # trial-config tag, child run tag: the search's pretrained network
+OPERATOR_TAG = "operator"  # child run tag: the model's operator kind (dgc.model_kind)

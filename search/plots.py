@@ -1,7 +1,8 @@
 """The Pareto plot of a search: a PNG for reports and an interactive HTML page (hover a point for
 its trial, alias and settings). Objectives are shown in readable units (MACs in M, accuracy in
 %), the front as a step (no point lies between two front points), early-stopped trials greyed
-with the epoch they stopped at."""
+with the epoch they stopped at; where a search spans several operators (DGC, SG-CNN, DyNet, ...)
+every trial and front point is coloured by its operator."""
 
 from __future__ import annotations
 
@@ -20,6 +21,23 @@ UNITS = {
     M.VAL_LOSS: (1.0, "validation loss"),
     M.LATENCY_MS: (1.0, "batch-1 latency (ms)"),
 }
+
+
+#: operator kind (dgc.model_kind) -> (legend name, matplotlib colour, plotly colour)
+OPERATORS = {
+    "dense": ("dense", "0.3", "dimgray"),
+    "group": ("static group", "C0", "#1f77b4"),
+    "dynamic": ("DGC", "C1", "#ff7f0e"),
+    "selfgroup": ("SG-CNN", "C2", "#2ca02c"),
+    "dynet": ("DyNet", "C4", "#9467bd"),
+}
+
+
+def operator(p: Any) -> str:
+    """A point's operator kind, from its logged model name."""
+    import dgc
+
+    return dgc.model_kind(p.params.get("model.name", ""))
 
 
 def fmt_setting(text: str) -> str:
@@ -91,7 +109,12 @@ def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter(*_xy(groups["trials"], xm, ym), c="0.45", label="trials", zorder=2)
+    kinds = _kinds(groups)
+    for kind in kinds:
+        members = [p for p in groups["trials"] if operator(p) == kind]
+        name, colour, _ = OPERATORS[kind]
+        ax.scatter(*_xy(members, xm, ym), color=colour if len(kinds) > 1 else "0.45", zorder=2,
+                   label=f"trials: {name}" if len(kinds) > 1 else "trials")  # fmt: skip
     if groups["stopped"]:
         xs, ys = _xy(groups["stopped"], xm, ym)
         ax.scatter(xs, ys, c="0.75", marker="x", label="stopped early (at its rung)", zorder=1)
@@ -109,7 +132,9 @@ def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path)
                         xytext=(4, -10), textcoords="offset points")  # fmt: skip
     xs, ys = _xy(groups["front"], xm, ym)
     ax.step(xs, ys, where="post", c="C3", lw=1.2, zorder=3)
-    ax.scatter(xs, ys, c="C3", label="Pareto front", zorder=4)
+    faces = [OPERATORS[operator(p)][1] if len(kinds) > 1 else "C3" for p in groups["front"]]
+    ax.scatter(xs, ys, c=faces, edgecolors="C3", linewidths=1.5, s=45, zorder=4,
+               label="Pareto front" + (" (fill: operator)" if len(kinds) > 1 else ""))  # fmt: skip
     for x, y, p in zip(xs, ys, groups["front"]):
         ax.annotate(p.name, (x, y), fontsize=8, color="C3",
                     xytext=(4, 4), textcoords="offset points")  # fmt: skip
@@ -120,6 +145,12 @@ def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _kinds(groups: dict[str, list[Any]]) -> list[str]:
+    """The operators of the searched trials and front points, in ``OPERATORS`` order."""
+    seen = {operator(p) for key in ("trials", "front") for p in groups[key] if not p.reference}
+    return [k for k in OPERATORS if k in seen] or ["dense"]
 
 
 def _html(
@@ -142,6 +173,13 @@ def _html(
             "markers",
         ),
     }
+    kinds = _kinds(groups)
+    if len(kinds) > 1:  # one trace per operator instead of one grey "trials" trace
+        del style["trials"]
+        for kind in kinds:
+            name, _, colour = OPERATORS[kind]
+            groups[f"op:{kind}"] = [p for p in groups["trials"] if operator(p) == kind]
+            style[f"op:{kind}"] = (f"trials: {name}", {"color": colour}, "markers")
     traces = []
     for key, (name, marker, mode) in style.items():
         xs, ys = _xy(groups[key], xm, ym)
@@ -151,7 +189,7 @@ def _html(
                 y=ys,
                 mode=mode,
                 name=name,
-                marker=marker,
+                marker=_front_marker(groups[key], kinds) if key == "front" else marker,
                 line={"shape": "hv"} if key == "front" else None,
                 text=[hover(p, space_keys) for p in groups[key]],
                 hovertemplate="%{text}<br>(%{x:.3g}, %{y:.3g})<extra></extra>",
@@ -160,6 +198,13 @@ def _html(
     fig = go.Figure(traces)
     fig.update_layout(title=title, xaxis_title=label(xm), yaxis_title=label(ym))
     fig.write_html(path, include_plotlyjs=True)
+
+
+def _front_marker(points: list[Any], kinds: list[str]) -> dict[str, Any]:
+    if len(kinds) == 1:
+        return {"color": "crimson", "size": 9}
+    fill = [OPERATORS[operator(p)][2] for p in points]
+    return {"color": fill, "size": 10, "line": {"color": "crimson", "width": 2}}
 
 
 def heading(points: list[Any], name: str) -> str:

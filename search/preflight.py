@@ -17,14 +17,18 @@ from search.overrides import SearchConfigError
 from spaces.convert import apply_to_trial
 from spaces.convert import assemble
 from spaces.convert import corner_values
-from spaces.convert import to_optuna_distributions
+from spaces.convert import suggest
 from spaces.errors import format_validation_error
+from spaces.schema import is_active
 from trainables.config import TrialConfig
 from trainables.data import DatasetError
 from trainables.data import count_training_images
 from trainables.data import describe
 from trainables.data import split_indices
 from trainables.runner import trial_cost
+
+#: the space key that chooses the network (and with it the operator)
+NAME_KEY = "model.name"
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,30 @@ def problem_of(exp: ExperimentConfig, source: str) -> Problem:
         split_indices(data.val_size, count_training_images(data), data.split_seed)
     except DatasetError as err:
         raise SearchConfigError(f"{source}: trial.data: {err}") from err
-    try:
-        stages = dgc.num_stages(exp.trial.model.name)
-    except ValueError as err:
-        raise SearchConfigError(f"{source}: trial.model.name: {err}") from err
-    return Problem(classes, size, stages)
+    return Problem(classes, size, _num_stages(exp, source))
+
+
+def _num_stages(exp: ExperimentConfig, source: str) -> int:
+    """Stages of the searched model; with ``model.name`` in the space, every choice's (they
+    must agree where a parameter is per stage)."""
+    names = {"trial.model.name": exp.trial.model.name}
+    p = exp.space.params.get(NAME_KEY)
+    if p is not None and p.type == "categorical":
+        names |= {f"space.params.{NAME_KEY} = {c!r}": c for c in p.choices}
+    stages = {}
+    for where, name in names.items():
+        try:
+            stages[where] = dgc.num_stages(str(name))
+        except ValueError as err:
+            raise SearchConfigError(f"{source}: {where}: {err}") from err
+    counts = set(stages.values())
+    if len(counts) > 1 and any(q.per_stage for q in exp.space.params.values()):
+        raise SearchConfigError(
+            f"{source}: space: the models of {NAME_KEY} have different numbers of stages "
+            f"({', '.join(f'{w}: {n}' for w, n in stages.items())}), so per_stage parameters "
+            "have no one length; search models with the same stages or drop per_stage"
+        )
+    return stages["trial.model.name"] if p is None else max(counts)
 
 
 def cost_point(
@@ -105,17 +128,30 @@ def point_macs(
         ) from err
 
 
-def _center(exp: ExperimentConfig, problem: Problem) -> dict[str, Any]:
-    values = {}
+def _center_value(p: Any) -> Any:
+    if p.type == "categorical":
+        return corner_values(p)[0]
+    mid = math.sqrt(p.low * p.high) if p.log else (p.low + p.high) / 2
+    return round(mid) if p.type == "int" else mid
+
+
+def _point(
+    exp: ExperimentConfig, problem: Problem, fixed: dict[str, Any], centre: bool = True
+) -> dict[str, Any]:
+    """A point of the space: ``fixed`` values, the centre elsewhere (or the trial config's
+    values, ``centre=False``); conditional parameters only where their condition holds."""
+    values: dict[str, Any] = {}
     for key, p in exp.space.params.items():
-        v = corner_values(p)[0] if p.type == "categorical" else _mid(p)
-        values[key] = [v] * problem.num_stages if p.per_stage else v
+        if not is_active(p, values) or (key not in fixed and not centre):
+            continue
+        v = fixed.get(key, _center_value(p))
+        values[key] = [v] * problem.num_stages if p.per_stage and not isinstance(v, list) else v
     return values
 
 
-def _mid(p: Any) -> Any:
-    mid = math.sqrt(p.low * p.high) if p.log else (p.low + p.high) / 2
-    return round(mid) if p.type == "int" else mid
+def _enabling(p: Any) -> dict[str, Any]:
+    """Values that make a conditional parameter active (the first allowed of each)."""
+    return {k: allowed[0] for k, allowed in (p.when or {}).items()}
 
 
 #: below this share of random points within budget, a space is refused (the sampler would
@@ -126,18 +162,18 @@ MIN_FEASIBLE_SHARE = 0.05
 def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Report:
     """Raise SearchConfigError on the first problem; otherwise the MACs range report."""
     problem = problem_of(exp, source)
-    center = _center(exp, problem)
-    macs = [point_macs(exp, problem, center, source, "space (centre point)")]
+    for key, p in exp.space.params.items():  # each value alone first: errors name it
+        for v in corner_values(p):
+            point = _point(exp, problem, {**_enabling(p), key: v}, centre=False)
+            point_macs(exp, problem, point, source, f"space.params.{key} = {v!r}")
+    macs = [point_macs(exp, problem, _point(exp, problem, {}), source, "space (centre point)")]
     for key, p in exp.space.params.items():
         for v in corner_values(p):
-            value = [v] * problem.num_stages if p.per_stage else v
-            macs.append(
-                point_macs(
-                    exp, problem, {**center, key: value}, source, f"space.params.{key} = {v!r}"
-                )
-            )
-    for i, point in enumerate(exp.warm_start):
-        macs.append(point_macs(exp, problem, {**center, **point}, source, f"warm_start[{i}]"))
+            point = _point(exp, problem, {**_enabling(p), key: v})
+            macs.append(point_macs(exp, problem, point, source, f"space.params.{key} = {v!r}"))
+    for i, fixed in enumerate(exp.warm_start):
+        point = _point(exp, problem, fixed)
+        macs.append(point_macs(exp, problem, point, source, f"warm_start[{i}]"))
     _check_references(exp, problem, source)
     _check_pretrain(exp, source)
     random = _random_macs(exp, problem, source, samples)
@@ -228,11 +264,11 @@ def _check_pretrain(exp: ExperimentConfig, source: str) -> None:
 def _random_macs(exp: ExperimentConfig, problem: Problem, source: str, n: int) -> list[int]:
     import optuna
 
-    dists = to_optuna_distributions(exp.space, problem.num_stages)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     out = []
     for _ in range(n):
-        trial = study.ask(dists)
-        values = assemble(exp.space, trial.params, problem.num_stages)
+        trial = study.ask()
+        values = assemble(exp.space, suggest(trial, exp.space, problem.num_stages),
+                          problem.num_stages)  # fmt: skip
         out.append(point_macs(exp, problem, values, source, f"space (sample {trial.params})"))
     return out

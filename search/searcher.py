@@ -34,7 +34,7 @@ from search.references import reference_trials
 from search.scheduler import stopped_at
 from spaces.convert import assemble
 from spaces.convert import param_names
-from spaces.convert import to_optuna_distributions
+from spaces.convert import suggest as suggest_point
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,9 @@ class OptunaSearcher(Searcher):
         reference = self._next_reference(trial_id)
         if reference is not None:
             return reference
-        dists = to_optuna_distributions(self.exp.space, self.problem.num_stages)
         for _ in range(MAX_TRIES):
-            trial = self.study.ask(dists)
+            trial = self.study.ask()
+            suggest_point(trial, self.exp.space, self.problem.num_stages)  # define-by-run
             if self._duplicate(trial):
                 continue
             config = self._costed_config(trial)

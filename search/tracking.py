@@ -184,6 +184,7 @@ class MlflowTrialLogger(Callback):
                 N.TRIAL_TAG: trial.trial_id,
                 "ray_trial_dir": str(trial.path or ""),
                 **_kind_tags(number, reference, pretrain),
+                N.OPERATOR_TAG: _operator(trial.config),
             },
         )
         params = flat_params(trial.config)
@@ -254,6 +255,12 @@ def _run_name(number: object, reference: str | None, pretrain: str | None) -> st
     if pretrain:
         return "pretrain-dense"
     return f"ref-{reference}" if reference else f"trial-{number}"
+
+
+def _operator(config: dict[str, Any]) -> str:
+    import dgc
+
+    return dgc.model_kind(str(config.get("model", {}).get("name", "")))
 
 
 def _kind_tags(number: object, reference: str | None, pretrain: str | None) -> dict[str, str]:

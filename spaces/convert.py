@@ -9,27 +9,53 @@ from spaces.schema import CategoricalParam
 from spaces.schema import FloatParam
 from spaces.schema import IntParam
 from spaces.schema import SearchSpace
+from spaces.schema import is_active
 
 
 def param_names(key: str, per_stage: bool, num_stages: int) -> list[str]:
     return [f"{key}[{i}]" for i in range(num_stages)] if per_stage else [key]
 
 
-def to_optuna_distributions(space: SearchSpace, num_stages: int) -> dict[str, Any]:
-    """Optuna distribution per Optuna parameter name (per-stage params expand to ``key[i]``)."""
+def distribution(p: FloatParam | IntParam | CategoricalParam) -> Any:
+    """The Optuna distribution of one parameter."""
     import optuna.distributions as od
 
+    if isinstance(p, FloatParam):
+        return od.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    if isinstance(p, IntParam):
+        return od.IntDistribution(p.low, p.high, log=p.log, step=p.step)
+    return od.CategoricalDistribution(p.choices)
+
+
+def to_optuna_distributions(space: SearchSpace, num_stages: int) -> dict[str, Any]:
+    """Optuna distribution per Optuna parameter name (per-stage params expand to ``key[i]``),
+    conditional parameters included."""
     out: dict[str, Any] = {}
     for key, p in space.params.items():
-        if isinstance(p, FloatParam):
-            dist: Any = od.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
-        elif isinstance(p, IntParam):
-            dist = od.IntDistribution(p.low, p.high, log=p.log, step=p.step)
-        else:
-            dist = od.CategoricalDistribution(p.choices)
         for name in param_names(key, p.per_stage, num_stages):
-            out[name] = dist
+            out[name] = distribution(p)
     return out
+
+
+def suggest(trial: Any, space: SearchSpace, num_stages: int) -> dict[str, Any]:
+    """Sample one point define-by-run on an Optuna ``trial``: parameters in space order, a
+    conditional one only when its condition holds (so Optuna sees it as conditional).
+    Returns the Optuna-named values (``trial.params``)."""
+    values: dict[str, Any] = {}
+    for key, p in space.params.items():
+        if not is_active(p, values):
+            continue
+        for name in param_names(key, p.per_stage, num_stages):
+            values[name] = _suggest_one(trial, name, p)
+    return values
+
+
+def _suggest_one(trial: Any, name: str, p: FloatParam | IntParam | CategoricalParam) -> Any:
+    if isinstance(p, FloatParam):
+        return trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+    if isinstance(p, IntParam):
+        return trial.suggest_int(name, p.low, p.high, log=p.log, step=p.step)
+    return trial.suggest_categorical(name, p.choices)
 
 
 def corner_values(p: FloatParam | IntParam | CategoricalParam) -> list[Any]:
@@ -38,10 +64,13 @@ def corner_values(p: FloatParam | IntParam | CategoricalParam) -> list[Any]:
 
 
 def assemble(space: SearchSpace, values: dict[str, Any], num_stages: int) -> dict[str, Any]:
-    """{dotted key: value or per-stage list} from Optuna-named values."""
+    """{dotted key: value or per-stage list} from Optuna-named values; inactive conditional
+    parameters (absent from ``values``) are left out."""
     out: dict[str, Any] = {}
     for key, p in space.params.items():
         names = param_names(key, p.per_stage, num_stages)
+        if names[0] not in values:
+            continue
         out[key] = [values[n] for n in names] if p.per_stage else values[names[0]]
     return out
 

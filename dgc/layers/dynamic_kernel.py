@@ -22,6 +22,7 @@ unverified detail made a setting:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -83,7 +84,8 @@ class DynamicKernelConv2d(nn.Module):
     def coefficients(self, x: Tensor) -> Tensor:
         """eta: (B, O, g_t), from the pooled input, in float32 (under autocast too)."""
         z = x.float().mean((2, 3))  # (B, C)
-        with torch.autocast(x.device.type, enabled=False):
+        plain = x.device.type in ("cpu", "cuda")  # no autocast on the meta device (costing)
+        with torch.autocast(x.device.type, enabled=False) if plain else contextlib.nullcontext():
             if self.reduce is not None:
                 z = self.reduce(z)  # (B, r)
             logits = self.coeff(z).view(-1, self.out_channels, self.kernels)  # (B, O, g_t)

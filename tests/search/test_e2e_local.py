@@ -224,3 +224,32 @@ def test_the_search_pretraining_config_is_a_valid_dense_trial():
     cfg = TrialConfig.model_validate(pretrain_config(exp))
     assert cfg.model.name == "resnet8" and cfg.epochs == 2 and cfg.init_from is None
     assert cfg.tags == {"pretrain": "resnet8"} and cfg.gate_schedule.unit == "fraction"
+
+
+def test_a_search_over_operators_puts_dgc_sg_cnn_and_dynet_on_one_front(ray_2cpu, tmp_path):
+    """The shipped operator experiment: its three warm-start points are one DGC, one SG-CNN and
+    one DyNet network, plus the dense reference."""
+    path = REPO / "experiments" / "digits_operators.yaml"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = load_experiment(path, [
+        f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "trial.data.batch_size=128",
+        "trial.epochs=2", "num_trials=3", "references={dense: true}",
+        "ray={dashboard: false, num_cpus: 2}", "mlflow.register_models=false"])
+    assert launch(exp, str(path)) == 0
+    _, kids = children(uri, "digits_operators")
+    by_op = {k.data.tags["operator"]: k for k in kids}
+    assert set(by_op) == {"dense", "dynamic", "selfgroup", "dynet"}
+    assert all(k.info.status == "FINISHED" for k in kids)
+    sg = by_op["selfgroup"].data
+    assert sg.params["model.compression"] == "0.5" and sg.params["model.heads"] == "None"
+    assert sg.metrics["macs"] <= sg.metrics["target_macs"]  # realised after the last step
+    history = mlflow.MlflowClient(uri).get_metric_history(by_op["selfgroup"].info.run_id, "macs")
+    assert history[-1].value == sg.metrics["macs"]
+    assert by_op["dynet"].data.params["model.kernels"] == "4"
+    assert {k.info.run_id for k in kids if k.data.tags["pareto"] == "true"} == brute_force_front(kids)
+    html = (tmp_path / "digits_operators" / "pareto.html").read_text()
+    assert all(f"trials: {n}" in html or n in html for n in ("DGC", "SG-CNN", "DyNet"))
+    state = SearchState.load(tmp_path / "digits_operators")
+    study = optuna.load_study(study_name="digits_operators", storage=state.optuna_storage)
+    params = {t.params.get("model.name"): set(t.params) for t in study.trials if t.params}
+    assert params["sgresnet8"] == {"model.name", "model.compression", "model.sg_groups"}

@@ -142,3 +142,28 @@ def test_tpe_learns_the_budget_from_pruned_over_budget_points(tmp_path):
     over = [t.user_attrs.get("over_budget", False) for t in trials]
     early, late = over[:15], over[-15:]
     assert sum(late) < sum(early), (sum(early), sum(late))  # the sampler moved within budget
+
+
+OPERATOR_SPACE = """
+params:
+  model.name: {type: categorical, choices: [dyresnet8, sgresnet8, dnresnet8]}
+  model.gate_factor: {type: float, low: 0.25, high: 0.75, when: {model.name: [dyresnet8]}}
+  model.compression: {type: float, low: 0.3, high: 0.7, when: {model.name: [sgresnet8]}}
+  model.kernels: {type: int, low: 2, high: 4, when: {model.name: [dnresnet8]}}
+"""
+
+
+def test_an_operator_space_suggests_only_each_operators_own_settings_costed(tmp_path):
+    (tmp_path / "ops.yaml").write_text(OPERATOR_SPACE)
+    s = _searcher(tmp_path, f"space={tmp_path / 'ops.yaml'}", "sampler={name: random, seed: 1}")
+    own = {"dyresnet8": "gate_factor", "sgresnet8": "compression", "dnresnet8": "kernels"}
+    seen = set()
+    for i in range(9):
+        model = TrialConfig.model_validate(s.suggest(f"t{i}")).model
+        seen.add(model.name)
+        settings = {k for k in own.values() if getattr(model, k) is not None}
+        assert settings == {own[model.name]}, (model.name, settings)
+    assert seen == set(own)
+    for t in s.study.trials:  # costed before training, with the parameters it sampled
+        assert t.user_attrs["macs"] > 0
+        assert set(t.params) == {"model.name", f"model.{own[t.params['model.name']]}"}

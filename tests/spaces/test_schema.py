@@ -52,3 +52,61 @@ def test_optuna_samples_land_in_bounds_and_assemble_per_stage_lists():
         trial = apply_to_trial({"model": {"name": "dyresnet20"}}, values)
         assert trial["model"]["gate_factor"] == values["model.gate_factor"]
         assert trial["optim"]["lr"] == values["optim.lr"]
+
+
+OPERATORS = {
+    "model.name": {"type": "categorical", "choices": ["dyresnet8", "sgresnet8", "dnresnet8"]},
+    "model.gate_factor": {"type": "float", "low": 0.2, "high": 0.8,
+                          "when": {"model.name": ["dyresnet8"]}},
+    "model.compression": {"type": "float", "low": 0.3, "high": 0.8, "per_stage": True,
+                          "when": {"model.name": ["sgresnet8"]}},
+    "model.kernels": {"type": "int", "low": 2, "high": 5, "when": {"model.name": ["dnresnet8"]}},
+    "optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+}
+
+
+def test_conditional_parameters_are_sampled_define_by_run_only_when_active():
+    import optuna
+
+    from spaces.convert import suggest
+
+    space = parse_space({"params": OPERATORS}, "ops.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        values = suggest(trial, space, 3)
+        assert values == trial.params
+        name = values["model.name"]
+        seen.add(name)
+        own = {"dyresnet8": {"model.gate_factor"}, "dnresnet8": {"model.kernels"},
+               "sgresnet8": {f"model.compression[{i}]" for i in range(3)}}[name]
+        assert set(values) == {"model.name", "optim.lr"} | own
+        point = assemble(space, values, 3)
+        assert set(point) == {"model.name", "optim.lr"} | {k.split("[")[0] for k in own}
+        study.tell(trial, 0.0)
+    assert seen == {"dyresnet8", "sgresnet8", "dnresnet8"}
+    # Optuna records each conditional parameter only on the trials that sampled it.
+    dist = {t.params.get("model.name"): set(t.distributions) for t in study.trials}
+    assert "model.kernels" in dist["dnresnet8"] and "model.kernels" not in dist["dyresnet8"]
+
+
+@pytest.mark.parametrize("when,match", [
+    ({"model.lr": ["x"]}, r"params.b.when.model.lr: 'model.lr' is not a parameter listed before 'b'"),
+    ({"a": ["nope"]}, r"params.b.when.a: \['nope'\] must be a non-empty list of choices of 'a'"),
+    ({"a": []}, r"must be a non-empty list of choices"),
+    ({"c": [1]}, r"'c' is not a parameter listed before 'b'"),
+])
+def test_bad_conditions_name_the_parameter_and_the_rule(when, match):
+    params = {"a": {"type": "categorical", "choices": ["x", "y"]},
+              "b": {"type": "float", "low": 0, "high": 1, "when": when},
+              "c": {"type": "categorical", "choices": [1, 2]}}
+    with pytest.raises(SpaceError, match=match):
+        parse_space({"params": params}, "my.yaml")
+
+
+def test_a_condition_on_a_numeric_parameter_is_refused():
+    params = {"a": {"type": "float", "low": 0, "high": 1},
+              "b": {"type": "float", "low": 0, "high": 1, "when": {"a": [0.5]}}}
+    with pytest.raises(SpaceError, match="'a' must be a categorical parameter"):
+        parse_space({"params": params}, "my.yaml")
