@@ -1,6 +1,8 @@
 """Write docs/models.md: MACs and parameters of every registered model, by the authors' rules.
 
-python bench/model_table.py            # rewrites docs/models.md
+python bench/model_table.py            # rewrites the generated tables of docs/models.md
+
+The hand-written sections after the ``HAND_WRITTEN`` marker are kept as they are.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from pathlib import Path
 import torch
 
 import dgc
+from dgc.layers.conv import KIND_PREFIX
 
-IMAGENET = ("resnet18", "resnet34", "densenet74")
+IMAGENET = ("resnet18", "resnet34", "resnet50", "densenet74")
+HAND_WRITTEN = "<!-- hand-written below: bench/model_table.py keeps it -->"
 # Published configurations checked against the authors' own counter output.
 PUBLISHED = [
     (
@@ -28,14 +32,14 @@ PUBLISHED = [
 
 
 def input_size(name: str) -> tuple[int, int, int]:
-    base = name.removeprefix("dy").removeprefix("gc")
+    base = name.removeprefix(KIND_PREFIX[dgc.model_kind(name)])
     return (3, 224, 224) if base in IMAGENET else (3, 32, 32)
 
 
-def cost_row(name: str, **kwargs: object) -> tuple[int, int]:
+def cost_row(name: str, rules: str = "dgc", **kwargs: object) -> tuple[int, int]:
     with torch.device("meta"):
         model = dgc.create_model(name, **kwargs)
-    cost = dgc.count_cost(model, input_size(name))
+    cost = dgc.count_cost(model, input_size(name), rules=rules)
     return cost.macs, cost.params
 
 
@@ -48,7 +52,8 @@ def main() -> None:
         "`dgc.count_cost` by the DGC authors' rules (methods.md 1.7): MACs, DGC layers at "
         "their target gate factor; defaults of each recipe (DGC: heads 4, squeeze 16, gate "
         "0.25 for DenseNets and CIFAR ResNets' gate 0.5, 0.45 for ImageNet ResNets; static "
-        "group: groups = 1/gate). CIFAR models at 32x32 with 10 classes, ImageNet models at "
+        "group: groups = 1/gate; SG-CNN: compression 0.5, its target before training; DyNet: "
+        "4 kernels, full width). CIFAR models at 32x32 with 10 classes, ImageNet models at "
         "224x224 with 1000 classes.",
         "",
         "## Published configurations",
@@ -72,6 +77,11 @@ def main() -> None:
         f"| resnet18 | dense | {m:,} | - | ~1.82 G (torchvision's usual figure) | - | "
         "methods.md 1.8 |"
     )
+    m, p = cost_row("resnet50", rules="sgcnn")
+    lines.append(
+        f"| resnet50 | dense, `rules=\"sgcnn\"` | {m:,} | {p:,} | 4.09 G | 25.55 M | "
+        "SG-CNN README, ImageNet ResNet-50 baseline (methods.md 2.4, 2.5) |"
+    )
     lines += [
         "",
         "## Every registered model",
@@ -86,7 +96,9 @@ def main() -> None:
             f"| {name} | {dgc.model_kind(name)} | {size} | {m / 1e6:.2f} | {p / 1e6:.3f} |"
         )
     out = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-    out.write_text("\n".join(lines) + "\n")
+    old = out.read_text() if out.exists() else ""
+    tail = old[old.index(HAND_WRITTEN) :] if HAND_WRITTEN in old else HAND_WRITTEN + "\n"
+    out.write_text("\n".join(lines) + "\n\n" + tail)
     print(out.read_text())
 
 

@@ -31,8 +31,10 @@ Differences from the released code:
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,7 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers.kernel_choice import KernelChoice
+from dgc.layers.kernel_choice import tracing
 from dgc.layers.schedule import PAPER
 from dgc.layers.schedule import GateSchedule
 
@@ -199,7 +202,7 @@ class SelfGroupingConv2d(nn.Module):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._steps_done = 0  # host mirror: reading the buffer would sync a GPU every step
         self._groups: Groups | None = None
-        self._packed: tuple[tuple, list[Tensor], Tensor] | None = None  # eval kernels, cached
+        self._packed: tuple | None = None  # eval kernels, cached
         self.kernels = KernelChoice()
         self.reset_parameters()
 
@@ -254,19 +257,23 @@ class SelfGroupingConv2d(nn.Module):
         # x: (B, C, H, W)
         if self.training or not self.grouped or torch.is_grad_enabled():
             return self._masked(x)  # (B, O, H', W')
-        return self.kernels.run(
-            (tuple(x.shape), x.dtype, x.device.type),
-            {
-                "masked": lambda: self._masked(x),
-                "loop": lambda: self._loop(x),
-                "padded": lambda: self._padded(x),
-            },  # fmt: skip
-            "padded",
-        )
+        key = (x.shape, x.dtype, x.device.type)
+        chosen = self.kernels.chosen.get(key)
+        if chosen is not None and not tracing():  # the common case, without the closures
+            return self._paths[chosen](x)
+        kernels = {name: functools.partial(fn, x) for name, fn in self._paths.items()}
+        return self.kernels.run(key, kernels, "loop")  # (B, O, H', W')
+
+    @property
+    def _paths(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return {"masked": self._masked, "loop": self._loop, "padded": self._padded}
 
     def _masked(self, x: Tensor) -> Tensor:
-        w = self.weight * self.mask[:, :, None, None].to(self.weight.dtype)  # (O, C, k, k)
-        return F.conv2d(x, w.to(x.dtype), None, self.stride, self.padding)
+        if self.grouped and not torch.is_grad_enabled():  # eval: the masked kernel is cached
+            w = self._packed_kernels(x.dtype)[2]
+        else:
+            w = (self.weight * self.mask[:, :, None, None].to(self.weight.dtype)).to(x.dtype)
+        return F.conv2d(x, w, None, self.stride, self.padding)  # (B, O, H', W')
 
     def structure(self) -> Groups:
         """The diverse groups of the final mask (computed once per mask)."""
@@ -274,8 +281,9 @@ class SelfGroupingConv2d(nn.Module):
             self._groups = diverse_groups(self.mask)
         return self._groups
 
-    def _packed_kernels(self, dtype: torch.dtype) -> tuple[list[Tensor], Tensor]:
-        """Per-group kernels and the padded grouped kernel, rebuilt when the weight changes."""
+    def _packed_kernels(self, dtype: torch.dtype) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Per-group kernels, the padded grouped kernel and the masked kernel, rebuilt when the
+        weight changes."""
         key = (self.weight._version, dtype, self.weight.device, id(self.structure()))
         if self._packed is None or self._packed[0] != key:
             g, w = self.structure(), self.weight.detach().to(dtype)
@@ -284,12 +292,13 @@ class SelfGroupingConv2d(nn.Module):
             padded = w.new_zeros(len(g.inputs) * g.o_max, max(g.n_max, 1), k, k)
             for d, kernel in enumerate(per_group):
                 padded[d * g.o_max : d * g.o_max + kernel.shape[0], : kernel.shape[1]] = kernel
-            self._packed = (key, per_group, padded)
-        return self._packed[1], self._packed[2]
+            masked = w * self.mask[:, :, None, None].to(dtype)
+            self._packed = (key, per_group, padded, masked)
+        return self._packed[1], self._packed[2], self._packed[3]
 
     def _loop(self, x: Tensor) -> Tensor:
         """One dense conv per group over its own input subset."""
-        g, (kernels, _) = self.structure(), self._packed_kernels(x.dtype)
+        g, (kernels, _, _) = self.structure(), self._packed_kernels(x.dtype)
         outs = []
         for o, i, w in zip(g.outputs, g.inputs, kernels):
             if len(i) == 0:  # a group that reads nothing outputs zeros
@@ -302,7 +311,7 @@ class SelfGroupingConv2d(nn.Module):
     def _padded(self, x: Tensor) -> Tensor:
         """All groups as one grouped conv: inputs gathered (overlaps duplicated) and padded to
         the largest subset, kernels zero-padded to the largest group."""
-        g, (_, w) = self.structure(), self._packed_kernels(x.dtype)
+        g, (_, w, _) = self.structure(), self._packed_kernels(x.dtype)
         xg = x.index_select(1, g.padded_in)  # (B, G*n_max, H, W)
         y = F.conv2d(xg, w, None, self.stride, self.padding, groups=len(g.inputs))
         return y.index_select(1, g.padded_out)  # (B, G*o_max, H', W') -> (B, O, H', W')
