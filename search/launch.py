@@ -279,7 +279,11 @@ def _conclude(
         log.error("every trial failed")
         return 1
     if not results:
-        log.error("no trial trained: the sampler found no point within the budget")
+        log.error(
+            "no trial trained: every point the sampler drew was over the budget, could not be "
+            "built or is already in the study (see the FAILed and PRUNED Optuna trials' "
+            "user attributes over_budget, invalid, duplicate_of)"
+        )
         return 1
     return 0
 

@@ -176,6 +176,7 @@ def _html(
     kinds = _kinds(groups)
     if len(kinds) > 1:  # one trace per operator instead of one grey "trials" trace
         del style["trials"]
+        style["front"] = ("Pareto front (fill: operator)", *style["front"][1:])
         for kind in kinds:
             name, _, colour = OPERATORS[kind]
             groups[f"op:{kind}"] = [p for p in groups["trials"] if operator(p) == kind]

@@ -150,7 +150,11 @@ class OptunaSearcher(Searcher):
                 self.live[trial_id] = trial.number
                 config["tags"] = {N.OPTUNA_TRIAL_TAG: trial.number}
                 return config
-        log.warning("no trainable point in %d samples; stopping the search", MAX_TRIES)
+        log.warning(
+            "no new trainable point in %d samples (over the budget, unbuildable or already in "
+            "the study); stopping the search",
+            MAX_TRIES,
+        )
         return Searcher.FINISHED
 
     def _next_reference(self, trial_id: str) -> dict[str, Any] | None:

@@ -253,3 +253,27 @@ def test_a_search_over_operators_puts_dgc_sg_cnn_and_dynet_on_one_front(ray_2cpu
     study = optuna.load_study(study_name="digits_operators", storage=state.optuna_storage)
     params = {t.params.get("model.name"): set(t.params) for t in study.trials if t.params}
     assert params["sgresnet8"] == {"model.name", "model.compression", "model.sg_groups"}
+
+
+def test_a_search_that_trains_nothing_exits_nonzero(ray_2cpu, tmp_path):
+    """Two searches share one Optuna study (``optuna_storage``) over a one-point space: the
+    second finds its only point trained, trains nothing, says so and exits 1."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"mlflow.tracking_uri={uri}", f"optuna_storage=sqlite:///{tmp_path / 'shared.db'}",
+            "num_trials=2", "trial.epochs=1", "mlflow.register_models=false",
+            "space={params: {model.heads: {type: categorical, choices: [4]}}}"]
+    first = load_experiment(SMOKE, [f"storage_dir={tmp_path / 'a'}", *sets])
+    assert launch(first, SMOKE) == 0
+    second = load_experiment(SMOKE, [f"storage_dir={tmp_path / 'b'}", *sets])
+    assert launch(second, SMOKE) == 1
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("smoke").experiment_id
+    parents = client.search_runs([exp_id], "tags.`dgc_search.kind` = 'search'",
+                                 order_by=["attributes.start_time ASC"])
+    assert [p.info.status for p in parents] == ["FINISHED", "FAILED"]
+    kids = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parents[1].info.run_id}'")
+    assert kids == []
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 1  # trained once, never again
+    assert len(states) <= 1 + 2 * 100  # duplicates are refused, not trained, and bounded
