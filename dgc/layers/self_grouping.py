@@ -169,7 +169,8 @@ class SelfGroupingConv2d(nn.Module):
         groups: k-means clusters per step (the release's ``--group_num``, 16).
         compression: target fraction of the connections pruned, in [0, 1) (cp / 100).
         steps: self-grouping steps to reach it; step i prunes to ``compression * i / steps``.
-            None: one step per 10 points of compression, as the release (10, 20, ... %).
+            None: one step per 10 points of compression (rounded up), as the release (10, 20,
+            ... %); none at compression 0.
         group_mask: "common" (default) or "first" (the release's rule), see the module doc.
         seed: mixed with the layer name and the step into the k-means seed.
         name: the layer's name in its network (errors, seeding).
@@ -195,7 +196,8 @@ class SelfGroupingConv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.groups, self.compression, self.group_mask = groups, compression, group_mask
-        self.steps = steps if steps is not None else max(1, round(compression * 10))
+        # compression 0: no step, one group that reads everything (the dense conv)
+        self.steps = steps if steps is not None else math.ceil(round(compression * 10, 6))
         self.seed, self.name = seed, name
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.register_buffer("mask", torch.ones(out_channels, in_channels))
@@ -241,10 +243,11 @@ class SelfGroupingConv2d(nn.Module):
         gen = torch.Generator().manual_seed(
             (self.seed * 1_000_003 + zlib.crc32(self.name.encode()) + step) % 2**63
         )
-        new, _ = self_group_step(
-            self.weight, self.mask, self.groups, self.step_percent(step), gen, self.group_mask
-        )
-        self.mask.copy_(new)
+        if self.compression > 0:  # a 0th percentile would still cut the smallest entries
+            new, _ = self_group_step(
+                self.weight, self.mask, self.groups, self.step_percent(step), gen, self.group_mask
+            )
+            self.mask.copy_(new)
         self.steps_done.fill_(step)
         self._steps_done, self._groups, self._packed = step, None, None
 

@@ -166,3 +166,14 @@ def test_a_setting_of_another_operator_is_refused():
         dgc.create_model("dyresnet8", compression=0.5)
     with pytest.raises(ValueError, match="kernels=4 is a setting of the 'dynet'"):
         dgc.create_model("sgresnet8", kernels=4)
+
+
+def test_compression_zero_runs_no_step_and_is_the_dense_conv():
+    layer = SelfGroupingConv2d(8, 12, 3, 1, 1, compression=0.0, name="l").eval()
+    assert layer.steps == 0 and layer.grouped
+    layer.advance(1.0)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), torch.nn.functional.conv2d(x, layer.weight, None, 1, 1),
+                              atol=1e-6)  # fmt: skip
+    assert bool(layer.mask.all())
