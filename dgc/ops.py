@@ -37,12 +37,13 @@ def set_progress(model: nn.Module, progress: float, schedule: GateSchedule = PAP
     """
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress={progress!r} must be in [0, 1] (iterations done / total)")
-    for layer in dgc_layers(model):
-        layer.set_inactive(
-            inactive_channels(progress, layer.in_channels, layer.gate_factor, schedule)
-        )
-    for sg in sg_layers(model):
-        sg.advance(progress, schedule)
+    for layer in model.modules():  # one walk per iteration for both operators
+        if isinstance(layer, DynamicGroupConv2d):
+            layer.set_inactive(
+                inactive_channels(progress, layer.in_channels, layer.gate_factor, schedule)
+            )
+        elif isinstance(layer, SelfGroupingConv2d):
+            layer.advance(progress, schedule)
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -1,4 +1,5 @@
-"""Spaces to Optuna distributions, and sampled values back to TrialConfig overrides."""
+"""Spaces sampled on Optuna trials (define-by-run), and sampled values back to TrialConfig
+overrides."""
 
 from __future__ import annotations
 
@@ -14,27 +15,6 @@ from spaces.schema import is_active
 
 def param_names(key: str, per_stage: bool, num_stages: int) -> list[str]:
     return [f"{key}[{i}]" for i in range(num_stages)] if per_stage else [key]
-
-
-def distribution(p: FloatParam | IntParam | CategoricalParam) -> Any:
-    """The Optuna distribution of one parameter."""
-    import optuna.distributions as od
-
-    if isinstance(p, FloatParam):
-        return od.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
-    if isinstance(p, IntParam):
-        return od.IntDistribution(p.low, p.high, log=p.log, step=p.step)
-    return od.CategoricalDistribution(p.choices)
-
-
-def to_optuna_distributions(space: SearchSpace, num_stages: int) -> dict[str, Any]:
-    """Optuna distribution per Optuna parameter name (per-stage params expand to ``key[i]``),
-    conditional parameters included."""
-    out: dict[str, Any] = {}
-    for key, p in space.params.items():
-        for name in param_names(key, p.per_stage, num_stages):
-            out[name] = distribution(p)
-    return out
 
 
 def suggest(trial: Any, space: SearchSpace, num_stages: int) -> dict[str, Any]:

@@ -135,9 +135,6 @@ class DynamicKernelConv2d(nn.Module):
         fusion = g * o * c * k2
         return pool + reduce + predict + fusion + o * c * k2 * out_hw
 
-    def cost_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

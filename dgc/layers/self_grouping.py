@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,8 @@ from dgc.layers.schedule import PAPER
 from dgc.layers.schedule import GateSchedule
 
 GROUP_MASKS = ("common", "first")
+#: the equivalent eval kernels of a grouped layer (methods ``_<name>``)
+KERNELS = ("masked", "loop", "padded")
 KMEANS_INITS = 10
 KMEANS_ITERS = 300
 KMEANS_TOL = 1e-4  # sklearn's default: relative to the mean per-feature variance
@@ -132,14 +133,8 @@ class Groups:
     order: Tensor  # (O,) position of each output channel in cat(outputs)
     padded_in: Tensor  # (G * n_max,) input index per padded slot
     padded_out: Tensor  # (O,) slot in the (G * o_max) padded output of each channel
-
-    @property
-    def n_max(self) -> int:
-        return max((len(i) for i in self.inputs), default=0)
-
-    @property
-    def o_max(self) -> int:
-        return max(len(o) for o in self.outputs)
+    n_max: int  # the largest input subset (at least 1: an empty group reads a zero kernel)
+    o_max: int  # the largest group
 
 
 def diverse_groups(mask: Tensor) -> Groups:
@@ -149,16 +144,16 @@ def diverse_groups(mask: Tensor) -> Groups:
     inputs = [row.nonzero().squeeze(1) for row in rows]
     order = torch.empty_like(inverse)
     order[torch.cat(outputs)] = torch.arange(len(inverse), device=mask.device)
-    n_max = max((len(i) for i in inputs), default=0)
+    n_max = max(1, max(len(i) for i in inputs))
     o_max = max(len(o) for o in outputs)
     # Padded layout: group g reads slots g*n_max.. (its inputs, then channel 0 as filler with a
     # zero kernel) and writes slots g*o_max.. (its filters, then unused slots).
-    pad_in = torch.zeros(len(inputs), max(n_max, 1), dtype=torch.long, device=mask.device)
+    pad_in = torch.zeros(len(inputs), n_max, dtype=torch.long, device=mask.device)
     pad_out = torch.empty_like(inverse)
     for g, (i, o) in enumerate(zip(inputs, outputs)):
         pad_in[g, : len(i)] = i
         pad_out[o] = g * o_max + torch.arange(len(o), device=mask.device)
-    return Groups(outputs, inputs, order, pad_in.flatten(), pad_out)
+    return Groups(outputs, inputs, order, pad_in.flatten(), pad_out, n_max, o_max)
 
 
 class SelfGroupingConv2d(nn.Module):
@@ -263,13 +258,9 @@ class SelfGroupingConv2d(nn.Module):
         key = (x.shape, x.dtype, x.device.type)
         chosen = self.kernels.chosen.get(key)
         if chosen is not None and not tracing():  # the common case, without the closures
-            return self._paths[chosen](x)
-        kernels = {name: functools.partial(fn, x) for name, fn in self._paths.items()}
+            return getattr(self, f"_{chosen}")(x)
+        kernels = {name: functools.partial(getattr(self, f"_{name}"), x) for name in KERNELS}
         return self.kernels.run(key, kernels, "loop")  # (B, O, H', W')
-
-    @property
-    def _paths(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        return {"masked": self._masked, "loop": self._loop, "padded": self._padded}
 
     def _masked(self, x: Tensor) -> Tensor:
         if self.grouped and not torch.is_grad_enabled():  # eval: the masked kernel is cached
@@ -292,7 +283,7 @@ class SelfGroupingConv2d(nn.Module):
             g, w = self.structure(), self.weight.detach().to(dtype)
             per_group = [w[o][:, i] for o, i in zip(g.outputs, g.inputs)]
             k = self.kernel_size
-            padded = w.new_zeros(len(g.inputs) * g.o_max, max(g.n_max, 1), k, k)
+            padded = w.new_zeros(len(g.inputs) * g.o_max, g.n_max, k, k)
             for d, kernel in enumerate(per_group):
                 padded[d * g.o_max : d * g.o_max + kernel.shape[0], : kernel.shape[1]] = kernel
             masked = w * self.mask[:, :, None, None].to(dtype)

@@ -4,7 +4,7 @@ import pytest
 
 from spaces.convert import apply_to_trial
 from spaces.convert import assemble
-from spaces.convert import to_optuna_distributions
+from spaces.convert import suggest
 from spaces.load import SpaceError
 from spaces.load import builtin_spaces
 from spaces.load import load_space
@@ -40,11 +40,11 @@ def test_optuna_samples_land_in_bounds_and_assemble_per_stage_lists():
     import optuna
 
     space = load_space(resolve_space_path("dyresnet_cifar.yaml"))
-    dists = to_optuna_distributions(space, num_stages=3)
-    assert {"model.gate_factor[0]", "model.gate_factor[2]", "optim.lr"} <= set(dists)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(20):
-        t = study.ask(dists)
+        t = study.ask()
+        suggest(t, space, 3)
+        assert {"model.gate_factor[0]", "model.gate_factor[2]", "optim.lr"} <= set(t.params)
         values = assemble(space, t.params, 3)
         assert len(values["model.gate_factor"]) == 3
         assert all(0.15 <= g <= 1.0 for g in values["model.gate_factor"])
@@ -67,8 +67,6 @@ OPERATORS = {
 
 def test_conditional_parameters_are_sampled_define_by_run_only_when_active():
     import optuna
-
-    from spaces.convert import suggest
 
     space = parse_space({"params": OPERATORS}, "ops.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
