@@ -180,6 +180,24 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class StemMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools a CPU tensor in channels-last layout when no gradient is needed.
+
+    PyTorch's CPU max-pool is vectorised over channels only in channels-last layout: on the
+    ImageNet stem (64 x 112 x 112, 2 threads) the NCHW kernel took 3.8 ms at batch 1 and
+    the channels-last round trip 0.84 ms (27.8 and 6.0 ms at batch 8), the same for every
+    variant (bench/dgc_profile.py). Training keeps the NCHW kernel (with its indices for the
+    backward pass, no faster in channels-last). Maxima are exact, so outputs are identical.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, C, H, W)
+        if x.device.type != "cpu" or x.dim() != 4 or torch.is_grad_enabled():
+            return super().forward(x)  # (B, C, H', W')
+        y = super().forward(x.contiguous(memory_format=torch.channels_last))  # (B, C, H', W')
+        return y.contiguous()  # (B, C, H', W'), NCHW again for the convolutions that follow
+
+
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
@@ -189,7 +207,7 @@ def _make_stem(kind: str, in_chans: int, width: int) -> nn.Sequential:
             nn.Conv2d(in_chans, width, 7, 2, 3, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2, 1),
+            StemMaxPool2d(3, 2, 1),
         )
     if kind == "cifar":
         return nn.Sequential(
