@@ -4,7 +4,7 @@ process, round-robin (same weights, gates fully pruned, float32, 2 threads).
     git archive <old-commit> dgc | tar -x -C /tmp/old && mv /tmp/old/dgc /tmp/old/dgc_old
     grep -rl dgc /tmp/old/dgc_old | xargs sed -i 's/from dgc\\./from dgc_old./g; \\
         s/from dgc import/from dgc_old import/g'
-    PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10]
+    PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10] [--modes eval train]
 
 Prints before/after milliseconds and the speed-up (before / after).
 """
@@ -64,12 +64,13 @@ def train_step(model, lib, opt, x, y):  # noqa: ANN001, ANN201
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--modes", nargs="+", choices=("eval", "train"), default=["eval", "train"])
     a = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     print("| network (g 0.25) | batch | mode | before ms | after ms | speed-up |")
     print("|---|---:|---|---:|---:|---:|")
-    for name, size, batch in CASES:
+    for name, size, batch in CASES if "eval" in a.modes else []:
         old, new = (m.eval() for m in pair(name))
         x = torch.randn(batch, 3, size, size)
         with torch.inference_mode():
@@ -79,7 +80,7 @@ def main() -> None:
             f"{ms['before'] / ms['after']:.2f} |",
             flush=True,
         )
-    for name, size, batch in TRAIN:
+    for name, size, batch in TRAIN if "train" in a.modes else []:
         old, new = (m.train() for m in pair(name))
         x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
         o1, o2 = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (old, new))

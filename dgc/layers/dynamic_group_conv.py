@@ -21,6 +21,7 @@ Differences from the reference code (all deliberate, none changes the maths):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers import gathered as G
+from dgc.layers import native
 from dgc.layers.kernel_choice import KernelChoice
 from dgc.layers.kernel_choice import tracing
 from dgc.layers.schedule import target_inactive_channels
@@ -74,11 +76,14 @@ class SaliencyGate(nn.Module):
         nn.init.normal_(self.fc2_weight, 0.0, math.sqrt(2.0 / self.hidden))
         nn.init.constant_(self.fc2_bias, 1.0)
 
-    def forward(self, z: Tensor) -> Tensor:
-        # z: (B, C) globally pooled activations. matmul/baddbmm, not einsum: at batch 1 the
-        # generator is all overhead, and einsum adds its own on every call.
+    def forward(self, z: Tensor, scale: float = 1.0) -> Tensor:
+        # z: (B, C), ``scale * z`` the globally pooled activations (means, or sums with
+        # scale 1/HW: a sum is one op where a mean is two). As ReLU is positively homogeneous,
+        # fc1 and its ReLU see z and the scale enters fc2's product: the same saliencies.
+        # matmul/baddbmm, not einsum: at batch 1 the generator is all overhead, and einsum adds
+        # its own on every call.
         hid = torch.matmul(self.fc1_weight, z.t()).relu()  # (h, r, B)
-        sal = torch.baddbmm(self.fc2_bias.unsqueeze(-1), self.fc2_weight, hid)  # (h, C, B)
+        sal = torch.baddbmm(self.fc2_bias.unsqueeze(-1), self.fc2_weight, hid, alpha=scale)
         return sal.relu().permute(2, 0, 1)  # (B, h, C), non-negative
 
 
@@ -330,6 +335,10 @@ class DynamicGroupConv2d(nn.Module):
         self.register_buffer("eval_rows", torch.empty(0), persistent=False)
         self.register_buffer("eval_taps", torch.empty(0), persistent=False)
         self._rows_version: dict[str, tuple] = {}
+        self._offsets: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._affine: tuple[Tensor, Tensor] | None = None
+        self._plans: dict[tuple, tuple[tuple, native.FusedPlan]] = {}
+        self._affine_version: tuple = ()
         self.last_saliency_loss: Tensor | None = None
         self.reset_parameters()
 
@@ -364,7 +373,11 @@ class DynamicGroupConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W)
-        x = self.act(self.norm(x))  # (B, C, H, W)
+        if not (self.training or torch.is_grad_enabled()):
+            y = self._forward_fused(x)  # (B, O, H', W'), or None where it does not apply
+            if y is not None:
+                return y
+        raw, x = x, self._norm_relu(x)  # (B, C, H, W) each
         sal = self._saliency(x)  # (B, h, C), float32 under autocast too
         # Kept only when training (the loss needs it); inference and export stay stateless.
         self.last_saliency_loss = sal.mean(dim=(0, 2)).sum() if self.training else None
@@ -372,7 +385,100 @@ class DynamicGroupConv2d(nn.Module):
         # ships the inference path; eager eval with grad enabled keeps full autograd.
         if torch.is_grad_enabled() and (self.training or not tracing()):
             return self._forward_autograd(x, sal)  # (B, O, H', W')
-        return self._forward_inference(x, sal)  # (B, O, H', W')
+        raw = None if torch.is_grad_enabled() else raw  # timing whole forwards: eager only
+        return self._forward_inference(x, sal, raw)  # (B, O, H', W')
+
+    def _forward_fused(self, x: Tensor) -> Tensor | None:
+        """Eager inference in one native call (``native.fused_eval``) where this shape's chosen
+        kernel is ``direct``: BN-ReLU, pooling, generators and selection run inside it, so the
+        normalised input is never written and no torch op runs between them. None where it
+        does not apply (the first call at a shape, tracing, autocast, hooks, another kernel)."""
+        n = self._inactive_host
+        key = (tuple(x.shape), x.dtype, x.device, n)
+        if n == 0 or self.kernels.known(key, ("direct",)) is None or tracing():
+            return None
+        if torch.is_autocast_enabled(x.device.type) or self._hooked():
+            return None
+        plan = self._fused_plan(key, x)
+        return None if plan is None else plan(x)  # (B, O, H', W')
+
+    def _fused_plan(self, key: tuple, x: Tensor) -> native.FusedPlan | None:
+        """The native plan for ``key``, rebuilt when a parameter or buffer it reads changed
+        (an optimizer step, ``load_state_dict``, ``.to()``)."""
+        # Read through the modules' dicts: nn.Module.__getattr__ costs about a microsecond each.
+        sources = [*self._parameters.values(), *self.gate._parameters.values()]
+        sources += [*self.norm._parameters.values(), *self.norm._buffers.values()]
+        sources = [t for t in sources if t is not None]
+        state = tuple([t._version for t in sources] + [t.data_ptr() for t in sources])
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        args = self._fused_args(x)
+        if args is None:
+            return None
+        plan = native.FusedPlan(tuple(x.shape), *args)
+        self._plans[key] = (state, plan)
+        return plan
+
+    def __getstate__(self) -> dict:
+        # Native plans point into this layer's tensors: a copy or an unpickled layer builds
+        # its own (pickle and deepcopy of a model that ran eval must work, e.g. for Ray).
+        state = dict(super().__getstate__())
+        state["_plans"] = {}
+        return state
+
+    def _hooked(self) -> bool:
+        """Hooks on the submodules the fused forward would bypass."""
+        return any(
+            m._forward_hooks or m._forward_pre_hooks for m in (self.gate, self.norm, self.act)
+        )
+
+    def _fused_args(self, x: Tensor) -> tuple | None:
+        """``native.fused_eval``'s arguments after ``x``, or None where it cannot run."""
+        if not native.supported(x, self.weight, self.dilation):
+            return None
+        if torch.is_autocast_enabled(x.device.type) or self._hooked():
+            return None
+        norm = self._norm_affine()
+        if norm is False:
+            return None
+        gate = (self.gate.fc1_weight, self.gate.fc2_weight, self.gate.fc2_bias)
+        conv = (self.stride, self.padding, self.dilation)
+        mask = self.saliency == "mask"
+        return norm, gate, self._inactive_host, mask, self.weight.detach(), conv
+
+    def _whole(self, name: str, raw: Tensor) -> Tensor:
+        """The whole eval forward from the layer's input with torch kernel ``name``: what a
+        torch kernel is timed as when the fused native forward is a candidate."""
+        x = self._norm_relu(raw)  # (B, C, H, W)
+        sal = self._saliency(x)  # (B, h, C)
+        if name == "masked":
+            return self._kernel(name, x, sal, sal, sal)  # (B, O, H', W')
+        index, scale = G.select_channels(sal, self._inactive_host)  # (B, h, K) each
+        return self._kernel(name, x, sal, index, self._kept(scale))  # (B, O, H', W')
+
+    def _norm_affine(self) -> tuple[Tensor, Tensor] | None | bool:
+        """The eval BN as per-channel (scale, shift), None without a norm, False where it is
+        not a plain eval BatchNorm (training, hooks, no running statistics)."""
+        bn = self.norm
+        if isinstance(bn, nn.Identity) and isinstance(self.act, nn.Identity):
+            return None
+        plain = isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
+        if not plain or bn._forward_hooks or bn._forward_pre_hooks or self.act._forward_hooks:
+            return False
+        tensors = [
+            t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None
+        ]
+        version = tuple((t._version, t.data_ptr()) for t in tensors)
+        if version != self._affine_version:
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.detach()
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.detach()
+            self._affine, self._affine_version = (scale, shift), version
+        return self._affine
 
     def _kept(self, v: Tensor) -> Tensor:
         """What a kept channel is multiplied by: its saliency ``v`` (the paper), or 1 in
@@ -391,11 +497,22 @@ class DynamicGroupConv2d(nn.Module):
         """The generators' saliencies. Under autocast they and the selection stay float32:
         bf16 matmuls round differently and the bottom-k would then zero extra channels on ties
         the float32 network does not have (issue #8)."""
-        device = x.device.type
+        device, scale = x.device.type, 1.0 / (x.shape[2] * x.shape[3])
         if x.is_meta or not torch.is_autocast_enabled(device):
-            return self.gate(x.mean(dim=(2, 3)))  # (B, h, C)
+            return self.gate(x.sum(dim=(2, 3)), scale)  # (B, h, C)
         with torch.autocast(device, enabled=False):
-            return self.gate(x.float().mean(dim=(2, 3)))  # (B, h, C), float32
+            return self.gate(x.float().sum(dim=(2, 3)), scale)  # (B, h, C), float32
+
+    def _norm_relu(self, x: Tensor) -> Tensor:
+        """The layer's own BN-ReLU. In eval a BatchNorm without hooks is applied functionally:
+        ``nn.BatchNorm2d.__call__`` costs about as much again as the normalisation itself on
+        the small maps of a CIFAR network (docs/benchmarks.md 6.2)."""
+        bn = self.norm
+        plain = isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
+        if not plain or bn._forward_hooks or bn._forward_pre_hooks:
+            return self.act(bn(x))  # (B, C, H, W)
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return y.relu_()  # (B, C, H, W)
 
     def _forward_autograd(self, x: Tensor, sal: Tensor) -> Tensor:
         n, args = self._inactive_host, (self.stride, self.padding, self.dilation)
@@ -407,37 +524,78 @@ class DynamicGroupConv2d(nn.Module):
         y = _GatedGroupConv.apply(x, sal, self.weight, *args)  # (B, O, H', W'), head-major
         return G.interleave(y, self.heads)
 
-    def _forward_inference(self, x: Tensor, sal: Tensor) -> Tensor:
-        """No autograd: the fastest kernel for this input shape (see ``KernelChoice``)."""
-        n, args = self._inactive_host, (self.stride, self.padding, self.dilation)
+    def _forward_inference(self, x: Tensor, sal: Tensor, raw: Tensor | None = None) -> Tensor:
+        """No autograd: the fastest kernel for this input shape (see ``KernelChoice``).
 
-        t = G.traceable  # while tracing, scripted kernels keep the batch size dynamic
+        ``raw`` is the layer's input before its BN-ReLU (eager eval without grad): with it the
+        candidates are timed as whole forwards, the native fused one among them.
 
-        def masked() -> Tensor:
-            if self.saliency == "scale":
-                return t(masked_conv)(x, sal, self.weight, n, self.heads, args)  # (B, O, H', W')
-            mask = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C) of 0/1
-            return t(masked_conv)(x, mask, self.weight, 0, self.heads, args)  # (B, O, H', W')
-
+        Once a shape's kernel is chosen, eager calls go straight to it: no candidate table is
+        built, only the chosen kernel's weight layout is checked, and the row offsets of the
+        gathers come from a per-batch-size cache. At batch 1 the narrow networks spend most of
+        their time in such per-call work (docs/benchmarks.md 6.2).
+        """
+        n = self._inactive_host
         if n == 0 or self.impl == "masked":
-            return masked()
+            return self._kernel("masked", x, sal, sal, sal, None)  # (B, O, H', W')
         index, scale = G.select_channels(sal, n)  # (B, h, K) each
         scale = self._kept(scale)
-        k = self.kernel_size
-        if k == 1 and self.padding == 0:
-            rows = self._weight_rows(False)  # (h*C, O/h)
-            kernels = {"bmm": lambda: t(G.bmm_conv)(x, index, scale, rows, self.stride)}
-        else:
-            rows, taps = self._weight_rows(False), self._weight_rows(True)
-            kernels = {
-                "fold": lambda: t(G.fold_conv)(x, index, scale, rows, k, args),
-                "unfold": lambda: t(G.unfold_conv)(x, index, scale, taps, k, args),
-            }
-        default = next(iter(kernels))
+        names = ("bmm",) if self.kernel_size == 1 and self.padding == 0 else ("fold", "unfold")
+        traced = tracing()
+        if not traced and native.supported(x, self.weight, self.dilation):
+            names = (*names, "direct")  # a ctypes call: eager only, never in a trace
         if self.impl == "auto":
-            kernels["masked"] = masked
+            names = (*names, "masked")
         key = (tuple(x.shape), x.dtype, x.device, n)
-        return self.kernels.run(key, kernels, default)  # (B, O, H', W')
+        name = None if traced else self.kernels.known(key, names)
+        if name is not None:
+            offsets = self._row_offsets(x.shape[0], x.device)
+            return self._kernel(name, x, sal, index, scale, offsets)  # (B, O, H', W')
+        kernels = {nm: functools.partial(self._kernel, nm, x, sal, index, scale) for nm in names}
+        fused = self._fused_args(raw) if raw is not None and "direct" in names else None
+        if fused is not None:
+            # Time whole forwards: the native one skips the torch BN, gate and selection too.
+            kernels = {nm: functools.partial(self._whole, nm, raw) for nm in names}
+            kernels["direct"] = functools.partial(native.FusedPlan(tuple(raw.shape), *fused), raw)
+        return self.kernels.run(key, kernels, names[0])  # (B, O, H', W')
+
+    def _kernel(
+        self,
+        name: str,
+        x: Tensor,
+        sal: Tensor,
+        index: Tensor,
+        scale: Tensor,
+        offsets: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Run one of the equivalent kernels; all return (B, O, H', W'), heads interleaved."""
+        t = G.traceable  # while tracing, scripted kernels keep the batch size dynamic
+        args, n, k = (
+            (self.stride, self.padding, self.dilation),
+            self._inactive_host,
+            self.kernel_size,
+        )
+        if name == "bmm":
+            return t(G.bmm_conv)(x, index, scale, self._weight_rows(False), self.stride, offsets)
+        if name == "fold":
+            return t(G.fold_conv)(x, index, scale, self._weight_rows(False), k, args, offsets)
+        if name == "unfold":
+            return t(G.unfold_conv)(x, index, scale, self._weight_rows(True), k, args, offsets)
+        if name == "direct":
+            return native.direct_conv(x, index, scale, self.weight.detach(), args)
+        if self.saliency == "scale":
+            return t(masked_conv)(x, sal, self.weight, n, self.heads, args)
+        mask = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C) of 0/1
+        return t(masked_conv)(x, mask, self.weight, 0, self.heads, args)
+
+    def _row_offsets(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``gathered.row_offsets`` for this batch size, made once per (batch, device)."""
+        key = (batch, device)
+        offsets = self._offsets.get(key)
+        if offsets is None:
+            offsets = G.row_offsets(batch, self.heads, self.in_channels, device)
+            self._offsets[key] = offsets
+        return offsets
 
     def _weight_rows(self, taps_major: bool) -> Tensor:
         """The weight in ``gathered.weight_rows`` layout, rebuilt only when the weight changed.

@@ -40,6 +40,16 @@ class KernelChoice:
         self.chosen: dict[Hashable, str] = {}
         self.last: str | None = None
 
+    def known(self, key: Hashable, names: tuple[str, ...]) -> str | None:
+        """The kernel already settled for ``key`` among ``names`` (``prefer`` first), else None.
+
+        The fast path of eager calls: no candidate table is built when this answers."""
+        name = self.prefer if self.prefer in names else self.chosen.get(key)
+        if name not in names:
+            return None
+        self.last = name
+        return name
+
     def run(self, key: Hashable, kernels: dict[str, Callable[[], Tensor]], default: str) -> Tensor:
         """Run the kernel chosen for ``key``, choosing it first if the shape is new.
 

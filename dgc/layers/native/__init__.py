@@ -1,0 +1,204 @@
+"""The DGC layer's direct-convolution inference kernel (``direct_conv.c``), built on first use.
+
+The C source ships with the package and is compiled once per machine with the system C
+compiler (``$CC``, else ``cc``) into ``$DGC_NATIVE_DIR`` (default ``~/.cache/dgc-search``),
+then loaded with ctypes. The library's name carries a hash of the source, the flags and the
+CPU's feature flags, so an edited source or a different CPU (a shared home directory across
+a cluster) gets its own build; it is written to a temporary name and renamed into place, so
+concurrent Ray workers never load a half-written file.
+
+Nothing depends on it: where there is no compiler, the build fails or ``DGC_NATIVE=0`` is set,
+``library()`` returns None (the reason is logged once) and the layer keeps its torch kernels.
+OpenMP comes from the ``libgomp.so.1`` that PyTorch has already loaded (same soname), so both
+share one thread pool; ``threads`` is torch's intra-op thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("direct_conv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
+BUILD_TIMEOUT_S = 120
+_log = logging.getLogger(__name__)
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Plan(ctypes.Structure):
+    """direct_conv.c's ``FusedPlan``."""
+
+    _fields_ = [(name, _PTR) for name in ("bn_a", "bn_c", "fc1", "fc2", "b2", "weight")]
+    _fields_ += [(name, _I64) for name in "B C H W r heads n O k stride pad Ho Wo".split()]
+    _fields_ += [("mask", ctypes.c_int32), ("threads", ctypes.c_int32)]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DGC_NATIVE_DIR") or Path.home() / ".cache" / "dgc-search")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where it cannot be had (reason logged once)."""
+    if os.environ.get("DGC_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        _log.warning("dgc: native direct-conv kernel unavailable, torch kernels only: %s", e)
+        return None
+    lib.dgc_direct_conv.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
+    lib.dgc_direct_conv.argtypes += [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
+    lib.dgc_direct_conv.restype = ctypes.c_int
+    lib.dgc_fused_eval.argtypes = [ctypes.POINTER(_Plan), _PTR, _PTR]
+    lib.dgc_fused_eval.restype = ctypes.c_int
+    return lib
+
+
+def _build() -> Path:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu_flags())).encode()).hexdigest()
+    target = cache_dir() / f"direct_conv-{platform.machine()}-{key[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:2000]}")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def supported(x: Tensor, weight: Tensor, dilation: int) -> bool:
+    """Whether ``direct_conv`` runs this call: float32 CPU tensors, dilation 1, a library."""
+    ok = x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    return ok and dilation == 1 and library() is not None
+
+
+def direct_conv(
+    x: Tensor,
+    index: Tensor,
+    scale: Tensor,
+    weight: Tensor,
+    conv: tuple[int, int, int],
+) -> Tensor:
+    """The kept-channel convolution of ``gathered.fold_conv`` in one native call.
+
+    Args:
+        x: (B, C, H, W) post-BN-ReLU input.
+        index: (B, h, K) kept channels per sample and head.
+        scale: (B, h, K) what each kept channel is multiplied by.
+        weight: (O, C, k, k) the layer's weight (rows i*O/h.. are head i's).
+        conv: (stride, padding, dilation); dilation must be 1.
+
+    Returns:
+        (B, O, H', W'), heads interleaved (channel j*h + i is output j of head i).
+    """
+    lib = library()
+    assert lib is not None, "direct_conv called without the native library (check supported)"
+    stride, padding, _ = conv
+    b, c, h, w = x.shape
+    heads, kept = index.shape[1], index.shape[2]
+    o, k = weight.shape[0], weight.shape[-1]
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    x, weight = x.contiguous(), weight.contiguous()
+    index, scale = index.contiguous(), scale.contiguous()
+    y = torch.empty(b, o, ho, wo, dtype=x.dtype)
+    status = lib.dgc_direct_conv(
+        x.data_ptr(), b, c, h, w, index.data_ptr(), scale.data_ptr(), heads, kept,
+        weight.data_ptr(), o, k, stride, padding, y.data_ptr(), ho, wo, torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("dgc direct_conv: cannot allocate its scratch buffer")
+    return y  # (B, O, H', W')
+
+
+class FusedPlan:
+    """A DGC layer's whole inference forward as one native call, for one input shape.
+
+    The call runs BN-ReLU, channel means, the saliency generators, bottom-n deactivation (ties
+    at the threshold go) and the kept-channel convolution, heads interleaved. The plan holds
+    the sizes and the (contiguous) parameter tensors, so that a call only allocates its output:
+    build it once per (layer, input shape) and again when a parameter changes.
+
+    Args:
+        shape: (B, C, H, W) of the layer's input, before its BN-ReLU.
+        norm: the BN-ReLU as per-channel (scale, shift), or None (no norm, no ReLU).
+        gate: the generators' (fc1 (h, r, C), fc2 (h, C, r), fc2 bias (h, C)).
+        n_inactive: channels deactivated per head, 1 <= n < C.
+        mask: kept channels multiplied by 1 (``saliency="mask"``), else by their saliency.
+        weight: (O, C, k, k).
+        conv: (stride, padding, dilation); dilation must be 1.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        norm: tuple[Tensor, Tensor] | None,
+        gate: tuple[Tensor, Tensor, Tensor],
+        n_inactive: int,
+        mask: bool,
+        weight: Tensor,
+        conv: tuple[int, int, int],
+    ) -> None:
+        lib = library()
+        assert lib is not None, "FusedPlan without the native library (check supported)"
+        self._call = lib.dgc_fused_eval
+        stride, padding, _ = conv
+        b, c, h, w = shape
+        fc1, fc2, b2 = (t.detach().contiguous() for t in gate)
+        weight = weight.detach().contiguous()
+        a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
+        o, k = weight.shape[0], weight.shape[-1]
+        ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+        self.out_shape = (b, o, ho, wo)
+        self._keep = (fc1, fc2, b2, weight, a, d)  # the plan points into these
+        self._plan = _Plan(
+            _ptr(a), _ptr(d), fc1.data_ptr(), fc2.data_ptr(), b2.data_ptr(), weight.data_ptr(),
+            b, c, h, w, fc1.shape[1], fc1.shape[0], n_inactive, o, k, stride, padding, ho, wo,
+            int(mask), torch.get_num_threads(),
+        )  # fmt: skip
+        self._ref = ctypes.byref(self._plan)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # x: (B, C, H, W) of the planned shape, float32, CPU
+        x = x.contiguous()
+        y = torch.empty(self.out_shape)  # (B, O, H', W')
+        threads = torch.get_num_threads()
+        if threads != self._plan.threads:
+            self._plan.threads = threads
+        if self._call(self._ref, x.data_ptr(), y.data_ptr()) != 0:
+            raise MemoryError("dgc fused_eval: cannot allocate its scratch buffer")
+        return y  # (B, O, H', W')
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

@@ -1,0 +1,320 @@
+/* Direct convolution over each sample's kept channels, for the DGC layer's inference path.
+ *
+ * Computes, per sample b and head i, y[b, j*heads + i] = sum over the K kept channels c of
+ * scale[b,i,c] * conv(x[b, index[b,i,c]], W[i*O/h + j, index[b,i,c]]) for the O/h outputs j of
+ * head i: the kept-channel convolution of dgc.layers.gathered, heads already interleaved.
+ *
+ * Why: per-sample channel sets give every (sample, head) pair its own small convolution
+ * (4-16 channels on a CIFAR ResNet), which oneDNN and BLAS run far below their dense speed, and
+ * the torch ops around them (gathers, kernel layouts, the interleave) cost more than the
+ * convolution itself at batch 1. Here one call does the gather, the saliency scaling, the
+ * padding, the convolution and the interleave. The inner tile keeps JB output channels x XS
+ * output columns in registers over all kept channels and taps, so every input vector loaded
+ * feeds JB fused multiply-adds. Plain C: the compiler vectorises the fixed-size tile loops.
+ *
+ * Layout of the work buffer: per (b, i, c) the scaled, zero-padded input plane, split into
+ * `stride` column phases so that a strided convolution reads contiguous columns.
+ * Dilation 1 only. float32, contiguous tensors.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef struct {
+    int64_t B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo;
+    int64_t Hp, Wph, plane; /* rows, columns per phase, floats per (b, i, c) work plane */
+} Shape;
+
+/* Gather, normalise, scale and zero-pad each kept channel: work[b,i,c] = scale * f(x[b, idx])
+ * with f = ReLU(bn_a * v + bn_c) when bn_a is given (the layer's BN-ReLU, fused), else f = id. */
+static void pad_gather(const float *x, const int64_t *index, const float *scale,
+                       const float *bn_a, const float *bn_c, float *work, const Shape *s,
+                       int threads) {
+    const int64_t n = s->B * s->heads * s->K;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t b = t / (s->heads * s->K), ch = index[t];
+        const float a = scale[t];
+        const float *src = x + (b * s->C + ch) * s->H * s->W;
+        float *dst = work + t * s->plane;
+        memset(dst, 0, sizeof(float) * s->plane);
+        if (a == 0.0f) continue; /* a pruned tie: contributes nothing */
+        /* scale * ReLU(na * v + nc) = ReLU(scale * na * v + scale * nc), as scale >= 0 */
+        const float na = a * (bn_a ? bn_a[ch] : 1.0f), nc = bn_a ? a * bn_c[ch] : 0.0f;
+        for (int64_t ph = 0; ph < s->stride; ph++) {
+            float *dph = dst + ph * s->Hp * s->Wph;
+            /* padded column q = pos*stride + ph holds input column q - pad */
+            const int64_t c0 = ((ph - s->pad) % s->stride + s->stride) % s->stride;
+            const int64_t p0 = (c0 + s->pad - ph) / s->stride;
+            for (int64_t r = 0; r < s->H; r++) {
+                const float *row = src + r * s->W;
+                float *drow = dph + (r + s->pad) * s->Wph + p0;
+                if (s->stride == 1 && bn_a) {
+                    for (int64_t col = 0; col < s->W; col++) {
+                        const float v = row[col] * na + nc;
+                        drow[col] = v > 0.0f ? v : 0.0f;
+                    }
+                } else if (s->stride == 1) {
+                    for (int64_t col = 0; col < s->W; col++) drow[col] = row[col] * na;
+                } else {
+                    for (int64_t col = c0, pos = 0; col < s->W; col += s->stride, pos++) {
+                        const float v = row[col] * na + nc;
+                        drow[pos] = bn_a ? (v > 0.0f ? v : 0.0f) : v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads */
+#define MAX_TAPS 49 /* kernels up to 7x7 */
+/* Tile shapes: with 32 vector registers (AVX-512VL) 16 accumulators fit, else 12. */
+#if defined(__AVX512VL__)
+#define NARROW_ROWS 4 /* maps at most 8 wide: 4 rows of one vector */
+#define WIDE_ROWS 2   /* wider maps: 2 rows of two vectors */
+#else
+#define NARROW_ROWS 3
+#define WIDE_ROWS 1
+#endif
+#define MAX_VEC 4
+
+/* One tile: JB output channels x R output rows (oy..) x 8*NV columns (x0..), summed over kept
+ * channels and taps in vector registers, then stored (interleaved) to y. Every input vector
+ * loaded feeds JB multiply-adds and every weight broadcast R*NV. */
+static inline __attribute__((always_inline)) void tile(
+    const float *work, const int64_t *idx, const float *weight, float *y, const Shape *s,
+    int64_t b, int64_t i, int64_t j0, int64_t oy, int64_t x0, const int JB, const int R,
+    const int NV) {
+    v8 acc[4][MAX_VEC];
+    for (int jj = 0; jj < JB; jj++)
+        for (int q = 0; q < R * NV; q++) acc[jj][q] = (v8){0};
+    const int64_t oh = s->O / s->heads, kk = s->k * s->k, wstride = s->C * kk;
+    int64_t off[MAX_TAPS], voff[MAX_VEC];
+    for (int64_t ky = 0; ky < s->k; ky++)
+        for (int64_t kx = 0; kx < s->k; kx++)
+            off[ky * s->k + kx] = ((kx % s->stride) * s->Hp + oy * s->stride + ky) * s->Wph + x0 +
+                                  kx / s->stride;
+    for (int q = 0; q < R * NV; q++) voff[q] = (q / NV) * s->stride * s->Wph + (q % NV) * 8;
+    const float *wbase = weight + (i * oh + j0) * wstride;
+    const float *planes = work + (b * s->heads + i) * s->K * s->plane;
+    for (int64_t c = 0; c < s->K; c++) {
+        const float *plane = planes + c * s->plane;
+        const float *wc = wbase + idx[c] * kk;
+        for (int64_t t = 0; t < kk; t++) {
+            const float *in = plane + off[t];
+            v8 xv[MAX_VEC];
+            for (int q = 0; q < R * NV; q++) xv[q] = *(const v8u *)(in + voff[q]);
+            for (int jj = 0; jj < JB; jj++) {
+                const float w = wc[jj * wstride + t];
+                for (int q = 0; q < R * NV; q++) acc[jj][q] += w * xv[q];
+            }
+        }
+    }
+    const int64_t n = s->Wo - x0 < 8 * NV ? s->Wo - x0 : 8 * NV;
+    for (int jj = 0; jj < JB; jj++)
+        for (int rq = 0; rq < R && oy + rq < s->Ho; rq++) {
+            float *out = y + ((b * oh + j0 + jj) * s->heads + i) * s->Ho * s->Wo +
+                         (oy + rq) * s->Wo + x0;
+            for (int64_t v = 0; v < n; v++) out[v] = ((const float *)&acc[jj][rq * NV])[v];
+        }
+}
+
+#define TILE_CASE(JBV, RV, NVV)                                                               \
+    if (jb == JBV && R == RV) {                                                               \
+        for (int64_t x0 = 0; x0 < s->Wo; x0 += 8 * NVV)                                       \
+            tile(work, idx, weight, y, s, b, i, j0, oy, x0, JBV, RV, NVV);                    \
+        continue;                                                                             \
+    }
+
+/* Output rows per tile: one vector a row on maps at most 8 wide, else two. */
+static int64_t tile_rows(int64_t Wo) { return Wo <= 8 ? NARROW_ROWS : WIDE_ROWS; }
+
+static void convolve(const float *work, const int64_t *index, const float *weight, float *y,
+                     const Shape *s, int threads) {
+    const int64_t oh = s->O / s->heads, R = tile_rows(s->Wo);
+    const int64_t jb = oh % 4 == 0 ? 4 : (oh % 2 == 0 ? 2 : 1);
+    const int64_t blocks = oh / jb, rows = (s->Ho + R - 1) / R;
+    const int64_t n = s->B * s->heads * blocks * rows;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t oy = t % rows * R;
+        const int64_t j0 = (t / rows) % blocks * jb;
+        const int64_t bi = t / (rows * blocks);
+        const int64_t b = bi / s->heads, i = bi % s->heads;
+        const int64_t *idx = index + bi * s->K;
+        TILE_CASE(4, NARROW_ROWS, 1)
+        TILE_CASE(4, WIDE_ROWS, 2)
+        TILE_CASE(2, NARROW_ROWS, 1)
+        TILE_CASE(2, WIDE_ROWS, 2)
+        TILE_CASE(1, NARROW_ROWS, 1)
+        TILE_CASE(1, WIDE_ROWS, 2)
+    }
+}
+
+/* Padded rows and columns per phase of one work plane: room for every tile's reads. */
+static void geometry(int64_t H, int64_t W, int64_t k, int64_t stride, int64_t pad, int64_t Ho,
+                     int64_t Wo, int64_t *Hp, int64_t *Wph) {
+    const int64_t R = tile_rows(Wo), xs = Wo <= 8 ? 8 : 16;
+    const int64_t ho_pad = (Ho + R - 1) / R * R, wo_pad = (Wo + xs - 1) / xs * xs;
+    int64_t hp = H + 2 * pad, wp = W + 2 * pad;
+    if ((ho_pad - 1) * stride + k > hp) hp = (ho_pad - 1) * stride + k;
+    if ((wo_pad - 1) * stride + k > wp) wp = (wo_pad - 1) * stride + k;
+    *Hp = hp;
+    *Wph = (wp + stride - 1) / stride;
+}
+
+static Shape make_shape(int64_t B, int64_t C, int64_t H, int64_t W, int64_t heads, int64_t K,
+                        int64_t O, int64_t k, int64_t stride, int64_t pad, int64_t Ho,
+                        int64_t Wo) {
+    Shape s = {B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo, 0, 0, 0};
+    geometry(H, W, k, stride, pad, Ho, Wo, &s.Hp, &s.Wph);
+    s.plane = stride * s.Hp * s.Wph;
+    return s;
+}
+
+/* A grow-only scratch buffer per calling thread, reused by every layer and call: a layer's
+ * work planes are allocated once, not per call (large allocations would otherwise be fresh
+ * pages, page-faulted on every call). Freed with the thread. */
+static __thread void *arena_buf;
+static __thread size_t arena_bytes;
+
+static void *arena(size_t bytes) {
+    if (bytes > arena_bytes) {
+        free(arena_buf);
+        arena_bytes = bytes + bytes / 2;
+        arena_buf = malloc(arena_bytes);
+        if (!arena_buf) arena_bytes = 0;
+    }
+    return arena_buf;
+}
+
+/* The kept-channel convolution alone, on an already normalised input. Returns 0, or -1 when
+ * the scratch buffer cannot be allocated. */
+int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
+                    const int64_t *index, const float *scale, int64_t heads, int64_t K,
+                    const float *weight, int64_t O, int64_t k, int64_t stride, int64_t pad,
+                    float *y, int64_t Ho, int64_t Wo, int threads) {
+    const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
+    float *work = arena(sizeof(float) * B * heads * K * s.plane);
+    if (!work) return -1;
+    pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
+    convolve(work, index, weight, y, &s, threads);
+    return 0;
+}
+
+/* Saliencies of one sample, all heads: sal[i, c] = ReLU(b2[i, c] + (fc2_i ReLU(fc1_i z))[c]),
+ * z the channel means of the (normalised) input. hid: heads*r floats of scratch. */
+static void saliency(const float *z, const float *fc1, const float *fc2, const float *b2,
+                     int64_t C, int64_t heads, int64_t r, float *hid, float *sal) {
+    for (int64_t i = 0; i < heads * r; i++) {
+        const float *w = fc1 + i * C;
+        float acc = 0.0f;
+        for (int64_t c = 0; c < C; c++) acc += w[c] * z[c];
+        hid[i] = acc > 0.0f ? acc : 0.0f;
+    }
+    for (int64_t i = 0; i < heads; i++)
+        for (int64_t c = 0; c < C; c++) {
+            const float *w = fc2 + (i * C + c) * r, *h = hid + i * r;
+            float acc = b2[i * C + c];
+            for (int64_t j = 0; j < r; j++) acc += w[j] * h[j];
+            sal[i * C + c] = acc > 0.0f ? acc : 0.0f;
+        }
+}
+
+/* The n-th smallest (1-based) of v[0..m): quickselect on a scratch copy. */
+static float nth_smallest(const float *v, int64_t m, int64_t n, float *tmp) {
+    memcpy(tmp, v, sizeof(float) * m);
+    int64_t lo = 0, hi = m - 1, k = n - 1;
+    while (lo < hi) {
+        const float pivot = tmp[(lo + hi) / 2];
+        int64_t a = lo, b = hi;
+        while (a <= b) {
+            while (tmp[a] < pivot) a++;
+            while (tmp[b] > pivot) b--;
+            if (a <= b) {
+                const float t = tmp[a];
+                tmp[a++] = tmp[b];
+                tmp[b--] = t;
+            }
+        }
+        if (k <= b) hi = b;
+        else if (k >= a) lo = a;
+        else break;
+    }
+    return tmp[k];
+}
+
+/* Kept channels of one head: those strictly above the n-th smallest saliency (ties at the
+ * threshold go, as in methods.md 1.1). Slots left by ties get a channel with scale 0. */
+static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int mask,
+                        float *tmp, int64_t *index, float *scale) {
+    const float thr = nth_smallest(sal, C, n, tmp);
+    int64_t m = 0;
+    for (int64_t c = 0; c < C && m < K; c++)
+        if (sal[c] > thr) {
+            index[m] = c;
+            scale[m++] = mask ? 1.0f : sal[c];
+        }
+    for (int64_t c = 0; c < C && m < K; c++)
+        if (!(sal[c] > thr)) {
+            index[m] = c;
+            scale[m++] = 0.0f;
+        }
+}
+
+/* Everything a DGC layer's fused inference forward needs except its input and output, built
+ * once per (layer, input shape) by the caller. bn_a is NULL for a layer without BN-ReLU. */
+typedef struct {
+    const float *bn_a, *bn_c, *fc1, *fc2, *b2, *weight;
+    int64_t B, C, H, W, r, heads, n, O, k, stride, pad, Ho, Wo;
+    int32_t mask, threads;
+} FusedPlan;
+
+/* The whole inference forward of a DGC layer: BN-ReLU, channel means, saliency generators,
+ * bottom-n deactivation, then the kept-channel convolution into y (B, O, Ho, Wo). */
+int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
+    const int64_t B = p->B, C = p->C, hw = p->H * p->W, heads = p->heads, r = p->r;
+    const int64_t K = C - p->n, threads = p->threads;
+    const Shape s = make_shape(B, C, p->H, p->W, heads, K, p->O, p->k, p->stride, p->pad, p->Ho,
+                               p->Wo);
+    const int64_t per_sample = heads * r + heads * C + C; /* hidden, saliencies, select tmp */
+    float *scratch = arena(sizeof(float) * (B * C + B * per_sample + B * heads * K +
+                                            B * heads * K * s.plane) +
+                           sizeof(int64_t) * B * heads * K);
+    if (!scratch) return -1;
+    int64_t *index = (int64_t *)scratch; /* B*heads*K kept channels */
+    float *z = (float *)(index + B * heads * K), *per = z + B * C;
+    float *scale = per + B * per_sample, *work = scale + B * heads * K;
+    const float *bn_a = p->bn_a, *bn_c = p->bn_c;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < B * C; t++) {
+        const float *v = x + t * hw;
+        const int64_t c = t % C;
+        float acc = 0.0f;
+        if (bn_a) {
+            const float a = bn_a[c], d = bn_c[c];
+            for (int64_t q = 0; q < hw; q++) acc += v[q] * a + d > 0.0f ? v[q] * a + d : 0.0f;
+        } else {
+            for (int64_t q = 0; q < hw; q++) acc += v[q];
+        }
+        z[t] = acc / (float)hw;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float *hid = per + b * per_sample, *sal = hid + heads * r, *tmp = sal + heads * C;
+        saliency(z + b * C, p->fc1, p->fc2, p->b2, C, heads, r, hid, sal);
+        for (int64_t i = 0; i < heads; i++) {
+            const int64_t o = (b * heads + i) * K;
+            select_head(sal + i * C, C, p->n, K, p->mask, tmp, index + o, scale + o);
+        }
+    }
+    pad_gather(x, index, scale, bn_a, bn_c, work, &s, threads);
+    convolve(work, index, p->weight, y, &s, threads);
+    return 0;
+}

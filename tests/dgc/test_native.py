@@ -1,0 +1,210 @@
+"""The native direct-convolution kernel and the fused inference forward against the per-head
+oracle and the torch kernels; its build, its fallback and its absence from traces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dgc
+from dgc.layers import gathered as G
+from dgc.layers import native
+from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from dgc.layers.kernel_choice import KernelChoice
+from tests.dgc.test_layers import oracle_forward
+
+needs_library = pytest.mark.skipif(
+    native.library() is None, reason="no C compiler here: the native kernel is optional"
+)
+
+SHAPES = [  # (C, O, k, stride, heads, gate, H, W)
+    (16, 8, 3, 1, 2, 0.25, 6, 6),
+    (16, 16, 3, 2, 4, 0.25, 7, 7),  # stride 2, odd size
+    (12, 8, 3, 1, 4, 0.5, 5, 9),  # not square; O/h = 2
+    (16, 12, 3, 1, 4, 0.25, 19, 20),  # O/h = 3 (one channel a tile), two column tiles
+    (32, 32, 3, 1, 4, 0.25, 17, 17),  # a tile tail of 1 column
+    (16, 8, 1, 1, 2, 0.25, 6, 6),
+    (16, 16, 1, 2, 4, 0.25, 6, 6),  # strided 1x1 (a ResNet downsample)
+    (8, 8, 5, 2, 2, 0.5, 11, 11),  # 5x5, stride 2
+]
+
+
+def _layer(cin, cout, k, stride, heads, gate, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = DynamicGroupConv2d(cin, cout, k, stride, k // 2, heads=heads, gate_factor=gate, **kw)
+    layer.eval().set_inactive(layer.target_inactive)
+    with torch.no_grad():  # non-trivial BN, so that the gate sees varied inputs
+        if isinstance(layer.norm, torch.nn.BatchNorm2d):
+            layer.norm.running_mean.uniform_(-0.5, 0.5)
+            layer.norm.running_var.uniform_(0.5, 2.0)
+            layer.norm.weight.uniform_(0.5, 1.5)
+            layer.norm.bias.uniform_(-0.2, 0.2)
+    return layer
+
+
+@needs_library
+@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", SHAPES)
+def test_direct_kernel_and_fused_forward_equal_the_oracle(cin, cout, k, stride, heads, gate, h, w):
+    layer = _layer(cin, cout, k, stride, heads, gate)
+    layer.kernels = KernelChoice(prefer="direct")
+    x = torch.randn(3, cin, h, w)
+    with torch.no_grad():
+        expected, _ = oracle_forward(layer, x)
+        fused = layer(x)  # a settled "direct" choice runs the fused native forward
+        assert layer.kernels.last == "direct"
+        n = layer.target_inactive
+        index, scale = G.select_channels(layer.gate(torch.relu(layer.norm(x)).mean((2, 3))), n)
+        args = (layer.stride, layer.padding, 1)
+        alone = native.direct_conv(torch.relu(layer.norm(x)), index, scale, layer.weight, args)
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(alone, expected)
+
+
+@needs_library
+def test_direct_kernel_equals_the_fold_kernel_on_gathered_inputs():
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 24, 9, 9).relu(), torch.randn(12, 24, 3, 3)
+    index, scale = G.select_channels(torch.rand(2, 4, 24), 18)  # (B, h, K) each
+    rows = G.weight_rows(weight, 4)
+    for stride in (1, 2):
+        expected = G.fold_conv(x, index, scale, rows, 3, (stride, 1, 1))
+        out = native.direct_conv(x, index, scale, weight, (stride, 1, 1))
+        torch.testing.assert_close(out, expected)
+
+
+@needs_library
+def test_fused_forward_drops_ties_at_the_threshold():
+    # A negative generator bias makes many saliencies exactly 0, tied at the threshold: all of
+    # them go, and the kept slots they leave contribute nothing.
+    layer = _layer(16, 16, 3, 1, 4, 0.5)
+    with torch.no_grad():
+        layer.gate.fc2_bias.fill_(-0.3)
+    layer.kernels = KernelChoice(prefer="direct")
+    x = torch.randn(4, 16, 6, 6)
+    with torch.no_grad():
+        sal = layer.gate(torch.relu(layer.norm(x)).mean((2, 3)))
+        assert (sal == 0).sum(-1).max() > layer.target_inactive  # ties exist
+        expected, _ = oracle_forward(layer, x)
+        layer(x)
+        torch.testing.assert_close(layer(x), expected)
+
+
+@needs_library
+@pytest.mark.parametrize("kw", [{"saliency": "mask"}, {"norm": False}])
+def test_fused_forward_equals_the_torch_kernels_in_other_modes(kw):
+    layer = _layer(16, 16, 3, 1, 4, 0.25, **kw)
+    x = torch.randn(3, 16, 8, 8)
+    with torch.no_grad():
+        layer.kernels = KernelChoice(prefer="fold")
+        expected = layer(x)
+        layer.kernels = KernelChoice(prefer="direct")
+        layer(x)
+        torch.testing.assert_close(layer(x), expected)
+
+
+@needs_library
+def test_fused_forward_steps_aside_for_hooks_and_autocast():
+    layer = _layer(16, 16, 3, 1, 4, 0.25)
+    layer.kernels = KernelChoice(prefer="direct")
+    x = torch.randn(2, 16, 6, 6)
+    seen = []
+    layer.norm.register_forward_hook(lambda *args: seen.append(1))
+    with torch.no_grad():
+        expected, _ = oracle_forward(layer, x)
+        seen.clear()
+        layer(x)
+        torch.testing.assert_close(layer(x), expected)
+    assert len(seen) == 2  # the BN ran as a module both times, so its hook fired
+
+
+def _pruned_model(prefer: str) -> torch.nn.Module:
+    """A fully pruned DyResNet-8 in eval whose DGC layers all run kernel ``prefer``."""
+    torch.manual_seed(0)
+    model = dgc.create_model("dyresnet8", num_classes=5, in_chans=1, gate_factor=0.25).eval()
+    dgc.set_progress(model, 1.0)
+    _prefer(model, prefer)
+    return model
+
+
+def _prefer(model: torch.nn.Module, prefer: str | None) -> None:
+    for layer in dgc.dgc_layers(model):
+        layer.kernels = KernelChoice(prefer=prefer)
+
+
+@needs_library
+def test_network_with_direct_kernels_equals_fold_and_traces_with_torch_kernels():
+    # A trace cannot record a ctypes call: it records a torch kernel, and serves any batch.
+    model = _pruned_model("fold")
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+        _prefer(model, "direct")
+        model(x)
+        torch.testing.assert_close(model(x), expected)
+        _prefer(model, None)  # measured choice; the trace must not take direct
+        model(x)
+        traced = torch.jit.trace(model, x[:1], check_trace=False)
+        assert "dgc_" not in str(traced.inlined_graph)
+        for batch in (1, 4):
+            torch.testing.assert_close(traced(x[:batch]), expected[:batch], rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_compiler_the_layer_keeps_its_torch_kernels(tmp_path):
+    code = (
+        "import torch, dgc\n"
+        "from dgc.layers import native\n"
+        "assert native.library() is None\n"
+        "m = dgc.create_model('dyresnet8', num_classes=5, in_chans=1).eval()\n"
+        "dgc.set_progress(m, 1.0)\n"
+        "with torch.no_grad(): m(torch.randn(2, 1, 12, 12))\n"
+        "names = {n for l in dgc.dgc_layers(m) for n in l.kernels.chosen.values()}\n"
+        "assert names and 'direct' not in names, names\n"
+        "from dgc.layers.kernel_choice import KernelChoice\n"
+        "for l in dgc.dgc_layers(m): l.kernels = KernelChoice(prefer='direct')\n"
+        "with torch.no_grad(): m(torch.randn(2, 1, 12, 12)); m(torch.randn(2, 1, 12, 12))\n"
+        "assert all(l.kernels.last != 'direct' for l in dgc.dgc_layers(m))\n"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "DGC_NATIVE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "native direct-conv kernel unavailable" in done.stderr
+    assert "no-such-cc" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+
+
+@needs_library
+def test_build_is_cached_and_keyed_by_source(tmp_path):
+    code = "from dgc.layers import native; print(native._build())"
+    env = {**os.environ, "DGC_NATIVE_DIR": str(tmp_path)}
+    run = [sys.executable, "-c", code]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
+    again = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
+    assert first == again and first.strip().endswith(".so")
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first.strip())]
+
+
+@needs_library
+def test_model_that_ran_native_eval_copies_pickles_and_follows_parameter_changes():
+    import copy
+    import pickle
+
+    model = _pruned_model("direct")
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        model(x)
+        y = model(x)
+        twin, thawed = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
+        del model  # the copies must not point into its tensors
+        torch.testing.assert_close(twin(x), y)
+        torch.testing.assert_close(thawed(x), y)
+        layer = dgc.dgc_layers(twin)[0]
+        layer.weight.mul_(2.0)  # in place: same storage, new version
+        layer.norm.running_var.mul_(4.0)
+        _prefer(thawed, "fold")
+        dgc.dgc_layers(thawed)[0].weight.mul_(2.0)
+        dgc.dgc_layers(thawed)[0].norm.running_var.mul_(4.0)
+        torch.testing.assert_close(twin(x), thawed(x))
