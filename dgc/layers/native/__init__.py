@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("direct_conv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
+FLAGS = ("-O3", "-march=native", "-funroll-loops", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 BUILD_TIMEOUT_S = 120
 _log = logging.getLogger(__name__)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p

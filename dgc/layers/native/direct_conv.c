@@ -88,30 +88,28 @@ typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loa
  * channels and taps in vector registers, then stored (interleaved) to y. Every input vector
  * loaded feeds JB multiply-adds and every weight broadcast R*NV. */
 static inline __attribute__((always_inline)) void tile(
-    const float *work, const int64_t *idx, const float *weight, float *y, const Shape *s,
-    int64_t b, int64_t i, int64_t j0, int64_t oy, int64_t x0, const int JB, const int R,
-    const int NV) {
+    const float *work, const float *packed, float *y, const Shape *s, int64_t b, int64_t i,
+    int64_t j0, int64_t oy, int64_t x0, const int JB, const int R, const int NV) {
     v8 acc[4][MAX_VEC];
     for (int jj = 0; jj < JB; jj++)
         for (int q = 0; q < R * NV; q++) acc[jj][q] = (v8){0};
-    const int64_t oh = s->O / s->heads, kk = s->k * s->k, wstride = s->C * kk;
+    const int64_t oh = s->O / s->heads, kk = s->k * s->k;
     int64_t off[MAX_TAPS], voff[MAX_VEC];
     for (int64_t ky = 0; ky < s->k; ky++)
         for (int64_t kx = 0; kx < s->k; kx++)
             off[ky * s->k + kx] = ((kx % s->stride) * s->Hp + oy * s->stride + ky) * s->Wph + x0 +
                                   kx / s->stride;
     for (int q = 0; q < R * NV; q++) voff[q] = (q / NV) * s->stride * s->Wph + (q % NV) * 8;
-    const float *wbase = weight + (i * oh + j0) * wstride;
     const float *planes = work + (b * s->heads + i) * s->K * s->plane;
     for (int64_t c = 0; c < s->K; c++) {
         const float *plane = planes + c * s->plane;
-        const float *wc = wbase + idx[c] * kk;
+        const float *wc = packed + c * kk * JB;
         for (int64_t t = 0; t < kk; t++) {
             const float *in = plane + off[t];
             v8 xv[MAX_VEC];
             for (int q = 0; q < R * NV; q++) xv[q] = *(const v8u *)(in + voff[q]);
             for (int jj = 0; jj < JB; jj++) {
-                const float w = wc[jj * wstride + t];
+                const float w = wc[t * JB + jj];
                 for (int q = 0; q < R * NV; q++) acc[jj][q] += w * xv[q];
             }
         }
@@ -127,27 +125,50 @@ static inline __attribute__((always_inline)) void tile(
 
 #define TILE_CASE(JBV, RV, NVV)                                                               \
     if (jb == JBV && R == RV) {                                                               \
-        for (int64_t x0 = 0; x0 < s->Wo; x0 += 8 * NVV)                                       \
-            tile(work, idx, weight, y, s, b, i, j0, oy, x0, JBV, RV, NVV);                    \
+        for (int64_t oy = 0; oy < s->Ho; oy += RV)                                            \
+            for (int64_t x0 = 0; x0 < s->Wo; x0 += 8 * NVV)                                   \
+                tile(work, packed, y, s, b, i, j0, oy, x0, JBV, RV, NVV);                     \
         continue;                                                                             \
     }
 
 /* Output rows per tile: one vector a row on maps at most 8 wide, else two. */
 static int64_t tile_rows(int64_t Wo) { return Wo <= 8 ? NARROW_ROWS : WIDE_ROWS; }
 
-static void convolve(const float *work, const int64_t *index, const float *weight, float *y,
+/* Per OpenMP thread: the packed kernels of its current (sample, head, output block). */
+static __thread float *pack_buf;
+static __thread size_t pack_floats;
+
+static int convolve(const float *work, const int64_t *index, const float *weight, float *y,
                      const Shape *s, int threads) {
-    const int64_t oh = s->O / s->heads, R = tile_rows(s->Wo);
+    const int64_t oh = s->O / s->heads, R = tile_rows(s->Wo), kk = s->k * s->k;
     const int64_t jb = oh % 4 == 0 ? 4 : (oh % 2 == 0 ? 2 : 1);
-    const int64_t blocks = oh / jb, rows = (s->Ho + R - 1) / R;
-    const int64_t n = s->B * s->heads * blocks * rows;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    const int64_t blocks = oh / jb, wstride = s->C * kk;
+    const int64_t n = s->B * s->heads * blocks;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
     for (int64_t t = 0; t < n; t++) {
-        const int64_t oy = t % rows * R;
-        const int64_t j0 = (t / rows) % blocks * jb;
-        const int64_t bi = t / (rows * blocks);
+        const int64_t j0 = t % blocks * jb, bi = t / blocks;
         const int64_t b = bi / s->heads, i = bi % s->heads;
         const int64_t *idx = index + bi * s->K;
+        /* Pack this block's kernels of the kept channels as [c][tap][jj]: the tiles then read
+         * them in order, instead of JB rows C*k*k floats apart (cache-set conflicts). */
+        const size_t need = (size_t)(s->K * kk * jb);
+        if (need > pack_floats) {
+            free(pack_buf);
+            pack_buf = malloc(sizeof(float) * need);
+            pack_floats = pack_buf ? need : 0;
+        }
+        if (!pack_buf) {
+            failed = 1;
+            continue;
+        }
+        float *packed = pack_buf;
+        const float *wbase = weight + (i * oh + j0) * wstride;
+        for (int64_t c = 0; c < s->K; c++)
+            for (int64_t jj = 0; jj < jb; jj++) {
+                const float *src = wbase + jj * wstride + idx[c] * kk;
+                for (int64_t q = 0; q < kk; q++) packed[(c * kk + q) * jb + jj] = src[q];
+            }
         TILE_CASE(4, NARROW_ROWS, 1)
         TILE_CASE(4, WIDE_ROWS, 2)
         TILE_CASE(2, NARROW_ROWS, 1)
@@ -155,6 +176,7 @@ static void convolve(const float *work, const int64_t *index, const float *weigh
         TILE_CASE(1, NARROW_ROWS, 1)
         TILE_CASE(1, WIDE_ROWS, 2)
     }
+    return failed ? -1 : 0;
 }
 
 /* Padded rows and columns per phase of one work plane: room for every tile's reads. */
@@ -204,8 +226,7 @@ int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
     float *work = arena(sizeof(float) * B * heads * K * s.plane);
     if (!work) return -1;
     pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
-    convolve(work, index, weight, y, &s, threads);
-    return 0;
+    return convolve(work, index, weight, y, &s, threads);
 }
 
 /* Saliencies of one sample, all heads: sal[i, c] = ReLU(b2[i, c] + (fc2_i ReLU(fc1_i z))[c]),
@@ -315,6 +336,5 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
         }
     }
     pad_gather(x, index, scale, bn_a, bn_c, work, &s, threads);
-    convolve(work, index, p->weight, y, &s, threads);
-    return 0;
+    return convolve(work, index, p->weight, y, &s, threads);
 }
