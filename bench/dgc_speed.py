@@ -3,7 +3,7 @@
     python bench/dgc_speed.py infer  [--device cpu] [--threads 2] [--runs 15]
     python bench/dgc_speed.py train  [--device cpu] [--threads 2] [--runs 8]
     python bench/dgc_speed.py export [--runs 15]
-    python bench/dgc_speed.py table bench/out/dgc_speed_infer_cpu_float32.json
+    python bench/dgc_speed.py table bench/out/dgc_speed_infer_cpu_float32*.json
 
 infer   eval mode, no grad, gates fully pruned (set_progress 1.0), random weights and inputs
         (BN statistics from 10 random batches of 8): dense <family>, gc<family> and
@@ -11,9 +11,12 @@ infer   eval mode, no grad, gates fully pruned (set_progress 1.0), random weight
         model's forward as a captured CUDA graph (launch overhead removed).
 train   one training step (forward, cross-entropy + 1e-5 * aux loss, backward, SGD step) of
         dense, gc (gate 0.5) and dy at gate 0.25 and 0.5.
-export  the DGC network as it ships: eager eval against the TorchScript that `search export`
-        writes (search.commands.write_export) and the model MLflow logs and loads back
-        (mlflow.pytorch.log_model / load_model in a temporary SQLite store), outputs compared.
+export  the DGC network as it ships: eager eval (native kernel where it wins), eager eval with
+        the torch kernels only, the TorchScript that `search export` writes
+        (search.commands.write_export) and the model MLflow logs and loads back
+        (mlflow.pytorch.log_model / load_model in a temporary SQLite store). Outputs are
+        compared with the torch-kernel eager model, whose saliencies the shipped paths compute
+        with the same ops.
 
 Variants of one (family, batch) are timed round-robin in one process (load drift hits all
 alike); each figure is the median of --runs timed calls after two warm-ups. Ratios are
@@ -24,6 +27,7 @@ and to bench/out/dgc_speed_<mode>_<device>.json with the versions and the machin
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import dgc
+from dgc.layers.kernel_choice import KernelChoice
 
 # (family, image size, batches); the issue's configurations.
 INFER_CASES = [("resnet18", 224, (1, 8)), ("densenet86", 32, (1, 64)), ("resnet20", 32, (1, 64))]
@@ -191,11 +196,20 @@ def export(a: argparse.Namespace) -> list[dict]:
                 model(ex2)
             info = mlflow.pytorch.log_model(model, name="model", input_example=ex2.numpy())
         loaded = mlflow.pytorch.load_model(info.model_uri)
+        torch_only = copy.deepcopy(model)  # the torch kernels the shipped paths record
+        for layer in dgc.dgc_layers(torch_only):
+            layer.kernels = KernelChoice(exclude=("direct",))
         for batch in a.batches or batches:
             x = torch.randn(batch, 3, size, size)
-            shipped = {"eager eval": model, "TorchScript (search export)": ts, "MLflow": loaded}
+            shipped = {
+                "eager eval": model,
+                "eager eval, torch kernels": torch_only,
+                "TorchScript (search export)": ts,
+                "MLflow": loaded,
+            }
             with torch.inference_mode():
-                ref = model(x)
+                torch_only(x)  # its kernel choice for this shape, outside the timing
+                ref = torch_only(x)
                 diff = {
                     k: float((m(x) - ref).abs().max() / ref.abs().max()) for k, m in shipped.items()
                 }
@@ -242,28 +256,42 @@ def print_rows(rows: list[dict], ratio_key: str = "dense_over_variant") -> None:
         print(f"| {r['variant']} | {r['batch']}{extra} | {r['ms']:.2f} | {r[ratio_key]:.2f} |")
 
 
-def table(path: str) -> str:
-    """One markdown row per (family, batch): each variant's ms and dense/variant ratio."""
-    data = json.loads(Path(path).read_text())
-    groups: dict[tuple, list[dict]] = {}
-    for r in data["rows"]:
-        groups.setdefault((r["family"], r["batch"]), []).append(r)
+def table(paths: list[str]) -> str:
+    """One markdown row per (family, batch): each variant's ms and dense/variant ratio.
+
+    Given several runs' files, a cell is the median over runs of the ms and of the ratio,
+    with the ratio's range across runs in brackets (the ratios of one run are round-robin).
+    """
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for data in runs:
+        for r in data["rows"]:
+            groups.setdefault((r["family"], r["batch"]), {}).setdefault(r["variant"], []).append(r)
     lines = []
-    for (family, batch), rows in groups.items():
+    for (family, batch), variants in groups.items():
         if not lines:
-            names = [r["variant"].replace(family, "").strip() or "dense" for r in rows]
+            names = [v.replace(family, "").strip() or "dense" for v in variants]
             lines.append("| network | batch | " + " | ".join(f"{n} ms (x)" for n in names) + " |")
-            lines.append("|---|---:|" + "---:|" * len(rows))
-        key = "dense_over_variant" if "dense_over_variant" in rows[0] else "eager_over_variant"
-        cells = [f"{r['ms']:.2f} ({r[key]:.2f})" for r in rows]
+            lines.append("|---|---:|" + "---:|" * len(variants))
+        cells = [_cell(rows) for rows in variants.values()]
         lines.append(f"| {family} | {batch} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n{json.dumps(data['env'])}"
+    envs = "\n".join(json.dumps(data["env"]) for data in runs)
+    return "\n".join(lines) + f"\n\n{envs}"
+
+
+def _cell(rows: list[dict]) -> str:
+    key = "dense_over_variant" if "dense_over_variant" in rows[0] else "eager_over_variant"
+    ms = statistics.median(r["ms"] for r in rows)
+    ratios = [r[key] for r in rows]
+    spread = f", {min(ratios):.2f}-{max(ratios):.2f}" if len(rows) > 1 else ""
+    return f"{ms:.2f} ({statistics.median(ratios):.2f}{spread})"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("mode", choices=["infer", "train", "export", "table"])
-    p.add_argument("json", nargs="?", help="table: a bench/out/dgc_speed_*.json to render")
+    p.add_argument("json", nargs="*", help="table: bench/out/dgc_speed_*.json files to render")
+    p.add_argument("--tag", default="", help="suffix of the output file (keeps several runs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
@@ -297,7 +325,7 @@ def main() -> None:
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     tag = f"{a.mode}_{a.device}_{str(a.dtype).split('.')[-1]}{'_graph' if a.cuda_graph else ''}"
-    dest = out / f"dgc_speed_{tag}.json"
+    dest = out / f"dgc_speed_{tag}{a.tag}.json"
     dest.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print(json.dumps(env))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Hashable
 
@@ -33,11 +34,15 @@ class KernelChoice:
         measure: time the candidates (False: always take the default).
         prefer: run this kernel wherever it is a candidate (pins the choice, e.g. for
             reproducible outputs or tests).
+        exclude: kernels never run (e.g. ``("direct",)``: the torch kernels only).
     """
 
-    def __init__(self, measure: bool = True, prefer: str | None = None) -> None:
-        self.measure, self.prefer = measure, prefer
+    def __init__(
+        self, measure: bool = True, prefer: str | None = None, exclude: tuple[str, ...] = ()
+    ) -> None:
+        self.measure, self.prefer, self.exclude = measure, prefer, tuple(exclude)
         self.chosen: dict[Hashable, str] = {}
+        self.times: dict[Hashable, dict[str, float]] = {}  # median seconds per candidate
         self.last: str | None = None
 
     def known(self, key: Hashable, names: tuple[str, ...]) -> str | None:
@@ -45,7 +50,7 @@ class KernelChoice:
 
         The fast path of eager calls: no candidate table is built when this answers."""
         name = self.prefer if self.prefer in names else self.chosen.get(key)
-        if name not in names:
+        if name not in names or name in self.exclude:
             return None
         self.last = name
         return name
@@ -54,31 +59,54 @@ class KernelChoice:
         """Run the kernel chosen for ``key``, choosing it first if the shape is new.
 
         While a trace or export records the forward nothing is timed (the timing runs would
-        be recorded too): the choice made for that shape in eager mode is used, else the last
-        one made, else ``default``.
+        be recorded too): the fastest of these kernels as timed for that shape in eager mode
+        (an eager-only kernel such as the native one cannot be recorded), else the last one
+        run, else ``default``.
         """
+        kernels = {k: f for k, f in kernels.items() if k not in self.exclude}
+        default = default if default in kernels else next(iter(kernels))
         if self.prefer in kernels:
             name = self.prefer
         elif tracing():
-            name = self.chosen.get(key, self.last or default) if _hashable(key) else self.last
-            name = name if name in kernels else default
+            name = self._traceable_choice(key, kernels, default)
         else:
             name = self.chosen.get(key)
             if name is None:
-                name = self._fastest(kernels) if self.measure and len(kernels) > 1 else default
+                name = self._fastest(key, kernels) if self.measure and len(kernels) > 1 else default
                 self.chosen[key] = name
         self.last = name
         return kernels[name]()
 
-    @staticmethod
-    def _fastest(kernels: dict[str, Callable[[], Tensor]]) -> str:
+    def _traceable_choice(self, key: Hashable, kernels: dict, default: str) -> str:
+        key = _concrete(key)  # a trace sees sizes as tensors; the eager keys hold ints
+        timed = self.times.get(key, {}) if _hashable(key) else {}
+        timed = {k: t for k, t in timed.items() if k in kernels}
+        if timed:
+            return min(timed, key=timed.__getitem__)
+        return self.last if self.last in kernels else default
+
+    def _fastest(self, key: Hashable, kernels: dict[str, Callable[[], Tensor]]) -> str:
         times: dict[str, list[float]] = {name: [] for name in kernels}
         for name, kernel in kernels.items():  # warm-up (allocator, oneDNN/cuDNN plans)
             _timed(kernel)
         for _ in range(TIMED_RUNS):  # round-robin, so drifting load hits all alike
             for name, kernel in kernels.items():
                 times[name].append(_timed(kernel))
-        return min(times, key=lambda name: statistics.median(times[name]))
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        if _hashable(key):
+            self.times[key] = medians
+        return min(medians, key=medians.__getitem__)
+
+
+def _concrete(key: object) -> object:
+    """``key`` with 0-dim tensors (the sizes a trace reports) replaced by Python ints."""
+    if isinstance(key, tuple):
+        return tuple(_concrete(k) for k in key)
+    if isinstance(key, Tensor) and key.dim() == 0 and not key.is_floating_point():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return int(key)
+    return key
 
 
 def _timed(kernel: Callable[[], Tensor]) -> float:

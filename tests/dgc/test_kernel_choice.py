@@ -52,3 +52,37 @@ def test_a_trace_records_one_kernel_and_no_timing_runs():
     traced = torch.jit.trace(M(), torch.zeros(2, 3), check_trace=False)
     assert calls == {"slow": before["slow"], "fast": before["fast"] + 1}
     assert traced(torch.zeros(2, 3)).sum().item() == 6.0  # the eager choice was recorded
+
+
+def test_a_trace_takes_the_fastest_recordable_kernel_when_eager_chose_another():
+    # Eager chose "native" (say, a ctypes kernel a trace cannot record); the trace of the same
+    # shape offers only the torch kernels and must take the fastest of those, not the default.
+    choice, calls = KernelChoice(), {"slow": 0, "fast": 0, "native": 0}
+
+    def torch_kernels():
+        kernels = _kernels(calls, slow_s=0.02)
+        fast = kernels["fast"]
+        kernels["fast"] = lambda: (time.sleep(0.004), fast())[1]
+        return kernels
+
+    def native():
+        calls["native"] += 1
+        return torch.full((1,), 2.0)
+
+    choice.run((2, 3), {**torch_kernels(), "native": native}, default="slow")
+    assert choice.chosen[(2, 3)] == "native"
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x + choice.run(tuple(x.shape), torch_kernels(), default="slow")
+
+    traced = torch.jit.trace(M(), torch.zeros(2, 3), check_trace=False)
+    assert traced(torch.zeros(2, 3)).sum().item() == 6.0  # "fast", timed faster than "slow"
+
+
+def test_excluded_kernels_are_never_timed_nor_run():
+    choice, calls = KernelChoice(exclude=("fast",)), {"slow": 0, "fast": 0}
+    assert choice.run("a", _kernels(calls), default="fast").item() == 0.0
+    assert calls["fast"] == 0 and choice.chosen == {"a": "slow"}
+    assert choice.known("a", ("slow", "fast")) == "slow"
+    assert KernelChoice(prefer="fast", exclude=("fast",)).known("a", ("fast",)) is None
