@@ -208,3 +208,25 @@ def test_model_that_ran_native_eval_copies_pickles_and_follows_parameter_changes
         dgc.dgc_layers(thawed)[0].weight.mul_(2.0)
         dgc.dgc_layers(thawed)[0].norm.running_var.mul_(4.0)
         torch.testing.assert_close(twin(x), thawed(x))
+
+
+@needs_library
+def test_a_compiler_without_openmp_gets_the_portable_build(tmp_path):
+    # Apple clang, say, has neither OpenMP nor -march=native: the second flag set must build
+    # a working single-threaded library.
+    fake = tmp_path / "cc-no-openmp"
+    fake.write_text('#!/bin/sh\ncase "$*" in *-fopenmp*) exit 1;; esac\nexec cc "$@"\n')
+    fake.chmod(0o755)
+    code = (
+        "import torch\n"
+        "from dgc.layers import native, gathered as G\n"
+        "assert native.library() is not None\n"
+        "x, w = torch.randn(2, 16, 9, 9).relu(), torch.randn(8, 16, 3, 3)\n"
+        "index, scale = G.select_channels(torch.rand(2, 4, 16), 12)\n"
+        "ref = G.fold_conv(x, index, scale, G.weight_rows(w, 4), 3, (1, 1, 1))\n"
+        "torch.testing.assert_close(native.direct_conv(x, index, scale, w, (1, 1, 1)), ref)\n"
+    )
+    env = {**os.environ, "CC": str(fake), "DGC_NATIVE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "cache").glob("*.so"))) == 1

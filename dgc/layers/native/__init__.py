@@ -1,7 +1,8 @@
 """The DGC layer's direct-convolution inference kernel (``direct_conv.c``), built on first use.
 
 The C source ships with the package and is compiled once per machine with the system C
-compiler (``$CC``, else ``cc``) into ``$DGC_NATIVE_DIR`` (default ``~/.cache/dgc-search``),
+compiler (``$CC``, else ``cc``; ``FLAGS``, else ``PORTABLE_FLAGS``) into ``$DGC_NATIVE_DIR``
+(default ``~/.cache/dgc-search``),
 then loaded with ctypes. The library's name carries a hash of the source, the flags and the
 CPU's feature flags, so an edited source or a different CPU (a shared home directory across
 a cluster) gets its own build; it is written to a temporary name and renamed into place, so
@@ -31,6 +32,9 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("direct_conv.c")
 FLAGS = ("-O3", "-march=native", "-funroll-loops", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
+# Where those fail (a compiler without OpenMP or -march=native, e.g. Apple clang): one thread,
+# generic vector code. The pragmas are then ignored.
+PORTABLE_FLAGS = ("-O3", "-funroll-loops", "-shared", "-fPIC", "-std=gnu99")
 BUILD_TIMEOUT_S = 120
 _log = logging.getLogger(__name__)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -67,11 +71,22 @@ def library() -> ctypes.CDLL | None:
 
 
 def _build() -> Path:
+    """Compile (or find the cached build of) the library with the first flag set that works."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)")
+    errors = []
+    for flags in (FLAGS, PORTABLE_FLAGS):
+        try:
+            return _build_with(compiler, flags)
+        except RuntimeError as e:
+            errors.append(str(e))
+    raise RuntimeError("; ".join(errors))
+
+
+def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu_flags())).encode()).hexdigest()
+    key = hashlib.sha256(source + " ".join((compiler, *flags, _cpu_flags())).encode()).hexdigest()
     target = cache_dir() / f"direct_conv-{platform.machine()}-{key[:16]}.so"
     if target.exists():
         return target
@@ -79,10 +94,10 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, str(SOURCE), "-o", tmp]
+        cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:2000]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:1000]}")
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
