@@ -57,7 +57,8 @@ def main() -> None:
         conv = (s, k // 2, 1)
         with torch.inference_mode():
             ref = G.fold_conv(x, index, scale, rows, k, conv)
-            torch.testing.assert_close(native.direct_conv(x, index, scale, w, conv), ref)
+            out = native.direct_conv(x, index, scale, w, conv)
+            assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5  # order of summation
             fns = {
                 "fold": lambda: G.fold_conv(x, index, scale, rows, k, conv),
                 "unfold": lambda: G.unfold_conv(x, index, scale, taps, k, conv),
@@ -69,7 +70,7 @@ def main() -> None:
         cells = []
         for name, t in ms.items():
             macs = dense_macs * (1.0 if name == "dense" else KEPT)
-            cells.append(f"{t * 1e3:.0f} ({macs / t / 1e6:.0f})")
+            cells.append(f"{t * 1e3:.0f} ({macs / t / 1e6:.3g})")
         print(f"| {b}, {c}, {o}, {hw}, {k}, {s} | " + " | ".join(cells) + " |", flush=True)
     print("cells: median microseconds (GMAC/s)")
 
