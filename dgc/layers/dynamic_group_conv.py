@@ -8,7 +8,9 @@ Differences from the reference code (all deliberate, none changes the maths):
 * The reference convolves all channels (pruned ones are zeros). Here only each sample's kept
   channels are convolved (``dgc.layers.gathered``): in training by the batch-folded grouped
   conv of ``_GatheredGroupConv`` when at most half the channels are kept, in eval by the
-  fastest of three equivalent kernels for the input shape (``dgc.layers.kernel_choice``).
+  fastest of its equivalent kernels for the input shape (``dgc.layers.kernel_choice``). On
+  the CPU one of them is native (``dgc.layers.native``): where it wins, the whole eval
+  forward (BN-ReLU, pooling, generators, selection, conv) is one call.
 * The reference concatenates ``heads`` gated copies of the input and keeps that tensor alive
   for the backward pass (activation memory ``heads x input``). Here the gathered (or gated)
   input is rebuilt in the backward pass, so only the (shared) post-BN-ReLU input is saved.
