@@ -338,9 +338,7 @@ class DynamicGroupConv2d(nn.Module):
         self.register_buffer("eval_taps", torch.empty(0), persistent=False)
         self._rows_version: dict[str, tuple] = {}
         self._offsets: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self._affine: tuple[Tensor, Tensor] | None = None
         self._plans: dict[tuple, tuple[tuple, native.FusedPlan]] = {}
-        self._affine_version: tuple = ()
         self.last_saliency_loss: Tensor | None = None
         self.reset_parameters()
 
@@ -391,7 +389,7 @@ class DynamicGroupConv2d(nn.Module):
         return self._forward_inference(x, sal, raw)  # (B, O, H', W')
 
     def _forward_fused(self, x: Tensor) -> Tensor | None:
-        """Eager inference in one native call (``native.fused_eval``) where this shape's chosen
+        """Eager inference in one native call (``native.FusedPlan``) where this shape's chosen
         kernel is ``direct``: BN-ReLU, pooling, generators and selection run inside it, so the
         normalised input is never written and no torch op runs between them. None where it
         does not apply (the first call at a shape, tracing, autocast, hooks, another kernel)."""
@@ -436,7 +434,7 @@ class DynamicGroupConv2d(nn.Module):
         )
 
     def _fused_args(self, x: Tensor) -> tuple | None:
-        """``native.fused_eval``'s arguments after ``x``, or None where it cannot run."""
+        """``native.FusedPlan``'s arguments after the shape, or None where it cannot run."""
         if not native.supported(x, self.weight, self.dilation):
             return None
         if torch.is_autocast_enabled(x.device.type) or self._hooked():
@@ -461,26 +459,27 @@ class DynamicGroupConv2d(nn.Module):
 
     def _norm_affine(self) -> tuple[Tensor, Tensor] | None | bool:
         """The eval BN as per-channel (scale, shift), None without a norm, False where it is
-        not a plain eval BatchNorm (training, hooks, no running statistics)."""
+        not a plain eval BatchNorm (training, hooks, no running statistics). Computed when a
+        native plan is built; ``_fused_plan`` rebuilds plans when the BN changes."""
         bn = self.norm
         if isinstance(bn, nn.Identity) and isinstance(self.act, nn.Identity):
             return None
-        plain = isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
-        if not plain or bn._forward_hooks or bn._forward_pre_hooks or self.act._forward_hooks:
+        if not self._plain_bn() or self.act._forward_hooks:
             return False
-        tensors = [
-            t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None
-        ]
-        version = tuple((t._version, t.data_ptr()) for t in tensors)
-        if version != self._affine_version:
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.detach()
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.detach()
-            self._affine, self._affine_version = (scale, shift), version
-        return self._affine
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach()
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach()
+        return scale, shift
+
+    def _plain_bn(self) -> bool:
+        """Whether the layer's norm is an eval BatchNorm with running statistics and no hooks,
+        which may then be applied functionally or inside the native call."""
+        bn = self.norm
+        plain = isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
+        return plain and not (bn._forward_hooks or bn._forward_pre_hooks)
 
     def _kept(self, v: Tensor) -> Tensor:
         """What a kept channel is multiplied by: its saliency ``v`` (the paper), or 1 in
@@ -510,8 +509,7 @@ class DynamicGroupConv2d(nn.Module):
         ``nn.BatchNorm2d.__call__`` costs about as much again as the normalisation itself on
         the small maps of a CIFAR network (docs/benchmarks.md 6.2)."""
         bn = self.norm
-        plain = isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
-        if not plain or bn._forward_hooks or bn._forward_pre_hooks:
+        if not self._plain_bn():
             return self.act(bn(x))  # (B, C, H, W)
         y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return y.relu_()  # (B, C, H, W)
@@ -553,10 +551,12 @@ class DynamicGroupConv2d(nn.Module):
         if name is not None:
             offsets = self._row_offsets(x.shape[0], x.device)
             return self._kernel(name, x, sal, index, scale, offsets)  # (B, O, H', W')
-        kernels = {nm: functools.partial(self._kernel, nm, x, sal, index, scale) for nm in names}
         fused = self._fused_args(raw) if raw is not None and "direct" in names else None
-        if fused is not None:
-            # Time whole forwards: the native one skips the torch BN, gate and selection too.
+        if fused is None:
+            kernels = {
+                nm: functools.partial(self._kernel, nm, x, sal, index, scale) for nm in names
+            }
+        else:  # time whole forwards: the native one skips the torch BN, gate and selection too
             kernels = {nm: functools.partial(self._whole, nm, raw) for nm in names}
             kernels["direct"] = functools.partial(native.FusedPlan(tuple(raw.shape), *fused), raw)
         return self.kernels.run(key, kernels, names[0])  # (B, O, H', W')

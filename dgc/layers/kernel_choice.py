@@ -3,8 +3,9 @@
 The fastest way to run a DGC layer's kept-channel convolution depends on its shape (batch,
 channels, resolution, kernel size) and on the machine: on the CPU the native direct conv on
 most layers, a batch-folded grouped conv on wide early layers at larger batches, a batched
-matmul on some 1x1 layers, and the full-width masked conv where most channels are kept. Like ``torch.backends.cudnn.benchmark``, the first forward at a new input shape times
-each candidate a few times and keeps the fastest; later forwards at that shape run it directly.
+matmul on some 1x1 layers, and the full-width masked conv where most channels are kept. Like
+``torch.backends.cudnn.benchmark``, the first forward at a new input shape times each
+candidate a few times and keeps the fastest; later forwards at that shape run it directly.
 The cache belongs to the layer (no global state).
 """
 
