@@ -178,9 +178,10 @@ class _GatheredGroupConv(torch.autograd.Function):
         shape = ctx.weight_shape
         o, k = shape[0], shape[-1]
         weight_dtype, rows = rows.dtype, rows.to(dtype)  # (h*C, O/h*k^2)
-        xg = G.gather_inputs(x.to(dtype), index)  # (B*h*K, HW), unscaled
+        x_rows, w_rows = G.kept_rows(index, c)  # (B*h*K,) each
+        xg = x.to(dtype).reshape(b * c, -1).index_select(0, x_rows)  # (B*h*K, HW), unscaled
         s = scale.to(dtype).reshape(-1, 1)  # (B*h*K, 1)
-        wg = G.gather_kernels(rows, index, c).view(b, heads, kept, o // heads, k * k)
+        wg = rows.index_select(0, w_rows).view(b, heads, kept, o // heads, k * k)
         wg = wg.transpose(2, 3).reshape(b * o, kept, k, k)  # (B*O, K, k, k)
         # Head-major grad (undo the interleave), batch folded into the channels.
         g_y = grad_out.view(b, o // heads, heads, *grad_out.shape[-2:]).transpose(1, 2)
@@ -190,12 +191,12 @@ class _GatheredGroupConv(torch.autograd.Function):
         )
         g_xs = g_xs.view(-1, h * w)  # (B*h*K, HW), grad of the scaled input
         grad_x = torch.zeros(b * c, h * w, dtype=dtype, device=x.device)
-        grad_x.index_add_(0, G.flat_rows(index, c), g_xs * s)
+        grad_x.index_add_(0, x_rows, g_xs * s)
         grad_scale = (g_xs * xg).sum(-1).view(b, heads, kept)  # (B, h, K)
         # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2), summed into the head-major weight rows.
         g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)
         g_rows = g_rows.reshape(b * heads * kept, -1)
-        grad_rows = torch.zeros_like(rows).index_add_(0, G.head_rows(index, c), g_rows)
+        grad_rows = torch.zeros_like(rows).index_add_(0, w_rows, g_rows)
         grad_w = grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(shape)
         return (
             grad_x.view_as(x).to(x.dtype),

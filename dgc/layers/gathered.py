@@ -99,27 +99,6 @@ def kept_rows(
     return (index + offsets[0]).view(-1), (index + offsets[1]).view(-1)
 
 
-def flat_rows(index: Tensor, stride: int) -> Tensor:
-    """Row numbers of ``index`` (B, h, K) in a (B*stride)-row tensor, sample-major: (B*h*K,)."""
-    return kept_rows(index, stride)[0]
-
-
-def head_rows(index: Tensor, channels: int) -> Tensor:
-    """Row numbers of ``index`` (B, h, K) in ``weight_rows`` (head-major): (B*h*K,)."""
-    return kept_rows(index, channels)[1]
-
-
-def gather_inputs(x: Tensor, index: Tensor) -> Tensor:
-    """Each sample's kept channels per head: (B, C, ...) -> (B*h*K, prod(...))."""
-    b, c = x.shape[:2]
-    return x.reshape(b * c, -1).index_select(0, flat_rows(index, c))
-
-
-def gather_kernels(rows: Tensor, index: Tensor, channels: int) -> Tensor:
-    """Each sample's kernel rows of its kept channels: (B*h*K, O/h*k^2)."""
-    return rows.index_select(0, head_rows(index, channels))
-
-
 def fold_conv(
     x: Tensor,
     index: Tensor,

@@ -130,6 +130,15 @@ def _pruned_model(prefer: str) -> torch.nn.Module:
     return model
 
 
+def _settled_direct() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A pruned DyResNet-8 that has run its native forward once, an input, and its output."""
+    model = _pruned_model("direct")
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        model(x)
+        return model, x, model(x)
+
+
 def _prefer(model: torch.nn.Module, prefer: str | None) -> None:
     for layer in dgc.dgc_layers(model):
         layer.kernels = KernelChoice(prefer=prefer)
@@ -192,11 +201,8 @@ def test_model_that_ran_native_eval_copies_pickles_and_follows_parameter_changes
     import copy
     import pickle
 
-    model = _pruned_model("direct")
-    x = torch.randn(2, 1, 12, 12)
+    model, x, y = _settled_direct()
     with torch.no_grad():
-        model(x)
-        y = model(x)
         twin, thawed = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
         del model  # the copies must not point into its tensors
         torch.testing.assert_close(twin(x), y)
@@ -230,3 +236,25 @@ def test_a_compiler_without_openmp_gets_the_portable_build(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "cache").glob("*.so"))) == 1
+
+
+@needs_library
+def test_short_lived_threads_run_the_native_forward_and_release_their_scratch():
+    # Each calling thread gets its own scratch buffers, freed by a thread-exit destructor: a
+    # thread that exits must not break the next one (no dangling per-thread state).
+    import threading
+
+    model, x, expected = _settled_direct()
+    outs = []
+
+    def run() -> None:
+        with torch.no_grad():
+            outs.append(model(x))
+
+    for _ in range(4):
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    assert len(outs) == 4
+    for out in outs:
+        torch.testing.assert_close(out, expected)

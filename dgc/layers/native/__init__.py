@@ -31,10 +31,19 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("direct_conv.c")
-FLAGS = ("-O3", "-march=native", "-funroll-loops", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-funroll-loops",
+    "-fopenmp",
+    "-pthread",
+    "-shared",
+    "-fPIC",
+    "-std=gnu99",
+)
 # Where those fail (a compiler without OpenMP or -march=native, e.g. Apple clang): one thread,
 # generic vector code. The pragmas are then ignored.
-PORTABLE_FLAGS = ("-O3", "-funroll-loops", "-shared", "-fPIC", "-std=gnu99")
+PORTABLE_FLAGS = ("-O3", "-funroll-loops", "-pthread", "-shared", "-fPIC", "-std=gnu99")
 BUILD_TIMEOUT_S = 120
 _log = logging.getLogger(__name__)
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -143,7 +152,7 @@ def direct_conv(
     b, c, h, w = x.shape
     heads, kept = index.shape[1], index.shape[2]
     o, k = weight.shape[0], weight.shape[-1]
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
     x, weight = x.contiguous(), weight.contiguous()
     index, scale = index.contiguous(), scale.contiguous()
     y = torch.empty(b, o, ho, wo, dtype=x.dtype)
@@ -193,7 +202,7 @@ class FusedPlan:
         weight = weight.detach().contiguous()
         a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
         o, k = weight.shape[0], weight.shape[-1]
-        ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+        ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
         self.out_shape = (b, o, ho, wo)
         self._keep = (fc1, fc2, b2, weight, a, d)  # the plan points into these
         self._plan = _Plan(
@@ -213,6 +222,10 @@ class FusedPlan:
         if self._call(self._ref, x.data_ptr(), y.data_ptr()) != 0:
             raise MemoryError("dgc fused_eval: cannot allocate its scratch buffer")
         return y  # (B, O, H', W')
+
+
+def _out_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -8,14 +8,16 @@
  * (4-16 channels on a CIFAR ResNet), which oneDNN and BLAS run far below their dense speed, and
  * the torch ops around them (gathers, kernel layouts, the interleave) cost more than the
  * convolution itself at batch 1. Here one call does the gather, the saliency scaling, the
- * padding, the convolution and the interleave. The inner tile keeps JB output channels x XS
- * output columns in registers over all kept channels and taps, so every input vector loaded
- * feeds JB fused multiply-adds. Plain C: the compiler vectorises the fixed-size tile loops.
+ * padding, the convolution and the interleave. The inner tile keeps JB output channels x R
+ * rows x 8*NV columns in vector registers over all kept channels and taps, so every input
+ * vector loaded feeds JB fused multiply-adds, and reads each output block's kept kernels
+ * packed once. Plain C with GCC vector extensions.
  *
  * Layout of the work buffer: per (b, i, c) the scaled, zero-padded input plane, split into
  * `stride` column phases so that a strided convolution reads contiguous columns.
  * Dilation 1 only. float32, contiguous tensors.
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -134,9 +136,48 @@ static inline __attribute__((always_inline)) void tile(
 /* Output rows per tile: one vector a row on maps at most 8 wide, else two. */
 static int64_t tile_rows(int64_t Wo) { return Wo <= 8 ? NARROW_ROWS : WIDE_ROWS; }
 
-/* Per OpenMP thread: the packed kernels of its current (sample, head, output block). */
-static __thread float *pack_buf;
-static __thread size_t pack_floats;
+/* Grow-only scratch buffers per thread, reused by every layer and call, freed when the thread
+ * exits: WORK for the calling thread (work planes, selection; large buffers allocated per call
+ * would be fresh pages, page-faulted on every call), PACK for each OpenMP thread (the packed
+ * kernels of its current output block). Two keys, as the calling thread is also an OpenMP
+ * thread of its own parallel regions. */
+enum { WORK, PACK };
+typedef struct {
+    void *buf;
+    size_t bytes;
+} Scratch;
+static pthread_key_t scratch_keys[2];
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *p) {
+    free(((Scratch *)p)->buf);
+    free(p);
+}
+
+static void scratch_init(void) {
+    pthread_key_create(&scratch_keys[WORK], scratch_free);
+    pthread_key_create(&scratch_keys[PACK], scratch_free);
+}
+
+/* At least `bytes` of this thread's buffer `which`, or NULL when memory runs out. */
+static void *scratch(int which, size_t bytes) {
+    pthread_once(&scratch_once, scratch_init);
+    Scratch *s = pthread_getspecific(scratch_keys[which]);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scratch_keys[which], s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (bytes > s->bytes) {
+        free(s->buf);
+        s->bytes = bytes + bytes / 2;
+        s->buf = malloc(s->bytes);
+        if (!s->buf) s->bytes = 0;
+    }
+    return s->buf;
+}
 
 static int convolve(const float *work, const int64_t *index, const float *weight, float *y,
                      const Shape *s, int threads) {
@@ -152,17 +193,11 @@ static int convolve(const float *work, const int64_t *index, const float *weight
         const int64_t *idx = index + bi * s->K;
         /* Pack this block's kernels of the kept channels as [c][tap][jj]: the tiles then read
          * them in order, instead of JB rows C*k*k floats apart (cache-set conflicts). */
-        const size_t need = (size_t)(s->K * kk * jb);
-        if (need > pack_floats) {
-            free(pack_buf);
-            pack_buf = malloc(sizeof(float) * need);
-            pack_floats = pack_buf ? need : 0;
-        }
-        if (!pack_buf) {
+        float *packed = scratch(PACK, sizeof(float) * (size_t)(s->K * kk * jb));
+        if (!packed) {
             failed = 1;
             continue;
         }
-        float *packed = pack_buf;
         const float *wbase = weight + (i * oh + j0) * wstride;
         for (int64_t c = 0; c < s->K; c++)
             for (int64_t jj = 0; jj < jb; jj++) {
@@ -200,22 +235,6 @@ static Shape make_shape(int64_t B, int64_t C, int64_t H, int64_t W, int64_t head
     return s;
 }
 
-/* A grow-only scratch buffer per calling thread, reused by every layer and call: a layer's
- * work planes are allocated once, not per call (large allocations would otherwise be fresh
- * pages, page-faulted on every call). Freed with the thread. */
-static __thread void *arena_buf;
-static __thread size_t arena_bytes;
-
-static void *arena(size_t bytes) {
-    if (bytes > arena_bytes) {
-        free(arena_buf);
-        arena_bytes = bytes + bytes / 2;
-        arena_buf = malloc(arena_bytes);
-        if (!arena_buf) arena_bytes = 0;
-    }
-    return arena_buf;
-}
-
 /* The kept-channel convolution alone, on an already normalised input. Returns 0, or -1 when
  * the scratch buffer cannot be allocated. */
 int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
@@ -223,7 +242,7 @@ int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
                     const float *weight, int64_t O, int64_t k, int64_t stride, int64_t pad,
                     float *y, int64_t Ho, int64_t Wo, int threads) {
     const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
-    float *work = arena(sizeof(float) * B * heads * K * s.plane);
+    float *work = scratch(WORK, sizeof(float) * B * heads * K * s.plane);
     if (!work) return -1;
     pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
     return convolve(work, index, weight, y, &s, threads);
@@ -305,11 +324,11 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
     const Shape s = make_shape(B, C, p->H, p->W, heads, K, p->O, p->k, p->stride, p->pad, p->Ho,
                                p->Wo);
     const int64_t per_sample = heads * r + heads * C + C; /* hidden, saliencies, select tmp */
-    float *scratch = arena(sizeof(float) * (B * C + B * per_sample + B * heads * K +
+    float *buf = scratch(WORK, sizeof(float) * (B * C + B * per_sample + B * heads * K +
                                             B * heads * K * s.plane) +
                            sizeof(int64_t) * B * heads * K);
-    if (!scratch) return -1;
-    int64_t *index = (int64_t *)scratch; /* B*heads*K kept channels */
+    if (!buf) return -1;
+    int64_t *index = (int64_t *)buf; /* B*heads*K kept channels */
     float *z = (float *)(index + B * heads * K), *per = z + B * C;
     float *scale = per + B * per_sample, *work = scale + B * heads * K;
     const float *bn_a = p->bn_a, *bn_c = p->bn_c;
