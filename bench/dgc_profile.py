@@ -2,9 +2,13 @@
 
     python bench/dgc_profile.py profile dyresnet18 --batch 1 --size 224
     python bench/dgc_profile.py compile resnet20 --batches 1 64
+    python bench/dgc_profile.py stem resnet18 --size 224 --batches 1 8 --runs 20
 
 profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, gate
          0.25 for gc/dy models: the top ops by self CPU time, in ms per forward.
+stem     the ImageNet stem (7x7 conv, BN, ReLU, max-pool) of ``model`` in inference, NCHW
+         (nn.Sequential's forward) against the channels-last path the model runs
+         (dgc.models.resnet.ImageNetStem), round-robin, outputs compared; --batches.
 compile  eager and torch.compile(dynamic=False) eval forwards of the dense network and its DGC
          variant, round-robin (bench/dgc_speed.py's timing), and the ratio compiled dense /
          compiled DGC.
@@ -23,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
+
+import dgc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dgc_speed import build  # noqa: E402
@@ -76,9 +82,25 @@ def compile_(a: argparse.Namespace) -> None:
         print(f"{a.model} b{batch}: {cells}; compiled dense / compiled DGC = {ratio:.2f}")
 
 
+def stem(a: argparse.Namespace) -> None:
+    model = dgc.create_model(a.model).eval()
+    for batch in a.batches:
+        x = torch.randn(batch, 3, a.size, a.size)
+        with torch.inference_mode():
+            nchw = torch.nn.Sequential.forward(model.stem, x)
+            assert torch.equal(nchw, model.stem(x))
+            fns = {
+                "NCHW": lambda: torch.nn.Sequential.forward(model.stem, x),
+                "channels-last": lambda: model.stem(x),
+            }
+            ms = round_robin(fns, a.runs, "cpu")
+        cells = ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
+        print(f"{a.model} stem b{batch} {a.size}px: {cells}; outputs equal")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=["profile", "compile"])
+    p.add_argument("mode", choices=["profile", "compile", "stem"])
     p.add_argument("model", help="profile: any dgc name; compile: the dense family name")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -89,7 +111,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    profile(a) if a.mode == "profile" else compile_(a)
+    {"profile": profile, "compile": compile_, "stem": stem}[a.mode](a)
 
 
 if __name__ == "__main__":
