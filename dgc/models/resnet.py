@@ -185,10 +185,9 @@ class ImageNetStem(nn.Sequential):
     when no gradient is needed.
 
     oneDNN's 7x7 convolution over 3 input channels and PyTorch's CPU max-pool are both much
-    faster in channels-last layout: at batch 8 (224 px, 2 threads) the conv took 32.7 ms in
-    NCHW and 18.4 ms in channels-last, and the NCHW max-pool 27.8 ms against 6.0 ms for a
-    channels-last round trip; the max-pool alone was 3.8 against 0.84 ms at batch 1. The stem
-    is the same in every variant, so in NCHW it capped every dense/DGC ratio of issue #7.
+    faster in channels-last layout: the stem runs about 1.7-2.4x faster on 2 CPU threads at
+    batch 1 and 8 (``bench/dgc_profile.py stem``, docs/benchmarks.md 6.1). The stem is the
+    same in every variant, so in NCHW it capped every dense/DGC ratio of issue #7.
     Training keeps NCHW (the max-pool backward is no faster in channels-last). The output is
     NCHW again, for the convolutions that follow; values agree to float rounding.
     """
