@@ -11,12 +11,12 @@ infer   eval mode, no grad, gates fully pruned (set_progress 1.0), random weight
         model's forward as a captured CUDA graph (launch overhead removed).
 train   one training step (forward, cross-entropy + 1e-5 * aux loss, backward, SGD step) of
         dense, gc (gate 0.5) and dy at gate 0.25 and 0.5.
-export  the DGC network as it ships: eager eval (native kernel where it wins), eager eval with
-        the torch kernels only, the TorchScript that `search export` writes
-        (search.commands.write_export) and the model MLflow logs and loads back
-        (mlflow.pytorch.log_model / load_model in a temporary SQLite store). Outputs are
-        compared with the torch-kernel eager model, whose saliencies the shipped paths compute
-        with the same ops.
+export  the DGC network as it ships: eager eval (native kernel where it wins), the two
+        TorchScript files that `search export` writes (search.commands.write_export: model.ts
+        records dgc's operator, model_portable.ts torch kernels) and the model MLflow logs and
+        loads back (mlflow.pytorch.log_model / load_model in a temporary SQLite store); and the
+        dense network eager and through MLflow (torch.export's own overhead). Outputs are
+        compared with the eager model's.
 
 Variants of one (family, batch) are timed round-robin in one process (load drift hits all
 alike); each figure is the median of --runs timed calls after two warm-ups. Ratios are
@@ -27,7 +27,6 @@ and to bench/out/dgc_speed_<mode>_<device>.json with the versions and the machin
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -40,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 import dgc
-from dgc.layers.kernel_choice import KernelChoice
 
 # (family, image size, batches); the issue's configurations.
 INFER_CASES = [("resnet18", 224, (1, 8)), ("densenet86", 32, (1, 64)), ("resnet20", 32, (1, 64))]
@@ -174,59 +172,64 @@ def model_classes(model: torch.nn.Module) -> int:
 
 
 def export(a: argparse.Namespace) -> list[dict]:
-    """Eager eval vs the shipped TorchScript and MLflow model, same inputs, outputs compared."""
-    import mlflow
-
-    from search.commands import write_export
-
+    """Eager eval vs the shipped TorchScript and MLflow model, same inputs, outputs compared;
+    and the dense network's own MLflow (torch.export) program against its eager model."""
     rows = []
     for family, size, batches in INFER_CASES:
         name = f"dy{family}"
         model = build(name, 0.25, "cpu", torch.float32, size).eval()
-        example = torch.randn(1, 3, size, size)
-        with torch.no_grad():
-            model(example)  # the kernel choice for batch 1, as the product's export does
+        dense = build(family, None, "cpu", torch.float32, size).eval()
         tmp = Path(tempfile.mkdtemp())
-        write_export(model, tmp / "export", (3, size, size), {"name": name})
-        ts = torch.jit.load(str(tmp / "export" / "model.ts"))
-        mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
-        with mlflow.start_run():
-            ex2 = torch.randn(2, 3, size, size)
-            with torch.no_grad():
-                model(ex2)
-            info = mlflow.pytorch.log_model(model, name="model", input_example=ex2.numpy())
-        loaded = mlflow.pytorch.load_model(info.model_uri)
-        torch_only = copy.deepcopy(model)  # the torch kernels the shipped paths record
-        for layer in dgc.dgc_layers(torch_only):
-            layer.kernels = KernelChoice(exclude=("direct",))
+        write_export_of(model, tmp / "export", size, name)
+        paths = {
+            "eager eval": model,
+            "TorchScript model.ts (search export)": torch.jit.load(str(tmp / "export/model.ts")),
+            "TorchScript model_portable.ts": torch.jit.load(str(tmp / "export/model_portable.ts")),
+            "MLflow": mlflow_round_trip(model, size, tmp),
+            "dense eager eval": dense,
+            "dense MLflow": mlflow_round_trip(dense, size, tmp),
+        }
         for batch in a.batches or batches:
             x = torch.randn(batch, 3, size, size)
-            shipped = {
-                "eager eval": model,
-                "eager eval, torch kernels": torch_only,
-                "TorchScript (search export)": ts,
-                "MLflow": loaded,
-            }
             with torch.inference_mode():
-                torch_only(x)  # its kernel choice for this shape, outside the timing
-                ref = torch_only(x)
+                ref, dense_ref = model(x), dense(x)
                 diff = {
-                    k: float((m(x) - ref).abs().max() / ref.abs().max()) for k, m in shipped.items()
+                    k: float((m(x) - (dense_ref if k.startswith("dense") else ref)).abs().max())
+                    / float(ref.abs().max())
+                    for k, m in paths.items()
                 }
-                ms = round_robin({k: (lambda m=m: m(x)) for k, m in shipped.items()}, a.runs, "cpu")
+                ms = round_robin({k: (lambda m=m: m(x)) for k, m in paths.items()}, a.runs, "cpu")
             for key, t in ms.items():
+                base = ms["dense eager eval" if key.startswith("dense") else "eager eval"]
                 rows.append(
                     {
                         "family": name,
                         "batch": batch,
                         "variant": key,
                         "ms": t,
-                        "eager_over_variant": ms["eager eval"] / t,
+                        "eager_over_variant": base / t,
                         "max_rel_diff": diff[key],
                     }
                 )
             print_rows(rows[-len(ms) :], ratio_key="eager_over_variant")
     return rows
+
+
+def write_export_of(model: torch.nn.Module, out: Path, size: int, name: str) -> None:
+    from search.commands import write_export
+
+    write_export(model, out, (3, size, size), {"name": name})
+
+
+def mlflow_round_trip(model: torch.nn.Module, size: int, tmp: Path) -> Callable:
+    """``model`` as search's Pareto registration logs it (pt2, batch-2 example), loaded back."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+    with mlflow.start_run():
+        example = torch.randn(2, 3, size, size)
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example.numpy())
+    return mlflow.pytorch.load_model(info.model_uri)
 
 
 def cost_of(name: str, gate: float | None, size: int) -> int:

@@ -206,9 +206,12 @@ def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta:
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shape = "x".join(map(str, size))
     print(
         f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "
-        f"in_chans=, **kwargs)) and model.ts (TorchScript, input Nx{'x'.join(map(str, size))})"
+        f"in_chans=, **kwargs)), model.ts (TorchScript, input Nx{shape}; `import dgc` before "
+        "torch.jit.load: its DGC layers call dgc's operator, as fast as the eager model) and "
+        "model_portable.ts (plain torch operators: loads without dgc, slower)"
     )
     return 0
 
@@ -224,6 +227,14 @@ def _write_export_files(
     (out / "model.json").write_text(json.dumps(info, indent=2))
     example = torch.zeros(1, *size)
     with torch.no_grad():
-        model(example)  # DGC layers choose their fastest kernels at batch 1; the trace keeps them
-        traced = torch.jit.trace(model, example, check_trace=False)
-    traced.save(str(out / "model.ts"))
+        torch.jit.trace(model, example, check_trace=False).save(str(out / "model.ts"))
+        layers = dgc.dgc_layers(model)
+        try:  # plain torch operators: the kernels timed fastest at batch 1 are recorded
+            for layer in layers:
+                layer.ship_op = False
+            model(example)
+            traced = torch.jit.trace(model, example, check_trace=False)
+        finally:
+            for layer in layers:
+                layer.ship_op = True
+    traced.save(str(out / "model_portable.ts"))

@@ -124,7 +124,9 @@ def _describe_version(tracking: Tracking, name: str, version: str, p: Point) -> 
         name,
         version,
         description=f"{p.name} (run {p.run_id}): {text}; "
-        + ", ".join(f"{k}={v}" for k, v in settings.items()),
+        + ", ".join(f"{k}={v}" for k, v in settings.items())
+        + f". Load: `import dgc` (its operator), then "
+        f"`mlflow.pytorch.load_model('models:/{name}/{version}')`.",
     )
 
 

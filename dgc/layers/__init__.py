@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dgc.layers import shipped as _shipped  # noqa: F401  (registers dgc's operator)
 from dgc.layers.conv import ConvFactory
 from dgc.layers.conv import ConvLayer
 from dgc.layers.conv import make_conv_factory

@@ -333,6 +333,9 @@ class DynamicGroupConv2d(nn.Module):
         self.register_buffer("inactive_channels", torch.zeros((), dtype=torch.long))
         self._inactive_host = 0
         self.impl = impl
+        # A trace (TorchScript, torch.export) records the eval forward as one dgc operator
+        # that runs it eagerly (``dgc.layers.shipped``); False: plain torch operators.
+        self.ship_op = True
         # Inference: the kernel chosen per input shape, and the weight in row layout.
         self.kernels = KernelChoice()
         self.register_buffer("eval_rows", torch.empty(0), persistent=False)
@@ -378,6 +381,8 @@ class DynamicGroupConv2d(nn.Module):
             y = self._forward_fused(x)  # (B, O, H', W'), or None where it does not apply
             if y is not None:
                 return y
+        if not self.training and self.ship_op and tracing() and self._shippable(x):
+            return self._forward_shipped(x)  # (B, O, H', W'), one recorded operator
         raw, x = x, self._norm_relu(x)  # (B, C, H, W) each
         sal = self._saliency(x)  # (B, h, C), float32 under autocast too
         # Kept only when training (the loss needs it); inference and export stay stateless.
@@ -388,6 +393,33 @@ class DynamicGroupConv2d(nn.Module):
             return self._forward_autograd(x, sal)  # (B, O, H', W')
         raw = None if torch.is_grad_enabled() else raw  # timing whole forwards: eager only
         return self._forward_inference(x, sal, raw)  # (B, O, H', W')
+
+    def _shippable(self, x: Tensor) -> bool:
+        """Whether a trace may record this eval forward as ``dgc.layers.shipped``'s operator:
+        a plain eval BN-ReLU (or none), no hooks it would bypass, no autocast."""
+        if torch.is_autocast_enabled(x.device.type) or self._hooked():
+            return False
+        no_norm = isinstance(self.norm, nn.Identity) and isinstance(self.act, nn.Identity)
+        return no_norm or self._plain_bn()
+
+    def _forward_shipped(self, x: Tensor) -> Tensor:
+        """The eval forward as ``torch.ops.dgc.dynamic_group_conv_eval`` (registered by
+        ``dgc.layers.shipped``), which runs this eager forward wherever the program runs."""
+        bn = self.norm if isinstance(self.norm, nn.BatchNorm2d) else None
+        norm = (None,) * 4 if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        gate = self.gate
+        return torch.ops.dgc.dynamic_group_conv_eval(
+            x,
+            self.weight,
+            gate.fc1_weight,
+            gate.fc2_weight,
+            gate.fc2_bias,
+            *norm,
+            self._inactive_host,
+            [self.stride, self.padding, self.dilation],
+            self.saliency == "mask",
+            bn.eps if bn is not None else 0.0,
+        )  # (B, O, H', W')
 
     def _forward_fused(self, x: Tensor) -> Tensor | None:
         """Eager inference in one native call (``native.FusedPlan``) where this shape's chosen

@@ -65,13 +65,14 @@ def test_every_eval_kernel_equals_the_per_head_oracle(cin, cout, k, stride, head
 
 @pytest.mark.parametrize("prefer", ["fold", "unfold", "masked"])
 def test_network_traced_at_batch_1_runs_at_other_batches(prefer):
-    # search export traces at batch 1; the kernels fold the batch into conv groups and row
-    # offsets, which a plain trace would freeze at 1.
+    # search export traces at batch 1 (model_portable.ts: torch kernels); the kernels fold
+    # the batch into conv groups and row offsets, which a plain trace would freeze at 1.
     torch.manual_seed(0)
     model = dgc.create_model("dyresnet8", num_classes=5, in_chans=1, gate_factor=0.25).eval()
     dgc.set_progress(model, 1.0)
     for layer in dgc.dgc_layers(model):
         layer.kernels = KernelChoice(prefer=prefer)
+        layer.ship_op = False
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.zeros(1, 1, 12, 12), check_trace=False)
         for batch in (1, 3, 8):
@@ -105,18 +106,50 @@ def test_eval_under_bf16_autocast_matches_float32():
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
 
 
-def test_torch_export_with_grad_enabled_ships_the_inference_path():
-    # MLflow logs PyTorch models with torch.export (pt2) and grad enabled: an eval model must
-    # export its inference kernels (with their cached weight layout), not the training path,
-    # and the program must serve other batch sizes.
-    torch.manual_seed(0)
-    model = dgc.create_model("dyresnet8", num_classes=5, in_chans=1, gate_factor=0.25).eval()
-    dgc.set_progress(model, 1.0)
+def _exported(model: torch.nn.Module) -> torch.export.ExportedProgram:
     example = torch.randn(2, 1, 12, 12)
     with torch.no_grad():
         model(example)
     batch = torch.export.Dim("batch")
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
+def _pruned_eval_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = dgc.create_model("dyresnet8", num_classes=5, in_chans=1, gate_factor=0.25).eval()
+    dgc.set_progress(model, 1.0)
+    return model
+
+
+def _assert_serves_other_batches(program: torch.export.ExportedProgram, model) -> None:
+    with torch.no_grad():
+        for size in (1, 3):
+            x = torch.randn(size, 1, 12, 12)
+            # Eager eval times its kernels anew at each batch size and may pick another of the
+            # equivalent kernels than the program: equal up to float rounding.
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export_with_grad_enabled_records_one_dgc_operator_per_layer():
+    # MLflow logs PyTorch models with torch.export (pt2) and grad enabled: an eval model must
+    # export its inference path, not the training path: each DGC layer as the operator that
+    # runs its eager eval forward (dgc.layers.shipped), and the program must serve any batch.
+    model = _pruned_eval_model()
+    program = _exported(model)
+    calls = [
+        node
+        for node in program.graph.nodes
+        if node.op == "call_function" and "dynamic_group_conv_eval" in str(node.target)
+    ]
+    assert len(calls) == len(dgc.dgc_layers(model))
+    _assert_serves_other_batches(program, model)
+
+
+def test_torch_export_without_the_operator_ships_the_torch_kernels():
+    model = _pruned_eval_model()
+    for layer in dgc.dgc_layers(model):
+        layer.ship_op = False
+    program = _exported(model)
     buffers = program.graph_signature.inputs_to_buffers  # placeholder -> buffer name
     used = [
         buffers[node.name]
@@ -124,12 +157,8 @@ def test_torch_export_with_grad_enabled_ships_the_inference_path():
         if node.op == "placeholder" and node.name in buffers and node.users
     ]
     assert any(name.endswith(("eval_rows", "eval_taps")) for name in used)
-    with torch.no_grad():
-        for size in (1, 3):
-            x = torch.randn(size, 1, 12, 12)
-            # Eager eval times its kernels anew at each batch size and may pick another of the
-            # equivalent kernels than the program recorded: equal up to float rounding.
-            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-4)
+    assert "dynamic_group_conv_eval" not in program.graph_module.code
+    _assert_serves_other_batches(program, model)
 
 
 @pytest.mark.gpu

@@ -145,8 +145,9 @@ def _prefer(model: torch.nn.Module, prefer: str | None) -> None:
 
 
 @needs_library
-def test_network_with_direct_kernels_equals_fold_and_traces_with_torch_kernels():
-    # A trace cannot record a ctypes call: it records a torch kernel, and serves any batch.
+def test_network_with_direct_kernels_equals_fold_and_ships_them_in_a_trace():
+    # A trace cannot record the ctypes call: it records each DGC layer as dgc's operator,
+    # which runs the eager forward (native kernel included), at any batch.
     model = _pruned_model("fold")
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad():
@@ -154,12 +155,18 @@ def test_network_with_direct_kernels_equals_fold_and_traces_with_torch_kernels()
         _prefer(model, "direct")
         model(x)
         torch.testing.assert_close(model(x), expected)
-        _prefer(model, None)  # measured choice; the trace must not take direct
-        model(x)
+        _prefer(model, None)  # measured choice
         traced = torch.jit.trace(model, x[:1], check_trace=False)
-        assert "dgc_" not in str(traced.inlined_graph)
+        graph = str(traced.inlined_graph)
+        assert graph.count("dgc::dynamic_group_conv_eval") == len(dgc.dgc_layers(model))
         for batch in (1, 4):
             torch.testing.assert_close(traced(x[:batch]), expected[:batch], rtol=1e-4, atol=1e-4)
+        for layer in dgc.dgc_layers(model):  # model_portable.ts: torch kernels only
+            layer.ship_op = False
+        portable = torch.jit.trace(model, x[:1], check_trace=False)
+        assert "dgc::" not in str(portable.inlined_graph)
+        for batch in (1, 4):
+            torch.testing.assert_close(portable(x[:batch]), expected[:batch], rtol=1e-4, atol=1e-4)
 
 
 def test_without_a_compiler_the_layer_keeps_its_torch_kernels(tmp_path):

@@ -4,6 +4,8 @@ written atomically."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -16,8 +18,13 @@ from search.commands import read_model_meta
 from search.commands import write_export
 from search.overrides import SearchConfigError
 
-META = {"name": "dyresnet8", "num_classes": 10, "in_chans": 1,
-        "kwargs": {"heads": 2, "gate_factor": 0.25}, "input_size": [1, 8, 8]}
+META = {
+    "name": "dyresnet8",
+    "num_classes": 10,
+    "in_chans": 1,
+    "kwargs": {"heads": 2, "gate_factor": 0.25},
+    "input_size": [1, 8, 8],
+}
 
 
 def _meta_file(tmp_path: Path, **changes: object) -> Path:
@@ -26,13 +33,16 @@ def _meta_file(tmp_path: Path, **changes: object) -> Path:
     return path
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"num_classes": 10**9}, "num_classes=1000000000 must be an int in [1, 100000]"),
-    ({"name": "os.system"}, "name='os.system' is not a registered model"),
-    ({"input_size": [1, 10**6, 8]}, "input_size=[1, 1000000, 8] must be"),
-    ({"kwargs": {"heads": {"x": 1}}}, "kwargs={'heads': {'x': 1}} must map names"),
-    ({"extra": 1}, "expected exactly name, num_classes"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"num_classes": 10**9}, "num_classes=1000000000 must be an int in [1, 100000]"),
+        ({"name": "os.system"}, "name='os.system' is not a registered model"),
+        ({"input_size": [1, 10**6, 8]}, "input_size=[1, 1000000, 8] must be"),
+        ({"kwargs": {"heads": {"x": 1}}}, "kwargs={'heads': {'x': 1}} must map names"),
+        ({"extra": 1}, "expected exactly name, num_classes"),
+    ],
+)
 def test_tampered_model_meta_is_refused_before_anything_is_built(tmp_path, changes, message):
     path = _meta_file(tmp_path, **changes)
     with pytest.raises(SearchConfigError) as info:
@@ -68,10 +78,41 @@ def test_export_writes_a_working_model_and_replaces_an_old_export_whole(tmp_path
     out = tmp_path / "out"
     assert export_command(run, str(out), uri) == 0
     assert export_command(run, str(out), uri) == 0  # again: replaced, not mixed
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt", "model.ts"]
+    names = ["model.json", "model.pt", "model.ts", "model_portable.ts"]
+    assert sorted(p.name for p in out.iterdir()) == names
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
-    ts = torch.jit.load(str(out / "model.ts"))
-    assert ts(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    model = dgc.create_model(META["name"], num_classes=10, in_chans=1, **META["kwargs"])
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        eager = model.eval()(x)
+        for name in ("model.ts", "model_portable.ts"):
+            torch.testing.assert_close(torch.jit.load(str(out / name))(x), eager)
+
+
+def test_exported_torchscript_loads_in_a_fresh_process(tmp_path):
+    """model_portable.ts needs torch only; model.ts needs ``import dgc`` (its operator), and
+    says so when it is missing."""
+    uri, run = _logged_run(tmp_path, META)
+    out = tmp_path / "out"
+    assert export_command(run, str(out), uri) == 0
+    script = f"""
+import sys, torch
+x = torch.randn(2, 1, 8, 8)
+portable = torch.jit.load({str(out / "model_portable.ts")!r})(x)
+assert "dgc" not in sys.modules
+try:
+    torch.jit.load({str(out / "model.ts")!r})
+except RuntimeError as err:
+    assert "dgc::dynamic_group_conv_eval" in str(err), err
+else:
+    raise AssertionError("model.ts loaded without its operator")
+import dgc
+torch.testing.assert_close(torch.jit.load({str(out / "model.ts")!r})(x), portable)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_a_failed_export_leaves_the_previous_one_intact(tmp_path):

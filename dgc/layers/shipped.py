@@ -1,0 +1,113 @@
+"""The DGC layer's eval forward as one registered operator, for the programs that ship.
+
+A TorchScript trace or ``torch.export`` (the MLflow model) records torch operators; a ctypes
+call into the native kernel, or the layer's per-shape kernel choice, cannot be recorded. So an
+eval ``DynamicGroupConv2d`` that is being traced records one call to
+``torch.ops.dgc.dynamic_group_conv_eval`` instead of its torch kernels, and that operator runs
+the eager eval forward: BN-ReLU, gate, selection and the fastest kernel for the input shape
+(the native fused one where it wins), chosen when the program first sees that shape, at
+whatever batch size it runs. The exported program is then exactly as fast as the eager model.
+
+The operator is registered by ``import dgc``: a process loading such a program must import
+``dgc`` first (``torch.jit.load`` and ``torch.export.load`` otherwise report the unknown op).
+A trace of plain torch operators, loadable without ``dgc`` and slower, is still available:
+set ``layer.ship_op = False`` on every DGC layer (``search export --portable``).
+
+Per call the operator finds the eager layer built around the tensors it receives: an LRU
+cache keyed by their storage addresses holds those layers (and so their tensors); a cached
+layer checks its tensors' versions itself, so an in-place parameter update rebuilds its plan.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from dgc.layers.dynamic_group_conv import SaliencyGate
+
+OP_NAME = "dgc::dynamic_group_conv_eval"
+CACHED_LAYERS = 512
+
+
+class _Layers:
+    """Eager layers by the storages of their tensors and their settings (LRU)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._layers: OrderedDict[tuple, DynamicGroupConv2d] = OrderedDict()
+
+    def get(self, tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
+        key = (*[None if t is None else t.data_ptr() for t in tensors], *settings)
+        layer = self._layers.get(key)
+        if layer is None:
+            layer = _rebuild(tensors, settings)
+            self._layers[key] = layer
+            if len(self._layers) > self.size:
+                self._layers.popitem(last=False)
+        else:
+            self._layers.move_to_end(key)
+        return layer
+
+
+_LAYERS = _Layers(CACHED_LAYERS)
+
+
+def _rebuild(tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
+    """An eval layer whose parameters and buffers are ``tensors`` themselves (not copies)."""
+    weight, fc1, fc2, b2, mean, var, bn_w, bn_b = tensors
+    n, stride, padding, dilation, mask, eps = settings
+    o, c, k, _ = weight.shape
+    heads, hidden = fc1.shape[0], fc1.shape[1]
+    layer = DynamicGroupConv2d(
+        c, o, k, stride, padding, dilation, heads=heads, squeeze_rate=1,
+        saliency="mask" if mask else "scale", norm=mean is not None,
+    )  # fmt: skip
+    layer.gate = SaliencyGate(c, heads, hidden)
+    layer.gate._parameters.update(fc1_weight=fc1, fc2_weight=fc2, fc2_bias=b2)
+    layer._parameters["weight"] = weight
+    if mean is not None:
+        bn = layer.norm
+        bn._buffers.update(running_mean=mean, running_var=var)
+        bn._parameters.update(weight=bn_w, bias=bn_b)
+        bn.affine, bn.eps = bn_w is not None, eps
+    layer._inactive_host = n
+    layer.inactive_channels.fill_(n)
+    return layer.eval().to(weight.device)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def dynamic_group_conv_eval(
+    x: Tensor,
+    weight: Tensor,
+    fc1_weight: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    n_inactive: int,
+    conv: list[int],
+    mask: bool,
+    eps: float,
+) -> Tensor:
+    """``DynamicGroupConv2d``'s eval forward: (B, C, H, W) -> (B, O, H', W')."""
+    tensors = (weight, fc1_weight, fc2_weight, fc2_bias, bn_mean, bn_var, bn_weight, bn_bias)
+    layer = _LAYERS.get(tensors, (n_inactive, *conv, mask, eps))
+    with torch.no_grad():
+        y = layer._forward_fused(x)  # the native call, once this shape's choice is made
+        return layer(x) if y is None else y  # (B, O, H', W')
+
+
+@dynamic_group_conv_eval.register_fake
+def _(x, weight, fc1_weight, fc2_weight, fc2_bias, *args):  # noqa: ANN001, ANN002, ANN202
+    # The output's shape only: (B, O, H', W'). args: the BN's four tensors, n, conv, ...
+    stride, padding, dilation = args[5]
+    k = weight.shape[-1]
+    span = dilation * (k - 1) + 1
+    ho = (x.shape[2] + 2 * padding - span) // stride + 1
+    wo = (x.shape[3] + 2 * padding - span) // stride + 1
+    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
