@@ -45,6 +45,15 @@ SALIENCY_MODES = ("scale", "mask")
 GATHER_MAX_KEPT = 0.5
 
 
+def versions(tensors: list[Tensor]) -> list[int]:
+    """The tensors' version counters (bumped by every in-place write), -1 for an inference
+    tensor (made under ``torch.inference_mode``), which has none: treated as never changing."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [-1 if t.is_inference() else t._version for t in tensors]
+
+
 def effective_squeeze(in_channels: int, squeeze_rate: int) -> int:
     """Squeeze rate actually used: halved for narrow layers (C < 80), as the authors do."""
     return max(1, squeeze_rate // 2) if in_channels < NARROW_LAYER_CHANNELS else squeeze_rate
@@ -442,7 +451,7 @@ class DynamicGroupConv2d(nn.Module):
         sources = [*self._parameters.values(), *self.gate._parameters.values()]
         sources += [*self.norm._parameters.values(), *self.norm._buffers.values()]
         sources = [t for t in sources if t is not None]
-        state = tuple([t._version for t in sources] + [t.data_ptr() for t in sources])
+        state = tuple(versions(sources) + [t.data_ptr() for t in sources])
         cached = self._plans.get(key)
         if cached is not None and cached[0] == state:
             return cached[1]
@@ -642,7 +651,7 @@ class DynamicGroupConv2d(nn.Module):
         cached, w = getattr(self, name), self.weight
         if tracing():
             return cached if cached.numel() else G.weight_rows(w, self.heads, taps_major)
-        version = (w._version, w.data_ptr(), w.dtype, w.device)
+        version = (*versions([w]), w.data_ptr(), w.dtype, w.device)
         if version != self._rows_version.get(name) or cached.numel() == 0:
             cached = G.weight_rows(w.detach(), self.heads, taps_major)
             setattr(self, name, cached)

@@ -20,6 +20,7 @@ layer checks its tensors' versions itself, so an in-place parameter update rebui
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -33,22 +34,30 @@ CACHED_LAYERS = 512
 
 
 class _Layers:
-    """Eager layers by the storages of their tensors and their settings (LRU)."""
+    """Eager layers by the storages of their tensors and their settings (LRU, thread-safe).
+
+    A cached layer holds its tensors, so no other tensor can reuse their addresses while the
+    entry lives; the weight's shape, dtype and device are part of the key too."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._layers: OrderedDict[tuple, DynamicGroupConv2d] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
+        weight = tensors[0]
         key = (*[None if t is None else t.data_ptr() for t in tensors], *settings)
-        layer = self._layers.get(key)
-        if layer is None:
-            layer = _rebuild(tensors, settings)
-            self._layers[key] = layer
+        key = (*key, weight.shape, weight.dtype, weight.device)
+        with self._lock:
+            layer = self._layers.get(key)
+            if layer is not None:
+                self._layers.move_to_end(key)
+                return layer
+        layer = _rebuild(tensors, settings)  # outside the lock: builds no native plan yet
+        with self._lock:
+            layer = self._layers.setdefault(key, layer)
             if len(self._layers) > self.size:
                 self._layers.popitem(last=False)
-        else:
-            self._layers.move_to_end(key)
         return layer
 
 
@@ -57,6 +66,11 @@ _LAYERS = _Layers(CACHED_LAYERS)
 
 def _rebuild(tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
     """An eval layer whose parameters and buffers are ``tensors`` themselves (not copies)."""
+    with torch.inference_mode(False):  # its own buffers keep version counters
+        return _layer_around(tensors, settings)
+
+
+def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
     weight, fc1, fc2, b2, mean, var, bn_w, bn_b = tensors
     n, stride, padding, dilation, mask, eps = settings
     o, c, k, _ = weight.shape

@@ -80,3 +80,16 @@ def test_the_layer_cache_is_bounded_and_keyed_by_storage():
         assert cache.get(tensors, (layer._inactive_host, 1, 1, 1, False, bn.eps)) is built[-1]
         assert built[-1].weight is layer.weight  # the tensors themselves, not copies
     assert len(cache._layers) == 2
+
+
+def test_a_program_runs_under_inference_mode_and_with_inference_tensors():
+    layer = _layer(16, 16, 3, 1, 4, 0.25)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        traced = torch.jit.trace(layer, x, check_trace=False)
+    with torch.inference_mode():  # first call here: the operator builds its layer here
+        torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-5)
+        inference = _layer(16, 16, 3, 1, 4, 0.25)  # parameters without version counters
+        torch.testing.assert_close(inference(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(inference(x), expected, rtol=1e-4, atol=1e-5)
