@@ -182,19 +182,21 @@ class ResNet(nn.Module):
 
 class ImageNetStem(nn.Sequential):
     """The 7x7/2 conv, BN, ReLU and 3x3/2 max-pool, run in channels-last layout on a CPU tensor
-    when no gradient is needed.
+    in eval mode.
 
     oneDNN's 7x7 convolution over 3 input channels and PyTorch's CPU max-pool are both much
     faster in channels-last layout: the stem runs about 1.7-2.4x faster on 2 CPU threads at
     batch 1 and 8 (``bench/dgc_profile.py stem``, docs/benchmarks.md 6.1). The stem is the
     same in every variant, so in NCHW it capped every dense/DGC ratio of issue #7.
-    Training keeps NCHW (the max-pool backward is no faster in channels-last). The output is
-    NCHW again, for the convolutions that follow; values agree to float rounding.
+    Training keeps NCHW (the max-pool backward is no faster in channels-last). Eval with grad
+    enabled (torch.export, which MLflow logs with) takes the channels-last path too, so the
+    exported program records it. The output is NCHW again, for the convolutions that follow;
+    values agree to float rounding.
     """
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         # x: (B, 3, H, W)
-        if x.device.type != "cpu" or x.dim() != 4 or torch.is_grad_enabled():
+        if x.device.type != "cpu" or x.dim() != 4 or self.training:
             return super().forward(x)  # (B, C, H/4, W/4)
         y = super().forward(x.contiguous(memory_format=torch.channels_last))  # (B, C, H/4, W/4)
         return y.contiguous()  # (B, C, H/4, W/4), NCHW

@@ -206,3 +206,24 @@ def test_a_dgc_network_starts_from_its_dense_networks_kernels():
     group = dgc.create_model("gcresnet8", num_classes=10, in_chans=1)
     with pytest.raises(ValueError, match=r"tensors have other shapes .*stages\.0\.0\.conv1"):
         dgc.load_dense_weights(group, dense.state_dict())
+
+
+def test_imagenet_stem_runs_channels_last_in_eval_with_or_without_grad():
+    # Eval on the CPU: channels-last (also with grad enabled, as torch.export and so the MLflow
+    # model record it); training: NCHW. Outputs equal the plain NCHW stem's.
+    torch.manual_seed(0)
+    stem = dgc.create_model("resnet18").stem.eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain = torch.nn.Sequential.forward(stem, x)
+    torch.testing.assert_close(stem(x), plain)
+    program = torch.export.export(stem, (x,))
+    formats = [
+        n.kwargs.get("memory_format") for n in program.graph.nodes if n.op == "call_function"
+    ]
+    assert torch.channels_last in formats
+    torch.testing.assert_close(program.module()(x), plain)
+    program = torch.export.export(stem.train(), (x,))
+    formats = [
+        n.kwargs.get("memory_format") for n in program.graph.nodes if n.op == "call_function"
+    ]
+    assert torch.channels_last not in formats
