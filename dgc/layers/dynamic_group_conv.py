@@ -352,6 +352,7 @@ class DynamicGroupConv2d(nn.Module):
         self._rows_version: dict[str, tuple] = {}
         self._offsets: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._plans: dict[tuple, tuple[tuple, native.FusedPlan]] = {}
+        self._packed: tuple[tuple, Tensor] | None = None
         self.last_saliency_loss: Tensor | None = None
         self.reset_parameters()
 
@@ -466,7 +467,7 @@ class DynamicGroupConv2d(nn.Module):
         # Native plans point into this layer's tensors: a copy or an unpickled layer builds
         # its own (pickle and deepcopy of a model that ran eval must work, e.g. for Ray).
         state = dict(super().__getstate__())
-        state["_plans"] = {}
+        state["_plans"], state["_packed"] = {}, None
         return state
 
     def _hooked(self) -> bool:
@@ -487,7 +488,7 @@ class DynamicGroupConv2d(nn.Module):
         gate = (self.gate.fc1_weight, self.gate.fc2_weight, self.gate.fc2_bias)
         conv = (self.stride, self.padding, self.dilation)
         mask = self.saliency == "mask"
-        return norm, gate, self._inactive_host, mask, self.weight.detach(), conv
+        return norm, gate, self._inactive_host, mask, self.weight, conv, self._packed_weight()
 
     def _whole(self, name: str, raw: Tensor) -> Tensor:
         """The whole eval forward from the layer's input with torch kernel ``name``: what a
@@ -626,7 +627,8 @@ class DynamicGroupConv2d(nn.Module):
         if name == "unfold":
             return t(G.unfold_conv)(x, index, scale, self._weight_rows(True), k, args, offsets)
         if name == "direct":
-            return native.direct_conv(x, index, scale, self.weight.detach(), args)
+            shape = (self.out_channels, k)
+            return native.direct_conv(x, index, scale, self._packed_weight(), shape, args)
         if self.saliency == "scale":
             return t(masked_conv)(x, sal, self.weight, n, self.heads, args)
         mask = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C) of 0/1
@@ -640,6 +642,15 @@ class DynamicGroupConv2d(nn.Module):
             offsets = G.row_offsets(batch, self.heads, self.in_channels, device)
             self._offsets[key] = offsets
         return offsets
+
+    def _packed_weight(self) -> Tensor:
+        """The weight in the native kernel's layout (``native.pack_weight``), shared by the
+        direct kernel and every fused plan, rebuilt only when the weight changed. Eager only."""
+        w = self.weight
+        version = (*versions([w]), w.data_ptr())
+        if self._packed is None or self._packed[0] != version:
+            self._packed = (version, native.pack_weight(w, self.heads))
+        return self._packed[1]
 
     def _weight_rows(self, taps_major: bool) -> Tensor:
         """The weight in ``gathered.weight_rows`` layout, rebuilt only when the weight changed.

@@ -59,7 +59,8 @@ def test_direct_kernel_and_fused_forward_equal_the_oracle(cin, cout, k, stride, 
         n = layer.target_inactive
         index, scale = G.select_channels(layer.gate(torch.relu(layer.norm(x)).mean((2, 3))), n)
         args = (layer.stride, layer.padding, 1)
-        alone = native.direct_conv(torch.relu(layer.norm(x)), index, scale, layer.weight, args)
+        packed, shape = native.pack_weight(layer.weight, heads), (cout, k)
+        alone = native.direct_conv(torch.relu(layer.norm(x)), index, scale, packed, shape, args)
     torch.testing.assert_close(fused, expected)
     torch.testing.assert_close(alone, expected)
 
@@ -72,7 +73,8 @@ def test_direct_kernel_equals_the_fold_kernel_on_gathered_inputs():
     rows = G.weight_rows(weight, 4)
     for stride in (1, 2):
         expected = G.fold_conv(x, index, scale, rows, 3, (stride, 1, 1))
-        out = native.direct_conv(x, index, scale, weight, (stride, 1, 1))
+        packed = native.pack_weight(weight, 4)
+        out = native.direct_conv(x, index, scale, packed, (12, 3), (stride, 1, 1))
         torch.testing.assert_close(out, expected)
 
 
@@ -237,7 +239,8 @@ def test_a_compiler_without_openmp_gets_the_portable_build(tmp_path):
         "x, w = torch.randn(2, 16, 9, 9).relu(), torch.randn(8, 16, 3, 3)\n"
         "index, scale = G.select_channels(torch.rand(2, 4, 16), 12)\n"
         "ref = G.fold_conv(x, index, scale, G.weight_rows(w, 4), 3, (1, 1, 1))\n"
-        "torch.testing.assert_close(native.direct_conv(x, index, scale, w, (1, 1, 1)), ref)\n"
+        "p = native.pack_weight(w, 4)\n"
+        "torch.testing.assert_close(native.direct_conv(x, index, scale, p, (8, 3), (1, 1, 1)), ref)\n"
     )
     env = {**os.environ, "CC": str(fake), "DGC_NATIVE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

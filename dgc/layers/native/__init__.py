@@ -76,6 +76,8 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_direct_conv.restype = ctypes.c_int
     lib.dgc_fused_eval.argtypes = [ctypes.POINTER(_Plan), _PTR, _PTR]
     lib.dgc_fused_eval.restype = ctypes.c_int
+    lib.dgc_pack_weight.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR]
+    lib.dgc_pack_weight.restype = None
     return lib
 
 
@@ -127,11 +129,25 @@ def supported(x: Tensor, weight: Tensor, dilation: int) -> bool:
     return ok and dilation == 1 and library() is not None
 
 
+def pack_weight(weight: Tensor, heads: int) -> Tensor:
+    """``weight`` (O, C, k, k) in the layout the native kernel reads (``dgc_pack_weight``:
+    per head and block of output channels, each input channel's kernels contiguous): a
+    float32 tensor of the weight's size, made once per weight by the caller."""
+    lib = library()
+    assert lib is not None, "pack_weight called without the native library (check supported)"
+    weight = weight.detach().contiguous()
+    o, c, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+    packed = torch.empty(weight.numel(), dtype=torch.float32)
+    lib.dgc_pack_weight(weight.data_ptr(), o, c, k, heads, packed.data_ptr())
+    return packed  # (O*C*k*k,)
+
+
 def direct_conv(
     x: Tensor,
     index: Tensor,
     scale: Tensor,
-    weight: Tensor,
+    packed: Tensor,
+    shape: tuple[int, int],
     conv: tuple[int, int, int],
 ) -> Tensor:
     """The kept-channel convolution of ``gathered.fold_conv`` in one native call.
@@ -140,7 +156,8 @@ def direct_conv(
         x: (B, C, H, W) post-BN-ReLU input.
         index: (B, h, K) kept channels per sample and head.
         scale: (B, h, K) what each kept channel is multiplied by.
-        weight: (O, C, k, k) the layer's weight (rows i*O/h.. are head i's).
+        packed: the layer's weight (O, C, k, k) through ``pack_weight``.
+        shape: (O, k) of that weight.
         conv: (stride, padding, dilation); dilation must be 1.
 
     Returns:
@@ -151,14 +168,13 @@ def direct_conv(
     stride, padding, _ = conv
     b, c, h, w = x.shape
     heads, kept = index.shape[1], index.shape[2]
-    o, k = weight.shape[0], weight.shape[-1]
+    o, k = shape
     ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    x, weight = x.contiguous(), weight.contiguous()
-    index, scale = index.contiguous(), scale.contiguous()
+    x, index, scale = x.contiguous(), index.contiguous(), scale.contiguous()
     y = torch.empty(b, o, ho, wo, dtype=x.dtype)
     status = lib.dgc_direct_conv(
         x.data_ptr(), b, c, h, w, index.data_ptr(), scale.data_ptr(), heads, kept,
-        weight.data_ptr(), o, k, stride, padding, y.data_ptr(), ho, wo, torch.get_num_threads(),
+        packed.data_ptr(), o, k, stride, padding, y.data_ptr(), ho, wo, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("dgc direct_conv: cannot allocate its scratch buffer")
@@ -181,6 +197,7 @@ class FusedPlan:
         mask: kept channels multiplied by 1 (``saliency="mask"``), else by their saliency.
         weight: (O, C, k, k).
         conv: (stride, padding, dilation); dilation must be 1.
+        packed: ``pack_weight(weight, heads)`` where the caller keeps one (else made here).
     """
 
     def __init__(
@@ -192,6 +209,7 @@ class FusedPlan:
         mask: bool,
         weight: Tensor,
         conv: tuple[int, int, int],
+        packed: Tensor | None = None,
     ) -> None:
         lib = library()
         assert lib is not None, "FusedPlan without the native library (check supported)"
@@ -199,9 +217,9 @@ class FusedPlan:
         stride, padding, _ = conv
         b, c, h, w = shape
         fc1, fc2, b2 = (t.detach().contiguous() for t in gate)
-        weight = weight.detach().contiguous()
-        a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
         o, k = weight.shape[0], weight.shape[-1]
+        weight = pack_weight(weight, fc1.shape[0]) if packed is None else packed
+        a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
         ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
         self.out_shape = (b, o, ho, wo)
         self._keep = (fc1, fc2, b2, weight, a, d)  # the plan points into these

@@ -10,8 +10,9 @@
  * convolution itself at batch 1. Here one call does the gather, the saliency scaling, the
  * padding, the convolution and the interleave. The inner tile keeps JB output channels x R
  * rows x 8*NV columns in vector registers over all kept channels and taps, so every input
- * vector loaded feeds JB fused multiply-adds, and reads each output block's kept kernels
- * packed once. Plain C with GCC vector extensions.
+ * vector loaded feeds JB fused multiply-adds, and reads each kept channel's kernels for its
+ * output block as one contiguous run of the packed weight (dgc_pack_weight, done once per
+ * weight by the caller). Plain C with GCC vector extensions.
  *
  * Layout of the work buffer: per (b, i, c) the scaled, zero-padded input plane, split into
  * `stride` column phases so that a strided convolution reads contiguous columns.
@@ -31,6 +32,20 @@ typedef struct {
     int64_t Hp, Wph, plane; /* rows, columns per phase, floats per (b, i, c) work plane */
 } Shape;
 
+/* Zero what the copy below leaves unwritten in a stride-1 plane: the padding rows, and each
+ * interior row's left padding and right padding + tail (writing the plane twice, memset then
+ * copy, cost about a third of the gather). */
+static void zero_border(float *dst, const Shape *s) {
+    const int64_t top = s->pad * s->Wph, bottom = (s->pad + s->H) * s->Wph;
+    memset(dst, 0, sizeof(float) * top);
+    memset(dst + bottom, 0, sizeof(float) * (s->Hp * s->Wph - bottom));
+    for (int64_t r = s->pad; r < s->pad + s->H; r++) {
+        float *row = dst + r * s->Wph;
+        for (int64_t q = 0; q < s->pad; q++) row[q] = 0.0f;
+        for (int64_t q = s->pad + s->W; q < s->Wph; q++) row[q] = 0.0f;
+    }
+}
+
 /* Gather, normalise, scale and zero-pad each kept channel: work[b,i,c] = scale * f(x[b, idx])
  * with f = ReLU(bn_a * v + bn_c) when bn_a is given (the layer's BN-ReLU, fused), else f = id. */
 static void pad_gather(const float *x, const int64_t *index, const float *scale,
@@ -43,8 +58,9 @@ static void pad_gather(const float *x, const int64_t *index, const float *scale,
         const float a = scale[t];
         const float *src = x + (b * s->C + ch) * s->H * s->W;
         float *dst = work + t * s->plane;
-        memset(dst, 0, sizeof(float) * s->plane);
+        if (a == 0.0f || s->stride != 1) memset(dst, 0, sizeof(float) * s->plane);
         if (a == 0.0f) continue; /* a pruned tie: contributes nothing */
+        if (s->stride == 1) zero_border(dst, s);
         /* scale * ReLU(na * v + nc) = ReLU(scale * na * v + scale * nc), as scale >= 0 */
         const float na = a * (bn_a ? bn_a[ch] : 1.0f), nc = bn_a ? a * bn_c[ch] : 0.0f;
         for (int64_t ph = 0; ph < s->stride; ph++) {
@@ -90,8 +106,9 @@ typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loa
  * channels and taps in vector registers, then stored (interleaved) to y. Every input vector
  * loaded feeds JB multiply-adds and every weight broadcast R*NV. */
 static inline __attribute__((always_inline)) void tile(
-    const float *work, const float *packed, float *y, const Shape *s, int64_t b, int64_t i,
-    int64_t j0, int64_t oy, int64_t x0, const int JB, const int R, const int NV) {
+    const float *work, const float *wblock, const int64_t *idx, float *y, const Shape *s,
+    int64_t b, int64_t i, int64_t j0, int64_t oy, int64_t x0, const int JB, const int R,
+    const int NV) {
     v8 acc[4][MAX_VEC];
     for (int jj = 0; jj < JB; jj++)
         for (int q = 0; q < R * NV; q++) acc[jj][q] = (v8){0};
@@ -105,7 +122,7 @@ static inline __attribute__((always_inline)) void tile(
     const float *planes = work + (b * s->heads + i) * s->K * s->plane;
     for (int64_t c = 0; c < s->K; c++) {
         const float *plane = planes + c * s->plane;
-        const float *wc = packed + c * kk * JB;
+        const float *wc = wblock + idx[c] * kk * JB; /* [tap][jj], contiguous */
         for (int64_t t = 0; t < kk; t++) {
             const float *in = plane + off[t];
             v8 xv[MAX_VEC];
@@ -121,7 +138,11 @@ static inline __attribute__((always_inline)) void tile(
         for (int rq = 0; rq < R && oy + rq < s->Ho; rq++) {
             float *out = y + ((b * oh + j0 + jj) * s->heads + i) * s->Ho * s->Wo +
                          (oy + rq) * s->Wo + x0;
-            for (int64_t v = 0; v < n; v++) out[v] = ((const float *)&acc[jj][rq * NV])[v];
+            if (n == 8 * NV) { /* a full tile row: vector stores */
+                for (int q = 0; q < NV; q++) *(v8u *)(out + 8 * q) = acc[jj][rq * NV + q];
+            } else {
+                for (int64_t v = 0; v < n; v++) out[v] = ((const float *)&acc[jj][rq * NV])[v];
+            }
         }
 }
 
@@ -129,24 +150,21 @@ static inline __attribute__((always_inline)) void tile(
     if (jb == JBV && R == RV) {                                                               \
         for (int64_t oy = 0; oy < s->Ho; oy += RV)                                            \
             for (int64_t x0 = 0; x0 < s->Wo; x0 += 8 * NVV)                                   \
-                tile(work, packed, y, s, b, i, j0, oy, x0, JBV, RV, NVV);                     \
+                tile(work, wblock, idx, y, s, b, i, j0, oy, x0, JBV, RV, NVV);                \
         continue;                                                                             \
     }
 
 /* Output rows per tile: one vector a row on maps at most 8 wide, else two. */
 static int64_t tile_rows(int64_t Wo) { return Wo <= 8 ? NARROW_ROWS : WIDE_ROWS; }
 
-/* Grow-only scratch buffers per thread, reused by every layer and call, freed when the thread
- * exits: WORK for the calling thread (work planes, selection; large buffers allocated per call
- * would be fresh pages, page-faulted on every call), PACK for each OpenMP thread (the packed
- * kernels of its current output block). Two keys, as the calling thread is also an OpenMP
- * thread of its own parallel regions. */
-enum { WORK, PACK };
+/* A grow-only scratch buffer per calling thread (work planes, selection), reused by every
+ * layer and call and freed when the thread exits: large buffers allocated per call would be
+ * fresh pages, page-faulted on every call. */
 typedef struct {
     void *buf;
     size_t bytes;
 } Scratch;
-static pthread_key_t scratch_keys[2];
+static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 
 static void scratch_free(void *p) {
@@ -154,18 +172,15 @@ static void scratch_free(void *p) {
     free(p);
 }
 
-static void scratch_init(void) {
-    pthread_key_create(&scratch_keys[WORK], scratch_free);
-    pthread_key_create(&scratch_keys[PACK], scratch_free);
-}
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
 
-/* At least `bytes` of this thread's buffer `which`, or NULL when memory runs out. */
-static void *scratch(int which, size_t bytes) {
+/* At least `bytes` of this thread's scratch buffer, or NULL when memory runs out. */
+static void *scratch(size_t bytes) {
     pthread_once(&scratch_once, scratch_init);
-    Scratch *s = pthread_getspecific(scratch_keys[which]);
+    Scratch *s = pthread_getspecific(scratch_key);
     if (!s) {
         s = calloc(1, sizeof *s);
-        if (!s || pthread_setspecific(scratch_keys[which], s) != 0) {
+        if (!s || pthread_setspecific(scratch_key, s) != 0) {
             free(s);
             return NULL;
         }
@@ -179,31 +194,34 @@ static void *scratch(int which, size_t bytes) {
     return s->buf;
 }
 
-static int convolve(const float *work, const int64_t *index, const float *weight, float *y,
+/* Output channels per block: 4, else 2, else 1 (they must divide a head's outputs). */
+static int64_t block_size(int64_t oh) { return oh % 4 == 0 ? 4 : (oh % 2 == 0 ? 2 : 1); }
+
+/* The weight (O, C, k, k) in the layout the tiles read, [head][block][c][tap][jj]: one output
+ * block's kernels of one input channel are kk*jb contiguous floats, so a task reads its kept
+ * channels' kernels in place (no per-call packing, no scattered rows C*k*k floats apart). */
+void dgc_pack_weight(const float *weight, int64_t O, int64_t C, int64_t k, int64_t heads,
+                     float *packed) {
+    const int64_t oh = O / heads, jb = block_size(oh), kk = k * k;
+    for (int64_t o = 0; o < O; o++) {
+        const int64_t i = o / oh, blk = o % oh / jb, jj = o % jb;
+        float *dst = packed + ((i * (oh / jb) + blk) * C * kk) * jb + jj;
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t q = 0; q < kk; q++) dst[(c * kk + q) * jb] = weight[(o * C + c) * kk + q];
+    }
+}
+
+static void convolve(const float *work, const int64_t *index, const float *packed, float *y,
                      const Shape *s, int threads) {
     const int64_t oh = s->O / s->heads, R = tile_rows(s->Wo), kk = s->k * s->k;
-    const int64_t jb = oh % 4 == 0 ? 4 : (oh % 2 == 0 ? 2 : 1);
-    const int64_t blocks = oh / jb, wstride = s->C * kk;
+    const int64_t jb = block_size(oh), blocks = oh / jb;
     const int64_t n = s->B * s->heads * blocks;
-    int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < n; t++) {
         const int64_t j0 = t % blocks * jb, bi = t / blocks;
         const int64_t b = bi / s->heads, i = bi % s->heads;
         const int64_t *idx = index + bi * s->K;
-        /* Pack this block's kernels of the kept channels as [c][tap][jj]: the tiles then read
-         * them in order, instead of JB rows C*k*k floats apart (cache-set conflicts). */
-        float *packed = scratch(PACK, sizeof(float) * (size_t)(s->K * kk * jb));
-        if (!packed) {
-            failed = 1;
-            continue;
-        }
-        const float *wbase = weight + (i * oh + j0) * wstride;
-        for (int64_t c = 0; c < s->K; c++)
-            for (int64_t jj = 0; jj < jb; jj++) {
-                const float *src = wbase + jj * wstride + idx[c] * kk;
-                for (int64_t q = 0; q < kk; q++) packed[(c * kk + q) * jb + jj] = src[q];
-            }
+        const float *wblock = packed + (i * blocks + j0 / jb) * s->C * kk * jb;
         TILE_CASE(4, NARROW_ROWS, 1)
         TILE_CASE(4, WIDE_ROWS, 2)
         TILE_CASE(2, NARROW_ROWS, 1)
@@ -211,7 +229,6 @@ static int convolve(const float *work, const int64_t *index, const float *weight
         TILE_CASE(1, NARROW_ROWS, 1)
         TILE_CASE(1, WIDE_ROWS, 2)
     }
-    return failed ? -1 : 0;
 }
 
 /* Padded rows and columns per phase of one work plane: room for every tile's reads. */
@@ -235,17 +252,44 @@ static Shape make_shape(int64_t B, int64_t C, int64_t H, int64_t W, int64_t head
     return s;
 }
 
-/* The kept-channel convolution alone, on an already normalised input. Returns 0, or -1 when
- * the scratch buffer cannot be allocated. */
+/* The kept-channel convolution alone, on an already normalised input, with the weight packed
+ * by dgc_pack_weight. Returns 0, or -1 when the scratch buffer cannot be allocated. */
 int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
                     const int64_t *index, const float *scale, int64_t heads, int64_t K,
-                    const float *weight, int64_t O, int64_t k, int64_t stride, int64_t pad,
+                    const float *packed, int64_t O, int64_t k, int64_t stride, int64_t pad,
                     float *y, int64_t Ho, int64_t Wo, int threads) {
     const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
-    float *work = scratch(WORK, sizeof(float) * B * heads * K * s.plane);
+    float *work = scratch(sizeof(float) * B * heads * K * s.plane);
     if (!work) return -1;
     pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
-    return convolve(work, index, weight, y, &s, threads);
+    convolve(work, index, packed, y, &s, threads);
+    return 0;
+}
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* The mean of f(v[0..n)), f = ReLU(a * v + d) when relu is set, else the identity. Eight
+ * partial sums in a vector register: a plain float loop would not be vectorised (the compiler
+ * may not reorder a float sum). */
+static float plane_mean(const float *v, int64_t n, float a, float d, int relu) {
+    const v8 a8 = {a, a, a, a, a, a, a, a}, d8 = {d, d, d, d, d, d, d, d}, zero = {0};
+    v8 acc = zero;
+    int64_t q = 0;
+    for (; q + 8 <= n; q += 8) {
+        v8 u = *(const v8u *)(v + q);
+        if (relu) {
+            u = u * a8 + d8;
+            u = (v8)((v8i)u & (u > zero)); /* ReLU: keep the bits where u > 0 */
+        }
+        acc += u;
+    }
+    float sum = 0.0f;
+    for (int e = 0; e < 8; e++) sum += acc[e];
+    for (; q < n; q++) {
+        const float u = relu ? v[q] * a + d : v[q];
+        sum += !relu || u > 0.0f ? u : 0.0f;
+    }
+    return sum / (float)n;
 }
 
 /* Saliencies of one sample, all heads: sal[i, c] = ReLU(b2[i, c] + (fc2_i ReLU(fc1_i z))[c]),
@@ -309,7 +353,8 @@ static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int m
 }
 
 /* Everything a DGC layer's fused inference forward needs except its input and output, built
- * once per (layer, input shape) by the caller. bn_a is NULL for a layer without BN-ReLU. */
+ * once per (layer, input shape) by the caller. bn_a is NULL for a layer without BN-ReLU;
+ * weight is packed by dgc_pack_weight. */
 typedef struct {
     const float *bn_a, *bn_c, *fc1, *fc2, *b2, *weight;
     int64_t B, C, H, W, r, heads, n, O, k, stride, pad, Ho, Wo;
@@ -324,7 +369,7 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
     const Shape s = make_shape(B, C, p->H, p->W, heads, K, p->O, p->k, p->stride, p->pad, p->Ho,
                                p->Wo);
     const int64_t per_sample = heads * r + heads * C + C; /* hidden, saliencies, select tmp */
-    float *buf = scratch(WORK, sizeof(float) * (B * C + B * per_sample + B * heads * K +
+    float *buf = scratch(sizeof(float) * (B * C + B * per_sample + B * heads * K +
                                             B * heads * K * s.plane) +
                            sizeof(int64_t) * B * heads * K);
     if (!buf) return -1;
@@ -334,16 +379,8 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
     const float *bn_a = p->bn_a, *bn_c = p->bn_c;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < B * C; t++) {
-        const float *v = x + t * hw;
         const int64_t c = t % C;
-        float acc = 0.0f;
-        if (bn_a) {
-            const float a = bn_a[c], d = bn_c[c];
-            for (int64_t q = 0; q < hw; q++) acc += v[q] * a + d > 0.0f ? v[q] * a + d : 0.0f;
-        } else {
-            for (int64_t q = 0; q < hw; q++) acc += v[q];
-        }
-        z[t] = acc / (float)hw;
+        z[t] = plane_mean(x + t * hw, hw, bn_a ? bn_a[c] : 1.0f, bn_a ? bn_c[c] : 0.0f, !!bn_a);
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
@@ -355,5 +392,6 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
         }
     }
     pad_gather(x, index, scale, bn_a, bn_c, work, &s, threads);
-    return convolve(work, index, p->weight, y, &s, threads);
+    convolve(work, index, p->weight, y, &s, threads);
+    return 0;
 }
