@@ -449,8 +449,9 @@ class DynamicGroupConv2d(nn.Module):
         """The native plan for ``key``, rebuilt when a parameter or buffer it reads changed
         (an optimizer step, ``load_state_dict``, ``.to()``)."""
         # Read through the modules' dicts: nn.Module.__getattr__ costs about a microsecond each.
-        sources = [*self._parameters.values(), *self.gate._parameters.values()]
-        sources += [*self.norm._parameters.values(), *self.norm._buffers.values()]
+        gate, norm = self._modules["gate"], self._modules["norm"]
+        sources = [*self._parameters.values(), *gate._parameters.values()]
+        sources += [*norm._parameters.values(), *norm._buffers.values()]
         sources = [t for t in sources if t is not None]
         state = tuple(versions(sources) + [t.data_ptr() for t in sources])
         cached = self._plans.get(key)
@@ -471,10 +472,14 @@ class DynamicGroupConv2d(nn.Module):
         return state
 
     def _hooked(self) -> bool:
-        """Hooks on the submodules the fused forward would bypass."""
-        return any(
-            m._forward_hooks or m._forward_pre_hooks for m in (self.gate, self.norm, self.act)
-        )
+        """Hooks on the submodules the fused forward would bypass. Read through ``_modules``
+        (``nn.Module.__getattr__`` costs about a microsecond a name, on every eval call)."""
+        modules = self._modules
+        for name in ("gate", "norm", "act"):
+            m = modules[name]
+            if m._forward_hooks or m._forward_pre_hooks:
+                return True
+        return False
 
     def _fused_args(self, x: Tensor) -> tuple | None:
         """``native.FusedPlan``'s arguments after the shape, or None where it cannot run."""

@@ -156,7 +156,8 @@ def test_network_with_direct_kernels_equals_fold_and_ships_them_in_a_trace():
         expected = model(x)
         _prefer(model, "direct")
         model(x)
-        torch.testing.assert_close(model(x), expected)
+        # Eight layers of sums taken in another order: equal to float rounding, amplified.
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
         _prefer(model, None)  # measured choice
         traced = torch.jit.trace(model, x[:1], check_trace=False)
         graph = str(traced.inlined_graph)
