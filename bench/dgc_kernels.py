@@ -57,13 +57,12 @@ def main() -> None:
         conv = (s, k // 2, 1)
         with torch.inference_mode():
             ref = G.fold_conv(x, index, scale, rows, k, conv)
-            packed = native.pack_weight(w, HEADS)  # once per weight, as the layer does
-            out = native.direct_conv(x, index, scale, packed, (o, k), conv)
+            out = native.direct_conv(x, index, scale, rows, (o, k), conv)
             assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5  # order of summation
             fns = {
                 "fold": lambda: G.fold_conv(x, index, scale, rows, k, conv),
                 "unfold": lambda: G.unfold_conv(x, index, scale, taps, k, conv),
-                "direct": lambda: native.direct_conv(x, index, scale, packed, (o, k), conv),
+                "direct": lambda: native.direct_conv(x, index, scale, rows, (o, k), conv),
                 "dense": lambda: F.conv2d(x, w, None, s, k // 2),
             }
             ms = round_robin(fns, a.runs, "cpu")

@@ -170,14 +170,19 @@ class _GatheredGroupConv(torch.autograd.Function):
     reference code executes. Gathered inputs and kernels are rebuilt in backward, so only
     ``x``, the kept saliencies, the indices and the weight's row layout (weight-sized) are
     saved. Gradients go back with ``index_add``
-    on rows (the transpose of the row gathers).
+    on rows (the transpose of the row gathers). On the CPU in float32 the forward may run the
+    native direct kernel instead (``direct``, chosen by the layer by measured time); the
+    backward is the same.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, weight, index, stride, padding, dilation):  # type: ignore[override]
+    def forward(ctx, x, scale, weight, index, stride, padding, dilation, direct):  # type: ignore[override]
         ctx.conv_args, ctx.weight_shape = (stride, padding, dilation), weight.shape
         rows = G.weight_rows(weight, index.shape[1])  # (h*C, O/h*k^2), reused in backward
         ctx.save_for_backward(x, scale, rows, index)
+        if direct:  # the native kernel (CPU, float32): the same sums, another order
+            shape = (weight.shape[0], weight.shape[-1])
+            return native.direct_conv(x, index, scale, rows, shape, ctx.conv_args)
         return G.fold_conv(x, index, scale, rows, weight.shape[-1], ctx.conv_args)
 
     @staticmethod
@@ -211,6 +216,7 @@ class _GatheredGroupConv(torch.autograd.Function):
             grad_x.view_as(x).to(x.dtype),
             grad_scale.to(scale.dtype),
             grad_w.to(weight_dtype),
+            None,
             None,
             None,
             None,
@@ -352,7 +358,6 @@ class DynamicGroupConv2d(nn.Module):
         self._rows_version: dict[str, tuple] = {}
         self._offsets: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._plans: dict[tuple, tuple[tuple, native.FusedPlan]] = {}
-        self._packed: tuple[tuple, Tensor] | None = None
         self.last_saliency_loss: Tensor | None = None
         self.reset_parameters()
 
@@ -468,7 +473,7 @@ class DynamicGroupConv2d(nn.Module):
         # Native plans point into this layer's tensors: a copy or an unpickled layer builds
         # its own (pickle and deepcopy of a model that ran eval must work, e.g. for Ray).
         state = dict(super().__getstate__())
-        state["_plans"], state["_packed"] = {}, None
+        state["_plans"] = {}
         return state
 
     def _hooked(self) -> bool:
@@ -493,7 +498,8 @@ class DynamicGroupConv2d(nn.Module):
         gate = (self.gate.fc1_weight, self.gate.fc2_weight, self.gate.fc2_bias)
         conv = (self.stride, self.padding, self.dilation)
         mask = self.saliency == "mask"
-        return norm, gate, self._inactive_host, mask, self.weight, conv, self._packed_weight()
+        rows = self._weight_rows(False)  # shared by the direct kernel and every plan
+        return norm, gate, self._inactive_host, mask, self.weight, conv, rows
 
     def _whole(self, name: str, raw: Tensor) -> Tensor:
         """The whole eval forward from the layer's input with torch kernel ``name``: what a
@@ -567,10 +573,37 @@ class DynamicGroupConv2d(nn.Module):
         gather = self.in_channels - n <= GATHER_MAX_KEPT * self.in_channels
         if n > 0 and (self.impl == "gather" or (self.impl == "auto" and gather)):
             index, scale = G.select_channels(sal, n)  # (B, h, K) each
-            return _GatheredGroupConv.apply(x, self._kept(scale), self.weight, index, *args)
+            scale = self._kept(scale)
+            direct = self._train_forward_native(x, index, scale)
+            return _GatheredGroupConv.apply(x, scale, self.weight, index, *args, direct)
         sal = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C), pruned -> 0
         y = _GatedGroupConv.apply(x, sal, self.weight, *args)  # (B, O, H', W'), head-major
         return G.interleave(y, self.heads)
+
+    def _train_forward_native(self, x: Tensor, index: Tensor, scale: Tensor) -> bool:
+        """Whether the training forward convolves with the native kernel rather than the
+        batch-folded grouped conv: timed against it once per input shape (CPU, float32, not
+        traced or under autocast). The backward is the same either way."""
+        if tracing() or torch.is_autocast_enabled(x.device.type):
+            return False
+        if not native.supported(x, self.weight, self.dilation):
+            return False
+        key = ("train", tuple(x.shape), x.dtype, self._inactive_host)
+        name = self.kernels.known(key, ("fold", "direct"))
+        if name is None:
+            args, k = (self.stride, self.padding, self.dilation), self.kernel_size
+            with torch.no_grad():
+                rows = G.weight_rows(self.weight.detach(), self.heads)
+                inputs = (x, index, scale, rows)
+                kernels = {
+                    "fold": functools.partial(G.fold_conv, *inputs, k, args),
+                    "direct": functools.partial(
+                        native.direct_conv, *inputs, (self.out_channels, k), args
+                    ),
+                }
+                self.kernels.run(key, kernels, "fold")
+            name = self.kernels.last
+        return name == "direct"
 
     def _forward_inference(self, x: Tensor, sal: Tensor, raw: Tensor | None = None) -> Tensor:
         """No autograd: the fastest kernel for this input shape (see ``KernelChoice``).
@@ -632,8 +665,8 @@ class DynamicGroupConv2d(nn.Module):
         if name == "unfold":
             return t(G.unfold_conv)(x, index, scale, self._weight_rows(True), k, args, offsets)
         if name == "direct":
-            shape = (self.out_channels, k)
-            return native.direct_conv(x, index, scale, self._packed_weight(), shape, args)
+            rows, shape = self._weight_rows(False), (self.out_channels, k)
+            return native.direct_conv(x, index, scale, rows, shape, args)
         if self.saliency == "scale":
             return t(masked_conv)(x, sal, self.weight, n, self.heads, args)
         mask = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C) of 0/1
@@ -647,15 +680,6 @@ class DynamicGroupConv2d(nn.Module):
             offsets = G.row_offsets(batch, self.heads, self.in_channels, device)
             self._offsets[key] = offsets
         return offsets
-
-    def _packed_weight(self) -> Tensor:
-        """The weight in the native kernel's layout (``native.pack_weight``), shared by the
-        direct kernel and every fused plan, rebuilt only when the weight changed. Eager only."""
-        w = self.weight
-        version = (*versions([w]), w.data_ptr())
-        if self._packed is None or self._packed[0] != version:
-            self._packed = (version, native.pack_weight(w, self.heads))
-        return self._packed[1]
 
     def _weight_rows(self, taps_major: bool) -> Tensor:
         """The weight in ``gathered.weight_rows`` layout, rebuilt only when the weight changed.

@@ -59,8 +59,8 @@ def test_direct_kernel_and_fused_forward_equal_the_oracle(cin, cout, k, stride, 
         n = layer.target_inactive
         index, scale = G.select_channels(layer.gate(torch.relu(layer.norm(x)).mean((2, 3))), n)
         args = (layer.stride, layer.padding, 1)
-        packed, shape = native.pack_weight(layer.weight, heads), (cout, k)
-        alone = native.direct_conv(torch.relu(layer.norm(x)), index, scale, packed, shape, args)
+        rows, shape = G.weight_rows(layer.weight, heads), (cout, k)
+        alone = native.direct_conv(torch.relu(layer.norm(x)), index, scale, rows, shape, args)
     torch.testing.assert_close(fused, expected)
     torch.testing.assert_close(alone, expected)
 
@@ -73,9 +73,31 @@ def test_direct_kernel_equals_the_fold_kernel_on_gathered_inputs():
     rows = G.weight_rows(weight, 4)
     for stride in (1, 2):
         expected = G.fold_conv(x, index, scale, rows, 3, (stride, 1, 1))
-        packed = native.pack_weight(weight, 4)
-        out = native.direct_conv(x, index, scale, packed, (12, 3), (stride, 1, 1))
+        rows = G.weight_rows(weight, 4)
+        out = native.direct_conv(x, index, scale, rows, (12, 3), (stride, 1, 1))
         torch.testing.assert_close(out, expected)
+
+
+@needs_library
+@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", SHAPES[:3] + SHAPES[5:7])
+def test_training_forward_with_the_direct_kernel_has_the_oracle_gradients(
+    cin, cout, k, stride, heads, gate, h, w
+):
+    layer = _layer(cin, cout, k, stride, heads, gate).train()
+    layer.kernels = KernelChoice(prefer="direct")
+    ref = _layer(cin, cout, k, stride, heads, gate).train()
+    x = torch.randn(3, cin, h, w)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1 = layer(x1)
+    assert layer.kernels.last == "direct"
+    y2, lasso = oracle_forward(ref, x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(y1)
+    (y1 * g).sum().add(layer.last_saliency_loss).backward()
+    (y2 * g).sum().add(lasso).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    for (name, p1), p2 in zip(layer.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @needs_library
@@ -240,7 +262,7 @@ def test_a_compiler_without_openmp_gets_the_portable_build(tmp_path):
         "x, w = torch.randn(2, 16, 9, 9).relu(), torch.randn(8, 16, 3, 3)\n"
         "index, scale = G.select_channels(torch.rand(2, 4, 16), 12)\n"
         "ref = G.fold_conv(x, index, scale, G.weight_rows(w, 4), 3, (1, 1, 1))\n"
-        "p = native.pack_weight(w, 4)\n"
+        "p = G.weight_rows(w, 4)\n"
         "torch.testing.assert_close(native.direct_conv(x, index, scale, p, (8, 3), (1, 1, 1)), ref)\n"
     )
     env = {**os.environ, "CC": str(fake), "DGC_NATIVE_DIR": str(tmp_path / "cache")}

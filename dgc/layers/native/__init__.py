@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dgc.layers import gathered as G
+
 SOURCE = Path(__file__).with_name("direct_conv.c")
 FLAGS = (
     "-O3",
@@ -76,8 +78,6 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_direct_conv.restype = ctypes.c_int
     lib.dgc_fused_eval.argtypes = [ctypes.POINTER(_Plan), _PTR, _PTR]
     lib.dgc_fused_eval.restype = ctypes.c_int
-    lib.dgc_pack_weight.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR]
-    lib.dgc_pack_weight.restype = None
     return lib
 
 
@@ -129,24 +129,11 @@ def supported(x: Tensor, weight: Tensor, dilation: int) -> bool:
     return ok and dilation == 1 and library() is not None
 
 
-def pack_weight(weight: Tensor, heads: int) -> Tensor:
-    """``weight`` (O, C, k, k) in the layout the native kernel reads (``dgc_pack_weight``:
-    per head and block of output channels, each input channel's kernels contiguous): a
-    float32 tensor of the weight's size, made once per weight by the caller."""
-    lib = library()
-    assert lib is not None, "pack_weight called without the native library (check supported)"
-    weight = weight.detach().contiguous()
-    o, c, k = weight.shape[0], weight.shape[1], weight.shape[-1]
-    packed = torch.empty(weight.numel(), dtype=torch.float32)
-    lib.dgc_pack_weight(weight.data_ptr(), o, c, k, heads, packed.data_ptr())
-    return packed  # (O*C*k*k,)
-
-
 def direct_conv(
     x: Tensor,
     index: Tensor,
     scale: Tensor,
-    packed: Tensor,
+    rows: Tensor,
     shape: tuple[int, int],
     conv: tuple[int, int, int],
 ) -> Tensor:
@@ -156,7 +143,7 @@ def direct_conv(
         x: (B, C, H, W) post-BN-ReLU input.
         index: (B, h, K) kept channels per sample and head.
         scale: (B, h, K) what each kept channel is multiplied by.
-        packed: the layer's weight (O, C, k, k) through ``pack_weight``.
+        rows: the layer's weight (O, C, k, k) as ``gathered.weight_rows(weight, h)``, contiguous.
         shape: (O, k) of that weight.
         conv: (stride, padding, dilation); dilation must be 1.
 
@@ -174,7 +161,7 @@ def direct_conv(
     y = torch.empty(b, o, ho, wo, dtype=x.dtype)
     status = lib.dgc_direct_conv(
         x.data_ptr(), b, c, h, w, index.data_ptr(), scale.data_ptr(), heads, kept,
-        packed.data_ptr(), o, k, stride, padding, y.data_ptr(), ho, wo, torch.get_num_threads(),
+        rows.data_ptr(), o, k, stride, padding, y.data_ptr(), ho, wo, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("dgc direct_conv: cannot allocate its scratch buffer")
@@ -197,7 +184,7 @@ class FusedPlan:
         mask: kept channels multiplied by 1 (``saliency="mask"``), else by their saliency.
         weight: (O, C, k, k).
         conv: (stride, padding, dilation); dilation must be 1.
-        packed: ``pack_weight(weight, heads)`` where the caller keeps one (else made here).
+        rows: ``gathered.weight_rows(weight, heads)`` where the caller keeps it (else made here).
     """
 
     def __init__(
@@ -209,7 +196,7 @@ class FusedPlan:
         mask: bool,
         weight: Tensor,
         conv: tuple[int, int, int],
-        packed: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> None:
         lib = library()
         assert lib is not None, "FusedPlan without the native library (check supported)"
@@ -218,7 +205,9 @@ class FusedPlan:
         b, c, h, w = shape
         fc1, fc2, b2 = (t.detach().contiguous() for t in gate)
         o, k = weight.shape[0], weight.shape[-1]
-        weight = pack_weight(weight, fc1.shape[0]) if packed is None else packed
+        if rows is None:
+            rows = G.weight_rows(weight.detach(), fc1.shape[0])
+        weight = rows.contiguous()
         a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
         ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
         self.out_shape = (b, o, ho, wo)

@@ -11,8 +11,9 @@
  * padding, the convolution and the interleave. The inner tile keeps JB output channels x R
  * rows x 8*NV columns in vector registers over all kept channels and taps, so every input
  * vector loaded feeds JB fused multiply-adds, and reads each kept channel's kernels for its
- * output block as one contiguous run of the packed weight (dgc_pack_weight, done once per
- * weight by the caller). Plain C with GCC vector extensions.
+ * output block as one contiguous run of the weight in row layout (gathered.weight_rows: row
+ * i*C + c holds head i's kernels of input channel c as (O/h, k*k)), which the caller keeps.
+ * Plain C with GCC vector extensions.
  *
  * Layout of the work buffer: per (b, i, c) the scaled, zero-padded input plane, split into
  * `stride` column phases so that a strided convolution reads contiguous columns.
@@ -106,13 +107,13 @@ typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loa
  * channels and taps in vector registers, then stored (interleaved) to y. Every input vector
  * loaded feeds JB multiply-adds and every weight broadcast R*NV. */
 static inline __attribute__((always_inline)) void tile(
-    const float *work, const float *wblock, const int64_t *idx, float *y, const Shape *s,
+    const float *work, const float *wrows, const int64_t *idx, float *y, const Shape *s,
     int64_t b, int64_t i, int64_t j0, int64_t oy, int64_t x0, const int JB, const int R,
     const int NV) {
     v8 acc[4][MAX_VEC];
     for (int jj = 0; jj < JB; jj++)
         for (int q = 0; q < R * NV; q++) acc[jj][q] = (v8){0};
-    const int64_t oh = s->O / s->heads, kk = s->k * s->k;
+    const int64_t oh = s->O / s->heads, kk = s->k * s->k, row = oh * kk;
     int64_t off[MAX_TAPS], voff[MAX_VEC];
     for (int64_t ky = 0; ky < s->k; ky++)
         for (int64_t kx = 0; kx < s->k; kx++)
@@ -122,13 +123,13 @@ static inline __attribute__((always_inline)) void tile(
     const float *planes = work + (b * s->heads + i) * s->K * s->plane;
     for (int64_t c = 0; c < s->K; c++) {
         const float *plane = planes + c * s->plane;
-        const float *wc = wblock + idx[c] * kk * JB; /* [tap][jj], contiguous */
+        const float *wc = wrows + idx[c] * row; /* [jj][tap]: JB*kk contiguous floats */
         for (int64_t t = 0; t < kk; t++) {
             const float *in = plane + off[t];
             v8 xv[MAX_VEC];
             for (int q = 0; q < R * NV; q++) xv[q] = *(const v8u *)(in + voff[q]);
             for (int jj = 0; jj < JB; jj++) {
-                const float w = wc[t * JB + jj];
+                const float w = wc[jj * kk + t];
                 for (int q = 0; q < R * NV; q++) acc[jj][q] += w * xv[q];
             }
         }
@@ -150,7 +151,7 @@ static inline __attribute__((always_inline)) void tile(
     if (jb == JBV && R == RV) {                                                               \
         for (int64_t oy = 0; oy < s->Ho; oy += RV)                                            \
             for (int64_t x0 = 0; x0 < s->Wo; x0 += 8 * NVV)                                   \
-                tile(work, wblock, idx, y, s, b, i, j0, oy, x0, JBV, RV, NVV);                \
+                tile(work, wrows, idx, y, s, b, i, j0, oy, x0, JBV, RV, NVV);                 \
         continue;                                                                             \
     }
 
@@ -194,34 +195,19 @@ static void *scratch(size_t bytes) {
     return s->buf;
 }
 
-/* Output channels per block: 4, else 2, else 1 (they must divide a head's outputs). */
-static int64_t block_size(int64_t oh) { return oh % 4 == 0 ? 4 : (oh % 2 == 0 ? 2 : 1); }
-
-/* The weight (O, C, k, k) in the layout the tiles read, [head][block][c][tap][jj]: one output
- * block's kernels of one input channel are kk*jb contiguous floats, so a task reads its kept
- * channels' kernels in place (no per-call packing, no scattered rows C*k*k floats apart). */
-void dgc_pack_weight(const float *weight, int64_t O, int64_t C, int64_t k, int64_t heads,
-                     float *packed) {
-    const int64_t oh = O / heads, jb = block_size(oh), kk = k * k;
-    for (int64_t o = 0; o < O; o++) {
-        const int64_t i = o / oh, blk = o % oh / jb, jj = o % jb;
-        float *dst = packed + ((i * (oh / jb) + blk) * C * kk) * jb + jj;
-        for (int64_t c = 0; c < C; c++)
-            for (int64_t q = 0; q < kk; q++) dst[(c * kk + q) * jb] = weight[(o * C + c) * kk + q];
-    }
-}
-
-static void convolve(const float *work, const int64_t *index, const float *packed, float *y,
+/* rows: the weight in row layout, (heads*C, O/h*k*k). */
+static void convolve(const float *work, const int64_t *index, const float *rows, float *y,
                      const Shape *s, int threads) {
     const int64_t oh = s->O / s->heads, R = tile_rows(s->Wo), kk = s->k * s->k;
-    const int64_t jb = block_size(oh), blocks = oh / jb;
+    const int64_t jb = oh % 4 == 0 ? 4 : (oh % 2 == 0 ? 2 : 1), blocks = oh / jb;
     const int64_t n = s->B * s->heads * blocks;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < n; t++) {
         const int64_t j0 = t % blocks * jb, bi = t / blocks;
         const int64_t b = bi / s->heads, i = bi % s->heads;
         const int64_t *idx = index + bi * s->K;
-        const float *wblock = packed + (i * blocks + j0 / jb) * s->C * kk * jb;
+        /* head i's rows, at output j0: row c of this block starts at wrows + c*oh*kk */
+        const float *wrows = rows + i * s->C * oh * kk + j0 * kk;
         TILE_CASE(4, NARROW_ROWS, 1)
         TILE_CASE(4, WIDE_ROWS, 2)
         TILE_CASE(2, NARROW_ROWS, 1)
@@ -252,17 +238,17 @@ static Shape make_shape(int64_t B, int64_t C, int64_t H, int64_t W, int64_t head
     return s;
 }
 
-/* The kept-channel convolution alone, on an already normalised input, with the weight packed
- * by dgc_pack_weight. Returns 0, or -1 when the scratch buffer cannot be allocated. */
+/* The kept-channel convolution alone, on an already normalised input, with the weight in row
+ * layout. Returns 0, or -1 when the scratch buffer cannot be allocated. */
 int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
                     const int64_t *index, const float *scale, int64_t heads, int64_t K,
-                    const float *packed, int64_t O, int64_t k, int64_t stride, int64_t pad,
+                    const float *rows, int64_t O, int64_t k, int64_t stride, int64_t pad,
                     float *y, int64_t Ho, int64_t Wo, int threads) {
     const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
     float *work = scratch(sizeof(float) * B * heads * K * s.plane);
     if (!work) return -1;
     pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
-    convolve(work, index, packed, y, &s, threads);
+    convolve(work, index, rows, y, &s, threads);
     return 0;
 }
 
@@ -354,7 +340,7 @@ static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int m
 
 /* Everything a DGC layer's fused inference forward needs except its input and output, built
  * once per (layer, input shape) by the caller. bn_a is NULL for a layer without BN-ReLU;
- * weight is packed by dgc_pack_weight. */
+ * weight is in row layout (gathered.weight_rows). */
 typedef struct {
     const float *bn_a, *bn_c, *fc1, *fc2, *b2, *weight;
     int64_t B, C, H, W, r, heads, n, O, k, stride, pad, Ho, Wo;
