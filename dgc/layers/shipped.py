@@ -6,16 +6,19 @@ eval ``DynamicGroupConv2d`` that is being traced records one call to
 ``torch.ops.dgc.dynamic_group_conv_eval`` instead of its torch kernels, and that operator runs
 the eager eval forward: BN-ReLU, gate, selection and the fastest kernel for the input shape
 (the native fused one where it wins), chosen when the program first sees that shape, at
-whatever batch size it runs. The exported program is then exactly as fast as the eager model.
+whatever batch size it runs. The program's DGC layers then run the eager model's code
+(docs/benchmarks.md 6.4 measures the programs against the eager model).
 
 The operator is registered by ``import dgc``: a process loading such a program must import
 ``dgc`` first (``torch.jit.load`` and ``torch.export.load`` otherwise report the unknown op).
 A trace of plain torch operators, loadable without ``dgc`` and slower, is still available:
-set ``layer.ship_op = False`` on every DGC layer (``search export --portable``).
+set ``layer.ship_op = False`` on every DGC layer before tracing (``search export`` writes
+both, as ``model.ts`` and ``model_portable.ts``).
 
 Per call the operator finds the eager layer built around the tensors it receives: an LRU
-cache keyed by their storage addresses holds those layers (and so their tensors); a cached
-layer checks its tensors' versions itself, so an in-place parameter update rebuilds its plan.
+cache keyed by their storage addresses holds those layers (and so keeps their tensors alive:
+up to ``CACHED_LAYERS`` layers' parameters after a program is dropped); a cached layer
+checks its tensors' versions itself, so an in-place parameter update rebuilds its plan.
 """
 
 from __future__ import annotations
