@@ -26,9 +26,12 @@ def test_the_table_is_for_people_rounded_with_load_uris_and_no_test_column():
     from search.plots import heading
     from search.results import table
 
-    pts = [_ranked("trial-6", 0.52333, 378410, 1, alias="macs-0p378m-7207b96c"),
-           _ranked("ref-dense", 0.99, 768394, 1, reference="dense"),
-           _ranked("trial-2", 0.4, 500000, 2), _ranked("trial-3", 0.3, 600000, 0, stopped=2)]
+    pts = [
+        _ranked("trial-6", 0.52333, 378410, 1, alias="macs-0p378m-7207b96c"),
+        _ranked("ref-dense", 0.99, 768394, 1, reference="dense"),
+        _ranked("trial-2", 0.4, 500000, 2),
+        _ranked("trial-3", 0.3, 600000, 0, stopped=2),
+    ]
     objectives = [("val_accuracy", "max"), ("macs", "min")]
     text = table(pts, objectives, ["model.heads", "model.gate_factor"], "smoke")
     assert text.splitlines() == [
@@ -39,20 +42,79 @@ def test_the_table_is_for_people_rounded_with_load_uris_and_no_test_column():
         "| ref-dense | 99.00% | 0.768 M | 0.087 M | 4 | [0.403, 0.573] | - |",
     ]
     assert "test" not in text
-    assert heading(pts, "smoke") == "smoke: 2 of 3 trials on the front (1 reference, 1 stopped early)"
+    assert (
+        heading(pts, "smoke") == "smoke: 2 of 3 trials on the front (1 reference, 1 stopped early)"
+    )
 
 
 def test_the_plots_mark_references_and_stopped_trials(tmp_path):
     from search.plots import write_plots
 
-    pts = [_ranked("trial-6", 0.52333, 378410, 1, alias="macs-0p378m-7207b96c"),
-           _ranked("ref-group-0.5", 0.99, 391562, 1, reference="group-0.5"),
-           _ranked("trial-2", 0.4, 500000, 2), _ranked("trial-3", 0.3, 600000, 0, stopped=2)]
-    png, html = write_plots(pts, [("val_accuracy", "max"), ("macs", "min")],
-                            ["model.heads"], tmp_path, "smoke: 2 of 3 trials on the front")
+    pts = [
+        _ranked("trial-6", 0.52333, 378410, 1, alias="macs-0p378m-7207b96c"),
+        _ranked("ref-group-0.5", 0.99, 391562, 1, reference="group-0.5"),
+        _ranked("trial-2", 0.4, 500000, 2),
+        _ranked("trial-3", 0.3, 600000, 0, stopped=2),
+    ]
+    png, html = write_plots(
+        pts,
+        [("val_accuracy", "max"), ("macs", "min")],
+        ["model.heads"],
+        tmp_path,
+        "smoke: 2 of 3 trials on the front",
+    )
     assert png.stat().st_size > 10_000
     page = html.read_text()
-    for text in ("reference (dense, static group)", "(reference: group-0.5)",
-                 "stopped early at epoch 2", "alias @macs-0p378m-7207b96c", '"shape":"hv"',
-                 "MACs (M)", "validation accuracy (%)", "smoke: 2 of 3 trials on the front"):
+    for text in (
+        "reference (dense, static group)",
+        "(reference: group-0.5)",
+        "stopped early at epoch 2",
+        "alias @macs-0p378m-7207b96c",
+        '"shape":"hv"',
+        "MACs (M)",
+        "validation accuracy (%)",
+        "smoke: 2 of 3 trials on the front",
+    ):
         assert text in page, text
+
+
+def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
+    """The Pareto models are logged as MLflow's pt2 (torch.export) with each DGC layer as
+    dgc's operator: a process that imports dgc loads and runs them; one that does not is
+    told which operator is missing."""
+    import subprocess
+    import sys
+
+    import mlflow
+    import numpy as np
+    import torch
+
+    import dgc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    torch.manual_seed(0)
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25).eval()
+    dgc.set_progress(model, 1.0)
+    example = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))
+    torch.save(expected, tmp_path / "expected.pt")
+    np.save(tmp_path / "x.npy", x)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run():
+            info = mlflow.pytorch.log_model(model, name="model", input_example=example)
+    finally:
+        mlflow.set_tracking_uri(None)
+    load = f"import mlflow; mlflow.set_tracking_uri({uri!r}); m = mlflow.pytorch.load_model({info.model_uri!r})\n"
+    check = (
+        "import numpy as np, torch\n"
+        f"y = m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r})))\n"
+        f"torch.testing.assert_close(y, torch.load({str(tmp_path / 'expected.pt')!r}))\n"
+    )
+    run = lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # noqa: E731
+    done = run("import dgc\n" + load + check)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run(load)
+    assert done.returncode != 0 and "dgc.dynamic_group_conv_eval" in done.stderr
