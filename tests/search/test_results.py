@@ -111,7 +111,7 @@ def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
     check = (
         "import numpy as np, torch\n"
         f"y = m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r})))\n"
-        f"torch.testing.assert_close(y, torch.load({str(tmp_path / 'expected.pt')!r}))\n"
+        f"torch.testing.assert_close(y, torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True))\n"
     )
     run = lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # noqa: E731
     done = run("import dgc\n" + load + check)
