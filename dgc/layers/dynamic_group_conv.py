@@ -396,7 +396,7 @@ class DynamicGroupConv2d(nn.Module):
             y = self._forward_fused(x)  # (B, O, H', W'), or None where it does not apply
             if y is not None:
                 return y
-        if not self.training and self.ship_op and tracing() and self._shippable(x):
+        if not self.training and self.ship_op and tracing() and self._fusable(x):
             return self._forward_shipped(x)  # (B, O, H', W'), one recorded operator
         raw, x = x, self._norm_relu(x)  # (B, C, H, W) each
         sal = self._saliency(x)  # (B, h, C), float32 under autocast too
@@ -409,12 +409,14 @@ class DynamicGroupConv2d(nn.Module):
         raw = None if torch.is_grad_enabled() else raw  # timing whole forwards: eager only
         return self._forward_inference(x, sal, raw)  # (B, O, H', W')
 
-    def _shippable(self, x: Tensor) -> bool:
-        """Whether a trace may record this eval forward as ``dgc.layers.shipped``'s operator:
-        a plain eval BN-ReLU (or none), no hooks it would bypass, no autocast."""
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether this eval forward may run as one call, the native plan's or the operator a
+        trace records (``dgc.layers.shipped``): no autocast, no hooks on the submodules it
+        bypasses, and a plain eval BN-ReLU or none. Checked on every eager eval call."""
         if torch.is_autocast_enabled(x.device.type) or self._hooked():
             return False
-        no_norm = isinstance(self.norm, nn.Identity) and isinstance(self.act, nn.Identity)
+        m = self._modules
+        no_norm = isinstance(m["norm"], nn.Identity) and isinstance(m["act"], nn.Identity)
         return no_norm or self._plain_bn()
 
     def _forward_shipped(self, x: Tensor) -> Tensor:
@@ -445,7 +447,7 @@ class DynamicGroupConv2d(nn.Module):
         key = (tuple(x.shape), x.dtype, x.device, n)
         if n == 0 or self.kernels.known(key, ("direct",)) is None or tracing():
             return None
-        if torch.is_autocast_enabled(x.device.type) or self._hooked():
+        if not self._fusable(x):
             return None
         plan = self._fused_plan(key, x)
         return None if plan is None else plan(x)  # (B, O, H', W')
@@ -488,13 +490,9 @@ class DynamicGroupConv2d(nn.Module):
 
     def _fused_args(self, x: Tensor) -> tuple | None:
         """``native.FusedPlan``'s arguments after the shape, or None where it cannot run."""
-        if not native.supported(x, self.weight, self.dilation):
-            return None
-        if torch.is_autocast_enabled(x.device.type) or self._hooked():
+        if not native.supported(x, self.weight, self.dilation) or not self._fusable(x):
             return None
         norm = self._norm_affine()
-        if norm is False:
-            return None
         gate = (self.gate.fc1_weight, self.gate.fc2_weight, self.gate.fc2_bias)
         conv = (self.stride, self.padding, self.dilation)
         mask = self.saliency == "mask"
@@ -511,15 +509,13 @@ class DynamicGroupConv2d(nn.Module):
         index, scale = G.select_channels(sal, self._inactive_host)  # (B, h, K) each
         return self._kernel(name, x, sal, index, self._kept(scale))  # (B, O, H', W')
 
-    def _norm_affine(self) -> tuple[Tensor, Tensor] | None | bool:
-        """The eval BN as per-channel (scale, shift), None without a norm, False where it is
-        not a plain eval BatchNorm (training, hooks, no running statistics). Computed when a
-        native plan is built; ``_fused_plan`` rebuilds plans when the BN changes."""
+    def _norm_affine(self) -> tuple[Tensor, Tensor] | None:
+        """The plain eval BN (``_fusable``) as per-channel (scale, shift), None without a
+        norm. Computed when a native plan is built; ``_fused_plan`` rebuilds plans when the BN
+        changes."""
         bn = self.norm
-        if isinstance(bn, nn.Identity) and isinstance(self.act, nn.Identity):
+        if isinstance(bn, nn.Identity):
             return None
-        if not self._plain_bn() or self.act._forward_hooks:
-            return False
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight.detach()
@@ -531,7 +527,7 @@ class DynamicGroupConv2d(nn.Module):
     def _plain_bn(self) -> bool:
         """Whether the layer's norm is an eval BatchNorm with running statistics and no hooks,
         which may then be applied functionally or inside the native call."""
-        bn = self.norm
+        bn = self._modules["norm"]
         plain = isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
         return plain and not (bn._forward_hooks or bn._forward_pre_hooks)
 
