@@ -1,11 +1,17 @@
 """Where a network's eval forward spends its time, and what torch.compile changes (issue #7).
 
     python bench/dgc_profile.py profile dyresnet18 --batch 1 --size 224
+    python bench/dgc_profile.py profile dyresnet20 --batch 64 --train
+    python bench/dgc_profile.py trainkernel dyresnet18 --batch 8 --size 224 --runs 6
     python bench/dgc_profile.py compile resnet20 --batches 1 64
     python bench/dgc_profile.py stem resnet18 --size 224 --batches 1 8 --runs 20
 
 profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, gate
-         0.25 for gc/dy models: the top ops by self CPU time, in ms per forward.
+         0.25 for gc/dy models: the top ops by self CPU time, in ms per forward. --train:
+         training steps instead (bench/dgc_speed.py's step: forward, loss, backward, SGD).
+trainkernel  training steps of a DGC network whose layers all run the `fold` forward against
+         the same network with the measured per-shape choice (fold or the native kernel),
+         round-robin, and how many layers the choice gave the native kernel.
 stem     the ImageNet stem (7x7 conv, BN, ReLU, max-pool) of ``model`` in inference, NCHW
          (nn.Sequential's forward) against the channels-last path the model runs
          (dgc.models.resnet.ImageNetStem), round-robin, outputs compared; --batches.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +40,9 @@ import dgc
 sys.path.insert(0, str(Path(__file__).parent))
 from dgc_speed import build  # noqa: E402
 from dgc_speed import round_robin  # noqa: E402
+from dgc_speed import step  # noqa: E402
+
+from dgc.layers.kernel_choice import KernelChoice  # noqa: E402
 
 FORWARDS = 5
 
@@ -42,21 +52,53 @@ def gate_of(name: str) -> float | None:
 
 
 def profile(a: argparse.Namespace) -> None:
-    model = build(a.model, gate_of(a.model), "cpu", torch.float32, a.size).eval()
+    model = build(a.model, gate_of(a.model), "cpu", torch.float32, a.size)
     x = torch.randn(a.batch, 3, a.size, a.size)
-    with torch.inference_mode():
+    if a.train:
+        run, unit = train_step(model.train(), x), "step"
+    else:
+        model.eval()
+        run, unit = lambda: model(x), "forward"
+    with torch.inference_mode(not a.train):
         for _ in range(3):
-            model(x)
+            run()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(FORWARDS):
-                model(x)
+                run()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e3 / FORWARDS
-    print(f"{a.model} b{a.batch} {a.size}px: {total:.1f} ms self CPU per forward")
-    print("| op | ms per forward | calls per forward |\n|---|---:|---:|")
+    print(f"{a.model} b{a.batch} {a.size}px: {total:.1f} ms self CPU per {unit}")
+    print(f"| op | ms per {unit} | calls per {unit} |\n|---|---:|---:|")
     for e in events[: a.top]:
         ms = e.self_cpu_time_total / 1e3 / FORWARDS
         print(f"| {e.key} | {ms:.2f} | {e.count // FORWARDS} |")
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One training step of ``model`` on ``x`` (bench/dgc_speed.py's step, float32)."""
+    y = torch.randint(0, 10, (x.shape[0],))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    args = argparse.Namespace(device="cpu", dtype=torch.float32)
+    return lambda: step(model, opt, x, y, args)
+
+
+def trainkernel(a: argparse.Namespace) -> None:
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    models, fns = {}, {}
+    for name, prefer in (("fold", "fold"), ("measured", None)):
+        torch.manual_seed(0)
+        models[name] = build(a.model, gate_of(a.model), "cpu", torch.float32, a.size).train()
+        for layer in dgc.dgc_layers(models[name]):
+            layer.kernels = KernelChoice(prefer=prefer)
+        fns[name] = train_step(models[name], x)
+    ms = round_robin(fns, a.runs, "cpu")
+    layers = dgc.dgc_layers(models["measured"])
+    native = sum("direct" in layer.kernels.chosen.values() for layer in layers)
+    print(
+        f"{a.model} b{a.batch} train step: fold {ms['fold']:.1f} ms, measured choice "
+        f"{ms['measured']:.1f} ms (native forward in {native} of {len(layers)} layers); "
+        f"fold / measured = {ms['fold'] / ms['measured']:.3f}"
+    )
 
 
 def compile_(a: argparse.Namespace) -> None:
@@ -100,7 +142,7 @@ def stem(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=["profile", "compile", "stem"])
+    p.add_argument("mode", choices=["profile", "compile", "stem", "trainkernel"])
     p.add_argument("model", help="profile: any dgc name; compile: the dense family name")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -108,10 +150,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train", action="store_true", help="profile: training steps")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    {"profile": profile, "compile": compile_, "stem": stem}[a.mode](a)
+    modes = {"profile": profile, "compile": compile_, "stem": stem, "trainkernel": trainkernel}
+    modes[a.mode](a)
 
 
 if __name__ == "__main__":

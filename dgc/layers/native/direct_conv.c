@@ -34,8 +34,8 @@ typedef struct {
 } Shape;
 
 /* Zero what the copy below leaves unwritten in a stride-1 plane: the padding rows, and each
- * interior row's left padding and right padding + tail (writing the plane twice, memset then
- * copy, cost about a third of the gather). */
+ * interior row's left padding and right padding + tail, instead of writing the whole plane
+ * twice (memset, then copy). */
 static void zero_border(float *dst, const Shape *s) {
     const int64_t top = s->pad * s->Wph, bottom = (s->pad + s->H) * s->Wph;
     memset(dst, 0, sizeof(float) * top);
