@@ -232,10 +232,13 @@ def mlflow_round_trip(model: torch.nn.Module, size: int, tmp: Path) -> Callable:
     """``model`` as search's Pareto registration logs it (pt2, batch-2 example), loaded back."""
     import mlflow
 
+    from dgc.layers.shipped import FlatState
+
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
     with mlflow.start_run():
         example = torch.randn(2, 3, size, size)
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example.numpy())
+        flat = FlatState(model)  # as search.results logs it
+        info = mlflow.pytorch.log_model(flat, name="model", input_example=example.numpy())
     return mlflow.pytorch.load_model(info.model_uri)
 
 

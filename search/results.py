@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import torch
 
+from dgc.layers.shipped import FlatState
 from search import names as N
 from search.pareto import pareto_ranks
 from search.plots import fmt_metric
@@ -160,7 +161,7 @@ def _log_model(
         # Explicit requirements: MLflow's inference imports the model in a subprocess (seconds
         # per model); a pt2 model needs only torch to load.
         info = mlflow.pytorch.log_model(
-            model,
+            FlatState(model),  # torch.export's loaded module: one attribute per tensor
             name="model",
             signature=signature,
             input_example=example,

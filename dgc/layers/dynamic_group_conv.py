@@ -443,11 +443,16 @@ class DynamicGroupConv2d(nn.Module):
         kernel is ``direct``: BN-ReLU, pooling, generators and selection run inside it, so the
         normalised input is never written and no torch op runs between them. None where it
         does not apply (the first call at a shape, tracing, autocast, hooks, another kernel)."""
+        return self._run_fused(x, checked=False)  # (B, O, H', W') or None
+
+    def _run_fused(self, x: Tensor, checked: bool) -> Tensor | None:
+        """``_forward_fused``; ``checked``: the caller knows the call fusable, as dgc's operator
+        does of its layers (``dgc.layers.shipped``: no hooks, a plain BN or none, no trace)."""
         n = self._inactive_host
         key = (tuple(x.shape), x.dtype, x.device, n)
-        if n == 0 or self.kernels.known(key, ("direct",)) is None or tracing():
+        if n == 0 or self.kernels.known(key, ("direct",)) is None:
             return None
-        if not self._fusable(x):
+        if not checked and (tracing() or not self._fusable(x)):
             return None
         plan = self._fused_plan(key, x)
         return None if plan is None else plan(x)  # (B, O, H', W')

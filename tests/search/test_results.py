@@ -90,6 +90,7 @@ def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
     import torch
 
     import dgc
+    from dgc.layers.shipped import FlatState
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torch.manual_seed(0)
@@ -104,7 +105,7 @@ def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run():
-            info = mlflow.pytorch.log_model(model, name="model", input_example=example)
+            info = mlflow.pytorch.log_model(FlatState(model), name="model", input_example=example)
     finally:
         mlflow.set_tracking_uri(None)
     load = f"import mlflow; mlflow.set_tracking_uri({uri!r}); m = mlflow.pytorch.load_model({info.model_uri!r})\n"
@@ -112,6 +113,8 @@ def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
         "import numpy as np, torch\n"
         f"y = m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r})))\n"
         f"torch.testing.assert_close(y, torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True))\n"
+        # one attribute per tensor (FlatState): no nested module paths fetched per call
+        "assert 'stages__0__0__conv1__weight' in m.state_dict(), list(m.state_dict())[:3]\n"
     )
     run = lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # noqa: E731
     done = run("import dgc\n" + load + check)
