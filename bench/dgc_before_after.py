@@ -4,10 +4,11 @@ process, round-robin (same weights, gates fully pruned, float32, 2 threads).
     git archive <old-commit> dgc | tar -x -C /tmp/old && mv /tmp/old/dgc /tmp/old/dgc_old
     grep -rl dgc /tmp/old/dgc_old | xargs sed -i 's/from dgc\\./from dgc_old./g; \\
         s/"dgc::/"dgc_old::/g; s/torch\\.ops\\.dgc\\./torch.ops.dgc_old./g; \\
-        s/from dgc import/from dgc_old import/g'
+        s/from dgc import/from dgc_old import/g; s/Library("dgc"/Library("dgc_old"/g'
     PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10] [--modes eval train]
 
-(The operator rename lets both checkouts register dgc's operator, from commit c917bdf on.)
+(The operator and library renames let both checkouts register dgc's operator, from commit
+c917bdf on.)
 
 Prints before/after milliseconds and the speed-up (before / after).
 """

@@ -5,6 +5,7 @@
     python bench/dgc_profile.py trainkernel dyresnet18 --batch 8 --size 224 --runs 6
     python bench/dgc_profile.py compile resnet20 --batches 1 64
     python bench/dgc_profile.py stem resnet18 --size 224 --batches 1 8 --runs 20
+    python bench/dgc_profile.py shipped dyresnet20 --batches 1 64 --runs 100
 
 profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, gate
          0.25 for gc/dy models: the top ops by self CPU time, in ms per forward. --train:
@@ -15,6 +16,11 @@ trainkernel  training steps of a DGC network whose layers all run the `fold` for
 stem     the ImageNet stem (7x7 conv, BN, ReLU, max-pool) of ``model`` in inference, NCHW
          (nn.Sequential's forward) against the channels-last path the model runs
          (dgc.models.resnet.ImageNetStem), round-robin, outputs compared; --batches.
+shipped  what the MLflow model pays: the eval network, eager, against its torch.export
+         program loaded back (torch.export.save / load, as MLflow's pt2 format), exported as
+         is and through dgc.layers.shipped.FlatState (what search logs), round-robin under
+         inference_mode; and every DGC layer called eagerly against dgc's operator with the
+         same tensors (the operator's dispatch and cached-layer lookup), summed over layers.
 compile  eager and torch.compile(dynamic=False) eval forwards of the dense network and its DGC
          variant, round-robin (bench/dgc_speed.py's timing), and the ratio compiled dense /
          compiled DGC.
@@ -140,9 +146,66 @@ def stem(a: argparse.Namespace) -> None:
         print(f"{a.model} stem b{batch} {a.size}px: {cells}; outputs equal")
 
 
+def shipped(a: argparse.Namespace) -> None:
+    import tempfile
+
+    try:
+        from dgc.layers.shipped import FlatState
+    except ImportError:  # an older checkout on PYTHONPATH (before/after): no flat row
+        FlatState = None  # noqa: N806
+
+    model = build(a.model, gate_of(a.model), "cpu", torch.float32, a.size).eval()
+    example = torch.randn(2, 3, a.size, a.size)
+    batch = ({0: torch.export.Dim("batch", min=1)},)
+    fns = {"eager": model}
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = [] if FlatState is None else [("pt2 FlatState", FlatState(model))]
+        for name, module in [("pt2 as is", model), *flat]:
+            path = Path(tmp) / f"{len(fns)}.pt2"
+            torch.export.save(torch.export.export(module, (example,), dynamic_shapes=batch), path)
+            fns[name] = torch.export.load(path).module()
+    for b in a.batches:
+        x = torch.randn(b, 3, a.size, a.size)
+        with torch.inference_mode():
+            ms = round_robin({k: (lambda f=f: f(x)) for k, f in fns.items()}, a.runs, "cpu")
+            ms_layers = layer_calls(model, x, a.runs)
+        cells = ", ".join(f"{k} {v:.3f} ms ({ms['eager'] / v:.2f})" for k, v in ms.items())
+        print(f"{a.model} b{b}: {cells}  (eager / path)")
+        print(
+            f"  its {ms_layers['n']} DGC layers, summed: eager {ms_layers['eager']:.3f} ms, "
+            f"operator {ms_layers['operator']:.3f} ms "
+            f"({(ms_layers['operator'] - ms_layers['eager']) / ms_layers['n'] * 1e3:.1f} us "
+            "a layer more)"
+        )
+
+
+def layer_calls(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict:
+    """Each DGC layer on its own input: the eager call against dgc's operator, round-robin."""
+    inputs = {}
+    layers = dgc.dgc_layers(model)
+    hooks = [m.register_forward_pre_hook(lambda m, i: inputs.setdefault(m, i[0])) for m in layers]
+    model(x)
+    for h in hooks:
+        h.remove()
+    op = torch.ops.dgc.dynamic_group_conv_eval.default
+    calls = []
+    for m in layers:
+        bn = m.norm if isinstance(m.norm, torch.nn.BatchNorm2d) else None
+        norm = (None,) * 4 if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        args = (inputs[m], m.weight, m.gate.fc1_weight, m.gate.fc2_weight, m.gate.fc2_bias, *norm,
+                m._inactive_host, [m.stride, m.padding, m.dilation], m.saliency == "mask",
+                0.0 if bn is None else bn.eps)  # fmt: skip
+        calls.append((m, inputs[m], args))
+    fns = {
+        "eager": lambda: [m(i) for m, i, _ in calls],
+        "operator": lambda: [op(*args) for _, _, args in calls],
+    }
+    return {**round_robin(fns, runs, "cpu"), "n": len(calls)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=["profile", "compile", "stem", "trainkernel"])
+    p.add_argument("mode", choices=["profile", "compile", "stem", "trainkernel", "shipped"])
     p.add_argument("model", help="profile: any dgc name; compile: the dense family name")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -154,7 +217,13 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    modes = {"profile": profile, "compile": compile_, "stem": stem, "trainkernel": trainkernel}
+    modes = {
+        "profile": profile,
+        "compile": compile_,
+        "stem": stem,
+        "trainkernel": trainkernel,
+        "shipped": shipped,
+    }
     modes[a.mode](a)
 
 
