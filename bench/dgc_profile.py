@@ -188,7 +188,8 @@ def layer_calls(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict:
     for h in hooks:
         h.remove()
     op = torch.ops.dgc.dynamic_group_conv_eval.default
-    calls = []
+    calls = []  # the operator's arguments as DynamicGroupConv2d._forward_shipped passes them,
+    # built here so that the mode also runs against older checkouts (before/after)
     for m in layers:
         bn = m.norm if isinstance(m.norm, torch.nn.BatchNorm2d) else None
         norm = (None,) * 4 if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias)
