@@ -169,15 +169,16 @@ class _GatheredGroupConv(torch.autograd.Function):
     g * C * O * k^2 * H'W' MACs, the count the paper reports, instead of the dense count the
     reference code executes. Gathered inputs and kernels are rebuilt in backward, so only
     ``x``, the kept saliencies, the indices and the weight's row layout (weight-sized) are
-    saved. Gradients go back with ``index_add``
-    on rows (the transpose of the row gathers). On the CPU in float32 the forward may run the
-    native direct kernel instead (``direct``, chosen by the layer by measured time); the
-    backward is the same.
+    saved. Gradients go back with ``index_add`` on rows (the transpose of the row gathers). On
+    the CPU in float32 the forward may run the native direct kernel (``direct``) and the
+    backward the native weight and input gradients (``native_backward``), each chosen by the
+    layer by measured time per input shape.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, weight, index, stride, padding, dilation, direct):  # type: ignore[override]
+    def forward(ctx, x, scale, weight, index, stride, padding, dilation, direct, native_bwd):  # type: ignore[override]
         ctx.conv_args, ctx.weight_shape = (stride, padding, dilation), weight.shape
+        ctx.native_backward = native_bwd
         rows = G.weight_rows(weight, index.shape[1])  # (h*C, O/h*k^2), reused in backward
         ctx.save_for_backward(x, scale, rows, index)
         if direct:  # the native kernel (CPU, float32): the same sums, another order
@@ -188,40 +189,57 @@ class _GatheredGroupConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, scale, rows, index = ctx.saved_tensors
-        (b, c, h, w), (heads, kept), dtype = x.shape, index.shape[1:], grad_out.dtype
-        shape = ctx.weight_shape
-        o, k = shape[0], shape[-1]
-        weight_dtype, rows = rows.dtype, rows.to(dtype)  # (h*C, O/h*k^2)
-        x_rows, w_rows = G.kept_rows(index, c)  # (B*h*K,) each
-        xg = x.to(dtype).reshape(b * c, -1).index_select(0, x_rows)  # (B*h*K, HW), unscaled
-        s = scale.to(dtype).reshape(-1, 1)  # (B*h*K, 1)
+        args = (ctx.conv_args, ctx.weight_shape, ctx.native_backward)
+        grad_x, grad_scale, grad_w = gathered_backward(x, scale, rows, index, grad_out, *args)
+        return grad_x, grad_scale, grad_w, None, None, None, None, None, None
+
+
+def gathered_backward(
+    x: Tensor,
+    scale: Tensor,
+    rows: Tensor,
+    index: Tensor,
+    grad_out: Tensor,
+    conv: tuple[int, int, int],
+    weight_shape: torch.Size,
+    native_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``_GatheredGroupConv`` w.r.t. x (B, C, H, W), scale (B, h, K) and the
+    weight (O, C, k, k), from the batch-folded grouped conv's backward, or with
+    ``native_backward`` from the native kernels: the weight gradient (``native.wgrad_rows``)
+    and, at stride 1, the input gradient (``native.igrad_planes``). oneDNN runs this grouped
+    backward (B*heads groups of K -> O/h channels) on narrow layers at a few GMAC/s
+    (docs/benchmarks.md 6.3)."""
+    (b, c, h, w), (heads, kept), dtype = x.shape, index.shape[1:], grad_out.dtype
+    o, k = weight_shape[0], weight_shape[-1]
+    weight_dtype, rows = rows.dtype, rows.to(dtype)  # (h*C, O/h*k^2)
+    x_rows, w_rows = G.kept_rows(index, c)  # (B*h*K,) each
+    xg = x.to(dtype).reshape(b * c, -1).index_select(0, x_rows)  # (B*h*K, HW), unscaled
+    s = scale.to(dtype).reshape(-1, 1)  # (B*h*K, 1)
+    native_in = native_backward and conv[0] == 1 and conv[1] <= k - 1  # see igrad_planes
+    if not (native_backward and native_in):  # torch: the input or the weight gradient
         wg = rows.index_select(0, w_rows).view(b, heads, kept, o // heads, k * k)
         wg = wg.transpose(2, 3).reshape(b * o, kept, k, k)  # (B*O, K, k, k)
         # Head-major grad (undo the interleave), batch folded into the channels.
         g_y = grad_out.view(b, o // heads, heads, *grad_out.shape[-2:]).transpose(1, 2)
         g_y = g_y.reshape(1, b * o, *grad_out.shape[-2:])  # (1, B*O, H', W')
-        g_xs, g_wg = _conv_backward(
-            g_y, (xg * s).view(1, -1, h, w), wg, ctx.conv_args, b * heads, (True, True)
-        )
-        g_xs = g_xs.view(-1, h * w)  # (B*h*K, HW), grad of the scaled input
-        grad_x = torch.zeros(b * c, h * w, dtype=dtype, device=x.device)
-        grad_x.index_add_(0, x_rows, g_xs * s)
-        grad_scale = (g_xs * xg).sum(-1).view(b, heads, kept)  # (B, h, K)
-        # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2), summed into the head-major weight rows.
+        xs = (xg * s).view(1, -1, h, w)  # (1, B*h*K, H, W)
+        mask = (not native_in, not native_backward)
+        g_xs, g_wg = _conv_backward(g_y, xs, wg, conv, b * heads, mask)
+    if native_in:  # (B*h*K, HW) straight from the native kernel
+        g_xs = native.igrad_planes(grad_out, index, rows, c, k, conv[1])
+    g_xs = g_xs.view(-1, h * w)  # (B*h*K, HW), grad of the scaled input
+    grad_x = torch.zeros(b * c, h * w, dtype=dtype, device=x.device)
+    grad_x.index_add_(0, x_rows, g_xs * s)
+    grad_scale = (g_xs * xg).sum(-1).view(b, heads, kept)  # (B, h, K)
+    if native_backward:  # rows (B*h*K, O/h*k^2) straight from the native kernel
+        g_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv)
+    else:  # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2)
         g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)
         g_rows = g_rows.reshape(b * heads * kept, -1)
-        grad_rows = torch.zeros_like(rows).index_add_(0, w_rows, g_rows)
-        grad_w = grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(shape)
-        return (
-            grad_x.view_as(x).to(x.dtype),
-            grad_scale.to(scale.dtype),
-            grad_w.to(weight_dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+    grad_rows = torch.zeros_like(rows).index_add_(0, w_rows, g_rows)  # summed per head row
+    grad_w = grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(weight_shape)
+    return grad_x.view_as(x).to(x.dtype), grad_scale.to(scale.dtype), grad_w.to(weight_dtype)
 
 
 def gated_conv(
@@ -576,18 +594,24 @@ class DynamicGroupConv2d(nn.Module):
             index, scale = G.select_channels(sal, n)  # (B, h, K) each
             scale = self._kept(scale)
             direct = self._train_forward_native(x, index, scale)
-            return _GatheredGroupConv.apply(x, scale, self.weight, index, *args, direct)
+            backward = self._train_backward_native(x, index, scale)
+            return _GatheredGroupConv.apply(x, scale, self.weight, index, *args, direct, backward)
         sal = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C), pruned -> 0
         y = _GatedGroupConv.apply(x, sal, self.weight, *args)  # (B, O, H', W'), head-major
         return G.interleave(y, self.heads)
 
+    def _native_training(self, x: Tensor) -> bool:
+        """Whether a native kernel may run in this training step: CPU, float32, not traced,
+        not under autocast."""
+        if tracing() or torch.is_autocast_enabled(x.device.type):
+            return False
+        return native.supported(x, self.weight, self.dilation)
+
     def _train_forward_native(self, x: Tensor, index: Tensor, scale: Tensor) -> bool:
         """Whether the training forward convolves with the native kernel rather than the
         batch-folded grouped conv: timed against it once per input shape (CPU, float32, not
-        traced or under autocast). The backward is the same either way."""
-        if tracing() or torch.is_autocast_enabled(x.device.type):
-            return False
-        if not native.supported(x, self.weight, self.dilation):
+        traced or under autocast)."""
+        if not self._native_training(x):
             return False
         key = ("train", tuple(x.shape), x.dtype, self._inactive_host)
         name = self.kernels.known(key, ("fold", "direct"))
@@ -601,6 +625,31 @@ class DynamicGroupConv2d(nn.Module):
                     "direct": functools.partial(
                         native.direct_conv, *inputs, (self.out_channels, k), args
                     ),
+                }
+                self.kernels.run(key, kernels, "fold")
+            name = self.kernels.last
+        return name == "direct"
+
+    def _train_backward_native(self, x: Tensor, index: Tensor, scale: Tensor) -> bool:
+        """Whether the backward runs the native kernels (``direct``: weight gradient, and the
+        input gradient at stride 1) rather than the batch-folded grouped conv's backward
+        (``fold``): the whole backward timed both ways once per input shape, on a random
+        output gradient (CPU, float32, kernel size 1 or 3)."""
+        if self.kernel_size not in (1, 3) or not self._native_training(x):
+            return False
+        key = ("backward", tuple(x.shape), x.dtype, self._inactive_host)
+        name = self.kernels.known(key, ("fold", "direct"))  # the forward's names: one pin
+        if name is None:
+            k, (stride, padding, dilation) = self.kernel_size, (self.stride, self.padding, 1)
+            ho, wo = ((n + 2 * padding - k) // stride + 1 for n in x.shape[2:])
+            with torch.no_grad():
+                rows = G.weight_rows(self.weight.detach(), self.heads)
+                grad = torch.randn(x.shape[0], self.out_channels, ho, wo)  # (B, O, H', W')
+                inputs = (x.detach(), scale.detach(), rows, index, grad)
+                inputs += ((stride, padding, dilation), self.weight.shape)
+                kernels = {
+                    nm: functools.partial(gathered_backward, *inputs, nm == "direct")
+                    for nm in ("fold", "direct")
                 }
                 self.kernels.run(key, kernels, "fold")
             name = self.kernels.last

@@ -77,7 +77,7 @@ def test_gradcheck_of_the_gathered_conv():
     s = torch.rand(2, 2, 2, dtype=torch.float64, requires_grad=True)  # kept saliencies
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     index = torch.tensor([[[0, 2], [3, 1]], [[1, 2], [0, 3]]])
-    fn = lambda a, b, c: _GatheredGroupConv.apply(a, b, c, index, 2, 1, 1, False)  # noqa: E731
+    fn = lambda a, b, c: _GatheredGroupConv.apply(a, b, c, index, 2, 1, 1, False, False)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, s, w))
 
 

@@ -100,6 +100,46 @@ def test_training_forward_with_the_direct_kernel_has_the_oracle_gradients(
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+BACKWARD_SHAPES = SHAPES[:7] + [
+    (16, 20, 1, 1, 2, 0.25, 5, 7),  # 1x1, O/h = 10: a block of 8 outputs and 2 single ones
+    (16, 32, 1, 2, 2, 0.25, 9, 9),  # strided 1x1, two blocks of 8
+]
+
+
+@needs_library
+@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", BACKWARD_SHAPES)
+def test_native_backward_equals_the_grouped_conv_backward(
+    cin, cout, k, stride, heads, gate, h, w
+):
+    from dgc.layers import gathered as G
+    from dgc.layers.dynamic_group_conv import gathered_backward
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, cin, h, w), torch.randn(cout, cin, k, k)
+    kept = round(gate * cin)
+    index = torch.stack([torch.randperm(cin)[:kept] for _ in range(3 * heads)])
+    index, scale = index.view(3, heads, kept), torch.rand(3, heads, kept)
+    scale[0, 0, 0] = 0.0  # a pruned tie: its plane is zeros
+    ho, wo = ((n + 2 * (k // 2) - k) // stride + 1 for n in (h, w))
+    grad = torch.randn(3, cout, ho, wo)
+    args = (x, scale, G.weight_rows(weight, heads), index, grad, (stride, k // 2, 1), weight.shape)
+    torch_grads, native_grads = gathered_backward(*args, False), gathered_backward(*args, True)
+    for name, a, b in zip(("x", "scale", "weight"), torch_grads, native_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@needs_library
+def test_a_training_layer_times_the_native_backward_once_per_shape():
+    layer = _layer(16, 16, 3, 1, 4, 0.25).train()
+    x = torch.randn(2, 16, 8, 8)
+    layer(x).sum().backward()
+    keys = [key for key in layer.kernels.chosen if key[0] == "backward"]
+    assert len(keys) == 1 and layer.kernels.chosen[keys[0]] in ("fold", "direct")
+    assert set(layer.kernels.times[keys[0]]) == {"fold", "direct"}
+    layer(x).sum().backward()  # settled: not timed again
+    assert [key for key in layer.kernels.chosen if key[0] == "backward"] == keys
+
+
 @needs_library
 def test_fused_forward_drops_ties_at_the_threshold():
     # A negative generator bias makes many saliencies exactly 0, tied at the threshold: all of

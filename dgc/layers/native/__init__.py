@@ -78,6 +78,12 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_direct_conv.restype = ctypes.c_int
     lib.dgc_fused_eval.argtypes = [ctypes.POINTER(_Plan), _PTR, _PTR]
     lib.dgc_fused_eval.restype = ctypes.c_int
+    lib.dgc_wgrad_rows.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
+    lib.dgc_wgrad_rows.argtypes += [_I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int]
+    lib.dgc_wgrad_rows.restype = ctypes.c_int
+    lib.dgc_igrad_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64]
+    lib.dgc_igrad_planes.argtypes += [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
+    lib.dgc_igrad_planes.restype = ctypes.c_int
     return lib
 
 
@@ -166,6 +172,80 @@ def direct_conv(
     if status != 0:
         raise MemoryError("dgc direct_conv: cannot allocate its scratch buffer")
     return y  # (B, O, H', W')
+
+
+def wgrad_rows(
+    x: Tensor,
+    index: Tensor,
+    scale: Tensor,
+    grad_out: Tensor,
+    shape: tuple[int, int],
+    conv: tuple[int, int, int],
+) -> Tensor:
+    """The weight gradient of ``direct_conv`` per (sample, head, kept channel), in one call.
+
+    Args:
+        x, index, scale, shape, conv: as ``direct_conv`` (kernel size 1 or 3).
+        grad_out: (B, O, H', W') gradient of its output, heads interleaved.
+
+    Returns:
+        (B*h*K, O/h*k*k): row (b, i, c) is the gradient of head i's kernels of input channel
+        ``index[b, i, c]`` from sample b; ``index_add`` them into ``weight_rows`` order.
+    """
+    lib = library()
+    assert lib is not None, "wgrad_rows called without the native library (check supported)"
+    stride, padding, _ = conv
+    b, c, h, w = x.shape
+    heads, kept = index.shape[1], index.shape[2]
+    o, k = shape
+    assert k in (1, 3), f"wgrad_rows: kernel size {k} (1 or 3 only)"
+    ho, wo = grad_out.shape[-2:]
+    x, index, scale, grad_out = (t.contiguous() for t in (x, index, scale, grad_out))
+    g_rows = torch.empty(b * heads * kept, o // heads * k * k, dtype=x.dtype)
+    status = lib.dgc_wgrad_rows(
+        x.data_ptr(), b, c, h, w, index.data_ptr(), scale.data_ptr(), heads, kept,
+        grad_out.data_ptr(), o, k, stride, padding, ho, wo, g_rows.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("dgc wgrad_rows: cannot allocate its scratch buffer")
+    return g_rows  # (B*h*K, O/h*k^2)
+
+
+def igrad_planes(
+    grad_out: Tensor, index: Tensor, rows: Tensor, channels: int, k: int, padding: int
+) -> Tensor:
+    """The input gradient of a stride-1 ``direct_conv`` w.r.t. each kept channel's scaled
+    input plane, in one call (the transposed convolution with each channel's own kernels).
+
+    Args:
+        grad_out: (B, O, H', W') gradient of its output, heads interleaved.
+        index: (B, h, K) kept channels; rows: ``gathered.weight_rows(weight, h)``, contiguous.
+        channels: C of the input; k: the (odd) kernel size; padding: at most k - 1.
+
+    Returns:
+        (B*h*K, H*W): row (b, i, c) is the gradient of sample b's input channel
+        ``index[b, i, c]`` as head i scaled it (``index_add`` them, times the scale, into x).
+    """
+    lib = library()
+    assert lib is not None, "igrad_planes called without the native library (check supported)"
+    b, o, ho, wo = grad_out.shape
+    heads, kept = index.shape[1], index.shape[2]
+    h, w = ho + k - 1 - 2 * padding, wo + k - 1 - 2 * padding  # stride 1
+    grad_out, index = grad_out.contiguous(), index.contiguous()
+    # the gradient plane of (b, head i, output j) is channel j*heads + i
+    planes = torch.arange(o, device=index.device).view(o // heads, heads).t().expand(b, -1, -1)
+    planes = planes.contiguous()  # (B, h, O/h)
+    ones = torch.ones(planes.shape, dtype=grad_out.dtype)
+    g_xs = torch.empty(b * heads * kept, h * w, dtype=grad_out.dtype)
+    status = lib.dgc_igrad_planes(
+        grad_out.data_ptr(), b, o, ho, wo, planes.data_ptr(), ones.data_ptr(), index.data_ptr(),
+        heads, kept, rows.data_ptr(), channels, k, padding, g_xs.data_ptr(), h, w,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("dgc igrad_planes: cannot allocate its scratch buffer")
+    return g_xs  # (B*h*K, H*W)
 
 
 class FusedPlan:

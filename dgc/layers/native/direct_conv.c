@@ -252,6 +252,169 @@ int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
     return 0;
 }
 
+/* Weight gradient, per (sample, head, kept channel): the O/h x k*k kernels' gradient
+ *   g_rows[b,i,c][j*kk + t] = sum over output pixels p of gy[b, j*heads + i, p] * work[b,i,c]
+ *   at p's tap t,
+ * work being the forward's scaled, zero-padded input planes. These are the rows that
+ * gathered.kept_rows' weight rows index (the caller sums them into weight_rows with
+ * index_add). Why: oneDNN runs the batch-folded grouped conv's weight gradient (B*heads groups
+ * of K -> O/h channels) at a few GMAC/s on narrow layers (4-16 kept channels on 32x32 maps).
+ * The tile keeps JB outputs x kk taps of partial sums in vector registers over 8-pixel runs,
+ * so every input vector loaded feeds JB multiply-adds and every gradient vector kk. */
+static inline __attribute__((always_inline)) void wgrad_block(
+    const float *plane, const float *gyi, float *out, const Shape *s, int64_t j0, const int JB,
+    const int KK) {
+    v8 acc[8][9];
+    for (int jj = 0; jj < JB; jj++)
+        for (int t = 0; t < KK; t++) acc[jj][t] = (v8){0};
+    const int64_t k = s->k, chan = s->heads * s->Ho * s->Wo; /* gy: channel j of head i */
+    int64_t off[9];
+    for (int64_t ky = 0; ky < k; ky++)
+        for (int64_t kx = 0; kx < k; kx++)
+            off[ky * k + kx] = ((kx % s->stride) * s->Hp + ky) * s->Wph + kx / s->stride;
+    for (int64_t oy = 0; oy < s->Ho; oy++) {
+        const float *in = plane + oy * s->stride * s->Wph;
+        const float *g = gyi + j0 * chan + oy * s->Wo;
+        for (int64_t x0 = 0; x0 < s->Wo; x0 += 8) {
+            const int64_t n = s->Wo - x0 < 8 ? s->Wo - x0 : 8;
+            v8 gv[8];
+            for (int jj = 0; jj < JB; jj++) {
+                if (n == 8) {
+                    gv[jj] = *(const v8u *)(g + jj * chan + x0);
+                } else { /* the row's tail: lanes past Wo stay 0 */
+                    gv[jj] = (v8){0};
+                    for (int64_t e = 0; e < n; e++) gv[jj][e] = g[jj * chan + x0 + e];
+                }
+            }
+            for (int t = 0; t < KK; t++) {
+                const v8 xv = *(const v8u *)(in + off[t] + x0);
+                for (int jj = 0; jj < JB; jj++) acc[jj][t] += gv[jj] * xv;
+            }
+        }
+    }
+    for (int jj = 0; jj < JB; jj++)
+        for (int t = 0; t < KK; t++) {
+            float sum = 0.0f;
+            for (int e = 0; e < 8; e++) sum += acc[jj][t][e];
+            out[(j0 + jj) * KK + t] = sum;
+        }
+}
+
+/* x: (B, C, H, W) the layer's post-BN-ReLU input; gy: (B, O, Ho, Wo), heads interleaved;
+ * g_rows: (B*heads*K, O/h*k*k). k must be 1 or 3. Returns 0, or -1 when the scratch buffer
+ * cannot be allocated. */
+int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
+                   const int64_t *index, const float *scale, int64_t heads, int64_t K,
+                   const float *gy, int64_t O, int64_t k, int64_t stride, int64_t pad,
+                   int64_t Ho, int64_t Wo, float *g_rows, int threads) {
+    const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
+    float *work = scratch(sizeof(float) * B * heads * K * s.plane);
+    if (!work) return -1;
+    pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
+    const int64_t oh = O / heads, kk = k * k, n = B * heads * K;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t b = t / (heads * K), i = t / K % heads;
+        const float *plane = work + t * s.plane;
+        const float *gyi = gy + (b * O + i) * Ho * Wo; /* channel j*heads + i at + j*chan */
+        float *out = g_rows + t * oh * kk;
+        int64_t j0 = 0;
+        if (k == 3) {
+            for (; j0 + 2 <= oh; j0 += 2) wgrad_block(plane, gyi, out, &s, j0, 2, 9);
+            for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 9);
+        } else {
+            for (; j0 + 8 <= oh; j0 += 8) wgrad_block(plane, gyi, out, &s, j0, 8, 1);
+            for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 1);
+        }
+    }
+    return 0;
+}
+
+/* Input gradient of a stride-1 layer, per (sample, head, kept channel): the transposed
+ * convolution gx[b,i,c] = sum over the O/h outputs j and taps t of W[i*O/h + j, idx[c], t]
+ * times the output gradient shifted back by t: a direct convolution of the zero-padded
+ * gradient planes of head i (work, padded by k-1-pad) with the flipped kernels, each kept
+ * channel reading its own weight row (row layout: head i's kernels of input channel c are
+ * O/h x k*k contiguous floats). The tile keeps CB kept channels x R rows x 8*NV columns in
+ * registers, as the forward's tile does. s describes the gradient planes: K = O/h planes per
+ * (b, i), Ho x Wo = H x W the input's size. */
+static inline __attribute__((always_inline)) void tile_igrad(
+    const float *planes, const float *const *wr, float *gx, const Shape *s, int64_t oy,
+    int64_t x0, const int CB, const int R, const int NV) {
+    v8 acc[4][MAX_VEC];
+    for (int cc = 0; cc < CB; cc++)
+        for (int q = 0; q < R * NV; q++) acc[cc][q] = (v8){0};
+    const int64_t kk = s->k * s->k;
+    int64_t off[MAX_TAPS], voff[MAX_VEC];
+    for (int64_t ky = 0; ky < s->k; ky++)
+        for (int64_t kx = 0; kx < s->k; kx++) off[ky * s->k + kx] = (oy + ky) * s->Wph + x0 + kx;
+    for (int q = 0; q < R * NV; q++) voff[q] = (q / NV) * s->Wph + (q % NV) * 8;
+    for (int64_t j = 0; j < s->K; j++) {
+        const float *plane = planes + j * s->plane;
+        for (int64_t t = 0; t < kk; t++) {
+            const float *in = plane + off[t];
+            v8 xv[MAX_VEC];
+            for (int q = 0; q < R * NV; q++) xv[q] = *(const v8u *)(in + voff[q]);
+            for (int cc = 0; cc < CB; cc++) {
+                const float w = wr[cc][j * kk + kk - 1 - t]; /* the flipped tap */
+                for (int q = 0; q < R * NV; q++) acc[cc][q] += w * xv[q];
+            }
+        }
+    }
+    const int64_t n = s->Wo - x0 < 8 * NV ? s->Wo - x0 : 8 * NV;
+    for (int cc = 0; cc < CB; cc++)
+        for (int rq = 0; rq < R && oy + rq < s->Ho; rq++) {
+            float *out = gx + cc * s->Ho * s->Wo + (oy + rq) * s->Wo + x0;
+            if (n == 8 * NV) {
+                for (int q = 0; q < NV; q++) *(v8u *)(out + 8 * q) = acc[cc][rq * NV + q];
+            } else {
+                for (int64_t v = 0; v < n; v++) out[v] = ((const float *)&acc[cc][rq * NV])[v];
+            }
+        }
+}
+
+#define IGRAD_CASE(CBV, RV, NVV)                                                              \
+    if (cb == CBV && R == RV) {                                                               \
+        for (int64_t oy = 0; oy < s.Ho; oy += RV)                                             \
+            for (int64_t x0 = 0; x0 < s.Wo; x0 += 8 * NVV)                                    \
+                tile_igrad(planes, wr, out, &s, oy, x0, CBV, RV, NVV);                         \
+        continue;                                                                             \
+    }
+
+/* gy: (B, O, Ho, Wo) heads interleaved; index: (B, heads, K) kept channels; rows: the weight
+ * in row layout (heads*C, O/h*k*k); gx: (B*heads*K, H, W), the gradient of each kept channel's
+ * scaled input plane. Stride 1, k odd and at most 7, pad <= k - 1. gindex: (B, heads, O/h)
+ * the channel j*heads + i of each gradient plane (the caller's arange). Returns 0, or -1 when
+ * the scratch buffer cannot be allocated. */
+int dgc_igrad_planes(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t Wo,
+                     const int64_t *gindex, const float *ones, const int64_t *index,
+                     int64_t heads, int64_t K, const float *rows, int64_t C, int64_t k,
+                     int64_t pad, float *gx, int64_t H, int64_t W, int threads) {
+    const int64_t oh = O / heads, kk = k * k;
+    /* the gradient planes, padded by k-1-pad: a forward conv of them gives H x W */
+    const Shape s = make_shape(B, O, Ho, Wo, heads, oh, K, k, 1, k - 1 - pad, H, W);
+    float *work = scratch(sizeof(float) * B * heads * oh * s.plane);
+    if (!work) return -1;
+    pad_gather(gy, gindex, ones, NULL, NULL, work, &s, threads);
+    const int64_t R = tile_rows(W), cb = K % 4 == 0 ? 4 : (K % 2 == 0 ? 2 : 1), blocks = K / cb;
+    const int64_t n = B * heads * blocks;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t c0 = t % blocks * cb, bi = t / blocks, i = bi % heads;
+        const float *planes = work + bi * oh * s.plane;
+        const float *wr[4];
+        for (int64_t cc = 0; cc < cb; cc++) wr[cc] = rows + (i * C + index[bi * K + c0 + cc]) * oh * kk;
+        float *out = gx + (bi * K + c0) * H * W;
+        IGRAD_CASE(4, NARROW_ROWS, 1)
+        IGRAD_CASE(4, WIDE_ROWS, 2)
+        IGRAD_CASE(2, NARROW_ROWS, 1)
+        IGRAD_CASE(2, WIDE_ROWS, 2)
+        IGRAD_CASE(1, NARROW_ROWS, 1)
+        IGRAD_CASE(1, WIDE_ROWS, 2)
+    }
+    return 0;
+}
+
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 /* The mean of f(v[0..n)), f = ReLU(a * v + d) when relu is set, else the identity. Eight
