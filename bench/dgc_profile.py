@@ -10,9 +10,10 @@
 profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, gate
          0.25 for gc/dy models: the top ops by self CPU time, in ms per forward. --train:
          training steps instead (bench/dgc_speed.py's step: forward, loss, backward, SGD).
-trainkernel  training steps of a DGC network whose layers all run the `fold` forward against
-         the same network with the measured per-shape choice (fold or the native kernel),
-         round-robin, and how many layers the choice gave the native kernel.
+trainkernel  training steps of a DGC network whose layers all run the `fold` forward and
+         backward (torch's batch-folded grouped conv) against the same network with the
+         measured per-shape choices (fold or the native kernels, forward and backward timed
+         apart), round-robin, and how many layers each choice gave the native kernels.
 stem     the ImageNet stem (7x7 conv, BN, ReLU, max-pool) of ``model`` in inference, NCHW
          (nn.Sequential's forward) against the channels-last path the model runs
          (dgc.models.resnet.ImageNetStem), round-robin, outputs compared; --batches.
@@ -99,10 +100,17 @@ def trainkernel(a: argparse.Namespace) -> None:
         fns[name] = train_step(models[name], x)
     ms = round_robin(fns, a.runs, "cpu")
     layers = dgc.dgc_layers(models["measured"])
-    native = sum("direct" in layer.kernels.chosen.values() for layer in layers)
+    native = {
+        part: sum(
+            any(k[0] == part and v == "direct" for k, v in layer.kernels.chosen.items())
+            for layer in layers
+        )
+        for part in ("train", "backward")
+    }
     print(
         f"{a.model} b{a.batch} train step: fold {ms['fold']:.1f} ms, measured choice "
-        f"{ms['measured']:.1f} ms (native forward in {native} of {len(layers)} layers); "
+        f"{ms['measured']:.1f} ms (native forward in {native['train']}, native backward in "
+        f"{native['backward']} of {len(layers)} layers); "
         f"fold / measured = {ms['fold'] / ms['measured']:.3f}"
     )
 

@@ -259,8 +259,9 @@ int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
  * gathered.kept_rows' weight rows index (the caller sums them into weight_rows with
  * index_add). Why: oneDNN runs the batch-folded grouped conv's weight gradient (B*heads groups
  * of K -> O/h channels) at a few GMAC/s on narrow layers (4-16 kept channels on 32x32 maps).
- * The tile keeps JB outputs x kk taps of partial sums in vector registers over 8-pixel runs,
- * so every input vector loaded feeds JB multiply-adds and every gradient vector kk. */
+ * The tile keeps JB outputs x kk taps of partial sums in vector registers over 8-pixel runs
+ * (3 x 9 for 3x3 kernels, 8 x 1 for 1x1), so every input vector loaded feeds JB multiply-adds
+ * and every gradient vector kk. */
 static inline __attribute__((always_inline)) void wgrad_block(
     const float *plane, const float *gyi, float *out, const Shape *s, int64_t j0, const int JB,
     const int KK) {
@@ -320,7 +321,7 @@ int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
         float *out = g_rows + t * oh * kk;
         int64_t j0 = 0;
         if (k == 3) {
-            for (; j0 + 2 <= oh; j0 += 2) wgrad_block(plane, gyi, out, &s, j0, 2, 9);
+            for (; j0 + 3 <= oh; j0 += 3) wgrad_block(plane, gyi, out, &s, j0, 3, 9);
             for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 9);
         } else {
             for (; j0 + 8 <= oh; j0 += 8) wgrad_block(plane, gyi, out, &s, j0, 8, 1);
