@@ -17,7 +17,9 @@ from dgc.layers import SelfGroupingConv2d
 from dgc.layers import inactive_channels
 from dgc.ops import aux_loss
 from dgc.ops import dgc_layers
+from dgc.ops import kernel_choices
 from dgc.ops import load_dense_weights
+from dgc.ops import set_kernel_choices
 from dgc.ops import set_progress
 from dgc.ops import sg_layers
 from dgc.registry import create_model
@@ -37,10 +39,12 @@ __all__ = [
     "create_model",
     "dgc_layers",
     "inactive_channels",
+    "kernel_choices",
     "list_models",
     "load_dense_weights",
     "model_kind",
     "num_stages",
+    "set_kernel_choices",
     "set_progress",
     "sg_layers",
     "variant_of",

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from dgc.layers.kernel_choice import KernelChoice
 from dgc.layers.schedule import PAPER
 from dgc.layers.schedule import GateSchedule
 from dgc.layers.schedule import inactive_channels
@@ -16,6 +17,31 @@ from dgc.layers.self_grouping import SelfGroupingConv2d
 def dgc_layers(model: nn.Module) -> list[DynamicGroupConv2d]:
     """All DGC layers of ``model`` in module order."""
     return [m for m in model.modules() if isinstance(m, DynamicGroupConv2d)]
+
+
+def kernel_choices(model: nn.Module) -> dict[str, dict]:
+    """Every layer's settled per-shape kernel choices (its ``KernelChoice``), by module and
+    attribute name. Each instance times its kernels and the kernels round differently, so a
+    training checkpoint carries them: a run resumed from it takes the same kernels and ends
+    with the same weights, bit for bit. Plain data (tuples, ints, sizes, dtypes, devices,
+    strings): loadable with ``torch.load(weights_only=True)``."""
+    return {name: dict(choice.chosen) for name, choice in _choices(model)}
+
+
+def set_kernel_choices(model: nn.Module, choices: dict[str, dict]) -> None:
+    """Settle ``model``'s layers on ``choices`` (from ``kernel_choices``); names that are not
+    ``model``'s are ignored."""
+    for name, choice in _choices(model):
+        choice.chosen.update(choices.get(name, {}))
+
+
+def _choices(model: nn.Module) -> list[tuple[str, KernelChoice]]:
+    return [
+        (f"{name}.{attr}" if name else attr, value)
+        for name, m in model.named_modules()
+        for attr, value in vars(m).items()
+        if isinstance(value, KernelChoice)
+    ]
 
 
 def sg_layers(model: nn.Module) -> list[SelfGroupingConv2d]:

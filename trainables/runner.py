@@ -282,6 +282,7 @@ def checkpoint_state(
         "gate_progress": stats.progress,
         "torch_rng": torch.get_rng_state(),
         "config": cfg.model_dump(mode="json"),
+        "kernels": dgc.kernel_choices(model),  # a resumed run takes the same kernels
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -292,6 +293,7 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opti
     """Load a checkpoint state into the model and optimiser; returns the epoch to start at."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    dgc.set_kernel_choices(model, state.get("kernels", {}))  # absent before 2026-11-23
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

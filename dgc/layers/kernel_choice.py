@@ -6,6 +6,9 @@ most layers, a batch-folded grouped conv on wide early layers at larger batches,
 matmul on some 1x1 layers, and the full-width masked conv where most channels are kept. Like
 ``torch.backends.cudnn.benchmark``, the first forward at a new input shape times each
 candidate a few times and keeps the fastest; later forwards at that shape run it directly.
+The kernels round differently, so two instances may differ in the last bits; under
+``torch.use_deterministic_algorithms(True)`` nothing is timed and each shape takes its
+default kernel, and ``dgc.kernel_choices`` carries a run's choices in its checkpoint.
 The cache belongs to the layer (no global state).
 """
 
@@ -73,7 +76,10 @@ class KernelChoice:
         else:
             name = self.chosen.get(key)
             if name is None:
-                name = self._fastest(key, kernels) if self.measure and len(kernels) > 1 else default
+                timed = self.measure and len(kernels) > 1
+                # Deterministic algorithms asked for: no timing, whose outcome varies by run.
+                timed = timed and not torch.are_deterministic_algorithms_enabled()
+                name = self._fastest(key, kernels) if timed else default
                 self.chosen[key] = name
         self.last = name
         return kernels[name]()

@@ -86,3 +86,14 @@ def test_excluded_kernels_are_never_timed_nor_run():
     assert calls["fast"] == 0 and choice.chosen == {"a": "slow"}
     assert choice.known("a", ("slow", "fast")) == "slow"
     assert KernelChoice(prefer="fast", exclude=("fast",)).known("a", ("fast",)) is None
+
+
+def test_deterministic_algorithms_take_the_default_without_timing():
+    calls = {"slow": 0, "fast": 0}
+    torch.use_deterministic_algorithms(True)
+    try:
+        choice = KernelChoice()
+        assert choice.run("a", _kernels(calls), default="slow").item() == 0.0
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert calls == {"slow": 1, "fast": 0} and choice.chosen == {"a": "slow"}

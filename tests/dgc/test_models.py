@@ -230,3 +230,24 @@ def test_imagenet_stem_runs_channels_last_in_eval_with_or_without_grad():
         n.kwargs.get("memory_format") for n in program.graph.nodes if n.op == "call_function"
     ]
     assert torch.channels_last not in formats
+
+
+def test_kernel_choices_survive_a_weights_only_checkpoint_and_settle_a_fresh_model(tmp_path):
+    model = _trained_once("dyresnet8")
+    choices = dgc.kernel_choices(model)
+    assert any(choices.values())  # eval choices at least (training ones need the native library)
+    torch.save({"kernels": choices}, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)["kernels"]
+    fresh = dgc.create_model("dyresnet8", num_classes=10, in_chans=1)
+    dgc.set_kernel_choices(fresh, {**loaded, "no.such.layer": {"k": "fold"}})
+    assert dgc.kernel_choices(fresh) == choices
+
+
+def _trained_once(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = dgc.create_model(name, num_classes=10, in_chans=1)
+    dgc.set_progress(model, 1.0)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 1, 8, 8))
+    return model

@@ -92,7 +92,16 @@ def test_tiny_dgc_network_learns_digits():
     assert out.metrics[-1][M.GATE_PROGRESS] == 1.0
 
 
-def test_resume_from_checkpoint_ends_with_identical_weights(tmp_path):
+@pytest.fixture
+def deterministic():
+    """Two runs compared bit for bit: each layer's kernel choice is timed per instance unless
+    deterministic algorithms are asked for (dgc.layers.kernel_choice)."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_resume_from_checkpoint_ends_with_identical_weights(tmp_path, deterministic):
     full = Collect()
     run_trial(_cfg(), full)
 
@@ -202,13 +211,17 @@ def test_a_trial_starts_from_the_dense_checkpoint_it_is_given(tmp_path):
     save_state({"model": dense.state_dict()}, tmp_path / "dense.pt")
     out = Collect()
     # lr so small that one epoch leaves the weights where they started
-    cfg = _cfg(epochs=1, init_from=str(tmp_path / "dense.pt"),
-               optim={"lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0})
+    cfg = _cfg(
+        epochs=1,
+        init_from=str(tmp_path / "dense.pt"),
+        optim={"lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0},
+    )
     run_trial(cfg, out)
     start = out.states[-1]["model"]
     layer = dgc.create_model("dyresnet8", num_classes=10, in_chans=1).stages[0][0].conv1
-    torch.testing.assert_close(start["stages.0.0.conv1.weight"],
-                               _head_major(dense.stages[0][0].conv1.weight, layer.heads))
+    torch.testing.assert_close(
+        start["stages.0.0.conv1.weight"], _head_major(dense.stages[0][0].conv1.weight, layer.heads)
+    )
     torch.testing.assert_close(start["fc.weight"], dense.fc.weight)
     bad = _cfg(model={"name": "gcresnet8"}, init_from=str(tmp_path / "dense.pt"))
     with pytest.raises(ValueError, match=r"init_from=.*dense.pt: .* other shapes"):
@@ -242,6 +255,7 @@ def test_a_resumed_pretrained_trial_does_not_pretrain_again(caplog, tmp_path):
     first = Snapshot()
     run_trial(_cfg(epochs=3, pretrain_epochs=1), first)
     state = load_state(tmp_path / "state.pt")  # after epoch 2
+    assert any(state["kernels"].values())  # the timed kernel choices, resumed as they were
     again = Collect()
     with caplog.at_level(logging.INFO, logger="trainables.runner"):
         final = run_trial(_cfg(epochs=3, pretrain_epochs=1), again, resume=state)
@@ -252,5 +266,7 @@ def test_a_resumed_pretrained_trial_does_not_pretrain_again(caplog, tmp_path):
 def test_pretrain_epochs_must_leave_epochs_to_train():
     with pytest.raises(ValueError, match="pretrain_epochs=3 leaves no epoch of epochs=3"):
         _cfg(epochs=3, pretrain_epochs=3)
-    with pytest.raises(ValueError, match=r"ramp_end=3.0 epochs is past the end .*pretrain_epochs=1"):
+    with pytest.raises(
+        ValueError, match=r"ramp_end=3.0 epochs is past the end .*pretrain_epochs=1"
+    ):
         _cfg(epochs=3, pretrain_epochs=1, gate_schedule={"ramp_end": 3, "unit": "epochs"})
