@@ -593,8 +593,9 @@ class DynamicGroupConv2d(nn.Module):
         if n > 0 and (self.impl == "gather" or (self.impl == "auto" and gather)):
             index, scale = G.select_channels(sal, n)  # (B, h, K) each
             scale = self._kept(scale)
-            direct = self._train_forward_native(x, index, scale)
-            backward = self._train_backward_native(x, index, scale)
+            native_ok = self._native_training(x)  # once a step: both choices need it
+            direct = native_ok and self._train_forward_native(x, index, scale)
+            backward = native_ok and self._train_backward_native(x, index, scale)
             return _GatheredGroupConv.apply(x, scale, self.weight, index, *args, direct, backward)
         sal = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C), pruned -> 0
         y = _GatedGroupConv.apply(x, sal, self.weight, *args)  # (B, O, H', W'), head-major
@@ -610,9 +611,7 @@ class DynamicGroupConv2d(nn.Module):
     def _train_forward_native(self, x: Tensor, index: Tensor, scale: Tensor) -> bool:
         """Whether the training forward convolves with the native kernel rather than the
         batch-folded grouped conv: timed against it once per input shape (CPU, float32, not
-        traced or under autocast)."""
-        if not self._native_training(x):
-            return False
+        traced or under autocast; the caller checked ``_native_training``)."""
         key = ("train", tuple(x.shape), x.dtype, self._inactive_host)
         name = self.kernels.known(key, ("fold", "direct"))
         if name is None:
@@ -634,8 +633,9 @@ class DynamicGroupConv2d(nn.Module):
         """Whether the backward runs the native kernels (``direct``: weight gradient, and the
         input gradient at stride 1) rather than the batch-folded grouped conv's backward
         (``fold``): the whole backward timed both ways once per input shape, on a random
-        output gradient (CPU, float32, kernel size 1 or 3)."""
-        if self.kernel_size not in (1, 3) or not self._native_training(x):
+        output gradient (CPU, float32, kernel size 1 or 3; the caller checked
+        ``_native_training``)."""
+        if self.kernel_size not in (1, 3):
             return False
         key = ("backward", tuple(x.shape), x.dtype, self._inactive_host)
         name = self.kernels.known(key, ("fold", "direct"))  # the forward's names: one pin
