@@ -28,6 +28,7 @@ SHAPES = [  # (C, O, k, stride, heads, gate, H, W)
     (16, 12, 3, 1, 4, 0.25, 19, 20),  # O/h = 3 (one channel a tile), two column tiles
     (32, 32, 3, 1, 4, 0.25, 17, 17),  # a tile tail of 1 column
     (16, 8, 1, 1, 2, 0.25, 6, 6),
+    (44, 8, 1, 1, 2, 0.25, 5, 5),  # a gate over C = 16 + 16 + 8 + 4 (every vector loop's tail)
     (16, 16, 1, 2, 4, 0.25, 6, 6),  # strided 1x1 (a ResNet downsample)
     (8, 8, 5, 2, 2, 0.5, 11, 11),  # 5x5, stride 2
 ]
@@ -108,9 +109,7 @@ BACKWARD_SHAPES = SHAPES[:7] + [
 
 @needs_library
 @pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", BACKWARD_SHAPES)
-def test_native_backward_equals_the_grouped_conv_backward(
-    cin, cout, k, stride, heads, gate, h, w
-):
+def test_native_backward_equals_the_grouped_conv_backward(cin, cout, k, stride, heads, gate, h, w):
     from dgc.layers import gathered as G
     from dgc.layers.dynamic_group_conv import gathered_backward
 

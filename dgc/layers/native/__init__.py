@@ -54,7 +54,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 class _Plan(ctypes.Structure):
     """direct_conv.c's ``FusedPlan``."""
 
-    _fields_ = [(name, _PTR) for name in ("bn_a", "bn_c", "fc1", "fc2", "b2", "weight")]
+    _fields_ = [(name, _PTR) for name in ("bn_a", "bn_c", "fc1", "fc2t", "b2", "weight")]
     _fields_ += [(name, _I64) for name in "B C H W r heads n O k stride pad Ho Wo".split()]
     _fields_ += [("mask", ctypes.c_int32), ("threads", ctypes.c_int32)]
 
@@ -283,7 +283,8 @@ class FusedPlan:
         self._call = lib.dgc_fused_eval
         stride, padding, _ = conv
         b, c, h, w = shape
-        fc1, fc2, b2 = (t.detach().contiguous() for t in gate)
+        fc1, fc2, b2 = (t.detach() for t in gate)
+        fc1, fc2t, b2 = fc1.contiguous(), fc2.transpose(1, 2).contiguous(), b2.contiguous()
         o, k = weight.shape[0], weight.shape[-1]
         if rows is None:
             rows = G.weight_rows(weight.detach(), fc1.shape[0])
@@ -291,9 +292,9 @@ class FusedPlan:
         a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
         ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
         self.out_shape = (b, o, ho, wo)
-        self._keep = (fc1, fc2, b2, weight, a, d)  # the plan points into these
+        self._keep = (fc1, fc2t, b2, weight, a, d)  # the plan points into these
         self._plan = _Plan(
-            _ptr(a), _ptr(d), fc1.data_ptr(), fc2.data_ptr(), b2.data_ptr(), weight.data_ptr(),
+            _ptr(a), _ptr(d), fc1.data_ptr(), fc2t.data_ptr(), b2.data_ptr(), weight.data_ptr(),
             b, c, h, w, fc1.shape[1], fc1.shape[0], n_inactive, o, k, stride, padding, ho, wo,
             int(mask), torch.get_num_threads(),
         )  # fmt: skip

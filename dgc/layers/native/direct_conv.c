@@ -442,23 +442,41 @@ static float plane_mean(const float *v, int64_t n, float a, float d, int relu) {
     return sum / (float)n;
 }
 
-/* Saliencies of one sample, all heads: sal[i, c] = ReLU(b2[i, c] + (fc2_i ReLU(fc1_i z))[c]),
- * z the channel means of the (normalised) input. hid: heads*r floats of scratch. */
-static void saliency(const float *z, const float *fc1, const float *fc2, const float *b2,
-                     int64_t C, int64_t heads, int64_t r, float *hid, float *sal) {
-    for (int64_t i = 0; i < heads * r; i++) {
-        const float *w = fc1 + i * C;
-        float acc = 0.0f;
-        for (int64_t c = 0; c < C; c++) acc += w[c] * z[c];
-        hid[i] = acc > 0.0f ? acc : 0.0f;
+/* The dot product of v[0..n) and z[0..n), in two vector accumulators (a plain float loop is
+ * neither vectorised nor pipelined: the compiler may not reorder a float sum, so every add
+ * waits for the one before it). */
+static float dot(const float *v, const float *z, int64_t n) {
+    v8 acc0 = {0}, acc1 = {0};
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16) {
+        acc0 += *(const v8u *)(v + q) * *(const v8u *)(z + q);
+        acc1 += *(const v8u *)(v + q + 8) * *(const v8u *)(z + q + 8);
     }
-    for (int64_t i = 0; i < heads; i++)
-        for (int64_t c = 0; c < C; c++) {
-            const float *w = fc2 + (i * C + c) * r, *h = hid + i * r;
-            float acc = b2[i * C + c];
-            for (int64_t j = 0; j < r; j++) acc += w[j] * h[j];
-            sal[i * C + c] = acc > 0.0f ? acc : 0.0f;
-        }
+    for (; q + 8 <= n; q += 8) acc0 += *(const v8u *)(v + q) * *(const v8u *)(z + q);
+    acc0 += acc1;
+    float sum = 0.0f;
+    for (int e = 0; e < 8; e++) sum += acc0[e];
+    for (; q < n; q++) sum += v[q] * z[q];
+    return sum;
+}
+
+/* Saliencies of one sample and head i: sal[c] = ReLU(b2[i, c] + (fc2_i ReLU(fc1_i z))[c]),
+ * z the channel means of the (normalised) input; fc1: (heads, r, C), fc2t: fc2 transposed,
+ * (heads, r, C), so that both products run over contiguous C-long rows (the second as r
+ * multiply-adds into the C saliencies, which the compiler vectorises). hid: r floats. */
+static void saliency(const float *z, const float *fc1, const float *fc2t, const float *b2,
+                     int64_t C, int64_t i, int64_t r, float *hid, float *sal) {
+    for (int64_t j = 0; j < r; j++) {
+        const float acc = dot(fc1 + (i * r + j) * C, z, C);
+        hid[j] = acc > 0.0f ? acc : 0.0f;
+    }
+    memcpy(sal, b2 + i * C, sizeof(float) * C);
+    for (int64_t j = 0; j < r; j++) {
+        const float h = hid[j], *w = fc2t + (i * r + j) * C;
+        if (h == 0.0f) continue; /* a ReLU-zeroed hidden unit adds nothing */
+        for (int64_t c = 0; c < C; c++) sal[c] += h * w[c];
+    }
+    for (int64_t c = 0; c < C; c++) sal[c] = sal[c] > 0.0f ? sal[c] : 0.0f;
 }
 
 /* The n-th smallest (1-based) of v[0..m): quickselect on a scratch copy. */
@@ -504,9 +522,9 @@ static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int m
 
 /* Everything a DGC layer's fused inference forward needs except its input and output, built
  * once per (layer, input shape) by the caller. bn_a is NULL for a layer without BN-ReLU;
- * weight is in row layout (gathered.weight_rows). */
+ * fc2t is fc2 as (heads, r, C); weight is in row layout (gathered.weight_rows). */
 typedef struct {
-    const float *bn_a, *bn_c, *fc1, *fc2, *b2, *weight;
+    const float *bn_a, *bn_c, *fc1, *fc2t, *b2, *weight;
     int64_t B, C, H, W, r, heads, n, O, k, stride, pad, Ho, Wo;
     int32_t mask, threads;
 } FusedPlan;
@@ -518,28 +536,26 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
     const int64_t K = C - p->n, threads = p->threads;
     const Shape s = make_shape(B, C, p->H, p->W, heads, K, p->O, p->k, p->stride, p->pad, p->Ho,
                                p->Wo);
-    const int64_t per_sample = heads * r + heads * C + C; /* hidden, saliencies, select tmp */
-    float *buf = scratch(sizeof(float) * (B * C + B * per_sample + B * heads * K +
+    const int64_t per_head = r + 2 * C; /* hidden, saliencies, selection tmp */
+    float *buf = scratch(sizeof(float) * (B * C + B * heads * per_head + B * heads * K +
                                             B * heads * K * s.plane) +
                            sizeof(int64_t) * B * heads * K);
     if (!buf) return -1;
     int64_t *index = (int64_t *)buf; /* B*heads*K kept channels */
     float *z = (float *)(index + B * heads * K), *per = z + B * C;
-    float *scale = per + B * per_sample, *work = scale + B * heads * K;
+    float *scale = per + B * heads * per_head, *work = scale + B * heads * K;
     const float *bn_a = p->bn_a, *bn_c = p->bn_c;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < B * C; t++) {
         const int64_t c = t % C;
         z[t] = plane_mean(x + t * hw, hw, bn_a ? bn_a[c] : 1.0f, bn_a ? bn_c[c] : 0.0f, !!bn_a);
     }
+    /* per (sample, head): the heads' generators are independent, so batch 1 uses every thread */
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-        float *hid = per + b * per_sample, *sal = hid + heads * r, *tmp = sal + heads * C;
-        saliency(z + b * C, p->fc1, p->fc2, p->b2, C, heads, r, hid, sal);
-        for (int64_t i = 0; i < heads; i++) {
-            const int64_t o = (b * heads + i) * K;
-            select_head(sal + i * C, C, p->n, K, p->mask, tmp, index + o, scale + o);
-        }
+    for (int64_t t = 0; t < B * heads; t++) {
+        float *hid = per + t * per_head, *sal = hid + r, *tmp = sal + C;
+        saliency(z + t / heads * C, p->fc1, p->fc2t, p->b2, C, t % heads, r, hid, sal);
+        select_head(sal, C, p->n, K, p->mask, tmp, index + t * K, scale + t * K);
     }
     pad_gather(x, index, scale, bn_a, bn_c, work, &s, threads);
     convolve(work, index, p->weight, y, &s, threads);
