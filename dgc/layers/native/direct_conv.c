@@ -16,7 +16,9 @@
  * Plain C with GCC vector extensions.
  *
  * Layout of the work buffer: per (b, i, c) the scaled, zero-padded input plane, split into
- * `stride` column phases so that a strided convolution reads contiguous columns.
+ * `stride` column phases so that a strided convolution reads contiguous columns. Where the
+ * (sample, head) pairs share the threads evenly, each thread gathers one pair's planes into
+ * its own scratch and convolves them at once (convolve_local), while they are in its cache.
  * Dilation 1 only. float32, contiguous tensors.
  */
 #include <pthread.h>
@@ -47,47 +49,53 @@ static void zero_border(float *dst, const Shape *s) {
     }
 }
 
-/* Gather, normalise, scale and zero-pad each kept channel: work[b,i,c] = scale * f(x[b, idx])
- * with f = ReLU(bn_a * v + bn_c) when bn_a is given (the layer's BN-ReLU, fused), else f = id. */
+/* Gather, normalise, scale and zero-pad kept channel t (of B*heads*K) into its work plane dst:
+ * dst = scale * f(x[b, idx]) with f = ReLU(bn_a * v + bn_c) when bn_a is given (the layer's
+ * BN-ReLU, fused), else f = id. */
+static void gather_plane(const float *x, const int64_t *index, const float *scale,
+                         const float *bn_a, const float *bn_c, float *dst, const Shape *s,
+                         int64_t t) {
+    const int64_t b = t / (s->heads * s->K), ch = index[t];
+    const float a = scale[t];
+    const float *src = x + (b * s->C + ch) * s->H * s->W;
+    if (a == 0.0f || s->stride != 1) memset(dst, 0, sizeof(float) * s->plane);
+    if (a == 0.0f) return; /* a pruned tie: contributes nothing */
+    if (s->stride == 1) zero_border(dst, s);
+    /* scale * ReLU(na * v + nc) = ReLU(scale * na * v + scale * nc), as scale >= 0 */
+    const float na = a * (bn_a ? bn_a[ch] : 1.0f), nc = bn_a ? a * bn_c[ch] : 0.0f;
+    for (int64_t ph = 0; ph < s->stride; ph++) {
+        float *dph = dst + ph * s->Hp * s->Wph;
+        /* padded column q = pos*stride + ph holds input column q - pad */
+        const int64_t c0 = ((ph - s->pad) % s->stride + s->stride) % s->stride;
+        const int64_t p0 = (c0 + s->pad - ph) / s->stride;
+        for (int64_t r = 0; r < s->H; r++) {
+            const float *row = src + r * s->W;
+            float *drow = dph + (r + s->pad) * s->Wph + p0;
+            if (s->stride == 1 && bn_a) {
+                for (int64_t col = 0; col < s->W; col++) {
+                    const float v = row[col] * na + nc;
+                    drow[col] = v > 0.0f ? v : 0.0f;
+                }
+            } else if (s->stride == 1) {
+                for (int64_t col = 0; col < s->W; col++) drow[col] = row[col] * na;
+            } else {
+                for (int64_t col = c0, pos = 0; col < s->W; col += s->stride, pos++) {
+                    const float v = row[col] * na + nc;
+                    drow[pos] = bn_a ? (v > 0.0f ? v : 0.0f) : v;
+                }
+            }
+        }
+    }
+}
+
+/* Every kept channel's work plane: work[t] for t < B*heads*K. */
 static void pad_gather(const float *x, const int64_t *index, const float *scale,
                        const float *bn_a, const float *bn_c, float *work, const Shape *s,
                        int threads) {
     const int64_t n = s->B * s->heads * s->K;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t b = t / (s->heads * s->K), ch = index[t];
-        const float a = scale[t];
-        const float *src = x + (b * s->C + ch) * s->H * s->W;
-        float *dst = work + t * s->plane;
-        if (a == 0.0f || s->stride != 1) memset(dst, 0, sizeof(float) * s->plane);
-        if (a == 0.0f) continue; /* a pruned tie: contributes nothing */
-        if (s->stride == 1) zero_border(dst, s);
-        /* scale * ReLU(na * v + nc) = ReLU(scale * na * v + scale * nc), as scale >= 0 */
-        const float na = a * (bn_a ? bn_a[ch] : 1.0f), nc = bn_a ? a * bn_c[ch] : 0.0f;
-        for (int64_t ph = 0; ph < s->stride; ph++) {
-            float *dph = dst + ph * s->Hp * s->Wph;
-            /* padded column q = pos*stride + ph holds input column q - pad */
-            const int64_t c0 = ((ph - s->pad) % s->stride + s->stride) % s->stride;
-            const int64_t p0 = (c0 + s->pad - ph) / s->stride;
-            for (int64_t r = 0; r < s->H; r++) {
-                const float *row = src + r * s->W;
-                float *drow = dph + (r + s->pad) * s->Wph + p0;
-                if (s->stride == 1 && bn_a) {
-                    for (int64_t col = 0; col < s->W; col++) {
-                        const float v = row[col] * na + nc;
-                        drow[col] = v > 0.0f ? v : 0.0f;
-                    }
-                } else if (s->stride == 1) {
-                    for (int64_t col = 0; col < s->W; col++) drow[col] = row[col] * na;
-                } else {
-                    for (int64_t col = c0, pos = 0; col < s->W; col += s->stride, pos++) {
-                        const float v = row[col] * na + nc;
-                        drow[pos] = bn_a ? (v > 0.0f ? v : 0.0f) : v;
-                    }
-                }
-            }
-        }
-    }
+    for (int64_t t = 0; t < n; t++)
+        gather_plane(x, index, scale, bn_a, bn_c, work + t * s->plane, s, t);
 }
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -107,7 +115,7 @@ typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loa
  * channels and taps in vector registers, then stored (interleaved) to y. Every input vector
  * loaded feeds JB multiply-adds and every weight broadcast R*NV. */
 static inline __attribute__((always_inline)) void tile(
-    const float *work, const float *wrows, const int64_t *idx, float *y, const Shape *s,
+    const float *planes, const float *wrows, const int64_t *idx, float *y, const Shape *s,
     int64_t b, int64_t i, int64_t j0, int64_t oy, int64_t x0, const int JB, const int R,
     const int NV) {
     v8 acc[4][MAX_VEC];
@@ -120,7 +128,6 @@ static inline __attribute__((always_inline)) void tile(
             off[ky * s->k + kx] = ((kx % s->stride) * s->Hp + oy * s->stride + ky) * s->Wph + x0 +
                                   kx / s->stride;
     for (int q = 0; q < R * NV; q++) voff[q] = (q / NV) * s->stride * s->Wph + (q % NV) * 8;
-    const float *planes = work + (b * s->heads + i) * s->K * s->plane;
     for (int64_t c = 0; c < s->K; c++) {
         const float *plane = planes + c * s->plane;
         const float *wc = wrows + idx[c] * row; /* [jj][tap]: JB*kk contiguous floats */
@@ -151,32 +158,34 @@ static inline __attribute__((always_inline)) void tile(
     if (jb == JBV && R == RV) {                                                               \
         for (int64_t oy = 0; oy < s->Ho; oy += RV)                                            \
             for (int64_t x0 = 0; x0 < s->Wo; x0 += 8 * NVV)                                   \
-                tile(work, wrows, idx, y, s, b, i, j0, oy, x0, JBV, RV, NVV);                 \
-        continue;                                                                             \
+                tile(planes, wrows, idx, y, s, b, i, j0, oy, x0, JBV, RV, NVV);               \
+        return;                                                                               \
     }
 
 /* Output rows per tile: one vector a row on maps at most 8 wide, else two. */
 static int64_t tile_rows(int64_t Wo) { return Wo <= 8 ? NARROW_ROWS : WIDE_ROWS; }
 
-/* A grow-only scratch buffer per calling thread (work planes, selection), reused by every
- * layer and call and freed when the thread exits: large buffers allocated per call would be
- * fresh pages, page-faulted on every call. */
+/* Grow-only scratch buffers per thread (work planes, selection), reused by every layer and
+ * call and freed when the thread exits: large buffers allocated per call would be fresh pages,
+ * page-faulted on every call. Slot 0 is the calling thread's; slot 1 the per-thread planes of
+ * convolve_local, which the calling thread also runs while its slot 0 is in use. */
+#define SCRATCH_SLOTS 2
 typedef struct {
-    void *buf;
-    size_t bytes;
+    void *buf[SCRATCH_SLOTS];
+    size_t bytes[SCRATCH_SLOTS];
 } Scratch;
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 
 static void scratch_free(void *p) {
-    free(((Scratch *)p)->buf);
+    for (int i = 0; i < SCRATCH_SLOTS; i++) free(((Scratch *)p)->buf[i]);
     free(p);
 }
 
 static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
 
-/* At least `bytes` of this thread's scratch buffer, or NULL when memory runs out. */
-static void *scratch(size_t bytes) {
+/* At least `bytes` of this thread's scratch buffer `slot`, or NULL when memory runs out. */
+static void *scratch_slot(int slot, size_t bytes) {
     pthread_once(&scratch_once, scratch_init);
     Scratch *s = pthread_getspecific(scratch_key);
     if (!s) {
@@ -186,35 +195,83 @@ static void *scratch(size_t bytes) {
             return NULL;
         }
     }
-    if (bytes > s->bytes) {
-        free(s->buf);
-        s->bytes = bytes + bytes / 2;
-        s->buf = malloc(s->bytes);
-        if (!s->buf) s->bytes = 0;
+    if (bytes > s->bytes[slot]) {
+        free(s->buf[slot]);
+        s->bytes[slot] = bytes + bytes / 2;
+        s->buf[slot] = malloc(s->bytes[slot]);
+        if (!s->buf[slot]) s->bytes[slot] = 0;
     }
-    return s->buf;
+    return s->buf[slot];
 }
 
-/* rows: the weight in row layout, (heads*C, O/h*k*k). */
+static void *scratch(size_t bytes) { return scratch_slot(0, bytes); }
+
+/* Output block j0..j0+jb of head i of sample b, from that (b, i)'s K work planes; wrows: head
+ * i's rows at output j0 (row c of the block starts at wrows + c*oh*kk). */
+static inline __attribute__((always_inline)) void conv_block(
+    const float *planes, const float *wrows, const int64_t *idx, float *y, const Shape *s,
+    int64_t b, int64_t i, int64_t j0, int64_t jb, int64_t R) {
+    TILE_CASE(4, NARROW_ROWS, 1)
+    TILE_CASE(4, WIDE_ROWS, 2)
+    TILE_CASE(2, NARROW_ROWS, 1)
+    TILE_CASE(2, WIDE_ROWS, 2)
+    TILE_CASE(1, NARROW_ROWS, 1)
+    TILE_CASE(1, WIDE_ROWS, 2)
+}
+
+/* Output channels per block: 4, 2 or 1, whichever divides O/h. */
+static int64_t block_size(int64_t oh) { return oh % 4 == 0 ? 4 : (oh % 2 == 0 ? 2 : 1); }
+
+/* The convolution of every (sample, head, output block) from the gathered work planes.
+ * rows: the weight in row layout, (heads*C, O/h*k*k). */
 static void convolve(const float *work, const int64_t *index, const float *rows, float *y,
                      const Shape *s, int threads) {
     const int64_t oh = s->O / s->heads, R = tile_rows(s->Wo), kk = s->k * s->k;
-    const int64_t jb = oh % 4 == 0 ? 4 : (oh % 2 == 0 ? 2 : 1), blocks = oh / jb;
+    const int64_t jb = block_size(oh), blocks = oh / jb;
     const int64_t n = s->B * s->heads * blocks;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < n; t++) {
         const int64_t j0 = t % blocks * jb, bi = t / blocks;
-        const int64_t b = bi / s->heads, i = bi % s->heads;
-        const int64_t *idx = index + bi * s->K;
-        /* head i's rows, at output j0: row c of this block starts at wrows + c*oh*kk */
-        const float *wrows = rows + i * s->C * oh * kk + j0 * kk;
-        TILE_CASE(4, NARROW_ROWS, 1)
-        TILE_CASE(4, WIDE_ROWS, 2)
-        TILE_CASE(2, NARROW_ROWS, 1)
-        TILE_CASE(2, WIDE_ROWS, 2)
-        TILE_CASE(1, NARROW_ROWS, 1)
-        TILE_CASE(1, WIDE_ROWS, 2)
+        const float *planes = work + bi * s->K * s->plane;
+        conv_block(planes, rows + bi % s->heads * s->C * oh * kk + j0 * kk, index + bi * s->K,
+                   y, s, bi / s->heads, bi % s->heads, j0, jb, R);
     }
+}
+
+/* Whether convolve_local balances: (sample, head) tasks for every thread alike, or many. */
+static int local_balances(const Shape *s, int threads) {
+    const int64_t n = s->B * s->heads;
+    return threads <= 1 || (n >= threads && (n % threads == 0 || n >= 4 * threads));
+}
+
+/* pad_gather + convolve a (sample, head) at a time: each thread gathers that pair's K planes
+ * into its own scratch and convolves them while they are in its cache, where the two passes
+ * over all B*heads*K planes write, then read back, a buffer larger than the caches (e.g. 7.6
+ * MB for a 56x56 ResNet-18 layer at batch 8). Returns 0, or -1 when a scratch buffer cannot be
+ * allocated. */
+static int convolve_local(const float *x, const int64_t *index, const float *scale,
+                          const float *bn_a, const float *bn_c, const float *rows, float *y,
+                          const Shape *s, int threads) {
+    const int64_t oh = s->O / s->heads, R = tile_rows(s->Wo), kk = s->k * s->k;
+    const int64_t jb = block_size(oh), n = s->B * s->heads;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *planes = scratch_slot(1, sizeof(float) * s->K * s->plane);
+        failed = planes == NULL;
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < n; bi++) {
+            if (!planes) continue;
+            for (int64_t c = 0; c < s->K; c++)
+                gather_plane(x, index, scale, bn_a, bn_c, planes + c * s->plane, s,
+                             bi * s->K + c);
+            const float *wi = rows + bi % s->heads * s->C * oh * kk;
+            for (int64_t j0 = 0; j0 < oh; j0 += jb)
+                conv_block(planes, wi + j0 * kk, index + bi * s->K, y, s, bi / s->heads,
+                           bi % s->heads, j0, jb, R);
+        }
+    }
+    return failed ? -1 : 0;
 }
 
 /* Padded rows and columns per phase of one work plane: room for every tile's reads. */
@@ -245,6 +302,8 @@ int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
                     const float *rows, int64_t O, int64_t k, int64_t stride, int64_t pad,
                     float *y, int64_t Ho, int64_t Wo, int threads) {
     const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
+    if (local_balances(&s, threads))
+        return convolve_local(x, index, scale, NULL, NULL, rows, y, &s, threads);
     float *work = scratch(sizeof(float) * B * heads * K * s.plane);
     if (!work) return -1;
     pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
@@ -309,26 +368,31 @@ int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
                    const float *gy, int64_t O, int64_t k, int64_t stride, int64_t pad,
                    int64_t Ho, int64_t Wo, float *g_rows, int threads) {
     const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
-    float *work = scratch(sizeof(float) * B * heads * K * s.plane);
-    if (!work) return -1;
-    pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
     const int64_t oh = O / heads, kk = k * k, n = B * heads * K;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t b = t / (heads * K), i = t / K % heads;
-        const float *plane = work + t * s.plane;
-        const float *gyi = gy + (b * O + i) * Ho * Wo; /* channel j*heads + i at + j*chan */
-        float *out = g_rows + t * oh * kk;
-        int64_t j0 = 0;
-        if (k == 3) {
-            for (; j0 + 3 <= oh; j0 += 3) wgrad_block(plane, gyi, out, &s, j0, 3, 9);
-            for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 9);
-        } else {
-            for (; j0 + 8 <= oh; j0 += 8) wgrad_block(plane, gyi, out, &s, j0, 8, 1);
-            for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 1);
+    int failed = 0;
+    /* each task gathers its plane into the thread's scratch right before reading it */
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *plane = scratch_slot(1, sizeof(float) * s.plane);
+        failed = plane == NULL;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n; t++) {
+            if (!plane) continue;
+            gather_plane(x, index, scale, NULL, NULL, plane, &s, t);
+            const int64_t b = t / (heads * K), i = t / K % heads;
+            const float *gyi = gy + (b * O + i) * Ho * Wo; /* channel j*heads + i: + j*chan */
+            float *out = g_rows + t * oh * kk;
+            int64_t j0 = 0;
+            if (k == 3) {
+                for (; j0 + 3 <= oh; j0 += 3) wgrad_block(plane, gyi, out, &s, j0, 3, 9);
+                for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 9);
+            } else {
+                for (; j0 + 8 <= oh; j0 += 8) wgrad_block(plane, gyi, out, &s, j0, 8, 1);
+                for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 1);
+            }
         }
     }
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* Input gradient of a stride-1 layer, per (sample, head, kept channel): the transposed
@@ -537,9 +601,10 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
     const Shape s = make_shape(B, C, p->H, p->W, heads, K, p->O, p->k, p->stride, p->pad, p->Ho,
                                p->Wo);
     const int64_t per_head = r + 2 * C; /* hidden, saliencies, selection tmp */
-    float *buf = scratch(sizeof(float) * (B * C + B * heads * per_head + B * heads * K +
-                                            B * heads * K * s.plane) +
-                           sizeof(int64_t) * B * heads * K);
+    const int local = local_balances(&s, threads);
+    const int64_t planes = local ? 0 : B * heads * K * s.plane;
+    float *buf = scratch(sizeof(float) * (B * C + B * heads * per_head + B * heads * K + planes) +
+                         sizeof(int64_t) * B * heads * K);
     if (!buf) return -1;
     int64_t *index = (int64_t *)buf; /* B*heads*K kept channels */
     float *z = (float *)(index + B * heads * K), *per = z + B * C;
@@ -557,6 +622,7 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
         saliency(z + t / heads * C, p->fc1, p->fc2t, p->b2, C, t % heads, r, hid, sal);
         select_head(sal, C, p->n, K, p->mask, tmp, index + t * K, scale + t * K);
     }
+    if (local) return convolve_local(x, index, scale, bn_a, bn_c, p->weight, y, &s, threads);
     pad_gather(x, index, scale, bn_a, bn_c, work, &s, threads);
     convolve(work, index, p->weight, y, &s, threads);
     return 0;
