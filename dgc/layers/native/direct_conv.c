@@ -58,11 +58,25 @@ static void gather_plane(const float *x, const int64_t *index, const float *scal
     const int64_t b = t / (s->heads * s->K), ch = index[t];
     const float a = scale[t];
     const float *src = x + (b * s->C + ch) * s->H * s->W;
+    /* scale * ReLU(na * v + nc) = ReLU(scale * na * v + scale * nc), as scale >= 0 */
+    const float na = a * (bn_a ? bn_a[ch] : 1.0f), nc = bn_a ? a * bn_c[ch] : 0.0f;
+    const int64_t hw = s->H * s->W;
+    if (a != 0.0f && s->stride == 1 && s->pad == 0 && s->Wph == s->W) {
+        /* unpadded rows (1x1 kernels): the plane is the channel as one run, then zeros */
+        if (bn_a) {
+            for (int64_t q = 0; q < hw; q++) {
+                const float v = src[q] * na + nc;
+                dst[q] = v > 0.0f ? v : 0.0f;
+            }
+        } else {
+            for (int64_t q = 0; q < hw; q++) dst[q] = src[q] * na;
+        }
+        memset(dst + hw, 0, sizeof(float) * (s->plane - hw));
+        return;
+    }
     if (a == 0.0f || s->stride != 1) memset(dst, 0, sizeof(float) * s->plane);
     if (a == 0.0f) return; /* a pruned tie: contributes nothing */
     if (s->stride == 1) zero_border(dst, s);
-    /* scale * ReLU(na * v + nc) = ReLU(scale * na * v + scale * nc), as scale >= 0 */
-    const float na = a * (bn_a ? bn_a[ch] : 1.0f), nc = bn_a ? a * bn_c[ch] : 0.0f;
     for (int64_t ph = 0; ph < s->stride; ph++) {
         float *dph = dst + ph * s->Hp * s->Wph;
         /* padded column q = pos*stride + ph holds input column q - pad */
@@ -238,6 +252,20 @@ static void convolve(const float *work, const int64_t *index, const float *rows,
     }
 }
 
+/* Prefetch the weights that output block j0 (jb outputs) of a head reads: jb*kk floats of each
+ * kept channel's row. Only a block's first tile reads them from memory (the later ones find
+ * them in cache), so on small maps (two tiles a block on 7x7) a block would otherwise wait on
+ * its weights, which a whole network's forward brings from DRAM (not from the cache, as when
+ * one layer is timed alone). */
+static inline void prefetch_block(const float *wi, const int64_t *idx, int64_t K, int64_t row,
+                                  int64_t j0, int64_t jb, int64_t kk) {
+    const int64_t bytes = (int64_t)sizeof(float) * jb * kk;
+    for (int64_t c = 0; c < K; c++) {
+        const char *w = (const char *)(wi + idx[c] * row + j0 * kk);
+        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(w + off, 0, 3);
+    }
+}
+
 /* Whether convolve_local balances: (sample, head) tasks for every thread alike, or many. */
 static int local_balances(const Shape *s, int threads) {
     const int64_t n = s->B * s->heads;
@@ -262,13 +290,17 @@ static int convolve_local(const float *x, const int64_t *index, const float *sca
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < n; bi++) {
             if (!planes) continue;
+            const float *wi = rows + bi % s->heads * s->C * oh * kk;
+            const int64_t *idx = index + bi * s->K;
+            prefetch_block(wi, idx, s->K, oh * kk, 0, jb, kk); /* while the planes are gathered */
             for (int64_t c = 0; c < s->K; c++)
                 gather_plane(x, index, scale, bn_a, bn_c, planes + c * s->plane, s,
                              bi * s->K + c);
-            const float *wi = rows + bi % s->heads * s->C * oh * kk;
-            for (int64_t j0 = 0; j0 < oh; j0 += jb)
-                conv_block(planes, wi + j0 * kk, index + bi * s->K, y, s, bi / s->heads,
-                           bi % s->heads, j0, jb, R);
+            for (int64_t j0 = 0; j0 < oh; j0 += jb) {
+                if (j0 + jb < oh) prefetch_block(wi, idx, s->K, oh * kk, j0 + jb, jb, kk);
+                conv_block(planes, wi + j0 * kk, idx, y, s, bi / s->heads, bi % s->heads, j0,
+                           jb, R);
+            }
         }
     }
     return failed ? -1 : 0;
@@ -506,18 +538,20 @@ static float plane_mean(const float *v, int64_t n, float a, float d, int relu) {
     return sum / (float)n;
 }
 
-/* The dot product of v[0..n) and z[0..n), in two vector accumulators (a plain float loop is
+/* The dot product of v[0..n) and z[0..n), in four vector accumulators (a plain float loop is
  * neither vectorised nor pipelined: the compiler may not reorder a float sum, so every add
  * waits for the one before it). */
 static float dot(const float *v, const float *z, int64_t n) {
-    v8 acc0 = {0}, acc1 = {0};
+    v8 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
     int64_t q = 0;
-    for (; q + 16 <= n; q += 16) {
+    for (; q + 32 <= n; q += 32) {
         acc0 += *(const v8u *)(v + q) * *(const v8u *)(z + q);
         acc1 += *(const v8u *)(v + q + 8) * *(const v8u *)(z + q + 8);
+        acc2 += *(const v8u *)(v + q + 16) * *(const v8u *)(z + q + 16);
+        acc3 += *(const v8u *)(v + q + 24) * *(const v8u *)(z + q + 24);
     }
     for (; q + 8 <= n; q += 8) acc0 += *(const v8u *)(v + q) * *(const v8u *)(z + q);
-    acc0 += acc1;
+    acc0 += acc1 + acc2 + acc3;
     float sum = 0.0f;
     for (int e = 0; e < 8; e++) sum += acc0[e];
     for (; q < n; q++) sum += v[q] * z[q];
@@ -534,10 +568,22 @@ static void saliency(const float *z, const float *fc1, const float *fc2t, const 
         const float acc = dot(fc1 + (i * r + j) * C, z, C);
         hid[j] = acc > 0.0f ? acc : 0.0f;
     }
+    /* the hidden units ReLU left non-zero (the others add nothing), four a pass over sal */
+    int64_t live[r > 0 ? r : 1], m = 0;
+    for (int64_t j = 0; j < r; j++)
+        if (hid[j] != 0.0f) live[m++] = j;
     memcpy(sal, b2 + i * C, sizeof(float) * C);
-    for (int64_t j = 0; j < r; j++) {
-        const float h = hid[j], *w = fc2t + (i * r + j) * C;
-        if (h == 0.0f) continue; /* a ReLU-zeroed hidden unit adds nothing */
+    const float *w0 = fc2t + i * r * C;
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+        const float *wa = w0 + live[j] * C, *wb = w0 + live[j + 1] * C;
+        const float *wc = w0 + live[j + 2] * C, *wd = w0 + live[j + 3] * C;
+        const float ha = hid[live[j]], hb = hid[live[j + 1]];
+        const float hc = hid[live[j + 2]], hd = hid[live[j + 3]];
+        for (int64_t c = 0; c < C; c++) sal[c] += ha * wa[c] + hb * wb[c] + hc * wc[c] + hd * wd[c];
+    }
+    for (; j < m; j++) {
+        const float h = hid[live[j]], *w = w0 + live[j] * C;
         for (int64_t c = 0; c < C; c++) sal[c] += h * w[c];
     }
     for (int64_t c = 0; c < C; c++) sal[c] = sal[c] > 0.0f ? sal[c] : 0.0f;
