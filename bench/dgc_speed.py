@@ -1,6 +1,6 @@
 """Whole-network speed of DGC against the dense and static-group networks it replaces (issue #7).
 
-    python bench/dgc_speed.py infer  [--device cpu] [--threads 2] [--runs 15]
+    python bench/dgc_speed.py infer  [--device cpu] [--threads 2] [--runs 15] [--consecutive 1]
     python bench/dgc_speed.py train  [--device cpu] [--threads 2] [--runs 8]
     python bench/dgc_speed.py export [--runs 15]
     python bench/dgc_speed.py table bench/out/dgc_speed_infer_cpu_float32*.json
@@ -19,7 +19,10 @@ export  the DGC network as it ships: eager eval (native kernel where it wins), t
         compared with the eager model's.
 
 Variants of one (family, batch) are timed round-robin in one process (load drift hits all
-alike); each figure is the median of --runs timed calls after two warm-ups. Ratios are
+alike); each figure is the median of --runs timed calls after two warm-ups. Interleaving calls
+of different networks means each call starts with the other networks' weights in the caches;
+infer --consecutive N runs each variant N times a round and counts the last N-1 (each network
+warm in the caches, as a deployed model serving one request after another). Ratios are
 dense time / variant time, so > 1 means faster than dense. Results go to stdout as markdown
 and to bench/out/dgc_speed_<mode>_<device>.json with the versions and the machine.
 """
@@ -97,19 +100,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def round_robin(fns: dict[str, Callable[[], object]], runs: int, device: str) -> dict[str, float]:
-    """Median milliseconds per call, variants interleaved."""
+def round_robin(
+    fns: dict[str, Callable[[], object]], runs: int, device: str, consecutive: int = 1
+) -> dict[str, float]:
+    """Median milliseconds per call, variants interleaved.
+
+    consecutive: calls of one variant in a row per round; above 1 the first of each row is
+    not counted, so that each variant is timed with its own weights in the caches (as a
+    model serving one request after another runs), not after another network evicted them.
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up: allocator, oneDNN/cuDNN plans, DGC kernel choice
         fn()
         fn()
     for _ in range(runs):
         for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(1e3 * (time.perf_counter() - t0))
+            for i in range(consecutive):
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                if consecutive == 1 or i > 0:
+                    times[name].append(1e3 * (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -128,7 +140,7 @@ def infer(a: argparse.Namespace) -> list[dict]:
                 fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
                 if a.cuda_graph:
                     fns = {k: cuda_graphed(m, x) for k, m in models.items()}
-                ms = round_robin(fns, a.runs, a.device)
+                ms = round_robin(fns, a.runs, a.device, a.consecutive)
             rows += table_rows(family, batch, ms, macs)
             print_rows(rows[-len(ms) :])
     return rows
@@ -309,6 +321,12 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=15)
+    p.add_argument(
+        "--consecutive",
+        type=int,
+        default=1,
+        help="infer: calls of a variant in a row per round, the first not counted (warm caches)",
+    )
     p.add_argument("--batches", type=int, nargs="*", help="override the issue's batch sizes")
     p.add_argument("--families", nargs="*", help="subset of resnet18 densenet86 resnet20")
     p.add_argument("--cuda-graph", action="store_true", help="infer: replay captured CUDA graphs")
@@ -333,6 +351,7 @@ def main() -> None:
         "threads": a.threads,
         "dtype": str(a.dtype),
         "runs": a.runs,
+        "consecutive": a.consecutive,
         "date": time.strftime("%Y-%m-%d"),
     }
     out = Path(__file__).parent / "out"
