@@ -214,9 +214,14 @@ def gathered_backward(
     o, k = weight_shape[0], weight_shape[-1]
     weight_dtype, rows = rows.dtype, rows.to(dtype)  # (h*C, O/h*k^2)
     x_rows, w_rows = G.kept_rows(index, c)  # (B*h*K,) each
+    native_in = native_backward and conv[0] == 1 and conv[1] <= k - 1  # see igrad_planes
+    if native_in and native.igrad_fused_balances(b):  # x and scale gradients in one call
+        grad_x, grad_scale = native.igrad_fused(grad_out, x, index, scale, rows, k, conv[1])
+        g_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv)
+        grad_w = _weight_grad(g_rows, rows, w_rows, heads, weight_shape)
+        return grad_x, grad_scale, grad_w.to(weight_dtype)
     xg = x.to(dtype).reshape(b * c, -1).index_select(0, x_rows)  # (B*h*K, HW), unscaled
     s = scale.to(dtype).reshape(-1, 1)  # (B*h*K, 1)
-    native_in = native_backward and conv[0] == 1 and conv[1] <= k - 1  # see igrad_planes
     if not (native_backward and native_in):  # torch: the input or the weight gradient
         wg = rows.index_select(0, w_rows).view(b, heads, kept, o // heads, k * k)
         wg = wg.transpose(2, 3).reshape(b * o, kept, k, k)  # (B*O, K, k, k)
@@ -237,9 +242,18 @@ def gathered_backward(
     else:  # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2)
         g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)
         g_rows = g_rows.reshape(b * heads * kept, -1)
-    grad_rows = torch.zeros_like(rows).index_add_(0, w_rows, g_rows)  # summed per head row
-    grad_w = grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(weight_shape)
+    grad_w = _weight_grad(g_rows, rows, w_rows, heads, weight_shape)
     return grad_x.view_as(x).to(x.dtype), grad_scale.to(scale.dtype), grad_w.to(weight_dtype)
+
+
+def _weight_grad(
+    g_rows: Tensor, rows: Tensor, w_rows: Tensor, heads: int, weight_shape: torch.Size
+) -> Tensor:
+    """The weight gradient (O, C, k, k) from per-(sample, head, kept channel) rows (B*h*K,
+    O/h*k^2) of ``rows``' layout, summed into the head rows ``w_rows`` names."""
+    o, c, k = weight_shape[0], weight_shape[1], weight_shape[-1]
+    grad_rows = torch.zeros_like(rows).index_add_(0, w_rows, g_rows)  # (h*C, O/h*k^2)
+    return grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(weight_shape)
 
 
 def gated_conv(

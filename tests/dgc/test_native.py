@@ -107,24 +107,59 @@ BACKWARD_SHAPES = SHAPES[:7] + [
 ]
 
 
-@needs_library
-@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", BACKWARD_SHAPES)
-def test_native_backward_equals_the_grouped_conv_backward(cin, cout, k, stride, heads, gate, h, w):
+@pytest.fixture
+def two_threads():
+    """torch.get_num_threads() == 2, as on this project's CI machine, restored afterwards:
+    which native backward runs depends on how a batch splits over the threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _backward_args(cin, cout, k, stride, heads, gate, h, w, batch):
     from dgc.layers import gathered as G
-    from dgc.layers.dynamic_group_conv import gathered_backward
 
     torch.manual_seed(0)
-    x, weight = torch.randn(3, cin, h, w), torch.randn(cout, cin, k, k)
+    x, weight = torch.randn(batch, cin, h, w), torch.randn(cout, cin, k, k)
     kept = round(gate * cin)
-    index = torch.stack([torch.randperm(cin)[:kept] for _ in range(3 * heads)])
-    index, scale = index.view(3, heads, kept), torch.rand(3, heads, kept)
+    index = torch.stack([torch.randperm(cin)[:kept] for _ in range(batch * heads)])
+    index, scale = index.view(batch, heads, kept), torch.rand(batch, heads, kept)
     scale[0, 0, 0] = 0.0  # a pruned tie: its plane is zeros
     ho, wo = ((n + 2 * (k // 2) - k) // stride + 1 for n in (h, w))
-    grad = torch.randn(3, cout, ho, wo)
-    args = (x, scale, G.weight_rows(weight, heads), index, grad, (stride, k // 2, 1), weight.shape)
+    grad = torch.randn(batch, cout, ho, wo)
+    rows = G.weight_rows(weight, heads)
+    return x, scale, rows, index, grad, (stride, k // 2, 1), weight.shape
+
+
+@needs_library
+@pytest.mark.parametrize("batch", [3, 4])  # 4 on two threads: the fused input gradient
+@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", BACKWARD_SHAPES)
+def test_native_backward_equals_the_grouped_conv_backward(
+    cin, cout, k, stride, heads, gate, h, w, batch, two_threads
+):
+    from dgc.layers.dynamic_group_conv import gathered_backward
+
+    args = _backward_args(cin, cout, k, stride, heads, gate, h, w, batch)
     torch_grads, native_grads = gathered_backward(*args, False), gathered_backward(*args, True)
     for name, a, b in zip(("x", "scale", "weight"), torch_grads, native_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@needs_library
+@pytest.mark.parametrize("batch", [1, 3, 4])  # any batch: balance only picks the call
+@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", [s for s in SHAPES if s[3] == 1])
+def test_fused_input_gradient_equals_the_plane_gradients_summed(
+    cin, cout, k, stride, heads, gate, h, w, batch
+):
+    x, scale, rows, index, grad, conv, _ = _backward_args(cin, cout, k, 1, heads, gate, h, w, batch)
+    grad_x, grad_scale = native.igrad_fused(grad, x, index, scale, rows, k, conv[1])
+    g = native.igrad_planes(grad, index, rows, cin, k, conv[1])  # (B*h*K, HW)
+    x_rows = (index + torch.arange(batch).view(-1, 1, 1) * cin).reshape(-1)
+    expected_x = torch.zeros(batch * cin, h * w).index_add_(0, x_rows, g * scale.reshape(-1, 1))
+    expected_scale = (g * x.reshape(batch * cin, -1)[x_rows]).sum(-1).view_as(scale)
+    torch.testing.assert_close(grad_x, expected_x.view_as(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_scale, expected_scale, rtol=1e-4, atol=1e-4)
 
 
 @needs_library

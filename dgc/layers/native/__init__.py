@@ -84,6 +84,10 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_igrad_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64]
     lib.dgc_igrad_planes.argtypes += [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
     lib.dgc_igrad_planes.restype = ctypes.c_int
+    lib.dgc_igrad_fused.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64]
+    lib.dgc_igrad_fused.argtypes += [_I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
+    lib.dgc_igrad_fused.argtypes += [ctypes.c_int]
+    lib.dgc_igrad_fused.restype = ctypes.c_int
     return lib
 
 
@@ -246,6 +250,55 @@ def igrad_planes(
     if status != 0:
         raise MemoryError("dgc igrad_planes: cannot allocate its scratch buffer")
     return g_xs  # (B*h*K, H*W)
+
+
+def igrad_fused_balances(batch: int) -> bool:
+    """Whether ``igrad_fused`` (a sample per thread) keeps every thread busy alike."""
+    threads = torch.get_num_threads()
+    return batch % threads == 0 or batch >= 4 * threads
+
+
+def igrad_fused(
+    grad_out: Tensor,
+    x: Tensor,
+    index: Tensor,
+    scale: Tensor,
+    rows: Tensor,
+    k: int,
+    padding: int,
+) -> tuple[Tensor, Tensor]:
+    """The input and saliency gradients of a stride-1 ``direct_conv`` in one call: what
+    ``igrad_planes`` followed by the torch ops of ``gathered_backward`` give (the kept planes'
+    gradients times their scale, summed into x's channels; their dot products with the kept
+    input planes), without the (B*h*K, H*W) intermediates.
+
+    Args:
+        grad_out: (B, O, H', W') gradient of the output, heads interleaved.
+        x: (B, C, H, W) the convolved (post-BN-ReLU) input, unscaled.
+        index, scale: (B, h, K) kept channels and their scale; rows: as ``direct_conv``.
+        k: the (odd) kernel size; padding: at most k - 1.
+
+    Returns:
+        grad_x (B, C, H, W) and grad_scale (B, h, K).
+    """
+    lib = library()
+    assert lib is not None, "igrad_fused called without the native library (check supported)"
+    b, o, ho, wo = grad_out.shape
+    c, h, w = x.shape[1:]
+    heads, kept = index.shape[1], index.shape[2]
+    grad_out, x, index, scale = (t.contiguous() for t in (grad_out, x, index, scale))
+    planes = torch.arange(o).view(o // heads, heads).t().expand(b, -1, -1).contiguous()
+    ones = torch.ones(planes.shape, dtype=grad_out.dtype)  # (B, h, O/h), as igrad_planes
+    grad_x = torch.empty(b, c, h, w, dtype=x.dtype)
+    grad_scale = torch.empty(b, heads, kept, dtype=x.dtype)
+    status = lib.dgc_igrad_fused(
+        grad_out.data_ptr(), b, o, ho, wo, planes.data_ptr(), ones.data_ptr(), index.data_ptr(),
+        scale.data_ptr(), heads, kept, rows.data_ptr(), c, k, padding, x.data_ptr(), h, w,
+        grad_x.data_ptr(), grad_scale.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("dgc igrad_fused: cannot allocate its scratch buffer")
+    return grad_x, grad_scale  # (B, C, H, W), (B, h, K)
 
 
 class FusedPlan:

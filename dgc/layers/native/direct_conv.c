@@ -427,6 +427,26 @@ int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
     return failed ? -1 : 0;
 }
 
+/* The dot product of v[0..n) and z[0..n), in four vector accumulators (a plain float loop is
+ * neither vectorised nor pipelined: the compiler may not reorder a float sum, so every add
+ * waits for the one before it). */
+static float dot(const float *v, const float *z, int64_t n) {
+    v8 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
+    int64_t q = 0;
+    for (; q + 32 <= n; q += 32) {
+        acc0 += *(const v8u *)(v + q) * *(const v8u *)(z + q);
+        acc1 += *(const v8u *)(v + q + 8) * *(const v8u *)(z + q + 8);
+        acc2 += *(const v8u *)(v + q + 16) * *(const v8u *)(z + q + 16);
+        acc3 += *(const v8u *)(v + q + 24) * *(const v8u *)(z + q + 24);
+    }
+    for (; q + 8 <= n; q += 8) acc0 += *(const v8u *)(v + q) * *(const v8u *)(z + q);
+    acc0 += acc1 + acc2 + acc3;
+    float sum = 0.0f;
+    for (int e = 0; e < 8; e++) sum += acc0[e];
+    for (; q < n; q++) sum += v[q] * z[q];
+    return sum;
+}
+
 /* Input gradient of a stride-1 layer, per (sample, head, kept channel): the transposed
  * convolution gx[b,i,c] = sum over the O/h outputs j and taps t of W[i*O/h + j, idx[c], t]
  * times the output gradient shifted back by t: a direct convolution of the zero-padded
@@ -472,11 +492,23 @@ static inline __attribute__((always_inline)) void tile_igrad(
 
 #define IGRAD_CASE(CBV, RV, NVV)                                                              \
     if (cb == CBV && R == RV) {                                                               \
-        for (int64_t oy = 0; oy < s.Ho; oy += RV)                                             \
-            for (int64_t x0 = 0; x0 < s.Wo; x0 += 8 * NVV)                                    \
-                tile_igrad(planes, wr, out, &s, oy, x0, CBV, RV, NVV);                         \
-        continue;                                                                             \
+        for (int64_t oy = 0; oy < s->Ho; oy += RV)                                            \
+            for (int64_t x0 = 0; x0 < s->Wo; x0 += 8 * NVV)                                   \
+                tile_igrad(planes, wr, out, s, oy, x0, CBV, RV, NVV);                          \
+        return;                                                                               \
     }
+
+/* The gradient planes of cb kept channels (weight rows wr[0..cb)) into out (cb x Ho x Wo),
+ * from one (sample, head)'s padded output-gradient planes. */
+static void igrad_block(const float *planes, const float *const *wr, float *out, const Shape *s,
+                        int64_t cb, int64_t R) {
+    IGRAD_CASE(4, NARROW_ROWS, 1)
+    IGRAD_CASE(4, WIDE_ROWS, 2)
+    IGRAD_CASE(2, NARROW_ROWS, 1)
+    IGRAD_CASE(2, WIDE_ROWS, 2)
+    IGRAD_CASE(1, NARROW_ROWS, 1)
+    IGRAD_CASE(1, WIDE_ROWS, 2)
+}
 
 /* gy: (B, O, Ho, Wo) heads interleaved; index: (B, heads, K) kept channels; rows: the weight
  * in row layout (heads*C, O/h*k*k); gx: (B*heads*K, H, W), the gradient of each kept channel's
@@ -493,7 +525,7 @@ int dgc_igrad_planes(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t 
     float *work = scratch(sizeof(float) * B * heads * oh * s.plane);
     if (!work) return -1;
     pad_gather(gy, gindex, ones, NULL, NULL, work, &s, threads);
-    const int64_t R = tile_rows(W), cb = K % 4 == 0 ? 4 : (K % 2 == 0 ? 2 : 1), blocks = K / cb;
+    const int64_t R = tile_rows(W), cb = block_size(K), blocks = K / cb;
     const int64_t n = B * heads * blocks;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < n; t++) {
@@ -501,15 +533,58 @@ int dgc_igrad_planes(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t 
         const float *planes = work + bi * oh * s.plane;
         const float *wr[4];
         for (int64_t cc = 0; cc < cb; cc++) wr[cc] = rows + (i * C + index[bi * K + c0 + cc]) * oh * kk;
-        float *out = gx + (bi * K + c0) * H * W;
-        IGRAD_CASE(4, NARROW_ROWS, 1)
-        IGRAD_CASE(4, WIDE_ROWS, 2)
-        IGRAD_CASE(2, NARROW_ROWS, 1)
-        IGRAD_CASE(2, WIDE_ROWS, 2)
-        IGRAD_CASE(1, NARROW_ROWS, 1)
-        IGRAD_CASE(1, WIDE_ROWS, 2)
+        igrad_block(planes, wr, gx + (bi * K + c0) * H * W, &s, cb, R);
     }
     return 0;
+}
+
+/* The input and saliency gradients of a stride-1 layer in one pass, a sample per task: each
+ * kept channel's gradient plane g (as dgc_igrad_planes) goes straight into
+ *   grad_x[b, idx[b,i,c]] += scale[b,i,c] * g   and   grad_scale[b,i,c] = <g, x[b, idx[b,i,c]]>,
+ * x the layer's unscaled (post-BN-ReLU) input; grad_x is overwritten. Why: done with torch ops,
+ * these are a gather of the kept input planes, two products, a zero fill, an index_add and a
+ * sum, each a pass over a (B*heads*K, H*W) tensor. One thread owns a sample, so the
+ * accumulation into grad_x needs no atomics. Returns 0, or -1 without scratch memory. */
+int dgc_igrad_fused(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t Wo,
+                    const int64_t *gindex, const float *ones, const int64_t *index,
+                    const float *scale, int64_t heads, int64_t K, const float *rows, int64_t C,
+                    int64_t k, int64_t pad, const float *x, int64_t H, int64_t W,
+                    float *grad_x, float *grad_scale, int threads) {
+    const int64_t oh = O / heads, kk = k * k, hw = H * W;
+    const Shape s = make_shape(B, O, Ho, Wo, heads, oh, K, k, 1, k - 1 - pad, H, W);
+    const int64_t R = tile_rows(W), cb = block_size(K);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *planes = scratch_slot(1, sizeof(float) * (heads * oh * s.plane + 4 * hw));
+        failed = planes == NULL;
+        float *g = planes ? planes + heads * oh * s.plane : NULL; /* cb gradient planes */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            if (!planes) continue;
+            float *gxb = grad_x + b * C * hw;
+            memset(gxb, 0, sizeof(float) * C * hw);
+            for (int64_t t = 0; t < heads * oh; t++)
+                gather_plane(gy, gindex, ones, NULL, NULL, planes + t * s.plane, &s,
+                             b * heads * oh + t);
+            for (int64_t i = 0; i < heads; i++) {
+                const int64_t *idx = index + (b * heads + i) * K;
+                for (int64_t c0 = 0; c0 < K; c0 += cb) {
+                    const float *wr[4];
+                    for (int64_t cc = 0; cc < cb; cc++) wr[cc] = rows + (i * C + idx[c0 + cc]) * oh * kk;
+                    igrad_block(planes + i * oh * s.plane, wr, g, &s, cb, R);
+                    for (int64_t cc = 0; cc < cb; cc++) {
+                        const int64_t at = (b * heads + i) * K + c0 + cc, ch = idx[c0 + cc];
+                        const float *gc = g + cc * hw, a = scale[at];
+                        grad_scale[at] = dot(gc, x + (b * C + ch) * hw, hw);
+                        float *dst = gxb + ch * hw;
+                        for (int64_t q = 0; q < hw; q++) dst[q] += a * gc[q];
+                    }
+                }
+            }
+        }
+    }
+    return failed ? -1 : 0;
 }
 
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -536,26 +611,6 @@ static float plane_mean(const float *v, int64_t n, float a, float d, int relu) {
         sum += !relu || u > 0.0f ? u : 0.0f;
     }
     return sum / (float)n;
-}
-
-/* The dot product of v[0..n) and z[0..n), in four vector accumulators (a plain float loop is
- * neither vectorised nor pipelined: the compiler may not reorder a float sum, so every add
- * waits for the one before it). */
-static float dot(const float *v, const float *z, int64_t n) {
-    v8 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
-    int64_t q = 0;
-    for (; q + 32 <= n; q += 32) {
-        acc0 += *(const v8u *)(v + q) * *(const v8u *)(z + q);
-        acc1 += *(const v8u *)(v + q + 8) * *(const v8u *)(z + q + 8);
-        acc2 += *(const v8u *)(v + q + 16) * *(const v8u *)(z + q + 16);
-        acc3 += *(const v8u *)(v + q + 24) * *(const v8u *)(z + q + 24);
-    }
-    for (; q + 8 <= n; q += 8) acc0 += *(const v8u *)(v + q) * *(const v8u *)(z + q);
-    acc0 += acc1 + acc2 + acc3;
-    float sum = 0.0f;
-    for (int e = 0; e < 8; e++) sum += acc0[e];
-    for (; q < n; q++) sum += v[q] * z[q];
-    return sum;
 }
 
 /* Saliencies of one sample and head i: sal[c] = ReLU(b2[i, c] + (fc2_i ReLU(fc1_i z))[c]),
