@@ -256,6 +256,39 @@ def _weight_grad(
     return grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(weight_shape)
 
 
+class _BatchNormReLU(torch.autograd.Function):
+    """Training BatchNorm2d (batch statistics) + ReLU, and the per-plane sums of the output,
+    in one native pass (``native.bn_relu_train``); backward in two (the BN's and ReLU's
+    gradients, and the sums'). Outputs (y, sums, mean, biased var); the last two, for the
+    running statistics, are not differentiable. CPU float32 only (the caller checks)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+        y, sums, mean, var = native.bn_relu_train(x, weight, bias, eps)
+        ctx.save_for_backward(x, mean, torch.rsqrt(var + eps), weight, bias)
+        ctx.mark_non_differentiable(mean, var)
+        return y, sums, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_sums, _grad_mean, _grad_var):  # type: ignore[override]
+        x, mean, invstd, weight, bias = ctx.saved_tensors
+        args = (grad_y, grad_sums, x, mean, invstd, weight, bias)
+        grad_x, grad_w, grad_b = native.bn_relu_train_backward(*args)
+        grad_w = grad_w if ctx.needs_input_grad[1] else None
+        grad_b = grad_b if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
+    """What ``nn.BatchNorm2d`` does to its buffers in a training forward: the momentum (or,
+    for momentum None, cumulative) average of the batch mean and unbiased variance."""
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.mul_(1.0 - f).add_(mean, alpha=f)
+        bn.running_var.mul_(1.0 - f).add_(var, alpha=f * n / max(n - 1, 1))
+
+
 def gated_conv(
     x: Tensor, sal: Tensor, weight: Tensor, stride: int, padding: int, dilation: int
 ) -> Tensor:
@@ -430,8 +463,13 @@ class DynamicGroupConv2d(nn.Module):
                 return y
         if not self.training and self.ship_op and tracing() and self._fusable(x):
             return self._forward_shipped(x)  # (B, O, H', W'), one recorded operator
-        raw, x = x, self._norm_relu(x)  # (B, C, H, W) each
-        sal = self._saliency(x)  # (B, h, C), float32 under autocast too
+        raw, fused = x, self._train_norm_relu(x) if self.training else None
+        if fused is None:
+            x = self._norm_relu(x)  # (B, C, H, W)
+            sal = self._saliency(x)  # (B, h, C), float32 under autocast too
+        else:  # the native training BN-ReLU, which pools for the gate too
+            x, sums = fused  # (B, C, H, W), (B, C)
+            sal = self.gate(sums, 1.0 / (x.shape[2] * x.shape[3]))  # (B, h, C)
         # Kept only when training (the loss needs it); inference and export stay stateless.
         self.last_saliency_loss = sal.mean(dim=(0, 2)).sum() if self.training else None
         # An eval model that a trace or torch.export records (MLflow logs with grad enabled)
@@ -590,6 +628,23 @@ class DynamicGroupConv2d(nn.Module):
             return self.gate(x.sum(dim=(2, 3)), scale)  # (B, h, C)
         with torch.autocast(device, enabled=False):
             return self.gate(x.float().sum(dim=(2, 3)), scale)  # (B, h, C), float32
+
+    def _train_norm_relu(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The training BN-ReLU and the per-plane sums of its output (the gate's pooling) in
+        one native call (``_BatchNormReLU``), with the BN's running statistics updated as
+        ``nn.BatchNorm2d`` does; None where it does not apply: not a plain training
+        BatchNorm2d + ReLU without hooks, not CPU float32, traced, under autocast, or one
+        value per channel (torch's BN then raises its own error)."""
+        m = self._modules
+        bn, act = m["norm"], m["act"]
+        if type(bn) is not nn.BatchNorm2d or type(act) is not nn.ReLU or not bn.training:
+            return None
+        if self._hooked() or not self._native_training(x) or x.numel() <= x.shape[1]:
+            return None
+        y, sums, mean, var = _BatchNormReLU.apply(x, bn.weight, bn.bias, bn.eps)
+        if bn.track_running_stats and bn.running_mean is not None:
+            _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+        return y, sums  # (B, C, H, W), (B, C)
 
     def _norm_relu(self, x: Tensor) -> Tensor:
         """The layer's own BN-ReLU. In eval a BatchNorm without hooks is applied functionally:

@@ -365,3 +365,31 @@ def test_short_lived_threads_run_the_native_forward_and_release_their_scratch():
     assert len(outs) == 4
     for out in outs:
         torch.testing.assert_close(out, expected)
+
+
+@needs_library
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("cin,k,h,w", [(16, 3, 6, 6), (24, 1, 5, 7)])
+def test_training_bn_relu_runs_native_and_equals_batchnorm2d_and_relu(
+    cin, k, h, w, momentum, monkeypatch
+):
+    layers = [_layer(cin, 16, k, 1, 4, 0.25).train() for _ in range(2)]
+    for layer in layers:
+        layer.norm.momentum = momentum
+    layers[1].norm.register_forward_hook(lambda *_: None)  # hooks keep torch's BN and ReLU
+    calls, native_fn = [], native.bn_relu_train
+    monkeypatch.setattr(native, "bn_relu_train", lambda *a: calls.append(1) or native_fn(*a))
+    for _ in range(2):  # the running statistics after two updates
+        x = torch.randn(3, cin, h, w) * 2 + 0.5
+        xs = [x.clone().requires_grad_() for _ in layers]
+        ys = [layer(xi) for layer, xi in zip(layers, xs)]
+        g = torch.randn_like(ys[0])
+        for layer, y in zip(layers, ys):  # gradients through the output and the gate
+            (y * g).sum().add(layer.last_saliency_loss).backward()
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2  # the first layer ran the native BN-ReLU, the hooked one did not
+    for (name, p1), p2 in zip(layers[0].named_parameters(), layers[1].parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for (name, b1), b2 in zip(layers[0].norm.named_buffers(), layers[1].norm.buffers()):
+        torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6, msg=name)

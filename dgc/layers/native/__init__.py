@@ -88,6 +88,12 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_igrad_fused.argtypes += [_I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
     lib.dgc_igrad_fused.argtypes += [ctypes.c_int]
     lib.dgc_igrad_fused.restype = ctypes.c_int
+    lib.dgc_bn_relu_train.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float]
+    lib.dgc_bn_relu_train.argtypes += [_PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.dgc_bn_relu_train.restype = ctypes.c_int
+    lib.dgc_bn_relu_train_backward.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR]
+    lib.dgc_bn_relu_train_backward.argtypes += [_PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.dgc_bn_relu_train_backward.restype = ctypes.c_int
     return lib
 
 
@@ -115,7 +121,7 @@ def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
+        cmd = [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"]  # libs after the source
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:1000]}")
@@ -299,6 +305,57 @@ def igrad_fused(
     if status != 0:
         raise MemoryError("dgc igrad_fused: cannot allocate its scratch buffer")
     return grad_x, grad_scale  # (B, C, H, W), (B, h, K)
+
+
+def bn_relu_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training BatchNorm (batch statistics) + ReLU of x (B, C, H, W) and the per-plane sums
+    of the result, in one call. Returns y (B, C, H, W), zsum (B, C), and the batch mean and
+    biased variance (C,). weight, bias: the BN's affine parameters (None: 1 and 0)."""
+    lib = library()
+    assert lib is not None, "bn_relu_train called without the native library (check supported)"
+    x = x.contiguous()
+    b, c, h, w = x.shape
+    y, zsum = torch.empty_like(x), torch.empty(b, c, dtype=x.dtype)
+    mean, var = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
+    wt, bs = (None if t is None else t.detach().contiguous() for t in (weight, bias))
+    status = lib.dgc_bn_relu_train(
+        x.data_ptr(), b, c, h * w, _ptr(wt), _ptr(bs), eps, y.data_ptr(), zsum.data_ptr(),
+        mean.data_ptr(), var.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("dgc bn_relu_train: cannot allocate its scratch buffer")
+    return y, zsum, mean, var
+
+
+def bn_relu_train_backward(
+    grad_y: Tensor,
+    grad_zsum: Tensor | None,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``bn_relu_train``'s (y, zsum) w.r.t. x, weight and bias, in two passes
+    over x and grad_y. Returns grad_x (B, C, H, W), grad_weight (C,), grad_bias (C,)."""
+    lib = library()
+    assert lib is not None, "bn_relu_train_backward without the native library"
+    b, c, h, w = x.shape
+    grad_y, x = grad_y.contiguous(), x.contiguous()
+    gz = None if grad_zsum is None else grad_zsum.contiguous()
+    wt, bs = (None if t is None else t.detach().contiguous() for t in (weight, bias))
+    grad_x = torch.empty_like(x)
+    gw, gb = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
+    status = lib.dgc_bn_relu_train_backward(
+        grad_y.data_ptr(), _ptr(gz), x.data_ptr(), b, c, h * w, mean.data_ptr(),
+        invstd.data_ptr(), _ptr(wt), _ptr(bs), grad_x.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("dgc bn_relu_train_backward: cannot allocate its scratch buffer")
+    return grad_x, gw, gb
 
 
 class FusedPlan:
