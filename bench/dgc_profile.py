@@ -7,8 +7,8 @@
     python bench/dgc_profile.py stem resnet18 --size 224 --batches 1 8 --runs 20
     python bench/dgc_profile.py shipped dyresnet20 --batches 1 64 --runs 100
 
-profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, gate
-         0.25 for gc/dy models: the top ops by self CPU time, in ms per forward. --train:
+profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, --gate
+         (0.25) for gc/dy models: the top ops by self CPU time, in ms per forward. --train:
          training steps instead (bench/dgc_speed.py's step: forward, loss, backward, SGD).
 trainkernel  training steps of a DGC network whose layers all run the `fold` forward and
          backward (torch's batch-folded grouped conv) against the same network with the
@@ -54,12 +54,12 @@ from dgc.layers.kernel_choice import KernelChoice  # noqa: E402
 FORWARDS = 5
 
 
-def gate_of(name: str) -> float | None:
-    return 0.25 if name.startswith(("dy", "gc")) else None
+def gate_of(name: str, gate: float) -> float | None:
+    return gate if name.startswith(("dy", "gc")) else None
 
 
 def profile(a: argparse.Namespace) -> None:
-    model = build(a.model, gate_of(a.model), "cpu", torch.float32, a.size)
+    model = build(a.model, gate_of(a.model, a.gate), "cpu", torch.float32, a.size)
     x = torch.randn(a.batch, 3, a.size, a.size)
     if a.train:
         run, unit = train_step(model.train(), x), "step"
@@ -94,7 +94,9 @@ def trainkernel(a: argparse.Namespace) -> None:
     models, fns = {}, {}
     for name, prefer in (("fold", "fold"), ("measured", None)):
         torch.manual_seed(0)
-        models[name] = build(a.model, gate_of(a.model), "cpu", torch.float32, a.size).train()
+        models[name] = build(
+            a.model, gate_of(a.model, a.gate), "cpu", torch.float32, a.size
+        ).train()
         for layer in dgc.dgc_layers(models[name]):
             layer.kernels = KernelChoice(prefer=prefer)
         fns[name] = train_step(models[name], x)
@@ -162,7 +164,7 @@ def shipped(a: argparse.Namespace) -> None:
     except ImportError:  # an older checkout on PYTHONPATH (before/after): no flat row
         FlatState = None  # noqa: N806
 
-    model = build(a.model, gate_of(a.model), "cpu", torch.float32, a.size).eval()
+    model = build(a.model, gate_of(a.model, a.gate), "cpu", torch.float32, a.size).eval()
     example = torch.randn(2, 3, a.size, a.size)
     batch = ({0: torch.export.Dim("batch", min=1)},)
     fns = {"eager": model}
@@ -223,6 +225,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train", action="store_true", help="profile: training steps")
+    p.add_argument("--gate", type=float, default=0.25, help="gate factor of gc/dy models")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
