@@ -6,6 +6,8 @@
     python bench/dgc_profile.py compile resnet20 --batches 1 64
     python bench/dgc_profile.py stem resnet18 --size 224 --batches 1 8 --runs 20
     python bench/dgc_profile.py shipped dyresnet20 --batches 1 64 --runs 100
+    python bench/dgc_profile.py bntrain dyresnet20 --batch 64 --runs 20
+    python bench/dgc_profile.py coldhot dyresnet18 --batch 1 --size 224 --runs 20
 
 profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, --gate
          (0.25) for gc/dy models: the top ops by self CPU time, in ms per forward. --train:
@@ -22,6 +24,11 @@ shipped  what the MLflow model pays: the eval network, eager, against its torch.
          is and through dgc.layers.shipped.FlatState (what search logs), round-robin under
          inference_mode; and every DGC layer called eagerly against dgc's operator with the
          same tensors (the operator's dispatch and cached-layer lookup), summed over layers.
+bntrain  the training BN-ReLU of every DGC layer's input shape: torch's BatchNorm2d + ReLU
+         against the layer's native pass, forward and forward + backward, with torch's eval
+         BN and a plane sum for scale, round-robin; microseconds per call.
+coldhot  every DGC layer's eval call timed inside the network's forward and again at once
+         after it (its weights then in the caches), summed per forward.
 compile  eager and torch.compile(dynamic=False) eval forwards of the dense network and its DGC
          variant, round-robin (bench/dgc_speed.py's timing), and the ratio compiled dense /
          compiled DGC.
@@ -115,6 +122,89 @@ def trainkernel(a: argparse.Namespace) -> None:
         f"{native['backward']} of {len(layers)} layers); "
         f"fold / measured = {ms['fold'] / ms['measured']:.3f}"
     )
+
+
+def bntrain(a: argparse.Namespace) -> None:
+    """Training BN-ReLU of each DGC layer's input shape at --batch: torch's BatchNorm2d + ReLU
+    (forward, and forward + backward), the DGC layer's native pass, and for scale torch's eval
+    BN and a plane sum, round-robin (--runs)."""
+    from dgc.layers.dynamic_group_conv import _BatchNormReLU
+
+    model = build(a.model, gate_of(a.model, a.gate), "cpu", torch.float32, a.size).train()
+    shapes: dict[tuple, int] = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, i: shapes.__setitem__(tuple(i[0].shape), shapes.get(tuple(i[0].shape), 0) + 1)
+        )
+        for layer in dgc.dgc_layers(model)
+    ]
+    with torch.no_grad():
+        model(torch.randn(a.batch, 3, a.size, a.size))
+    for h in hooks:
+        h.remove()
+    print(
+        "| input shape | layers | torch fwd us | native fwd us | torch fwd+bwd us "
+        "| native fwd+bwd us | eval BN us | sum us |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for shape, count in shapes.items():
+        bn = torch.nn.BatchNorm2d(shape[1])
+        x = torch.randn(shape).requires_grad_()
+        g = torch.randn(shape)
+        w, b = bn.weight, bn.bias
+
+        def torch_fb() -> None:
+            torch.relu(bn(x)).backward(g)
+
+        def native_fb() -> None:
+            y, sums, _, _ = _BatchNormReLU.apply(x, w, b, bn.eps)
+            torch.autograd.backward([y, sums], [g, torch.zeros_like(sums)])
+
+        fns = {
+            "torch": lambda: torch.relu(bn(x.detach())),
+            "native": lambda: _BatchNormReLU.apply(x.detach(), w.detach(), b.detach(), bn.eps),
+            "torch_fb": torch_fb,
+            "native_fb": native_fb,
+            "eval": lambda: torch.nn.functional.batch_norm(
+                x.detach(), bn.running_mean, bn.running_var, w.detach(), b.detach()
+            ),
+            "sum": lambda: x.detach().sum((2, 3)),
+        }
+        ms = round_robin(fns, a.runs, "cpu")
+        cells = " | ".join(f"{1e3 * ms[k]:.0f}" for k in fns)
+        print(f"| {shape} | {count} | {cells} |")
+
+
+def coldhot(a: argparse.Namespace) -> None:
+    """Each DGC layer's eval call inside a forward (its weights wherever the rest of the
+    network left them) against the same call repeated at once (weights in the caches),
+    summed over the layers, per forward; --runs forwards after 3 warm-ups."""
+    model = build(a.model, gate_of(a.model, a.gate), "cpu", torch.float32, a.size).eval()
+    acc = {"in the forward": 0.0, "repeated at once": 0.0}
+
+    def timed_twice(forward: Callable) -> Callable:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            t0 = time.perf_counter()
+            y = forward(x)
+            t1 = time.perf_counter()
+            forward(x)
+            acc["in the forward"] += t1 - t0
+            acc["repeated at once"] += time.perf_counter() - t1
+            return y
+
+        return run
+
+    for layer in dgc.dgc_layers(model):
+        layer.forward = timed_twice(layer.forward)
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        acc.update({k: 0.0 for k in acc})
+        for _ in range(a.runs):
+            model(x)
+    cells = ", ".join(f"{k} {1e3 * v / a.runs:.2f} ms" for k, v in acc.items())
+    print(f"{a.model} b{a.batch}: DGC layers per forward: {cells}")
 
 
 def compile_(a: argparse.Namespace) -> None:
@@ -216,7 +306,10 @@ def layer_calls(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=["profile", "compile", "stem", "trainkernel", "shipped"])
+    p.add_argument(
+        "mode",
+        choices=["profile", "compile", "stem", "trainkernel", "shipped", "bntrain", "coldhot"],
+    )
     p.add_argument("model", help="profile: any dgc name; compile: the dense family name")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -235,6 +328,8 @@ def main() -> None:
         "stem": stem,
         "trainkernel": trainkernel,
         "shipped": shipped,
+        "bntrain": bntrain,
+        "coldhot": coldhot,
     }
     modes[a.mode](a)
 
