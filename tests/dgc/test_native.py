@@ -393,3 +393,19 @@ def test_training_bn_relu_runs_native_and_equals_batchnorm2d_and_relu(
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
     for (name, b1), b2 in zip(layers[0].norm.named_buffers(), layers[1].norm.buffers()):
         torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@needs_library
+def test_a_nan_input_gives_nan_outputs_on_the_native_paths_as_on_torchs():
+    layer = _layer(16, 16, 3, 1, 4, 0.25)
+    layer.kernels = KernelChoice(prefer="direct")
+    x = torch.randn(2, 16, 6, 6)
+    x[0, 3, 2, 2] = float("nan")
+    with torch.no_grad():
+        assert layer(x)[0].isnan().any() and layer.kernels.last == "direct"  # fused eval
+    layer.train()
+    y = layer(x)  # the native training BN-ReLU: the NaN spreads through the batch statistics
+    assert y.isnan().all() and layer.norm.running_mean.isnan().any()
+    y, sums, mean, _ = native.bn_relu_train(x, None, None, 1e-5)  # channel 3's statistics
+    assert y[:, 3].isnan().all() and sums[:, 3].isnan().all() and mean[3].isnan()
+    assert not y[:, 4:].isnan().any()

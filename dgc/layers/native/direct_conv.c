@@ -19,7 +19,8 @@
  * `stride` column phases so that a strided convolution reads contiguous columns. Where the
  * (sample, head) pairs share the threads evenly, each thread gathers one pair's planes into
  * its own scratch and convolves them at once (convolve_local), while they are in its cache.
- * Dilation 1 only. float32, contiguous tensors.
+ * Dilation 1 only. float32, contiguous tensors. Every ReLU here keeps a NaN, as torch's does
+ * (a NaN input must give a NaN output and loss, not zeros).
  */
 #include <math.h>
 #include <pthread.h>
@@ -67,7 +68,7 @@ static void gather_plane(const float *x, const int64_t *index, const float *scal
         if (bn_a) {
             for (int64_t q = 0; q < hw; q++) {
                 const float v = src[q] * na + nc;
-                dst[q] = v > 0.0f ? v : 0.0f;
+                dst[q] = v < 0.0f ? 0.0f : v;
             }
         } else {
             for (int64_t q = 0; q < hw; q++) dst[q] = src[q] * na;
@@ -89,14 +90,14 @@ static void gather_plane(const float *x, const int64_t *index, const float *scal
             if (s->stride == 1 && bn_a) {
                 for (int64_t col = 0; col < s->W; col++) {
                     const float v = row[col] * na + nc;
-                    drow[col] = v > 0.0f ? v : 0.0f;
+                    drow[col] = v < 0.0f ? 0.0f : v;
                 }
             } else if (s->stride == 1) {
                 for (int64_t col = 0; col < s->W; col++) drow[col] = row[col] * na;
             } else {
                 for (int64_t col = c0, pos = 0; col < s->W; col += s->stride, pos++) {
                     const float v = row[col] * na + nc;
-                    drow[pos] = bn_a ? (v > 0.0f ? v : 0.0f) : v;
+                    drow[pos] = bn_a ? (v < 0.0f ? 0.0f : v) : v;
                 }
             }
         }
@@ -601,7 +602,7 @@ static float plane_mean(const float *v, int64_t n, float a, float d, int relu) {
         v8 u = *(const v8u *)(v + q);
         if (relu) {
             u = u * a8 + d8;
-            u = (v8)((v8i)u & (u > zero)); /* ReLU: keep the bits where u > 0 */
+            u = (v8)((v8i)u & ~(u < zero)); /* ReLU: zero where u < 0 (NaN stays) */
         }
         acc += u;
     }
@@ -609,7 +610,7 @@ static float plane_mean(const float *v, int64_t n, float a, float d, int relu) {
     for (int e = 0; e < 8; e++) sum += acc[e];
     for (; q < n; q++) {
         const float u = relu ? v[q] * a + d : v[q];
-        sum += !relu || u > 0.0f ? u : 0.0f;
+        sum += relu && u < 0.0f ? 0.0f : u;
     }
     return sum / (float)n;
 }
@@ -622,7 +623,7 @@ static void saliency(const float *z, const float *fc1, const float *fc2t, const 
                      int64_t C, int64_t i, int64_t r, float *hid, float *sal) {
     for (int64_t j = 0; j < r; j++) {
         const float acc = dot(fc1 + (i * r + j) * C, z, C);
-        hid[j] = acc > 0.0f ? acc : 0.0f;
+        hid[j] = acc < 0.0f ? 0.0f : acc;
     }
     /* the hidden units ReLU left non-zero (the others add nothing), four a pass over sal */
     int64_t live[r > 0 ? r : 1], m = 0;
@@ -642,7 +643,7 @@ static void saliency(const float *z, const float *fc1, const float *fc2t, const 
         const float h = hid[live[j]], *w = w0 + live[j] * C;
         for (int64_t c = 0; c < C; c++) sal[c] += h * w[c];
     }
-    for (int64_t c = 0; c < C; c++) sal[c] = sal[c] > 0.0f ? sal[c] : 0.0f;
+    for (int64_t c = 0; c < C; c++) sal[c] = sal[c] < 0.0f ? 0.0f : sal[c];
 }
 
 /* The n-th smallest (1-based) of v[0..m): quickselect on a scratch copy. */
@@ -672,6 +673,15 @@ static float nth_smallest(const float *v, int64_t m, int64_t n, float *tmp) {
  * threshold go, as in methods.md 1.1). Slots left by ties get a channel with scale 0. */
 static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int mask,
                         float *tmp, int64_t *index, float *scale) {
+    int nan = 0;
+    for (int64_t c = 0; c < C; c++) nan |= sal[c] != sal[c];
+    if (nan) { /* a NaN input: torch's top-k keeps NaNs first, and its output is NaN too */
+        for (int64_t m = 0; m < K; m++) {
+            index[m] = m;
+            scale[m] = __builtin_nanf("");
+        }
+        return;
+    }
     const float thr = nth_smallest(sal, C, n, tmp);
     int64_t m = 0;
     for (int64_t c = 0; c < C && m < K; c++)
@@ -807,7 +817,7 @@ int dgc_bn_relu_train(const float *x, int64_t B, int64_t C, int64_t HW, const fl
         float *dst = y + t * HW;
         for (int64_t q = 0; q < HW; q++) {
             const float v = src[q] * a + d;
-            dst[q] = v > 0.0f ? v : 0.0f;
+            dst[q] = v < 0.0f ? 0.0f : v;
         }
         zsum[t] = (float)plane_sum(dst, HW);
     }
