@@ -243,10 +243,7 @@ def igrad_planes(
     heads, kept = index.shape[1], index.shape[2]
     h, w = ho + k - 1 - 2 * padding, wo + k - 1 - 2 * padding  # stride 1
     grad_out, index = grad_out.contiguous(), index.contiguous()
-    # the gradient plane of (b, head i, output j) is channel j*heads + i
-    planes = torch.arange(o, device=index.device).view(o // heads, heads).t().expand(b, -1, -1)
-    planes = planes.contiguous()  # (B, h, O/h)
-    ones = torch.ones(planes.shape, dtype=grad_out.dtype)
+    planes, ones = _gradient_planes(b, o, heads, grad_out.dtype)
     g_xs = torch.empty(b * heads * kept, h * w, dtype=grad_out.dtype)
     status = lib.dgc_igrad_planes(
         grad_out.data_ptr(), b, o, ho, wo, planes.data_ptr(), ones.data_ptr(), index.data_ptr(),
@@ -256,6 +253,13 @@ def igrad_planes(
     if status != 0:
         raise MemoryError("dgc igrad_planes: cannot allocate its scratch buffer")
     return g_xs  # (B*h*K, H*W)
+
+
+def _gradient_planes(b: int, o: int, heads: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The input-gradient kernels' gather of the output gradient: the plane of (sample b, head
+    i, output j) is channel j*heads + i, taken whole (scale 1). Both (B, h, O/h)."""
+    planes = torch.arange(o).view(o // heads, heads).t().expand(b, -1, -1).contiguous()
+    return planes, torch.ones(planes.shape, dtype=dtype)
 
 
 def igrad_fused_balances(batch: int) -> bool:
@@ -293,8 +297,7 @@ def igrad_fused(
     c, h, w = x.shape[1:]
     heads, kept = index.shape[1], index.shape[2]
     grad_out, x, index, scale = (t.contiguous() for t in (grad_out, x, index, scale))
-    planes = torch.arange(o).view(o // heads, heads).t().expand(b, -1, -1).contiguous()
-    ones = torch.ones(planes.shape, dtype=grad_out.dtype)  # (B, h, O/h), as igrad_planes
+    planes, ones = _gradient_planes(b, o, heads, grad_out.dtype)
     grad_x = torch.empty(b, c, h, w, dtype=x.dtype)
     grad_scale = torch.empty(b, heads, kept, dtype=x.dtype)
     status = lib.dgc_igrad_fused(
