@@ -28,7 +28,8 @@ bntrain  the training BN-ReLU of every DGC layer's input shape: torch's BatchNor
          against the layer's native pass, forward and forward + backward, with torch's eval
          BN and a plane sum for scale, round-robin; microseconds per call.
 coldhot  every DGC layer's eval call timed inside the network's forward and again at once
-         after it (its weights then in the caches), summed per forward.
+         after it (its weights then in the caches), summed per forward, and the rest of the
+         forward (what is not a DGC layer).
 compile  eager and torch.compile(dynamic=False) eval forwards of the dense network and its DGC
          variant, round-robin (bench/dgc_speed.py's timing), and the ratio compiled dense /
          compiled DGC.
@@ -201,10 +202,15 @@ def coldhot(a: argparse.Namespace) -> None:
         for _ in range(3):
             model(x)
         acc.update({k: 0.0 for k in acc})
+        t0 = time.perf_counter()
         for _ in range(a.runs):
             model(x)
+        rest = time.perf_counter() - t0 - sum(acc.values())
     cells = ", ".join(f"{k} {1e3 * v / a.runs:.2f} ms" for k, v in acc.items())
-    print(f"{a.model} b{a.batch}: DGC layers per forward: {cells}")
+    print(
+        f"{a.model} b{a.batch}: DGC layers per forward: {cells}; the rest of the forward "
+        f"(not DGC layers) {1e3 * rest / a.runs:.2f} ms"
+    )
 
 
 def compile_(a: argparse.Namespace) -> None:
