@@ -178,6 +178,16 @@ static inline __attribute__((always_inline)) void tile(
         return;                                                                               \
     }
 
+/* The tile shapes that are compiled, (output channels or kept channels a block, rows, vectors
+ * a row): one list for the forward's and the input gradient's dispatch. */
+#define FOR_EACH_TILE(CASE)                                                                   \
+    CASE(4, NARROW_ROWS, 1)                                                                   \
+    CASE(4, WIDE_ROWS, 2)                                                                     \
+    CASE(2, NARROW_ROWS, 1)                                                                   \
+    CASE(2, WIDE_ROWS, 2)                                                                     \
+    CASE(1, NARROW_ROWS, 1)                                                                   \
+    CASE(1, WIDE_ROWS, 2)
+
 /* Output rows per tile: one vector a row on maps at most 8 wide, else two. */
 static int64_t tile_rows(int64_t Wo) { return Wo <= 8 ? NARROW_ROWS : WIDE_ROWS; }
 
@@ -227,12 +237,7 @@ static void *scratch(size_t bytes) { return scratch_slot(0, bytes); }
 static inline __attribute__((always_inline)) void conv_block(
     const float *planes, const float *wrows, const int64_t *idx, float *y, const Shape *s,
     int64_t b, int64_t i, int64_t j0, int64_t jb, int64_t R) {
-    TILE_CASE(4, NARROW_ROWS, 1)
-    TILE_CASE(4, WIDE_ROWS, 2)
-    TILE_CASE(2, NARROW_ROWS, 1)
-    TILE_CASE(2, WIDE_ROWS, 2)
-    TILE_CASE(1, NARROW_ROWS, 1)
-    TILE_CASE(1, WIDE_ROWS, 2)
+    FOR_EACH_TILE(TILE_CASE)
 }
 
 /* Output channels per block: 4, 2 or 1, whichever divides O/h. */
@@ -504,12 +509,7 @@ static inline __attribute__((always_inline)) void tile_igrad(
  * from one (sample, head)'s padded output-gradient planes. */
 static void igrad_block(const float *planes, const float *const *wr, float *out, const Shape *s,
                         int64_t cb, int64_t R) {
-    IGRAD_CASE(4, NARROW_ROWS, 1)
-    IGRAD_CASE(4, WIDE_ROWS, 2)
-    IGRAD_CASE(2, NARROW_ROWS, 1)
-    IGRAD_CASE(2, WIDE_ROWS, 2)
-    IGRAD_CASE(1, NARROW_ROWS, 1)
-    IGRAD_CASE(1, WIDE_ROWS, 2)
+    FOR_EACH_TILE(IGRAD_CASE)
 }
 
 /* gy: (B, O, Ho, Wo) heads interleaved; index: (B, heads, K) kept channels; rows: the weight
