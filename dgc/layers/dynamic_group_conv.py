@@ -54,6 +54,17 @@ def versions(tensors: list[Tensor]) -> list[int]:
         return [-1 if t.is_inference() else t._version for t in tensors]
 
 
+def eval_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """An eval BatchNorm2d (running statistics) as per-channel (scale, shift), both (C,)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach()
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach()
+    return scale, shift
+
+
 def effective_squeeze(in_channels: int, squeeze_rate: int) -> int:
     """Squeeze rate actually used: halved for narrow layers (C < 80), as the authors do."""
     return max(1, squeeze_rate // 2) if in_channels < NARROW_LAYER_CHANNELS else squeeze_rate
@@ -589,15 +600,7 @@ class DynamicGroupConv2d(nn.Module):
         norm. Computed when a native plan is built; ``_fused_plan`` rebuilds plans when the BN
         changes."""
         bn = self.norm
-        if isinstance(bn, nn.Identity):
-            return None
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.detach()
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.detach()
-        return scale, shift
+        return None if isinstance(bn, nn.Identity) else eval_affine(bn)
 
     def _plain_bn(self) -> bool:
         """Whether the layer's norm is an eval BatchNorm with running statistics and no hooks,

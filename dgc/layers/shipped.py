@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -32,23 +33,25 @@ from torch import nn
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 from dgc.layers.dynamic_group_conv import SaliencyGate
+from dgc.layers.group_conv import PreactGroupConv2d
 
 OP_NAME = "dgc::dynamic_group_conv_eval"
 CACHED_LAYERS = 512
 
 
 class _Layers:
-    """Eager layers by the storages of their tensors and their settings (LRU, thread-safe).
+    """Eager layers by the storages of their tensors and their settings (LRU, thread-safe),
+    built by ``rebuild(tensors, settings)``.
 
     A cached layer holds its tensors, so no other tensor can reuse their addresses while the
-    entry lives; the weight's shape, dtype and device are part of the key too."""
+    entry lives; the weight's (first tensor's) shape, dtype and device are part of the key."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._layers: OrderedDict[tuple, DynamicGroupConv2d] = OrderedDict()
+    def __init__(self, size: int, rebuild: Callable[[tuple, tuple], nn.Module]) -> None:
+        self.size, self._rebuild = size, rebuild
+        self._layers: OrderedDict[tuple, nn.Module] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
+    def get(self, tensors: tuple[Tensor | None, ...], settings: tuple) -> nn.Module:
         weight = tensors[0]
         key = (*[None if t is None else t.data_ptr() for t in tensors], *settings)
         key = (*key, weight.shape, weight.dtype, weight.device)
@@ -57,7 +60,8 @@ class _Layers:
             if layer is not None:
                 self._layers.move_to_end(key)
                 return layer
-        layer = _rebuild(tensors, settings)  # outside the lock: builds no native plan yet
+        with torch.inference_mode(False):  # its own buffers keep version counters
+            layer = self._rebuild(tensors, settings)  # outside the lock: builds no native plan
         with self._lock:
             layer = self._layers.setdefault(key, layer)
             if len(self._layers) > self.size:
@@ -65,16 +69,8 @@ class _Layers:
         return layer
 
 
-_LAYERS = _Layers(CACHED_LAYERS)
-
-
-def _rebuild(tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
-    """An eval layer whose parameters and buffers are ``tensors`` themselves (not copies)."""
-    with torch.inference_mode(False):  # its own buffers keep version counters
-        return _layer_around(tensors, settings)
-
-
 def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
+    """An eval DGC layer whose parameters and buffers are ``tensors`` themselves (not copies)."""
     weight, fc1, fc2, b2, mean, var, bn_w, bn_b = tensors
     n, stride, padding, dilation, mask, eps = settings
     o, c, k, _ = weight.shape
@@ -95,6 +91,8 @@ def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> Dynami
     layer.inactive_channels.fill_(n)
     return layer.eval().to(weight.device)
 
+
+_LAYERS = _Layers(CACHED_LAYERS, _layer_around)
 
 SCHEMA = (
     "dynamic_group_conv_eval(Tensor x, Tensor weight, Tensor fc1_weight, Tensor fc2_weight, "
@@ -187,3 +185,57 @@ class FlatState(nn.Module):
         tensors = {**self._parameters, **self._buffers}  # flat name -> tensor
         state = {self._paths[name]: t for name, t in tensors.items()}
         return torch.func.functional_call(self.model, state, (x,))  # model(x)
+
+
+GROUP_SCHEMA = (
+    "preact_group_conv_eval(Tensor x, Tensor weight, Tensor bn_mean, Tensor bn_var, "
+    "Tensor? bn_weight, Tensor? bn_bias, SymInt[] conv, float eps) -> Tensor"
+)
+
+
+def _group_conv_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> PreactGroupConv2d:
+    """An eval ``PreactGroupConv2d`` whose parameters and buffers are ``tensors`` themselves."""
+    weight, mean, var, bn_w, bn_b = tensors
+    stride, padding, groups, eps = settings
+    o, cg, k, _ = weight.shape
+    module = PreactGroupConv2d(cg * groups, o, k, stride, padding, groups)
+    bn, conv = module[0], module[2]
+    bn._buffers.update(running_mean=mean, running_var=var)
+    bn._parameters.update(weight=bn_w, bias=bn_b)
+    bn.affine, bn.eps = bn_w is not None, eps
+    conv._parameters["weight"] = weight
+    return module.eval().to(weight.device)
+
+
+_GROUP_CONVS = _Layers(CACHED_LAYERS, _group_conv_around)
+
+
+def preact_group_conv_eval(
+    x: Tensor,
+    weight: Tensor,
+    bn_mean: Tensor,
+    bn_var: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    conv: list[int],
+    eps: float,
+) -> Tensor:
+    """``PreactGroupConv2d``'s eval forward: (B, C, H, W) -> (B, O, H', W'); conv: (stride,
+    padding, groups)."""
+    module = _GROUP_CONVS.get((weight, bn_mean, bn_var, bn_weight, bn_bias), (*conv, eps))
+    with torch.no_grad():
+        return module(x)  # (B, O, H', W')
+
+
+_LIB.define(GROUP_SCHEMA)
+_LIB.impl("preact_group_conv_eval", preact_group_conv_eval, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("dgc::preact_group_conv_eval", lib=_LIB)
+def _(x, weight, *args):  # noqa: ANN001, ANN002, ANN202
+    # The output's shape only: (B, O, H', W'). args: the BN's four tensors, conv, eps.
+    stride, padding, _ = args[4]
+    k = weight.shape[-1]
+    ho = (x.shape[2] + 2 * padding - k) // stride + 1
+    wo = (x.shape[3] + 2 * padding - k) // stride + 1
+    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)

@@ -17,6 +17,7 @@ from dgc.layers.conv import ConvLayer
 from dgc.layers.conv import StageValue
 from dgc.layers.conv import make_conv_factory
 from dgc.layers.conv import pop_options
+from dgc.layers.group_conv import PreactGroupConv2d
 from dgc.models.common import init_weights
 from dgc.registry import register_family
 
@@ -44,11 +45,8 @@ class DenseLayer(nn.Module):
         self.conv1 = conv_layer(
             in_channels, mid, 1, 1, 0, stage=stage, preact=True, name=f"{name}.conv1"
         )
-        self.conv2 = nn.Sequential(
-            nn.BatchNorm2d(mid),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(mid, growth, 3, 1, 1, groups=group_3x3, bias=False),
-        )
+        # BN-ReLU-conv3x3 with groups: nn.Sequential's modules, a native eval kernel
+        self.conv2 = PreactGroupConv2d(mid, growth, 3, 1, 1, groups=group_3x3)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W)

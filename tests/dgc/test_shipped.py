@@ -69,7 +69,7 @@ def test_hooks_and_autocast_keep_the_torch_operators():
 
 
 def test_the_layer_cache_is_bounded_and_keyed_by_storage():
-    cache = shipped._Layers(size=2)
+    cache = shipped._Layers(2, shipped._layer_around)
     layers = [_layer(8, 8, 3, 1, 2, 0.25, seed=s) for s in range(3)]
     built = []
     for layer in layers:

@@ -90,6 +90,31 @@ def test_export_writes_a_working_model_and_replaces_an_old_export_whole(tmp_path
             torch.testing.assert_close(torch.jit.load(str(out / name))(x), eager)
 
 
+def test_a_densenet_export_ships_dgcs_operators_and_a_portable_trace(tmp_path, capsys):
+    # DenseNets' BN-ReLU-group convs run natively in eager eval: model.ts records them as
+    # dgc's operator (as fast as eager), model_portable.ts as torch's modules.
+    model = dgc.create_model("dydensenet86", num_classes=10)
+    dgc.set_progress(model, 1.0)
+    for bn in model.modules():  # one batch's statistics: the defaults overflow 86 layers deep
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.momentum = None
+    with torch.no_grad():
+        model(torch.randn(8, 3, 8, 8))
+    assert write_export(model.eval(), tmp_path / "out", (3, 8, 8), {}) == 0
+    x = torch.randn(2, 3, 8, 8)
+    ts, portable = (
+        torch.jit.load(str(tmp_path / "out" / n)) for n in ("model.ts", "model_portable.ts")
+    )
+    graph = str(ts.inlined_graph)
+    assert graph.count("dgc::preact_group_conv_eval") == 42
+    assert graph.count("dgc::dynamic_group_conv_eval") == 42
+    assert "dgc::" not in str(portable.inlined_graph)
+    with torch.no_grad():
+        eager = model(x)
+        torch.testing.assert_close(ts(x), eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(portable(x), eager, rtol=1e-4, atol=1e-4)
+
+
 def test_exported_torchscript_loads_in_a_fresh_process(tmp_path):
     """model_portable.ts needs torch only; model.ts needs ``import dgc`` (its operator), and
     says so when it is missing."""

@@ -88,6 +88,9 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_igrad_fused.argtypes += [_I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
     lib.dgc_igrad_fused.argtypes += [ctypes.c_int]
     lib.dgc_igrad_fused.restype = ctypes.c_int
+    lib.dgc_group_conv_eval.argtypes = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR]
+    lib.dgc_group_conv_eval.argtypes += [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
+    lib.dgc_group_conv_eval.restype = ctypes.c_int
     lib.dgc_bn_relu_train.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float]
     lib.dgc_bn_relu_train.argtypes += [_PTR, _PTR, _PTR, _PTR, ctypes.c_int]
     lib.dgc_bn_relu_train.restype = ctypes.c_int
@@ -431,3 +434,63 @@ def _out_size(size: int, k: int, stride: int, padding: int) -> int:
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def group_rows(weight: Tensor, groups: int) -> Tensor:
+    """A static group convolution's weight (O, C/g, k, k) in ``direct_conv``'s row layout over
+    all C = g * C/g input channels, (g*C, O/g*k*k): row i*C + c holds group i's kernels of
+    channel c as (O/g, k*k) where c is one of group i's channels, zeros elsewhere (never read)."""
+    o, kg, k, _ = weight.shape
+    oh, c = o // groups, groups * kg
+    own = weight.reshape(groups, oh, kg, k * k).transpose(1, 2)  # (g, C/g, O/g, k*k)
+    rows = weight.new_zeros(groups, groups, kg, oh * k * k)
+    diagonal = torch.arange(groups)
+    rows[diagonal, diagonal] = own.reshape(groups, kg, oh * k * k)
+    return rows.reshape(groups * c, oh * k * k)
+
+
+class GroupConvPlan:
+    """An eval BN-ReLU (or none) followed by a static group convolution, as one native call
+    for one input shape (``dgc_group_conv_eval``): the DGC kernel with every sample keeping
+    its group's channels. Outputs are grouped as ``nn.Conv2d(groups=g)``'s.
+
+    Args:
+        shape: (B, C, H, W) of the input.
+        norm: the BN-ReLU as per-channel (scale, shift), or None.
+        rows: ``group_rows(weight, groups)``; out_channels, k: the weight's O and kernel size.
+        conv: (stride, padding, groups).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        norm: tuple[Tensor, Tensor] | None,
+        rows: Tensor,
+        out_channels: int,
+        k: int,
+        conv: tuple[int, int, int],
+    ) -> None:
+        lib = library()
+        assert lib is not None, "GroupConvPlan without the native library (check supported)"
+        self._call = lib.dgc_group_conv_eval
+        stride, padding, groups = conv
+        b, c, h, w = shape
+        a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
+        rows = rows.detach().contiguous()
+        ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+        self.out_shape = (b, out_channels, ho, wo)
+        self._keep = (a, d, rows)  # the call points into these
+        self._head = (b, c, h, w, groups, _ptr(a), _ptr(d), rows.data_ptr())
+        self._tail = (out_channels, k, stride, padding)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # x: (B, C, H, W) of the planned shape, float32, CPU
+        x = x.contiguous()
+        y = torch.empty(self.out_shape)  # (B, O, H', W')
+        ho, wo = self.out_shape[2:]
+        status = self._call(
+            x.data_ptr(), *self._head, *self._tail, y.data_ptr(), ho, wo, torch.get_num_threads()
+        )
+        if status != 0:
+            raise MemoryError("dgc group_conv_eval: cannot allocate its scratch buffer")
+        return y  # (B, O, H', W')

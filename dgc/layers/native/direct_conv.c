@@ -35,6 +35,7 @@
 typedef struct {
     int64_t B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo;
     int64_t Hp, Wph, plane; /* rows, columns per phase, floats per (b, i, c) work plane */
+    int64_t sj, si; /* output j of head i is channel j*sj + i*si: (heads, 1) interleaved */
 } Shape;
 
 /* Zero what the copy below leaves unwritten in a stride-1 plane: the padding rows, and each
@@ -160,7 +161,7 @@ static inline __attribute__((always_inline)) void tile(
     const int64_t n = s->Wo - x0 < 8 * NV ? s->Wo - x0 : 8 * NV;
     for (int jj = 0; jj < JB; jj++)
         for (int rq = 0; rq < R && oy + rq < s->Ho; rq++) {
-            float *out = y + ((b * oh + j0 + jj) * s->heads + i) * s->Ho * s->Wo +
+            float *out = y + (b * s->O + (j0 + jj) * s->sj + i * s->si) * s->Ho * s->Wo +
                          (oy + rq) * s->Wo + x0;
             if (n == 8 * NV) { /* a full tile row: vector stores */
                 for (int q = 0; q < NV; q++) *(v8u *)(out + 8 * q) = acc[jj][rq * NV + q];
@@ -328,7 +329,7 @@ static void geometry(int64_t H, int64_t W, int64_t k, int64_t stride, int64_t pa
 static Shape make_shape(int64_t B, int64_t C, int64_t H, int64_t W, int64_t heads, int64_t K,
                         int64_t O, int64_t k, int64_t stride, int64_t pad, int64_t Ho,
                         int64_t Wo) {
-    Shape s = {B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo, 0, 0, 0};
+    Shape s = {B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo, 0, 0, 0, heads, 1};
     geometry(H, W, k, stride, pad, Ho, Wo, &s.Hp, &s.Wph);
     s.plane = stride * s.Hp * s.Wph;
     return s;
@@ -346,6 +347,37 @@ int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
     float *work = scratch(sizeof(float) * B * heads * K * s.plane);
     if (!work) return -1;
     pad_gather(x, index, scale, NULL, NULL, work, &s, threads);
+    convolve(work, index, rows, y, &s, threads);
+    return 0;
+}
+
+/* A static group convolution (groups = heads, each reading its own C/groups consecutive input
+ * channels, outputs not interleaved: group i's O/groups outputs are consecutive) after an
+ * optional eval BN-ReLU (bn_a NULL: none): the DGC kernel with every sample keeping the same
+ * channels at scale 1. rows: the weight in row layout over all C channels (row i*C + c holds
+ * group i's kernels of channel c; only the group's own rows are read). Why: oneDNN runs
+ * CondenseNet's 3x3 group convs (8-32 channels a group, 2-8 outputs) at a few GMAC/s at batch
+ * 1. Returns 0, or -1 when a scratch buffer cannot be allocated. */
+int dgc_group_conv_eval(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
+                        int64_t groups, const float *bn_a, const float *bn_c, const float *rows,
+                        int64_t O, int64_t k, int64_t stride, int64_t pad, float *y, int64_t Ho,
+                        int64_t Wo, int threads) {
+    const int64_t K = C / groups, n = B * groups * K;
+    Shape s = make_shape(B, C, H, W, groups, K, O, k, stride, pad, Ho, Wo);
+    s.sj = 1;
+    s.si = O / groups;
+    const int local = local_balances(&s, threads);
+    const int64_t planes = local ? 0 : n * s.plane;
+    float *buf = scratch(sizeof(int64_t) * n + sizeof(float) * (n + planes));
+    if (!buf) return -1;
+    int64_t *index = (int64_t *)buf;
+    float *scale = (float *)(index + n), *work = scale + n;
+    for (int64_t t = 0; t < n; t++) {
+        index[t] = t % (groups * K); /* group i's channels i*K .. i*K + K - 1 */
+        scale[t] = 1.0f;
+    }
+    if (local) return convolve_local(x, index, scale, bn_a, bn_c, rows, y, &s, threads);
+    pad_gather(x, index, scale, bn_a, bn_c, work, &s, threads);
     convolve(work, index, rows, y, &s, threads);
     return 0;
 }

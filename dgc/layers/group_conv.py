@@ -1,0 +1,131 @@
+"""BN-ReLU followed by a static group convolution (CondenseNet's 3x3), with a native eval path.
+
+Every DenseNet variant (dense, static group, DGC, SG-CNN, DyNet) keeps CondenseNet's 3x3 group
+convolution after its replaceable 1x1 conv. oneDNN runs those shapes (8-32 input channels and
+2-8 outputs a group, groups 4) at a few GMAC/s at batch 1, so they were a large share of every
+DenseNet's inference time, not a DGC cost. In eager CPU float32 inference this module runs the
+BN-ReLU and the group conv as one call of the DGC layer's native kernel (every sample keeping
+its group's channels) wherever that is timed faster for the input shape (``KernelChoice``, as
+the DGC layers choose); elsewhere (training, grad enabled, other devices and dtypes, hooks) it
+is the ``nn.Sequential`` of its three modules, with their names and ``state_dict`` keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from dgc.layers import native
+from dgc.layers.dynamic_group_conv import eval_affine
+from dgc.layers.dynamic_group_conv import versions
+from dgc.layers.kernel_choice import KernelChoice
+from dgc.layers.kernel_choice import tracing
+
+
+class PreactGroupConv2d(nn.Sequential):
+    """``nn.Sequential(BatchNorm2d(C), ReLU, Conv2d(C, O, k, stride, padding, groups))``.
+
+    A TorchScript trace or ``torch.export`` of the eval module records one call to
+    ``torch.ops.dgc.preact_group_conv_eval`` (``dgc.layers.shipped``), which runs this eager
+    forward; ``ship_op = False`` records the three torch modules instead.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+    ) -> None:
+        super().__init__(
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
+                      bias=False),
+        )  # fmt: skip
+        self.ship_op = True
+        self.kernels = KernelChoice()  # "native" or "torch", per input shape
+        self._plans: dict[tuple, tuple[tuple, native.GroupConvPlan]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, C, H, W)
+        if not (self.training or torch.is_grad_enabled() or tracing()):
+            y = self._forward_native(x)  # (B, O, H', W'), or None where torch's kernels run
+            if y is not None:
+                return y
+        elif not self.training and self.ship_op and tracing() and self._fusable(x):
+            return self._forward_shipped(x)  # (B, O, H', W'), one recorded operator
+        return super().forward(x)  # (B, O, H', W')
+
+    def _forward_native(self, x: Tensor) -> Tensor | None:
+        if not self._fusable(x) or is_in_torch_dispatch_mode():
+            return None  # a dispatch mode (FlopCounterMode, say) must see torch's operators
+        key = (tuple(x.shape), x.dtype, x.device)
+        name = self.kernels.known(key, ("native", "torch"))
+        if name == "torch":
+            return None
+        plan = self._plan(key, x)
+        if name == "native":
+            return plan(x)  # (B, O, H', W')
+        kernels = {"native": lambda: plan(x), "torch": lambda: nn.Sequential.forward(self, x)}
+        return self.kernels.run(key, kernels, "native")  # a new shape: both timed
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether the native call computes this forward: a 4-d float32 CPU input, an eval
+        BatchNorm2d with running statistics, a plain ReLU and zero-padded conv without bias or
+        dilation, no hooks on them, no autocast, and the library."""
+        bn, act, conv = self._modules.values()
+        for m in (bn, act, conv):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return False
+        if not (isinstance(bn, nn.BatchNorm2d) and type(act) is nn.ReLU):
+            return False
+        if bn.training or bn.running_mean is None or type(conv) is not nn.Conv2d:
+            return False
+        plain = conv.bias is None and conv.padding_mode == "zeros" and conv.dilation == (1, 1)
+        square = conv.stride[0] == conv.stride[1] and conv.padding in {(p, p) for p in range(8)}
+        square = square and conv.kernel_size[0] == conv.kernel_size[1] <= 7
+        if not (plain and square and x.dim() == 4 and x.shape[1] == conv.in_channels):
+            return False
+        return native.supported(x, conv.weight, 1) and not torch.is_autocast_enabled("cpu")
+
+    def _plan(self, key: tuple, x: Tensor) -> native.GroupConvPlan:
+        """The native plan for ``key``, rebuilt when a parameter or buffer it reads changed."""
+        bn, _, conv = self._modules.values()
+        sources = [conv.weight, *bn._parameters.values(), *bn._buffers.values()]
+        sources = [t for t in sources if t is not None]
+        state = tuple(versions(sources) + [t.data_ptr() for t in sources])
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        with torch.no_grad():
+            rows = native.group_rows(conv.weight, conv.groups)
+            norm = eval_affine(bn)
+        geometry = (conv.stride[0], conv.padding[0], conv.groups)
+        k = conv.kernel_size[0]
+        plan = native.GroupConvPlan(tuple(x.shape), norm, rows, conv.out_channels, k, geometry)
+        self._plans[key] = (state, plan)
+        return plan
+
+    def _forward_shipped(self, x: Tensor) -> Tensor:
+        bn, _, conv = self._modules.values()
+        return torch.ops.dgc.preact_group_conv_eval(
+            x,
+            conv.weight,
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+            [conv.stride[0], conv.padding[0], conv.groups],
+            bn.eps,
+        )  # (B, O, H', W')
+
+    def __getstate__(self) -> dict:
+        # Native plans point into this module's tensors: a copy builds its own.
+        state = dict(super().__getstate__())
+        state["_plans"] = {}
+        return state
