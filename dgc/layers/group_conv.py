@@ -61,8 +61,18 @@ class PreactGroupConv2d(nn.Sequential):
             return self._forward_shipped(x)  # (B, O, H', W'), one recorded operator
         return super().forward(x)  # (B, O, H', W')
 
-    def _forward_native(self, x: Tensor) -> Tensor | None:
-        if not self._fusable(x) or is_in_torch_dispatch_mode():
+    def forward_into(self, x: Tensor, out: Tensor) -> None:
+        """``out.copy_(self(x))`` in eval without grad (``out``: a channel slice of a DenseNet
+        stage's features); the native kernel writes into ``out`` directly where it runs."""
+        if self._forward_hooks or self._forward_pre_hooks or torch.is_grad_enabled():
+            out.copy_(self(x))
+        elif self._forward_native(x, out) is None:
+            out.copy_(self(x))
+
+    def _forward_native(self, x: Tensor, out: Tensor | None = None) -> Tensor | None:
+        if self.training or tracing() or not self._fusable(x):
+            return None  # a trace records dgc's operator (forward), not a ctypes call
+        if is_in_torch_dispatch_mode():
             return None  # a dispatch mode (FlopCounterMode, say) must see torch's operators
         key = (tuple(x.shape), x.dtype, x.device)
         name = self.kernels.known(key, ("native", "torch"))
@@ -70,9 +80,10 @@ class PreactGroupConv2d(nn.Sequential):
             return None
         plan = self._plan(key, x)
         if name == "native":
-            return plan(x)  # (B, O, H', W')
+            return plan(x, out)  # (B, O, H', W')
         kernels = {"native": lambda: plan(x), "torch": lambda: nn.Sequential.forward(self, x)}
-        return self.kernels.run(key, kernels, "native")  # a new shape: both timed
+        y = self.kernels.run(key, kernels, "native")  # a new shape: both timed
+        return y if out is None else out.copy_(y)
 
     def _fusable(self, x: Tensor) -> bool:
         """Whether the native call computes this forward: a 4-d float32 CPU input, an eval

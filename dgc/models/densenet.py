@@ -7,6 +7,7 @@ conv, "fully dense" 2x2 average-pool transitions (no conv, no compression), no m
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,7 @@ class DenseLayer(nn.Module):
     ) -> None:
         super().__init__()
         mid = bottleneck * growth
+        self.growth = growth
         if mid % group_3x3 or growth % group_3x3:
             raise ValueError(
                 f"{name}.conv2: group_3x3={group_3x3} must divide bottleneck*growth="
@@ -52,6 +54,12 @@ class DenseLayer(nn.Module):
         # x: (B, C, H, W)
         new = self.conv2(self.conv1(x))  # (B, growth, H, W)
         return torch.cat([x, new], dim=1)  # (B, C + growth, H, W)
+
+    def grow(self, features: Tensor, c: int) -> None:
+        """The forward without its concatenation, in eval without grad: writes the new
+        channels of ``features[:, :c]`` into ``features[:, c:c+growth]``."""
+        new = self.conv1(features[:, :c])  # (B, bottleneck*growth, H, W)
+        self.conv2.forward_into(new, features[:, c : c + self.growth])
 
 
 class DenseNet(nn.Module):
@@ -111,7 +119,43 @@ class DenseNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         # x: (B, in_chans, H, W)
-        return self.features(self.stem(x))  # (B, num_features, H/r, W/r)
+        x = self.stem(x)  # (B, 2*growth[0], H/r, W/r)
+        if self.training or torch.is_grad_enabled() or self._hooked():
+            return self.features(x)  # (B, num_features, H/r, W/r)
+        if torch.compiler.is_compiling():  # torch.export, torch.compile: functional graphs
+            return self.features(x)
+        return self._features_in_place(x)  # (B, num_features, H/r, W/r)
+
+    def _features_in_place(self, x: Tensor) -> Tensor:
+        """``self.features(x)`` in eval without grad, each stage's dense layers writing their
+        new channels into one (B, C_out, H, W) tensor: the concatenations copied every earlier
+        feature map again at every layer (a fifth of DyDenseNet-86's forward at batch 64).
+        A TorchScript trace records it as it runs (slices and copies); ``torch.export``, which
+        would turn each in-place write into a copy of the whole tensor, records the
+        concatenations (``forward_features``)."""
+        modules = list(self.features)
+        i = 0
+        while i < len(modules):
+            stage = list(itertools.takewhile(lambda m: isinstance(m, DenseLayer), modules[i:]))
+            if not stage:
+                x = modules[i](x)  # a transition
+                i += 1
+                continue
+            b, c, h, w = x.shape
+            features = x.new_empty(b, c + sum(layer.growth for layer in stage), h, w)
+            features[:, :c] = x
+            for layer in stage:
+                layer.grow(features, c)
+                c += layer.growth
+            x = features  # (B, C_out, H, W)
+            i += len(stage)
+        return x
+
+    def _hooked(self) -> bool:
+        """Hooks on the modules whose calls ``_features_in_place`` bypasses."""
+        bypassed = [self.features, *self.features]
+        bypassed += [m.conv2 for m in self.features if isinstance(m, DenseLayer)]
+        return any(m._forward_hooks or m._forward_pre_hooks for m in bypassed)
 
     def forward_head(self, x: Tensor) -> Tensor:
         x = self.pool(self.act(self.norm(x)))  # (B, num_features, 1, 1)

@@ -183,3 +183,18 @@ def test_densenet_eval_with_native_group_convs_equals_torch_kernels_only():
         y = model(x)
     assert {m.kernels.last for m in convs} == {"native"}
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_library
+def test_forward_into_writes_a_channel_slice_in_place():
+    m = _module(32, 8, 3, 1, 1, 4)
+    wide_in, features = torch.randn(3, 40, 8, 8), torch.zeros(3, 20, 8, 8)
+    x = wide_in[:, 4:36]  # a channel slice at an offset
+    with torch.no_grad():
+        expected = _torch_forward(m, x.contiguous())
+        for prefer in ("native", "torch", None):  # the new shape's timing too (None)
+            m.kernels = KernelChoice(prefer=prefer)
+            features.zero_()
+            m.forward_into(x, features[:, 6:14])
+            torch.testing.assert_close(features[:, 6:14], expected, rtol=1e-5, atol=1e-5)
+            assert not features[:, :6].any() and not features[:, 14:].any()

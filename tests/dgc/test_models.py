@@ -251,3 +251,40 @@ def _trained_once(name: str) -> torch.nn.Module:
     with torch.no_grad():
         model.eval()(torch.randn(2, 1, 8, 8))
     return model
+
+
+def calibrated(name: str, size: int = 16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = dgc.create_model(name, num_classes=10)
+    dgc.set_progress(model, 1.0)
+    for bn in model.modules():  # one batch's statistics: the defaults overflow 86 layers deep
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.momentum = None
+    with torch.no_grad():
+        model(torch.randn(8, 3, size, size))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["", "gc", "dy", "sg", "dn"])
+def test_densenet_eval_writes_features_in_place_with_the_concatenations_outputs(kind):
+    model = calibrated(f"{kind}densenet86")
+    for batch in (1, 3):  # at batch 3 every layer reads a channel slice of its stage's tensor
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            concatenated = model.forward_head(model.features(model.stem(x)))
+            assert torch.isfinite(concatenated).all()
+            torch.testing.assert_close(model(x), concatenated, rtol=1e-4, atol=1e-5)
+
+
+def test_densenet_hooks_keep_the_concatenating_forward():
+    model = calibrated("densenet86")
+    calls = []
+    model.features[3].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    assert calls == [(2, 16 + 4 * 8, 16, 16)]
+    model.features[3]._forward_hooks.clear()
+    model.features[5].conv2.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    assert calls[1:] == [(2, 32, 16, 16)]

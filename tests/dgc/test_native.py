@@ -409,3 +409,21 @@ def test_a_nan_input_gives_nan_outputs_on_the_native_paths_as_on_torchs():
     y, sums, mean, _ = native.bn_relu_train(x, None, None, 1e-5)  # channel 3's statistics
     assert y[:, 3].isnan().all() and sums[:, 3].isnan().all() and mean[3].isnan()
     assert not y[:, 4:].isnan().any()
+
+
+@needs_library
+def test_fused_forward_reads_a_channel_slice_of_a_wider_tensor_in_place():
+    # A DenseNet stage's layers read features[:, :C] of one (B, C_out, H, W) tensor.
+    layer = _layer(16, 8, 1, 1, 2, 0.25)
+    layer.kernels = KernelChoice(prefer="direct")
+    wide = torch.randn(3, 24, 6, 6)
+    x = wide[:, :16]
+    assert native.channel_slice(x)[0] is x and native.channel_slice(x)[1] == 24
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.kernels.last == "direct"
+        torch.testing.assert_close(y, layer(x.contiguous()), rtol=0, atol=0)
+        expected, _ = oracle_forward(layer, x.contiguous())
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    odd = wide.transpose(2, 3)[:, :16]  # not a channel slice: copied first
+    assert native.channel_slice(odd)[0].is_contiguous()

@@ -8,13 +8,15 @@ def children(uri: str, experiment: str) -> tuple[object, list]:
     exp = client.get_experiment_by_name(experiment)
     parents = client.search_runs([exp.experiment_id], "tags.`dgc_search.kind` = 'search'")
     assert len(parents) == 1, [p.info.run_id for p in parents]
-    kids = client.search_runs([exp.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    kids = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
     return parents[0], kids
 
 
 def brute_force_front(kids: list) -> set[str]:
     pts = {k.info.run_id: (k.data.metrics["val_accuracy"], k.data.metrics["macs"]) for k in kids}
+
     # Literal dominance (max accuracy, min MACs), independent of search.pareto.
     def beats(q: tuple, p: tuple) -> bool:
         return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])

@@ -11,8 +11,12 @@ from search.__main__ import main
 from spaces.convert import apply_to_trial
 from tests.conftest import REPO
 
-GOOD = {"name": "t", "trial": {"model": {"name": "dyresnet8"}, "epochs": 1},
-        "space": "tiny.yaml", "num_trials": 4}
+GOOD = {
+    "name": "t",
+    "trial": {"model": {"name": "dyresnet8"}, "epochs": 1},
+    "space": "tiny.yaml",
+    "num_trials": 4,
+}
 
 
 def _write(tmp_path, doc) -> str:
@@ -27,52 +31,169 @@ def _with(**changes):
 
 
 BAD = [
-    ("unknown key", _with(num_trails=4), "num_trails = 4: unknown key (remove it or check its spelling)"),
-    ("wrong type", _with(num_trials="many"), "num_trials = 'many': Input should be a valid integer"),
-    ("empty space", _with(space={"params": {}}), "space.params = {}: Dictionary should have at least 1 item"),
-    ("low > high", _with(space={"params": {"model.gate_factor": {"type": "float", "low": 0.9, "high": 0.1}}}),
-     "low=0.9 > high=0.1; swap them"),
-    ("heads cannot divide a stage", _with(space={"params": {"model.heads": {"type": "categorical", "choices": [2, 3]}}}),
-     "space.params.model.heads = 3: stages.0.0.conv1: heads=3 must divide both in_channels=16"),
-    ("budget below every configuration", _with(budget={"macs": 1000}),
-     "budget.macs = 1000 is below every configuration of the space"),
-    ("budget almost no point meets", _with(budget={"macs": 230000}),
-     "budget.macs = 230000: only 0 of 32 random points of the space are within it"),
-    ("missing dataset", _with(trial__data={"dataset": "cifar10", "datadir": "/nonexistent/cifar"}),
-     "data.datadir='/nonexistent/cifar' does not exist; cifar10 expects cifar-10-batches-py"),
-    ("unknown objective", _with(objectives=[{"metric": "accuracy"}]), "unknown objective metric 'accuracy'"),
+    (
+        "unknown key",
+        _with(num_trails=4),
+        "num_trails = 4: unknown key (remove it or check its spelling)",
+    ),
+    (
+        "wrong type",
+        _with(num_trials="many"),
+        "num_trials = 'many': Input should be a valid integer",
+    ),
+    (
+        "empty space",
+        _with(space={"params": {}}),
+        "space.params = {}: Dictionary should have at least 1 item",
+    ),
+    (
+        "low > high",
+        _with(space={"params": {"model.gate_factor": {"type": "float", "low": 0.9, "high": 0.1}}}),
+        "low=0.9 > high=0.1; swap them",
+    ),
+    (
+        "heads cannot divide a stage",
+        _with(space={"params": {"model.heads": {"type": "categorical", "choices": [2, 3]}}}),
+        "space.params.model.heads = 3: stages.0.0.conv1: heads=3 must divide both in_channels=16",
+    ),
+    (
+        "budget below every configuration",
+        _with(budget={"macs": 1000}),
+        "budget.macs = 1000 is below every configuration of the space",
+    ),
+    (
+        "budget almost no point meets",
+        _with(budget={"macs": 230000}),
+        "budget.macs = 230000: only 0 of 32 random points of the space are within it",
+    ),
+    (
+        "missing dataset",
+        _with(trial__data={"dataset": "cifar10", "datadir": "/nonexistent/cifar"}),
+        "data.datadir='/nonexistent/cifar' does not exist; cifar10 expects cifar-10-batches-py",
+    ),
+    (
+        "unknown objective",
+        _with(objectives=[{"metric": "accuracy"}]),
+        "unknown objective metric 'accuracy'",
+    ),
     ("unknown model", _with(trial__model={"name": "dyresnet9"}), "unknown model name='dyresnet9'"),
     ("name with a trailing newline", _with(name="t\n"), "must be 1 to 100 letters"),
     ("name too long", _with(name="n" * 101), "must be 1 to 100 letters"),
     ("name with a control character", _with(name="a\x07b"), "must be 1 to 100 letters"),
-    ("float log and step", _with(space={"params": {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True, "step": 0.01}}}),
-     "log=true and step=0.01 cannot be combined"),
-    ("int log and step", _with(space={"params": {"model.squeeze_rate": {"type": "int", "low": 2, "high": 16, "log": True, "step": 2}}}),
-     "log=true and step=2 cannot be combined"),
-    ("infinite bound", _with(space={"params": {"optim.lr": {"type": "float", "low": 0.01, "high": float("inf")}}}),
-     "bounds must be finite numbers"),
-    ("NaN bound", _with(space={"params": {"optim.lr": {"type": "float", "low": float("nan"), "high": 0.1}}}),
-     "bounds must be finite numbers"),
+    (
+        "float log and step",
+        _with(
+            space={
+                "params": {
+                    "optim.lr": {
+                        "type": "float",
+                        "low": 0.01,
+                        "high": 0.1,
+                        "log": True,
+                        "step": 0.01,
+                    }
+                }
+            }
+        ),
+        "log=true and step=0.01 cannot be combined",
+    ),
+    (
+        "int log and step",
+        _with(
+            space={
+                "params": {
+                    "model.squeeze_rate": {
+                        "type": "int",
+                        "low": 2,
+                        "high": 16,
+                        "log": True,
+                        "step": 2,
+                    }
+                }
+            }
+        ),
+        "log=true and step=2 cannot be combined",
+    ),
+    (
+        "infinite bound",
+        _with(space={"params": {"optim.lr": {"type": "float", "low": 0.01, "high": float("inf")}}}),
+        "bounds must be finite numbers",
+    ),
+    (
+        "NaN bound",
+        _with(space={"params": {"optim.lr": {"type": "float", "low": float("nan"), "high": 0.1}}}),
+        "bounds must be finite numbers",
+    ),
     ("sampler seed out of range", _with(sampler={"seed": 2**40}), "sampler.seed = 1099511627776"),
     ("trial seed out of range", _with(trial__seed=-1), "trial.seed = -1"),
-    ("model kwargs the recipe does not take", _with(trial__model={"name": "dyresnet8", "kwargs": {"bogus": 3}}),
-     "trial.model.kwargs = {'bogus': 3}: ResNet.__init__() got an unexpected keyword argument 'bogus'"),
-    ("val_size larger than the data", _with(trial__data={"dataset": "digits", "val_size": 5000}),
-     "data.val_size=5000.0 gives 5000 validation images of 1438 training images"),
-    ("another operator's setting", _with(space={"params": {"model.compression": {"type": "float", "low": 0.3, "high": 0.6}}}),
-     "space.params.model.compression = 0.3: compression=0.3 is a setting of the 'selfgroup' operator (models sg...)"),
-    ("model choices with different stages and a per-stage parameter",
-     _with(space={"params": {"model.name": {"type": "categorical", "choices": ["dyresnet8", "dyresnet18"]},
-                             "model.gate_factor": {"type": "float", "low": 0.3, "high": 0.6, "per_stage": True}}}),
-     "space: the models of model.name have different numbers of stages (trial.model.name: 3, "
-     "space.params.model.name = 'dyresnet8': 3, space.params.model.name = 'dyresnet18': 4)"),
-    ("unknown model among the choices", _with(space={"params": {"model.name": {"type": "categorical", "choices": ["sgresnet8", "sgresnet9"]}}}),
-     "space.params.model.name = 'sgresnet9': unknown model name='sgresnet9'"),
-    ("condition on a later parameter", _with(space={"params": {"model.kernels": {"type": "int", "low": 2, "high": 4, "when": {"model.name": ["dnresnet8"]}},
-                                                               "model.name": {"type": "categorical", "choices": ["dnresnet8"]}}}),
-     "'model.name' is not a parameter listed before 'model.kernels'"),
-    ("space key not in the trial config", _with(space={"params": {"optim.learning_rate": {"type": "float", "low": 0.01, "high": 0.1}}}),
-     "trial.optim.learning_rate"),
+    (
+        "model kwargs the recipe does not take",
+        _with(trial__model={"name": "dyresnet8", "kwargs": {"bogus": 3}}),
+        "trial.model.kwargs = {'bogus': 3}: ResNet.__init__() got an unexpected keyword argument 'bogus'",
+    ),
+    (
+        "val_size larger than the data",
+        _with(trial__data={"dataset": "digits", "val_size": 5000}),
+        "data.val_size=5000.0 gives 5000 validation images of 1438 training images",
+    ),
+    (
+        "another operator's setting",
+        _with(space={"params": {"model.compression": {"type": "float", "low": 0.3, "high": 0.6}}}),
+        "space.params.model.compression = 0.3: compression=0.3 is a setting of the 'selfgroup' operator (models sg...)",
+    ),
+    (
+        "model choices with different stages and a per-stage parameter",
+        _with(
+            space={
+                "params": {
+                    "model.name": {"type": "categorical", "choices": ["dyresnet8", "dyresnet18"]},
+                    "model.gate_factor": {
+                        "type": "float",
+                        "low": 0.3,
+                        "high": 0.6,
+                        "per_stage": True,
+                    },
+                }
+            }
+        ),
+        "space: the models of model.name have different numbers of stages (trial.model.name: 3, "
+        "space.params.model.name = 'dyresnet8': 3, space.params.model.name = 'dyresnet18': 4)",
+    ),
+    (
+        "unknown model among the choices",
+        _with(
+            space={
+                "params": {
+                    "model.name": {"type": "categorical", "choices": ["sgresnet8", "sgresnet9"]}
+                }
+            }
+        ),
+        "space.params.model.name = 'sgresnet9': unknown model name='sgresnet9'",
+    ),
+    (
+        "condition on a later parameter",
+        _with(
+            space={
+                "params": {
+                    "model.kernels": {
+                        "type": "int",
+                        "low": 2,
+                        "high": 4,
+                        "when": {"model.name": ["dnresnet8"]},
+                    },
+                    "model.name": {"type": "categorical", "choices": ["dnresnet8"]},
+                }
+            }
+        ),
+        "'model.name' is not a parameter listed before 'model.kernels'",
+    ),
+    (
+        "space key not in the trial config",
+        _with(
+            space={"params": {"optim.learning_rate": {"type": "float", "low": 0.01, "high": 0.1}}}
+        ),
+        "trial.optim.learning_rate",
+    ),
 ]
 
 
@@ -86,10 +207,17 @@ def test_bad_experiment_files_are_rejected_with_their_message(tmp_path, capsys, 
 
 def test_launch_of_a_bad_file_fails_before_any_cluster_starts(tmp_path):
     path = _write(tmp_path, _with(budget={"macs": 1000}))
-    code = ("import sys, ray; from search.__main__ import main; rc = main(['launch', sys.argv[1]]);"
-            " print('RC', rc, 'RAY', ray.is_initialized())")
-    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
+    code = (
+        "import sys, ray; from search.__main__ import main; rc = main(['launch', sys.argv[1]]);"
+        " print('RC', rc, 'RAY', ray.is_initialized())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert "RC 2 RAY False" in out.stdout, out.stdout + out.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -128,12 +256,19 @@ def test_launch_with_an_address_nobody_listens_on_fails_fast_and_writes_nothing(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = _write(tmp_path, GOOD)
-    code = ("import sys, ray; from search.__main__ import main; "
-            "rc = main(['launch', sys.argv[1], '--address', sys.argv[2]]); "
-            "print('RC', rc, 'RAY', ray.is_initialized())")
+    code = (
+        "import sys, ray; from search.__main__ import main; "
+        "rc = main(['launch', sys.argv[1], '--address', sys.argv[2]]); "
+        "print('RC', rc, 'RAY', ray.is_initialized())"
+    )
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code, path, f"127.0.0.1:{port}"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code, path, f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert time.monotonic() - start < 30  # ray.init alone waits for minutes
     assert "RC 2 RAY False" in out.stdout, out.stdout + out.stderr
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in out.stderr
@@ -151,15 +286,20 @@ def test_a_file_that_is_not_utf8_text_is_named(tmp_path, capsys):
 
 def test_yaml_tags_in_set_are_refused(tmp_path, capsys):
     path = _write(tmp_path, GOOD)
-    assert main(["validate", path, "--set", "num_trials=!!python/object/apply:os.system [true]"]) == 2
+    assert (
+        main(["validate", path, "--set", "num_trials=!!python/object/apply:os.system [true]"]) == 2
+    )
     err = capsys.readouterr().err
     assert "--set num_trials: not valid YAML" in err and "Traceback" not in err
 
 
 def test_an_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path, capsys):
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, "
-              f"*a{i-1}, *a{i-1}, *a{i-1}]" for i in range(1, 9)]  # 10**9 values once expanded
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+        f"*a{i - 1}, *a{i - 1}, *a{i - 1}]"
+        for i in range(1, 9)
+    ]  # 10**9 values once expanded
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(lines) + "\nname: t\n")
     assert main(["validate", str(path)]) == 2
@@ -170,10 +310,17 @@ def test_an_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path, capsys)
 @pytest.mark.parametrize("resource", ["resources.gpu=1", "resources.cpu=64"])
 def test_a_resource_request_no_node_can_meet_is_refused_and_nothing_written(tmp_path, resource):
     path = _write(tmp_path, GOOD)
-    code = ("import sys; from search.__main__ import main; "
-            "print('RC', main(['launch', sys.argv[1], '--set', sys.argv[2]]))")
-    out = subprocess.run([sys.executable, "-c", code, path, resource],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    code = (
+        "import sys; from search.__main__ import main; "
+        "print('RC', main(['launch', sys.argv[1], '--set', sys.argv[2]]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, path, resource],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
     assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
     assert "no node of the cluster has that much" in out.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
@@ -211,12 +358,21 @@ def test_launch_names_a_non_image_behind_an_image_suffix_and_writes_nothing(tmp_
     data = tmp_path / "data"
     _write_imagefolder(data)
     (data / "train" / "dog" / "zz_notes.jpg").write_text("a text file, not a JPEG\n")
-    doc = _with(trial__data={"dataset": "imagefolder", "datadir": str(data), "val_size": 2},
-                ray={"dashboard": False, "num_cpus": 1})
+    doc = _with(
+        trial__data={"dataset": "imagefolder", "datadir": str(data), "val_size": 2},
+        ray={"dashboard": False, "num_cpus": 1},
+    )
     path = _write(tmp_path, doc)
-    code = "import sys; from search.__main__ import main; print('RC', main(['launch', sys.argv[1]]))"
-    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
-                         timeout=180, cwd=tmp_path)
+    code = (
+        "import sys; from search.__main__ import main; print('RC', main(['launch', sys.argv[1]]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, path],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
     assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
     assert f"{path}: trial.data: 1 unreadable image file(s)" in out.stderr
     assert "zz_notes.jpg: not a readable image" in out.stderr and "Traceback" not in out.stderr

@@ -17,6 +17,7 @@ from search.commands import export_command
 from search.commands import read_model_meta
 from search.commands import write_export
 from search.overrides import SearchConfigError
+from tests.dgc.test_models import calibrated
 
 META = {
     "name": "dyresnet8",
@@ -93,15 +94,9 @@ def test_export_writes_a_working_model_and_replaces_an_old_export_whole(tmp_path
 def test_a_densenet_export_ships_dgcs_operators_and_a_portable_trace(tmp_path, capsys):
     # DenseNets' BN-ReLU-group convs run natively in eager eval: model.ts records them as
     # dgc's operator (as fast as eager), model_portable.ts as torch's modules.
-    model = dgc.create_model("dydensenet86", num_classes=10)
-    dgc.set_progress(model, 1.0)
-    for bn in model.modules():  # one batch's statistics: the defaults overflow 86 layers deep
-        if isinstance(bn, torch.nn.BatchNorm2d):
-            bn.momentum = None
-    with torch.no_grad():
-        model(torch.randn(8, 3, 8, 8))
-    assert write_export(model.eval(), tmp_path / "out", (3, 8, 8), {}) == 0
-    x = torch.randn(2, 3, 8, 8)
+    model = calibrated("dydensenet86")
+    assert write_export(model.eval(), tmp_path / "out", (3, 16, 16), {}) == 0
+    x = torch.randn(2, 3, 16, 16)
     ts, portable = (
         torch.jit.load(str(tmp_path / "out" / n)) for n in ("model.ts", "model_portable.ts")
     )
@@ -111,6 +106,7 @@ def test_a_densenet_export_ships_dgcs_operators_and_a_portable_trace(tmp_path, c
     assert "dgc::" not in str(portable.inlined_graph)
     with torch.no_grad():
         eager = model(x)
+        assert torch.isfinite(eager).all()
         torch.testing.assert_close(ts(x), eager, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(portable(x), eager, rtol=1e-4, atol=1e-4)
 

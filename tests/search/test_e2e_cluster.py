@@ -1,5 +1,6 @@
 """Searches that need their own processes: a driver killed mid-way and resumed, a two-node Ray
 cluster joined with --address, and a real `mlflow server` as the tracking server."""
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,22 @@ def _finished(uri: str) -> int:
 def test_resume_after_driver_sigkill_completes_exactly_the_requested_trials(tmp_path):
     # The README's form: default storage_dir (runs/), `resume runs/<name>` as a relative path.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["--set", f"mlflow.tracking_uri={uri}", "--set", "num_trials=6",
-            "--set", "trial.epochs=3"]
+    sets = [
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+        "--set",
+        "num_trials=6",
+        "--set",
+        "trial.epochs=3",
+    ]
     with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(_cli("launch", SMOKE, *sets), stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True, cwd=tmp_path)
+        driver = subprocess.Popen(
+            _cli("launch", SMOKE, *sets),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=tmp_path,
+        )
         deadline = time.time() + 400
         while _finished(uri) < 2 and time.time() < deadline and driver.poll() is None:
             time.sleep(1)
@@ -54,8 +66,9 @@ def test_resume_after_driver_sigkill_completes_exactly_the_requested_trials(tmp_
         driver.wait()
     before = _finished(uri)
     assert 2 <= before < 6
-    out = subprocess.run(_cli("resume", "runs/smoke"), capture_output=True, text=True,
-                         timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        _cli("resume", "runs/smoke"), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, kids = children(uri, "smoke")
     ids = [k.data.tags["ray_trial_id"] for k in kids]
@@ -76,13 +89,28 @@ def _ended(uri: str, name: str) -> int:
 
 def test_mo_asha_search_stops_trials_and_resumes_after_driver_sigkill(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["--set", f"mlflow.tracking_uri={uri}", "--set", "name=moasha", "--set",
-            "num_trials=8", "--set", "trial.epochs=4", "--set",
-            "scheduler={name: mo-asha, grace_period: 1, reduction_factor: 3}", "--set",
-            "trial.gate_schedule={warmup_end: 0.25, ramp_end: 1, unit: epochs}"]
+    sets = [
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+        "--set",
+        "name=moasha",
+        "--set",
+        "num_trials=8",
+        "--set",
+        "trial.epochs=4",
+        "--set",
+        "scheduler={name: mo-asha, grace_period: 1, reduction_factor: 3}",
+        "--set",
+        "trial.gate_schedule={warmup_end: 0.25, ramp_end: 1, unit: epochs}",
+    ]
     with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(_cli("launch", SMOKE, *sets), stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True, cwd=tmp_path)
+        driver = subprocess.Popen(
+            _cli("launch", SMOKE, *sets),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=tmp_path,
+        )
         deadline = time.time() + 400
         while _ended(uri, "moasha") < 3 and time.time() < deadline and driver.poll() is None:
             time.sleep(0.5)
@@ -94,12 +122,16 @@ def test_mo_asha_search_stops_trials_and_resumes_after_driver_sigkill(tmp_path):
     client = mlflow.MlflowClient(uri)
 
     def histories() -> dict[str, int]:
-        return {k.data.tags["ray_trial_id"]: len(client.get_metric_history(k.info.run_id, "epoch"))
-                for k in children(uri, "moasha")[1] if "stopped_at_epoch" in k.data.tags}
+        return {
+            k.data.tags["ray_trial_id"]: len(client.get_metric_history(k.info.run_id, "epoch"))
+            for k in children(uri, "moasha")[1]
+            if "stopped_at_epoch" in k.data.tags
+        }
 
     stopped_before = histories()
-    out = subprocess.run(_cli("resume", "runs/moasha"), capture_output=True, text=True,
-                         timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        _cli("resume", "runs/moasha"), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     _, kids = children(uri, "moasha")
     ids = [k.data.tags["ray_trial_id"] for k in kids]
@@ -116,14 +148,18 @@ def test_mo_asha_search_stops_trials_and_resumes_after_driver_sigkill(tmp_path):
         assert epoch in (1, 3) and k.data.tags["status"] == "stopped"
         assert k.data.tags["pareto"] == "false" and "pareto_rank" not in k.data.tags
         assert [m.step for m in client.get_metric_history(k.info.run_id, "val_accuracy")] == list(
-            range(1, epoch + 1))  # per-epoch metrics kept, up to the rung
+            range(1, epoch + 1)
+        )  # per-epoch metrics kept, up to the rung
     for k in full:
         assert k.data.metrics["epoch"] == 4 and "pareto_rank" in k.data.tags
     assert {k.info.run_id for k in full if k.data.tags["pareto"] == "true"} == brute_force_front(
-        full)
+        full
+    )
     state = SearchState.load(folder)
     study = optuna.load_study(study_name="moasha", storage=state.optuna_storage)
-    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials if "ray_trial_id" in t.user_attrs}
+    by_id = {
+        t.user_attrs["ray_trial_id"]: t for t in study.trials if "ray_trial_id" in t.user_attrs
+    }
     for k in stopped:
         t = by_id[k.data.tags["ray_trial_id"]]
         assert t.state == optuna.trial.TrialState.PRUNED
@@ -141,10 +177,24 @@ def test_search_through_address_on_a_two_node_cluster(tmp_path):
     cluster.wait_for_nodes()
     try:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        out = subprocess.run(_cli("launch", SMOKE, "--address", cluster.address,
-                                  "--set", f"storage_dir={tmp_path}",
-                                  "--set", f"mlflow.tracking_uri={uri}", "--set", "num_trials=4"),
-                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        out = subprocess.run(
+            _cli(
+                "launch",
+                SMOKE,
+                "--address",
+                cluster.address,
+                "--set",
+                f"storage_dir={tmp_path}",
+                "--set",
+                f"mlflow.tracking_uri={uri}",
+                "--set",
+                "num_trials=4",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     finally:
         cluster.shutdown()
@@ -164,10 +214,24 @@ def _free_port() -> int:
 def test_search_logs_to_a_real_mlflow_server(ray_2cpu, tmp_path):
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline, up = time.time() + 120, False
@@ -177,8 +241,9 @@ def test_search_logs_to_a_real_mlflow_server(ray_2cpu, tmp_path):
             except OSError:
                 time.sleep(1)
         assert up, (tmp_path / "server.log").read_text()[-3000:]  # the server really came up
-        exp = load_experiment(SMOKE, [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
-                                      "num_trials=3"])
+        exp = load_experiment(
+            SMOKE, [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "num_trials=3"]
+        )
         assert launch(exp, SMOKE) == 0
         _, kids = children(uri, "smoke")
         assert len(kids) == 3 and all("val_accuracy" in k.data.metrics for k in kids)

@@ -1,5 +1,6 @@
 """End to end on a real local Ray cluster (2 CPUs), a real SQLite MLflow store and a real
 SQLite Optuna study: a 5-trial search on digits."""
+
 from __future__ import annotations
 
 import shutil
@@ -24,9 +25,14 @@ SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
 def test_small_search_end_to_end(ray_2cpu, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = load_experiment(REPO / "experiments" / "smoke.yaml",
-                          [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
-                           "references={dense: true, static_group: [0.5]}"])
+    exp = load_experiment(
+        REPO / "experiments" / "smoke.yaml",
+        [
+            f"storage_dir={tmp_path}",
+            f"mlflow.tracking_uri={uri}",
+            "references={dense: true, static_group: [0.5]}",
+        ],
+    )
     assert launch(exp, str(REPO / "experiments" / "smoke.yaml")) == 0
 
     parent, kids = children(uri, "smoke")
@@ -43,8 +49,13 @@ def test_small_search_end_to_end(ray_2cpu, tmp_path):
         assert len(client.get_metric_history(k.info.run_id, "val_accuracy")) == 2
         assert {"model.heads", "model.gate_factor", "model.squeeze_rate"} <= set(k.data.params)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"pareto.png", "pareto.html", "pareto.md", "experiment.resolved.yaml",
-            "smoke.yaml"} <= artifacts
+    assert {
+        "pareto.png",
+        "pareto.html",
+        "pareto.md",
+        "experiment.resolved.yaml",
+        "smoke.yaml",
+    } <= artifacts
 
     tagged = {k.info.run_id for k in kids if k.data.tags["pareto"] == "true"}
     assert tagged == brute_force_front(kids)
@@ -65,15 +76,20 @@ def test_small_search_end_to_end(ray_2cpu, tmp_path):
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 7
-    assert {t.user_attrs["ray_trial_id"] for t in done} == {k.data.tags["ray_trial_id"] for k in kids}
+    assert {t.user_attrs["ray_trial_id"] for t in done} == {
+        k.data.tags["ray_trial_id"] for k in kids
+    }
     sampled = [k for k in kids if "reference" not in k.data.tags]
     assert {t.number for t in done if "reference" not in t.user_attrs} == {
-        int(k.data.tags["optuna_trial"]) for k in sampled}
+        int(k.data.tags["optuna_trial"]) for k in sampled
+    }
     for t in done:  # references are flagged, have no parameters, and carry their objectives
         if "reference" in t.user_attrs:
             k = refs[t.user_attrs["reference"]]
-            assert t.params == {} and t.values == [k.data.metrics["val_accuracy"],
-                                                   k.data.metrics["macs"]]
+            assert t.params == {} and t.values == [
+                k.data.metrics["val_accuracy"],
+                k.data.metrics["macs"],
+            ]
 
 
 def _check_export(uri, source, out, x):
@@ -86,8 +102,9 @@ def _check_export(uri, source, out, x):
 
     assert export_command(source, str(out), uri) == 0
     meta = json.loads((out / "model.json").read_text())
-    model = dgc.create_model(meta["name"], num_classes=meta["num_classes"],
-                             in_chans=meta["in_chans"], **meta["kwargs"]).eval()
+    model = dgc.create_model(
+        meta["name"], num_classes=meta["num_classes"], in_chans=meta["in_chans"], **meta["kwargs"]
+    ).eval()
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     scripted = torch.jit.load(str(out / "model.ts"))
     with torch.no_grad():
@@ -99,8 +116,9 @@ def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys, monke
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)  # a relative storage_dir, resolved here at launch
-    exp = load_experiment(SMOKE, ["storage_dir=runs", f"mlflow.tracking_uri={uri}",
-                                  "num_trials=3", "trial.epochs=1"])
+    exp = load_experiment(
+        SMOKE, ["storage_dir=runs", f"mlflow.tracking_uri={uri}", "num_trials=3", "trial.epochs=1"]
+    )
     assert launch(exp, SMOKE) == 0
     parent, kids = children(uri, "smoke")
     versions = len(mlflow.MlflowClient(uri).search_model_versions("name = 'smoke'"))
@@ -132,9 +150,17 @@ def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys, monke
 
 def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray_2cpu, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = load_experiment(REPO / "experiments" / "smoke.yaml",
-                          [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "num_trials=2",
-                           "trial.epochs=1", "trial.optim.lr=1.0e+30", "max_failures=2"])
+    exp = load_experiment(
+        REPO / "experiments" / "smoke.yaml",
+        [
+            f"storage_dir={tmp_path}",
+            f"mlflow.tracking_uri={uri}",
+            "num_trials=2",
+            "trial.epochs=1",
+            "trial.optim.lr=1.0e+30",
+            "max_failures=2",
+        ],
+    )
     assert launch(exp, SMOKE) == 1
     parent, kids = children(uri, "smoke")
     assert parent.info.status == "FAILED"
@@ -165,8 +191,10 @@ def test_resume_when_tune_never_saved_its_state(ray_2cpu, tmp_path):
     from search.launch import resume
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = load_experiment(SMOKE, [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
-                                  "num_trials=2", "trial.epochs=1"])
+    exp = load_experiment(
+        SMOKE,
+        [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "num_trials=2", "trial.epochs=1"],
+    )
     assert launch(exp, SMOKE) == 0
     folder = tmp_path / "smoke"
     shutil.rmtree(folder / "tune")
@@ -187,9 +215,17 @@ def test_pretrained_dense_network_is_trained_once_and_survives_resume(ray_2cpu, 
     from search.launch import resume
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = load_experiment(SMOKE, [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}",
-                                  "num_trials=2", "trial.epochs=1", "pretrain={epochs: 2}",
-                                  "mlflow.register_models=false"])
+    exp = load_experiment(
+        SMOKE,
+        [
+            f"storage_dir={tmp_path}",
+            f"mlflow.tracking_uri={uri}",
+            "num_trials=2",
+            "trial.epochs=1",
+            "pretrain={epochs: 2}",
+            "mlflow.register_models=false",
+        ],
+    )
     assert launch(exp, SMOKE) == 0
     folder = tmp_path / "smoke"
     weights = folder / "pretrain.pt"
@@ -219,8 +255,14 @@ def test_the_search_pretraining_config_is_a_valid_dense_trial():
     from trainables.config import TrialConfig
 
     # An epochs-unit ramp longer than the pretraining: the dense trial has no gates to ramp.
-    exp = load_experiment(SMOKE, ["trial.epochs=12", "pretrain={epochs: 2}",
-                                  "trial.gate_schedule={warmup_end: 1, ramp_end: 10, unit: epochs}"])
+    exp = load_experiment(
+        SMOKE,
+        [
+            "trial.epochs=12",
+            "pretrain={epochs: 2}",
+            "trial.gate_schedule={warmup_end: 1, ramp_end: 10, unit: epochs}",
+        ],
+    )
     cfg = TrialConfig.model_validate(pretrain_config(exp))
     assert cfg.model.name == "resnet8" and cfg.epochs == 2 and cfg.init_from is None
     assert cfg.tags == {"pretrain": "resnet8"} and cfg.gate_schedule.unit == "fraction"
@@ -231,10 +273,19 @@ def test_a_search_over_operators_puts_dgc_sg_cnn_and_dynet_on_one_front(ray_2cpu
     one DyNet network, plus the dense reference."""
     path = REPO / "experiments" / "digits_operators.yaml"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = load_experiment(path, [
-        f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "trial.data.batch_size=128",
-        "trial.epochs=2", "num_trials=3", "references={dense: true}",
-        "ray={dashboard: false, num_cpus: 2}", "mlflow.register_models=false"])
+    exp = load_experiment(
+        path,
+        [
+            f"storage_dir={tmp_path}",
+            f"mlflow.tracking_uri={uri}",
+            "trial.data.batch_size=128",
+            "trial.epochs=2",
+            "num_trials=3",
+            "references={dense: true}",
+            "ray={dashboard: false, num_cpus: 2}",
+            "mlflow.register_models=false",
+        ],
+    )
     assert launch(exp, str(path)) == 0
     _, kids = children(uri, "digits_operators")
     by_op = {k.data.tags["operator"]: k for k in kids}
@@ -246,7 +297,9 @@ def test_a_search_over_operators_puts_dgc_sg_cnn_and_dynet_on_one_front(ray_2cpu
     history = mlflow.MlflowClient(uri).get_metric_history(by_op["selfgroup"].info.run_id, "macs")
     assert history[-1].value == sg.metrics["macs"]
     assert by_op["dynet"].data.params["model.kernels"] == "4"
-    assert {k.info.run_id for k in kids if k.data.tags["pareto"] == "true"} == brute_force_front(kids)
+    assert {k.info.run_id for k in kids if k.data.tags["pareto"] == "true"} == brute_force_front(
+        kids
+    )
     html = (tmp_path / "digits_operators" / "pareto.html").read_text()
     assert all(f"trials: {n}" in html or n in html for n in ("DGC", "SG-CNN", "DyNet"))
     state = SearchState.load(tmp_path / "digits_operators")
@@ -259,17 +312,23 @@ def test_a_search_that_trains_nothing_exits_nonzero(ray_2cpu, tmp_path):
     """Two searches share one Optuna study (``optuna_storage``) over a one-point space: the
     second finds its only point trained, trains nothing, says so and exits 1."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [f"mlflow.tracking_uri={uri}", f"optuna_storage=sqlite:///{tmp_path / 'shared.db'}",
-            "num_trials=2", "trial.epochs=1", "mlflow.register_models=false",
-            "space={params: {model.heads: {type: categorical, choices: [4]}}}"]
+    sets = [
+        f"mlflow.tracking_uri={uri}",
+        f"optuna_storage=sqlite:///{tmp_path / 'shared.db'}",
+        "num_trials=2",
+        "trial.epochs=1",
+        "mlflow.register_models=false",
+        "space={params: {model.heads: {type: categorical, choices: [4]}}}",
+    ]
     first = load_experiment(SMOKE, [f"storage_dir={tmp_path / 'a'}", *sets])
     assert launch(first, SMOKE) == 0
     second = load_experiment(SMOKE, [f"storage_dir={tmp_path / 'b'}", *sets])
     assert launch(second, SMOKE) == 1
     client = mlflow.MlflowClient(uri)
     exp_id = client.get_experiment_by_name("smoke").experiment_id
-    parents = client.search_runs([exp_id], "tags.`dgc_search.kind` = 'search'",
-                                 order_by=["attributes.start_time ASC"])
+    parents = client.search_runs(
+        [exp_id], "tags.`dgc_search.kind` = 'search'", order_by=["attributes.start_time ASC"]
+    )
     assert [p.info.status for p in parents] == ["FINISHED", "FAILED"]
     kids = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parents[1].info.run_id}'")
     assert kids == []

@@ -1,4 +1,5 @@
 """MO-ASHA's promotion rule on hand-made rung results, and its state across a driver restart."""
+
 from __future__ import annotations
 
 import math

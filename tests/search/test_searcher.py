@@ -1,4 +1,5 @@
 """The searcher driven by hand (no Tune): budget handling, constraints and telling results."""
+
 from __future__ import annotations
 
 import optuna
@@ -79,14 +80,17 @@ def test_a_resumed_searcher_does_not_propose_points_the_study_already_holds(tmp_
     again = _searcher(tmp_path, "warm_start=[]")  # as after `resume`: same seed, same study
     for i in range(4):
         again.suggest(f"b{i}")
-    fresh = [t.params for t in again.study.trials[len(done):] if t.state.name == "RUNNING"]
+    fresh = [t.params for t in again.study.trials[len(done) :] if t.state.name == "RUNNING"]
     assert len(fresh) == 4 and not [p for p in fresh if p in done]
 
 
 def test_a_point_already_trained_is_not_trained_twice(tmp_path):
     # One categorical parameter with two values: the third suggestion can only repeat one.
-    s = _searcher(tmp_path, "warm_start=[]",
-                  "space={params: {model.heads: {type: categorical, choices: [2, 4]}}}")
+    s = _searcher(
+        tmp_path,
+        "warm_start=[]",
+        "space={params: {model.heads: {type: categorical, choices: [2, 4]}}}",
+    )
     a, b = s.suggest("a"), s.suggest("b")
     assert {a["model"]["heads"], b["model"]["heads"]} == {2, 4}
     assert s.suggest("c") is Searcher.FINISHED  # the space is exhausted
@@ -95,14 +99,16 @@ def test_a_point_already_trained_is_not_trained_twice(tmp_path):
 
 
 def test_references_come_first_once_and_are_told_flagged_without_params(tmp_path):
-    s = _searcher(tmp_path, "references={dense: true, static_group: [0.25, 0.5]}",
-                  "trial.epochs=4", "sampler={name: tpe, seed: 0, n_startup_trials: 2}")
+    s = _searcher(
+        tmp_path,
+        "references={dense: true, static_group: [0.25, 0.5]}",
+        "trial.epochs=4",
+        "sampler={name: tpe, seed: 0, n_startup_trials: 2}",
+    )
     first = [s.suggest(t) for t in ("r1", "r2", "r3", "x")]
-    assert [c["model"]["name"] for c in first] == ["resnet8", "gcresnet8", "gcresnet8",
-                                                   "dyresnet8"]
+    assert [c["model"]["name"] for c in first] == ["resnet8", "gcresnet8", "gcresnet8", "dyresnet8"]
     assert [c["model"]["gate_factor"] for c in first[1:3]] == [0.25, 0.5]
-    assert [c["tags"].get("reference") for c in first] == ["dense", "group-0.25", "group-0.5",
-                                                          None]
+    assert [c["tags"].get("reference") for c in first] == ["dense", "group-0.25", "group-0.5", None]
     # A resumed searcher (new object, same study) issues no reference again.
     again = OptunaSearcher(s.exp, s.problem, s.ref)
     assert "reference" not in again.suggest("y")["tags"]
@@ -113,7 +119,9 @@ def test_references_come_first_once_and_are_told_flagged_without_params(tmp_path
     refs = {t.user_attrs["reference"]: t for t in again.study.trials if "reference" in t.user_attrs}
     assert len(refs) == 3 and all(t.params == {} for t in refs.values())
     assert refs["dense"].state == optuna.trial.TrialState.COMPLETE
-    assert refs["dense"].values == [0.9, 768394] and refs["dense"].user_attrs["ray_trial_id"] == "r1"
+    assert (
+        refs["dense"].values == [0.9, 768394] and refs["dense"].user_attrs["ray_trial_id"] == "r1"
+    )
     assert refs["group-0.25"].state == optuna.trial.TrialState.PRUNED
     assert refs["group-0.25"].user_attrs["stopped_at_epoch"] == 2
     assert refs["group-0.5"].state == optuna.trial.TrialState.FAIL
@@ -133,8 +141,12 @@ def test_a_stopped_trial_is_pruned_with_its_epoch(tmp_path):
 
 
 def test_tpe_learns_the_budget_from_pruned_over_budget_points(tmp_path):
-    s = _searcher(tmp_path, "budget.macs=500000", "num_trials=40",
-                  "sampler={name: tpe, seed: 0, n_startup_trials: 5}")
+    s = _searcher(
+        tmp_path,
+        "budget.macs=500000",
+        "num_trials=40",
+        "sampler={name: tpe, seed: 0, n_startup_trials: 5}",
+    )
     for i in range(30):
         s.suggest(f"t{i}")
         s.on_trial_complete(f"t{i}", {"val_accuracy": 0.5, "macs": 3e5})

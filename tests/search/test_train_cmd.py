@@ -14,8 +14,18 @@ SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
 def test_train_an_experiment_file_with_launch_style_overrides(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["train", SMOKE, "--set", "trial.epochs=1", "--set", "trial.model.heads=2",
-               "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            SMOKE,
+            "--set",
+            "trial.epochs=1",
+            "--set",
+            "trial.model.heads=2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1] and 0.0 <= lines[-1]["val_accuracy"] <= 1.0
@@ -33,7 +43,8 @@ def test_train_a_bare_trial_config_takes_the_same_keys(tmp_path):
 def test_train_refuses_overrides_outside_the_trial_section(tmp_path, capsys):
     assert main(["train", SMOKE, "--set", "num_trials=3"]) == 2
     assert "--set 'num_trials=3': train runs the file's trial: section, so only its keys" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 def test_train_an_experiment_with_trial_keys_unprefixed(tmp_path):

@@ -8,8 +8,14 @@ from trainables.config import TrialConfig
 
 def test_defaults_are_the_papers_recipe():
     o = TrialConfig().optim
-    assert (o.lr, o.momentum, o.nesterov, o.weight_decay, o.lasso, o.schedule) == \
-        (0.1, 0.9, True, 1e-4, 1e-5, "cosine")
+    assert (o.lr, o.momentum, o.nesterov, o.weight_decay, o.lasso, o.schedule) == (
+        0.1,
+        0.9,
+        True,
+        1e-4,
+        1e-5,
+        "cosine",
+    )
 
 
 def test_unknown_keys_rejected_at_every_level():

@@ -16,12 +16,16 @@ from trainables.config import DataParams
 def _write_cifar(root: Path, n: int, classes: int, cifar100: bool = False) -> None:
     rng = np.random.default_rng(0)
     key = b"fine_labels" if cifar100 else b"labels"
-    names = ["train", "test"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    names = (
+        ["train", "test"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    )
     folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
     folder.mkdir(parents=True)
     for name in names:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 key: rng.integers(0, classes, n).tolist()}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            key: rng.integers(0, classes, n).tolist(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
 
@@ -52,8 +56,9 @@ def test_cifar100_python_layout(tmp_path):
 
 def test_imagefolder_layout_png_and_jpeg_and_cache_reuse(tmp_path, monkeypatch):
     _write_imagefolder(tmp_path)
-    params = DataParams(dataset="imagefolder", datadir=str(tmp_path), val_size=2,
-                        cache_dir=str(tmp_path / "cache"))
+    params = DataParams(
+        dataset="imagefolder", datadir=str(tmp_path), val_size=2, cache_dir=str(tmp_path / "cache")
+    )
     s = D.load_splits(params)
     assert s.num_classes == 2 and s.train.images.shape[1:] == (3, 12, 12)
     assert (len(s.train), len(s.val), len(s.test)) == (10, 2, 12)
@@ -63,6 +68,7 @@ def test_imagefolder_layout_png_and_jpeg_and_cache_reuse(tmp_path, monkeypatch):
 
     def fail(*a, **k):
         raise AssertionError("decoded again instead of reading the cache")
+
     monkeypatch.setattr(D, "_decode_to_blob", fail)
     again = D.load_splits(params)
     assert torch.equal(again.train.images, s.train.images)
@@ -81,7 +87,9 @@ def _load_in_child(args: tuple[str, str, str]) -> int:
         return decode(*a, **k)
 
     D._decode_to_blob = counted
-    train, _, _ = D.cached_arrays(DataParams(dataset="imagefolder", datadir=datadir, cache_dir=cache))
+    train, _, _ = D.cached_arrays(
+        DataParams(dataset="imagefolder", datadir=datadir, cache_dir=cache)
+    )
     return int(train.images.sum())
 
 
@@ -93,7 +101,9 @@ def test_cache_survives_two_concurrent_writers(tmp_path):
     assert sums[0] == sums[1]
     assert decodes.read_text().count("decode") == 1  # the lock: one decodes, the other reads
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len([f for f in files if f.endswith(".pt")]) == 1 and not [f for f in files if ".tmp" in f]
+    assert len([f for f in files if f.endswith(".pt")]) == 1 and not [
+        f for f in files if ".tmp" in f
+    ]
 
 
 def test_validation_split_is_fixed_by_split_seed_and_disjoint():
@@ -105,9 +115,14 @@ def test_validation_split_is_fixed_by_split_seed_and_disjoint():
     assert a.in_chans == 1 and a.image_size == 8
 
 
-@pytest.mark.parametrize("dataset,expect", [("cifar10", "cifar-10-batches-py"),
-                                            ("cifar100", "cifar-100-python"),
-                                            ("imagefolder", "train/<class>")])
+@pytest.mark.parametrize(
+    "dataset,expect",
+    [
+        ("cifar10", "cifar-10-batches-py"),
+        ("cifar100", "cifar-100-python"),
+        ("imagefolder", "train/<class>"),
+    ],
+)
 def test_missing_dataset_names_path_and_layout(tmp_path, dataset, expect):
     with pytest.raises(D.DatasetError) as info:
         D.load_splits(DataParams(dataset=dataset, datadir=str(tmp_path)))
@@ -135,7 +150,7 @@ def test_crop_flip_is_a_shifted_possibly_mirrored_window():
     img = torch.arange(64, dtype=torch.uint8).view(1, 1, 8, 8).repeat(64, 1, 1, 1)
     out = D._crop_flip(img, torch.Generator().manual_seed(0), pad=2)
     padded = torch.nn.functional.pad(img[0], (2, 2, 2, 2))[0]
-    windows = {padded[r:r + 8, c:c + 8] for r in range(5) for c in range(5)}
+    windows = {padded[r : r + 8, c : c + 8] for r in range(5) for c in range(5)}
     keys = {w.numpy().tobytes() for w in windows} | {w.flip(-1).numpy().tobytes() for w in windows}
     assert all(o[0].numpy().tobytes() in keys for o in out)
     assert len({o.numpy().tobytes() for o in out}) > 10  # really random
@@ -147,9 +162,11 @@ def test_imagenet_layout_uses_standard_transforms(tmp_path):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(5):
                 Image.fromarray(np.full((40, 48, 3), 30 * i, np.uint8)).save(
-                    tmp_path / split / c / f"{i}.JPEG")
-    params = DataParams(dataset="imagenet", datadir=str(tmp_path), val_size=2, batch_size=4,
-                        eval_batch_size=3)
+                    tmp_path / split / c / f"{i}.JPEG"
+                )
+    params = DataParams(
+        dataset="imagenet", datadir=str(tmp_path), val_size=2, batch_size=4, eval_batch_size=3
+    )
     train, val, test, classes = D.imagenet_loaders(params, workers=0, channels_last=False)
     assert classes == 2 and len(train.dataset) == 8 and len(val.dataset) == 2
     x, y = next(train.epoch(torch.Generator().manual_seed(0)))
@@ -183,7 +200,9 @@ def test_cifar_batch_in_the_official_python2_numpy1_spelling_loads(tmp_path):
     _write_cifar(tmp_path, 4, 10)
     folder = tmp_path / "cifar-10-batches-py"
     batch = {b"data": np.arange(4 * 3072, dtype=np.uint8).reshape(4, 3072), b"labels": [1, 2, 3, 4]}
-    raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    raw = pickle.dumps(batch, protocol=2).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray"
+    )
     assert b"numpy.core.multiarray" in raw
     (folder / "test_batch").write_bytes(raw)
     s = D.load_splits(DataParams(dataset="cifar10", datadir=str(tmp_path), val_size=10))
@@ -205,6 +224,9 @@ def test_a_file_with_an_image_suffix_that_is_not_an_image_is_named(tmp_path):
     (tmp_path / "train" / "dog" / "zz_notes.jpg").write_text("not an image, a text file\n")
     (tmp_path / "train" / "dog" / "zz_cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
     params = DataParams(dataset="imagefolder", datadir=str(tmp_path), val_size=2)
-    with pytest.raises(D.DatasetError, match=r"2 unreadable image file\(s\) in .*train: .*"
-                       r"zz_cut.png: not a readable image .*remove or replace it"):
+    with pytest.raises(
+        D.DatasetError,
+        match=r"2 unreadable image file\(s\) in .*train: .*"
+        r"zz_cut.png: not a readable image .*remove or replace it",
+    ):
         D.load_splits(params)

@@ -15,13 +15,25 @@ def test_train_dgc_under_a_real_ray_tune_run(ray_2cpu, tmp_path):
     from ray import tune
 
     splits = load_splits(DataParams(val_size=300))
-    space = {"epochs": 2, "seed": 0, "checkpoint_every": 1,
-             "model": {"name": "dyresnet8", "gate_factor": tune.grid_search([0.25, 0.5])},
-             "data": {"batch_size": 64, "val_size": 300}, "optim": {"lr": 0.05}}
+    space = {
+        "epochs": 2,
+        "seed": 0,
+        "checkpoint_every": 1,
+        "model": {"name": "dyresnet8", "gate_factor": tune.grid_search([0.25, 0.5])},
+        "data": {"batch_size": 64, "val_size": 300},
+        "optim": {"lr": 0.05},
+    }
     trainable = tune.with_resources(tune.with_parameters(train_dgc, splits=splits), {"cpu": 1})
-    tuner = tune.Tuner(trainable, param_space=space,
-                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="t", verbose=0,
-                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path),
+            name="t",
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
     results = tuner.fit()
     assert results.num_errors == 0 and len(results) == 2
     macs = set()

@@ -55,7 +55,7 @@ class _Plan(ctypes.Structure):
     """direct_conv.c's ``FusedPlan``."""
 
     _fields_ = [(name, _PTR) for name in ("bn_a", "bn_c", "fc1", "fc2t", "b2", "weight")]
-    _fields_ += [(name, _I64) for name in "B C H W r heads n O k stride pad Ho Wo".split()]
+    _fields_ += [(name, _I64) for name in "B C H W r heads n O k stride pad Ho Wo xc".split()]
     _fields_ += [("mask", ctypes.c_int32), ("threads", ctypes.c_int32)]
 
 
@@ -89,7 +89,8 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_igrad_fused.argtypes += [ctypes.c_int]
     lib.dgc_igrad_fused.restype = ctypes.c_int
     lib.dgc_group_conv_eval.argtypes = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR]
-    lib.dgc_group_conv_eval.argtypes += [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
+    lib.dgc_group_conv_eval.argtypes += [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64]
+    lib.dgc_group_conv_eval.argtypes += [ctypes.c_int]
     lib.dgc_group_conv_eval.restype = ctypes.c_int
     lib.dgc_bn_relu_train.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float]
     lib.dgc_bn_relu_train.argtypes += [_PTR, _PTR, _PTR, _PTR, ctypes.c_int]
@@ -412,20 +413,35 @@ class FusedPlan:
         self._plan = _Plan(
             _ptr(a), _ptr(d), fc1.data_ptr(), fc2t.data_ptr(), b2.data_ptr(), weight.data_ptr(),
             b, c, h, w, fc1.shape[1], fc1.shape[0], n_inactive, o, k, stride, padding, ho, wo,
-            int(mask), torch.get_num_threads(),
+            c, int(mask), torch.get_num_threads(),
         )  # fmt: skip
         self._ref = ctypes.byref(self._plan)
 
     def __call__(self, x: Tensor) -> Tensor:
-        # x: (B, C, H, W) of the planned shape, float32, CPU
-        x = x.contiguous()
+        # x: (B, C, H, W) of the planned shape, float32, CPU; contiguous or a channel slice
+        x, xc = channel_slice(x)
         y = torch.empty(self.out_shape)  # (B, O, H', W')
         threads = torch.get_num_threads()
         if threads != self._plan.threads:
             self._plan.threads = threads
+        if xc != self._plan.xc:
+            self._plan.xc = xc
         if self._call(self._ref, x.data_ptr(), y.data_ptr()) != 0:
             raise MemoryError("dgc fused_eval: cannot allocate its scratch buffer")
         return y  # (B, O, H', W')
+
+
+def channel_slice(x: Tensor) -> tuple[Tensor, int]:
+    """x (B, C, H, W) as the eval kernels read it, and the channels a sample spans in memory:
+    x itself where it is contiguous or a channel slice of a wider contiguous tensor (a
+    DenseNet stage's features, ``buffer[:, :C]``), else a contiguous copy."""
+    b, c, h, w = x.shape
+    if x.is_contiguous():
+        return x, c
+    sb, sc, sh, sw = x.stride()
+    if sw == 1 and sh == w and sc == h * w and sb % (h * w) == 0 and sb >= c * h * w:
+        return x, sb // (h * w)
+    return x.contiguous(), c
 
 
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
@@ -483,14 +499,19 @@ class GroupConvPlan:
         self._head = (b, c, h, w, groups, _ptr(a), _ptr(d), rows.data_ptr())
         self._tail = (out_channels, k, stride, padding)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        # x: (B, C, H, W) of the planned shape, float32, CPU
-        x = x.contiguous()
-        y = torch.empty(self.out_shape)  # (B, O, H', W')
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W) of the planned shape, float32, CPU; contiguous or a channel slice.
+        out: where to write, (B, O, H', W') contiguous or a channel slice (None: a new tensor)."""
+        x, xc = channel_slice(x)
+        y = torch.empty(self.out_shape) if out is None else out  # (B, O, H', W')
+        y, yc = channel_slice(y)
+        if y is not out and out is not None:
+            raise ValueError("GroupConvPlan: out must be contiguous or a channel slice")
         ho, wo = self.out_shape[2:]
         status = self._call(
-            x.data_ptr(), *self._head, *self._tail, y.data_ptr(), ho, wo, torch.get_num_threads()
-        )
+            x.data_ptr(), *self._head, *self._tail, y.data_ptr(), ho, wo, xc, yc,
+            torch.get_num_threads(),
+        )  # fmt: skip
         if status != 0:
             raise MemoryError("dgc group_conv_eval: cannot allocate its scratch buffer")
         return y  # (B, O, H', W')

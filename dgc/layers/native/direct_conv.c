@@ -19,7 +19,8 @@
  * `stride` column phases so that a strided convolution reads contiguous columns. Where the
  * (sample, head) pairs share the threads evenly, each thread gathers one pair's planes into
  * its own scratch and convolves them at once (convolve_local), while they are in its cache.
- * Dilation 1 only. float32, contiguous tensors. Every ReLU here keeps a NaN, as torch's does
+ * Dilation 1 only. float32, contiguous tensors, except that the eval forwards' input (and the
+ * group conv's output) may be a channel slice of a wider tensor. Every ReLU here keeps a NaN, as torch's does
  * (a NaN input must give a NaN output and loss, not zeros).
  */
 #include <math.h>
@@ -36,6 +37,7 @@ typedef struct {
     int64_t B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo;
     int64_t Hp, Wph, plane; /* rows, columns per phase, floats per (b, i, c) work plane */
     int64_t sj, si; /* output j of head i is channel j*sj + i*si: (heads, 1) interleaved */
+    int64_t xc, yc; /* channels a sample spans in x and y (C and O unless slices of wider) */
 } Shape;
 
 /* Zero what the copy below leaves unwritten in a stride-1 plane: the padding rows, and each
@@ -60,7 +62,7 @@ static void gather_plane(const float *x, const int64_t *index, const float *scal
                          int64_t t) {
     const int64_t b = t / (s->heads * s->K), ch = index[t];
     const float a = scale[t];
-    const float *src = x + (b * s->C + ch) * s->H * s->W;
+    const float *src = x + (b * s->xc + ch) * s->H * s->W;
     /* scale * ReLU(na * v + nc) = ReLU(scale * na * v + scale * nc), as scale >= 0 */
     const float na = a * (bn_a ? bn_a[ch] : 1.0f), nc = bn_a ? a * bn_c[ch] : 0.0f;
     const int64_t hw = s->H * s->W;
@@ -161,7 +163,7 @@ static inline __attribute__((always_inline)) void tile(
     const int64_t n = s->Wo - x0 < 8 * NV ? s->Wo - x0 : 8 * NV;
     for (int jj = 0; jj < JB; jj++)
         for (int rq = 0; rq < R && oy + rq < s->Ho; rq++) {
-            float *out = y + (b * s->O + (j0 + jj) * s->sj + i * s->si) * s->Ho * s->Wo +
+            float *out = y + (b * s->yc + (j0 + jj) * s->sj + i * s->si) * s->Ho * s->Wo +
                          (oy + rq) * s->Wo + x0;
             if (n == 8 * NV) { /* a full tile row: vector stores */
                 for (int q = 0; q < NV; q++) *(v8u *)(out + 8 * q) = acc[jj][rq * NV + q];
@@ -329,7 +331,7 @@ static void geometry(int64_t H, int64_t W, int64_t k, int64_t stride, int64_t pa
 static Shape make_shape(int64_t B, int64_t C, int64_t H, int64_t W, int64_t heads, int64_t K,
                         int64_t O, int64_t k, int64_t stride, int64_t pad, int64_t Ho,
                         int64_t Wo) {
-    Shape s = {B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo, 0, 0, 0, heads, 1};
+    Shape s = {B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo, 0, 0, 0, heads, 1, C, O};
     geometry(H, W, k, stride, pad, Ho, Wo, &s.Hp, &s.Wph);
     s.plane = stride * s.Hp * s.Wph;
     return s;
@@ -357,15 +359,19 @@ int dgc_direct_conv(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
  * channels at scale 1. rows: the weight in row layout over all C channels (row i*C + c holds
  * group i's kernels of channel c; only the group's own rows are read). Why: oneDNN runs
  * CondenseNet's 3x3 group convs (8-32 channels a group, 2-8 outputs) at a few GMAC/s at batch
- * 1. Returns 0, or -1 when a scratch buffer cannot be allocated. */
+ * 1. x and y may be channel slices of wider tensors (a DenseNet stage's features): sample b's
+ * channels start at x + b*xc*H*W and y + b*yc*Ho*Wo. Returns 0, or -1 when a scratch buffer
+ * cannot be allocated. */
 int dgc_group_conv_eval(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
                         int64_t groups, const float *bn_a, const float *bn_c, const float *rows,
                         int64_t O, int64_t k, int64_t stride, int64_t pad, float *y, int64_t Ho,
-                        int64_t Wo, int threads) {
+                        int64_t Wo, int64_t xc, int64_t yc, int threads) {
     const int64_t K = C / groups, n = B * groups * K;
     Shape s = make_shape(B, C, H, W, groups, K, O, k, stride, pad, Ho, Wo);
     s.sj = 1;
     s.si = O / groups;
+    s.xc = xc;
+    s.yc = yc;
     const int local = local_balances(&s, threads);
     const int64_t planes = local ? 0 : n * s.plane;
     float *buf = scratch(sizeof(int64_t) * n + sizeof(float) * (n + planes));
@@ -734,6 +740,7 @@ static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int m
 typedef struct {
     const float *bn_a, *bn_c, *fc1, *fc2t, *b2, *weight;
     int64_t B, C, H, W, r, heads, n, O, k, stride, pad, Ho, Wo;
+    int64_t xc; /* channels a sample spans in x: C, or more where x is a channel slice */
     int32_t mask, threads;
 } FusedPlan;
 
@@ -742,8 +749,8 @@ typedef struct {
 int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
     const int64_t B = p->B, C = p->C, hw = p->H * p->W, heads = p->heads, r = p->r;
     const int64_t K = C - p->n, threads = p->threads;
-    const Shape s = make_shape(B, C, p->H, p->W, heads, K, p->O, p->k, p->stride, p->pad, p->Ho,
-                               p->Wo);
+    Shape s = make_shape(B, C, p->H, p->W, heads, K, p->O, p->k, p->stride, p->pad, p->Ho, p->Wo);
+    s.xc = p->xc;
     const int64_t per_head = r + 2 * C; /* hidden, saliencies, selection tmp */
     const int local = local_balances(&s, threads);
     const int64_t planes = local ? 0 : B * heads * K * s.plane;
@@ -757,7 +764,8 @@ int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < B * C; t++) {
         const int64_t c = t % C;
-        z[t] = plane_mean(x + t * hw, hw, bn_a ? bn_a[c] : 1.0f, bn_a ? bn_c[c] : 0.0f, !!bn_a);
+        const float *v = x + (t / C * p->xc + c) * hw;
+        z[t] = plane_mean(v, hw, bn_a ? bn_a[c] : 1.0f, bn_a ? bn_c[c] : 0.0f, !!bn_a);
     }
     /* per (sample, head): the heads' generators are independent, so batch 1 uses every thread */
 #pragma omp parallel for num_threads(threads) schedule(static)
