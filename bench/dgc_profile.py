@@ -21,8 +21,8 @@ stem     the ImageNet stem (7x7 conv, BN, ReLU, max-pool) of ``model`` in infere
          (dgc.models.resnet.ImageNetStem), round-robin, outputs compared; --batches.
 shipped  what the MLflow model pays: the eval network, eager, against its torch.export
          program loaded back (torch.export.save / load, as MLflow's pt2 format), exported as
-         is and through dgc.layers.shipped.FlatState (what search logs), round-robin under
-         inference_mode; and every DGC layer called eagerly against dgc's operator with the
+         is and as dgc.ShippedModel (the network as one operator: what search logs),
+         round-robin under inference_mode; and every DGC layer called eagerly against dgc's operator with the
          same tensors (the operator's dispatch and cached-layer lookup), summed over layers.
 bntrain  the training BN-ReLU of every DGC layer's input shape: torch's BatchNorm2d + ReLU
          against the layer's native pass, forward and forward + backward, with torch's eval
@@ -255,18 +255,17 @@ def stem(a: argparse.Namespace) -> None:
 def shipped(a: argparse.Namespace) -> None:
     import tempfile
 
-    try:
-        from dgc.layers.shipped import FlatState
-    except ImportError:  # an older checkout on PYTHONPATH (before/after): no flat row
-        FlatState = None  # noqa: N806
-
-    model = build(a.model, gate_of(a.model, a.gate), "cpu", torch.float32, a.size).eval()
+    gate = gate_of(a.model, a.gate)
+    model = build(a.model, gate, "cpu", torch.float32, a.size).eval()
     example = torch.randn(2, 3, a.size, a.size)
     batch = ({0: torch.export.Dim("batch", min=1)},)
     fns = {"eager": model}
     with tempfile.TemporaryDirectory() as tmp:
-        flat = [] if FlatState is None else [("pt2 FlatState", FlatState(model))]
-        for name, module in [("pt2 as is", model), *flat]:
+        shipped = []  # what search logs; absent from an older checkout (before/after)
+        if hasattr(dgc, "ShippedModel"):
+            kwargs = {} if gate is None else {"gate_factor": gate}
+            shipped = [("pt2 ShippedModel", dgc.ShippedModel(model, a.model, kwargs, example))]
+        for name, module in [("pt2 as is", model), *shipped]:
             path = Path(tmp) / f"{len(fns)}.pt2"
             torch.export.save(torch.export.export(module, (example,), dynamic_shapes=batch), path)
             fns[name] = torch.export.load(path).module()

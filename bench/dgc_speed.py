@@ -13,10 +13,10 @@ train   one training step (forward, cross-entropy + 1e-5 * aux loss, backward, S
         dense, gc (gate 0.5) and dy at gate 0.25 and 0.5.
 export  the DGC network as it ships: eager eval (native kernel where it wins), the two
         TorchScript files that `search export` writes (search.commands.write_export: model.ts
-        records dgc's operator, model_portable.ts torch kernels) and the model MLflow logs and
-        loads back (mlflow.pytorch.log_model / load_model in a temporary SQLite store); and the
-        dense network eager and through MLflow (torch.export's own overhead). Outputs are
-        compared with the eager model's.
+        records dgc's operators, model_portable.ts torch kernels) and the model MLflow logs and
+        loads back (dgc.ShippedModel through mlflow.pytorch.log_model / load_model in a
+        temporary SQLite store); and the dense network eager and through MLflow (the loaded
+        pt2 module's own overhead). Outputs are compared with the eager model's.
 
 Variants of one (family, batch) are timed round-robin in one process (load drift hits all
 alike); each figure is the median of --runs timed calls after two warm-ups. Interleaving calls
@@ -198,9 +198,9 @@ def export(a: argparse.Namespace) -> list[dict]:
             "eager eval": model,
             "TorchScript model.ts (search export)": torch.jit.load(str(tmp / "export/model.ts")),
             "TorchScript model_portable.ts": torch.jit.load(str(tmp / "export/model_portable.ts")),
-            "MLflow": mlflow_round_trip(model, size, tmp),
+            "MLflow": mlflow_round_trip(model, name, {"gate_factor": 0.25}, size, tmp),
             "dense eager eval": dense,
-            "dense MLflow": mlflow_round_trip(dense, size, tmp),
+            "dense MLflow": mlflow_round_trip(dense, family, {}, size, tmp),
         }
         for batch in a.batches or batches:
             x = torch.randn(batch, 3, size, size)
@@ -240,17 +240,18 @@ def write_export_of(model: torch.nn.Module, out: Path, size: int, name: str) -> 
     write_export(model, out, (3, size, size), {"name": name})
 
 
-def mlflow_round_trip(model: torch.nn.Module, size: int, tmp: Path) -> Callable:
-    """``model`` as search's Pareto registration logs it (pt2, batch-2 example), loaded back."""
+def mlflow_round_trip(
+    model: torch.nn.Module, name: str, kwargs: dict, size: int, tmp: Path
+) -> Callable:
+    """``model`` (``dgc.create_model(name, **kwargs)``) as search's Pareto registration logs it
+    (pt2 of ``dgc.ShippedModel``, batch-2 example), loaded back."""
     import mlflow
-
-    from dgc.layers.shipped import FlatState
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
     with mlflow.start_run():
         example = torch.randn(2, 3, size, size)
-        flat = FlatState(model)  # as search.results logs it
-        info = mlflow.pytorch.log_model(flat, name="model", input_example=example.numpy())
+        shipped = dgc.ShippedModel(model, name, kwargs, example)  # as search.results logs it
+        info = mlflow.pytorch.log_model(shipped, name="model", input_example=example.numpy())
     return mlflow.pytorch.load_model(info.model_uri)
 
 

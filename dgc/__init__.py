@@ -2,7 +2,8 @@
 (depends on torch only).
 
 Front doors: ``create_model(name, **kwargs)``, ``list_models()``, ``count_cost(model, size)``,
-``set_progress(model, p)`` and ``aux_loss(model)``.
+``set_progress(model, p)``, ``aux_loss(model)``, and ``ShippedModel`` (the eval model as one
+operator, for ``torch.export``: what search logs to MLflow).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dgc.ops import load_dense_weights
 from dgc.ops import set_kernel_choices
 from dgc.ops import set_progress
 from dgc.ops import sg_layers
+from dgc.program import ShippedModel
 from dgc.registry import create_model
 from dgc.registry import list_models
 from dgc.registry import model_kind
@@ -34,6 +36,7 @@ __all__ = [
     "DynamicKernelConv2d",
     "GateSchedule",
     "SelfGroupingConv2d",
+    "ShippedModel",
     "aux_loss",
     "count_cost",
     "create_model",

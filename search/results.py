@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import torch
 
-from dgc.layers.shipped import FlatState
+from dgc.program import ShippedModel
 from search import names as N
 from search.pareto import pareto_ranks
 from search.plots import fmt_metric
@@ -152,45 +152,45 @@ def _log_model(
     model = build_model(cfg, num_classes, input_size[0])
     model.load_state_dict(load_state(Path(checkpoint) / STATE_FILE)["model"])
     model.eval()
+    meta = _model_meta(cfg, num_classes, input_size)
     # Batch 2: a batch of 1 would let torch.export (MLflow's pt2 format) specialise it to 1.
     example = np.random.default_rng(0).standard_normal((2, *input_size)).astype(np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)
+    kwargs = {"num_classes": num_classes, "in_chans": input_size[0], **meta["kwargs"]}
+    # The eval model as one dgc operator: the loaded program runs the eager model's forward
+    shipped = ShippedModel(model, meta["name"], kwargs, torch.from_numpy(example))
     with tracking_uri(tracking.uri), mlflow.start_run(run_id=p.run_id):
         # Explicit requirements: MLflow's inference imports the model in a subprocess (seconds
         # per model); a pt2 model needs only torch to load.
         info = mlflow.pytorch.log_model(
-            FlatState(model),  # torch.export's loaded module: one attribute per tensor
+            shipped,
             name="model",
             signature=signature,
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-    _log_weights(tracking, p.run_id, model, cfg, num_classes, input_size)
+    _log_weights(tracking, p.run_id, model, meta)
     client.set_tag(p.run_id, N.MODEL_URI_TAG, info.model_uri)
     return info.model_uri
 
 
-def _log_weights(
-    tracking: Tracking,
-    run_id: str,
-    model: torch.nn.Module,
-    cfg: TrialConfig,
-    num_classes: int,
-    input_size: tuple[int, int, int],
-) -> None:
-    """The plain contract next to the MLflow model: ``dgc.create_model(name, **kwargs)`` then
-    ``load_state_dict(torch.load("weights.pt", weights_only=True))``."""
-    import tempfile
-
-    meta = {
+def _model_meta(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, int]) -> dict:
+    return {
         "name": cfg.model.name,
         "num_classes": num_classes,
         "in_chans": input_size[0],
         "kwargs": {k: v for k, v in cfg.model.arch_kwargs().items() if v is not None},
         "input_size": list(input_size),
     }
+
+
+def _log_weights(tracking: Tracking, run_id: str, model: torch.nn.Module, meta: dict) -> None:
+    """The plain contract next to the MLflow model: ``dgc.create_model(name, **kwargs)`` then
+    ``load_state_dict(torch.load("weights.pt", weights_only=True))``."""
+    import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(model.state_dict(), Path(tmp) / "weights.pt")
         (Path(tmp) / "model_meta.json").write_text(json.dumps(meta, indent=2))

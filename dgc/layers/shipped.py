@@ -1,21 +1,25 @@
-"""The DGC layer's eval forward as one registered operator, for the programs that ship.
+"""The DGC layer's and the DenseNets' BN-ReLU-group conv's eval forwards as registered
+operators, for the programs that ship.
 
-A TorchScript trace or ``torch.export`` (the MLflow model) records torch operators; a ctypes
-call into the native kernel, or the layer's per-shape kernel choice, cannot be recorded. So an
-eval ``DynamicGroupConv2d`` that is being traced records one call to
-``torch.ops.dgc.dynamic_group_conv_eval`` instead of its torch kernels, and that operator runs
-the eager eval forward: BN-ReLU, gate, selection and the fastest kernel for the input shape
-(the native fused one where it wins), chosen when the program first sees that shape, at
-whatever batch size it runs. The program's DGC layers then run the eager model's code
-(docs/benchmarks.md 6.4 measures the programs against the eager model).
+A TorchScript trace or ``torch.export`` records torch operators; a ctypes call into the native
+kernel, or a layer's per-shape kernel choice, cannot be recorded. So an eval
+``DynamicGroupConv2d`` that is being traced records one call to
+``torch.ops.dgc.dynamic_group_conv_eval`` instead of its torch kernels (a
+``PreactGroupConv2d``: ``torch.ops.dgc.preact_group_conv_eval``), and that operator runs the
+eager eval forward: BN-ReLU, gate, selection and the fastest kernel for the input shape (the
+native one where it wins), chosen when the program first sees that shape, at whatever batch
+size it runs. The program's layers then run the eager model's code (docs/benchmarks.md 6.4
+measures the programs against the eager model). ``search export``'s ``model.ts`` is such a
+trace; the MLflow model goes further and records the whole network as one operator
+(``dgc.program``).
 
-The operator is registered by ``import dgc``: a process loading such a program must import
+The operators are registered by ``import dgc``: a process loading such a program must import
 ``dgc`` first (``torch.jit.load`` and ``torch.export.load`` otherwise report the unknown op).
 A trace of plain torch operators, loadable without ``dgc`` and slower, is still available:
-set ``layer.ship_op = False`` on every DGC layer before tracing (``search export`` writes
+set ``ship_op = False`` on every module that has it before tracing (``search export`` writes
 both, as ``model.ts`` and ``model_portable.ts``).
 
-Per call the operator finds the eager layer built around the tensors it receives: an LRU
+Per call an operator finds the eager layer built around the tensors it receives: an LRU
 cache keyed by their storage addresses holds those layers (and so keeps their tensors alive:
 up to ``CACHED_LAYERS`` layers' parameters after a program is dropped); a cached layer
 checks its tensors' versions itself, so an in-place parameter update rebuilds its plan.
@@ -145,46 +149,6 @@ def _(x, weight, fc1_weight, fc2_weight, fc2_bias, *args):  # noqa: ANN001, ANN0
     ho = (x.shape[2] + 2 * padding - span) // stride + 1
     wo = (x.shape[3] + 2 * padding - span) // stride + 1
     return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
-
-
-class FlatState(nn.Module):
-    """``model``'s forward with its parameters and buffers registered one level deep
-    (``stages.0.0.conv1.weight`` as ``stages__0__0__conv1__weight``), for ``torch.export``.
-
-    The module that ``torch.export.load(...).module()`` rebuilds (what MLflow's pt2 format
-    loads) fetches every tensor by its attribute path on every call: a DGC network's 330-770
-    tensors at 3-5 nested ``nn.Module.__getattr__`` each. Exported through this module the
-    paths are one name long: DyResNet-20's program at batch 1 went from 0.51-0.57x the eager
-    model's speed to 0.85-0.96x (docs/benchmarks.md 6.4). The forward is ``model``'s own
-    (``torch.func.functional_call`` with these tensors, which are ``model``'s, not copies);
-    the loaded program's ``state_dict`` uses the flat names.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.__dict__["model"] = model  # not a submodule: its tensors are registered here only
-        self._paths: dict[str, str] = {}
-        persistent = set(model.state_dict(keep_vars=True))
-        for path, t in [*model.named_parameters(), *model.named_buffers()]:
-            name = path.replace(".", "__")
-            if name in self._paths:
-                raise ValueError(f"FlatState: {path!r} and {self._paths[name]!r} flatten alike")
-            self._paths[name] = path
-            if isinstance(t, nn.Parameter):
-                self.register_parameter(name, t)
-            else:
-                self.register_buffer(name, t, persistent=path in persistent)
-        self.train(model.training)
-
-    def train(self, mode: bool = True) -> FlatState:
-        super().train(mode)
-        self.model.train(mode)  # the forward is the model's: its mode is the one that counts
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        tensors = {**self._parameters, **self._buffers}  # flat name -> tensor
-        state = {self._paths[name]: t for name, t in tensors.items()}
-        return torch.func.functional_call(self.model, state, (x,))  # model(x)
 
 
 GROUP_SCHEMA = (

@@ -93,35 +93,3 @@ def test_a_program_runs_under_inference_mode_and_with_inference_tensors():
         inference = _layer(16, 16, 3, 1, 4, 0.25)  # parameters without version counters
         torch.testing.assert_close(inference(x), expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(inference(x), expected, rtol=1e-4, atol=1e-5)
-
-
-def test_flat_state_exports_one_attribute_per_tensor_and_equal_outputs():
-    import dgc
-
-    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
-    dgc.set_progress(model, 1.0)
-    flat = shipped.FlatState(model.eval())
-    assert not flat.training and not model.training
-    flat.train()
-    assert model.training  # the forward is the model's: its mode follows
-    flat.eval()
-    persistent = set(model.state_dict())
-    assert set(flat.state_dict()) == {k.replace(".", "__") for k in persistent}
-    assert flat.stages__0__0__conv1__weight is model.stages[0][0].conv1.weight  # not a copy
-    x = torch.randn(3, 1, 8, 8)
-    program = torch.export.export(flat, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))
-    loaded = program.module()
-    assert all("." not in name for name, _ in loaded.named_parameters())
-    assert "stages__0__0__conv1__weight" in loaded.state_dict()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
-        model.stages[0][0].conv1.weight.mul_(2.0)  # shared with the program
-        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
-
-
-def test_flat_state_refuses_names_that_flatten_alike():
-    model = torch.nn.Module()
-    model.a = torch.nn.Linear(2, 2)
-    model.register_parameter("a__weight", torch.nn.Parameter(torch.ones(2, 2)))
-    with pytest.raises(ValueError, match="flatten alike"):
-        shipped.FlatState(model)

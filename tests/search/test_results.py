@@ -79,9 +79,9 @@ def test_the_plots_mark_references_and_stopped_trials(tmp_path):
 
 
 def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
-    """The Pareto models are logged as MLflow's pt2 (torch.export) with each DGC layer as
-    dgc's operator: a process that imports dgc loads and runs them; one that does not is
-    told which operator is missing."""
+    """The Pareto models are logged as MLflow's pt2 (torch.export) of dgc.ShippedModel, the
+    network as one dgc operator: a process that imports dgc loads and runs them; one that
+    does not is told which operator is missing."""
     import subprocess
     import sys
 
@@ -90,7 +90,6 @@ def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
     import torch
 
     import dgc
-    from dgc.layers.shipped import FlatState
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torch.manual_seed(0)
@@ -105,7 +104,11 @@ def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run():
-            info = mlflow.pytorch.log_model(FlatState(model), name="model", input_example=example)
+            shipped = dgc.ShippedModel(
+                model, "dyresnet8", {"num_classes": 10, "in_chans": 1, "gate_factor": 0.25},
+                torch.from_numpy(example),
+            )  # fmt: skip
+            info = mlflow.pytorch.log_model(shipped, name="model", input_example=example)
     finally:
         mlflow.set_tracking_uri(None)
     load = f"import mlflow; mlflow.set_tracking_uri({uri!r}); m = mlflow.pytorch.load_model({info.model_uri!r})\n"
@@ -113,11 +116,12 @@ def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
         "import numpy as np, torch\n"
         f"y = m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r})))\n"
         f"torch.testing.assert_close(y, torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True))\n"
-        # one attribute per tensor (FlatState): no nested module paths fetched per call
-        "assert 'stages__0__0__conv1__weight' in m.state_dict(), list(m.state_dict())[:3]\n"
+        # the tensors packed one buffer per dtype, the network one operator
+        "assert set(m.state_dict()) == {'tensors_float32', 'tensors_int64'}, list(m.state_dict())\n"
+        "assert str(m.graph).count('dgc.model_eval') == 1, m.graph\n"
     )
     run = lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # noqa: E731
     done = run("import dgc\n" + load + check)
     assert done.returncode == 0, done.stderr[-2000:]
     done = run(load)
-    assert done.returncode != 0 and "dgc.dynamic_group_conv_eval" in done.stderr
+    assert done.returncode != 0 and "dgc.model_eval" in done.stderr
