@@ -22,8 +22,9 @@ stem     the ImageNet stem (7x7 conv, BN, ReLU, max-pool) of ``model`` in infere
 shipped  what the MLflow model pays: the eval network, eager, against its torch.export
          program loaded back (torch.export.save / load, as MLflow's pt2 format), exported as
          is and as dgc.ShippedModel (the network as one operator: what search logs),
-         round-robin under inference_mode; and every DGC layer called eagerly against dgc's operator with the
-         same tensors (the operator's dispatch and cached-layer lookup), summed over layers.
+         round-robin under inference_mode; and every DGC layer called eagerly against dgc's
+         operator with the same tensors (the operator's dispatch and cached-layer lookup),
+         summed over layers.
 bntrain  the training BN-ReLU of every DGC layer's input shape: torch's BatchNorm2d + ReLU
          against the layer's native pass, forward and forward + backward, with torch's eval
          BN and a plane sum for scale, round-robin; microseconds per call.

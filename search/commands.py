@@ -210,8 +210,8 @@ def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta:
     print(
         f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "
         f"in_chans=, **kwargs)), model.ts (TorchScript, input Nx{shape}; `import dgc` before "
-        "torch.jit.load: its DGC layers call dgc's operator, as fast as the eager model) and "
-        "model_portable.ts (plain torch operators: loads without dgc, slower)"
+        "torch.jit.load: its DGC layers and group convs call dgc's operators, as fast as the "
+        "eager model) and model_portable.ts (plain torch operators: loads without dgc, slower)"
     )
     return 0
 
