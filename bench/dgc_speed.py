@@ -237,7 +237,7 @@ def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
 def write_export_of(model: torch.nn.Module, out: Path, size: int, name: str) -> None:
     from search.commands import write_export
 
-    write_export(model, out, (3, size, size), {"name": name})
+    write_export(model, out, (3, size, size), {"name": name, "kwargs": {"gate_factor": 0.25}})
 
 
 def mlflow_round_trip(

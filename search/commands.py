@@ -146,17 +146,20 @@ def read_model_meta(path: Path) -> dict:
     return meta
 
 
+def create_kwargs(meta: dict) -> dict:
+    """``dgc.create_model(meta["name"], **create_kwargs(meta))`` builds the model of ``meta``
+    (a ``model_meta.json``: num_classes, in_chans and the recipe's kwargs; absent ones take
+    the recipe's defaults)."""
+    sizes = {k: meta[k] for k in ("num_classes", "in_chans") if k in meta}
+    return {**sizes, **meta.get("kwargs", {})}
+
+
 def build_from_meta(meta: dict, path: Path) -> torch.nn.Module:
     """The model of ``meta``: first on the meta device (no memory) to check its size."""
     import dgc
 
     def build() -> torch.nn.Module:
-        return dgc.create_model(
-            meta["name"],
-            num_classes=meta["num_classes"],
-            in_chans=meta["in_chans"],
-            **meta["kwargs"],
-        )
+        return dgc.create_model(meta["name"], **create_kwargs(meta))
 
     try:
         with torch.device("meta"):
@@ -210,8 +213,8 @@ def write_export(model: torch.nn.Module, out: Path, size: tuple[int, ...], meta:
     print(
         f"wrote {out}/model.pt (state_dict), model.json (dgc.create_model(name, num_classes=, "
         f"in_chans=, **kwargs)), model.ts (TorchScript, input Nx{shape}; `import dgc` before "
-        "torch.jit.load: its DGC layers and group convs call dgc's operators, as fast as the "
-        "eager model) and model_portable.ts (plain torch operators: loads without dgc, slower)"
+        "torch.jit.load: it calls dgc's operator that runs the eager model, as fast) and "
+        "model_portable.ts (plain torch operators: loads without dgc, slower)"
     )
     return 0
 
@@ -227,7 +230,10 @@ def _write_export_files(
     (out / "model.json").write_text(json.dumps(info, indent=2))
     example = torch.zeros(1, *size)
     with torch.no_grad():
-        torch.jit.trace(model, example, check_trace=False).save(str(out / "model.ts"))
+        model(example)  # settles the per-shape kernel choices (and fails before any trace)
+        # model.ts: the eager eval network as one dgc operator (dgc.program), as MLflow's
+        shipped = dgc.ShippedModel(model, meta["name"], create_kwargs(meta), example)
+        torch.jit.trace(shipped, example, check_trace=False).save(str(out / "model.ts"))
         # the DGC layers and the DenseNets' BN-ReLU-group convs
         layers = [m for m in model.modules() if hasattr(m, "ship_op")]
         try:  # plain torch operators: the kernels timed fastest at batch 1 are recorded

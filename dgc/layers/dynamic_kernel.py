@@ -31,6 +31,7 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers.kernel_choice import KernelChoice
+from dgc.layers.kernel_choice import tracing
 
 COEFFICIENTS = ("sigmoid", "softmax")
 
@@ -94,7 +95,8 @@ class DynamicKernelConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W)
         eta = self.coefficients(x).to(x.dtype)  # (B, O, g_t)
-        if self.training or torch.is_grad_enabled():
+        # A trace records _mixed: _fused's batch-folded groups would be fixed at the traced batch
+        if self.training or torch.is_grad_enabled() or tracing():
             return self._mixed(x, eta)  # (B, O, H', W')
         return self.choice.run(
             (tuple(x.shape), x.dtype, x.device.type),

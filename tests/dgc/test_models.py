@@ -274,6 +274,10 @@ def test_densenet_eval_writes_features_in_place_with_the_concatenations_outputs(
             concatenated = model.forward_head(model.features(model.stem(x)))
             assert torch.isfinite(concatenated).all()
             torch.testing.assert_close(model(x), concatenated, rtol=1e-4, atol=1e-5)
+            if batch == 1:  # a trace records the slices and copies (and dgc's layer operators)
+                traced = torch.jit.trace(model, x, check_trace=False)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), concatenated, rtol=1e-4, atol=1e-5)  # batch 3
 
 
 def test_densenet_hooks_keep_the_concatenating_forward():
