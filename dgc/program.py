@@ -1,4 +1,5 @@
-"""A network's eval forward as one registered operator, for the program MLflow ships.
+"""A network's eval forward as one registered operator, for the programs that ship (the
+MLflow model, ``search export``'s ``model.ts``).
 
 ``torch.export`` (MLflow's pt2 format) records a network operator by operator, and the module
 that ``torch.export.load(...).module()`` rebuilds runs each of them from Python. On a small
@@ -7,16 +8,18 @@ network at batch 1 that cost more than the convolutions (DyResNet-20's logged mo
 fast, each stage's features written in place, cannot be recorded at all (export's
 functionalisation turns every in-place write into a copy of the whole tensor).
 
-``ShippedModel(model, name, kwargs, example)`` exports as a single call,
+``ShippedModel(model, name, kwargs, example)`` exports (and traces) as a single call,
 ``torch.ops.dgc.model_eval(x, packed, spec)``: the operator builds the eager network once
 around the program's own tensors (``dgc.create_model(name, **kwargs)``, then
 ``load_state_dict(..., assign=True)`` of views: no copies, so in-place updates are seen) and
-runs its eval forward, native kernels and per-shape kernel choices included. The loaded program is
-thus the eager model, at the eager model's speed, with its outputs. A process loading it must
-``import dgc`` first (``torch.export.load`` otherwise reports the unknown operator) and have
-a dgc whose ``create_model(name, **kwargs)`` has the same ``state_dict`` keys (checked: a
-mismatch is an error naming them). The program's ``state_dict`` holds the model's tensors one
-level deep (``stages.0.0.conv1.weight`` as ``stages__0__0__conv1__weight``).
+runs its eval forward, native kernels and per-shape kernel choices included: the loaded
+program runs the eager model's code and gives its outputs (docs/benchmarks.md 6.4 times
+it). A process loading it must ``import dgc`` first (``torch.export.load`` and
+``torch.jit.load`` otherwise report the unknown operator) and have a dgc whose
+``create_model(name, **kwargs)`` has the same ``state_dict`` keys and shapes (a mismatch is
+``load_state_dict``'s error, naming them, on the first call). The program's ``state_dict``
+holds the packed tensors; search logs the named ``state_dict`` beside it
+(``dgc/weights.pt``).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ kernel, or a layer's per-shape kernel choice, cannot be recorded. So an eval
 eager eval forward: BN-ReLU, gate, selection and the fastest kernel for the input shape (the
 native one where it wins), chosen when the program first sees that shape, at whatever batch
 size it runs. The program's layers then run the eager model's code (docs/benchmarks.md 6.4
-measures the programs against the eager model). ``search export``'s ``model.ts`` is such a
-trace; the MLflow model goes further and records the whole network as one operator
-(``dgc.program``).
+measures the programs against the eager model). ``search export``'s ``model.ts`` and the
+MLflow model record the whole network as one operator instead (``dgc.program``); these serve
+any other trace or export of a dgc model.
 
 The operators are registered by ``import dgc``: a process loading such a program must import
 ``dgc`` first (``torch.jit.load`` and ``torch.export.load`` otherwise report the unknown op).
