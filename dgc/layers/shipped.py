@@ -87,13 +87,18 @@ def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> Dynami
     layer.gate._parameters.update(fc1_weight=fc1, fc2_weight=fc2, fc2_bias=b2)
     layer._parameters["weight"] = weight
     if mean is not None:
-        bn = layer.norm
-        bn._buffers.update(running_mean=mean, running_var=var)
-        bn._parameters.update(weight=bn_w, bias=bn_b)
-        bn.affine, bn.eps = bn_w is not None, eps
+        _bn_around(layer.norm, (mean, var, bn_w, bn_b), eps)
     layer._inactive_host = n
     layer.inactive_channels.fill_(n)
     return layer.eval().to(weight.device)
+
+
+def _bn_around(bn: nn.BatchNorm2d, tensors: tuple[Tensor | None, ...], eps: float) -> None:
+    """Make ``bn``'s statistics and affine parameters ``tensors`` (mean, var, weight, bias)."""
+    mean, var, weight, bias = tensors
+    bn._buffers.update(running_mean=mean, running_var=var)
+    bn._parameters.update(weight=weight, bias=bias)
+    bn.affine, bn.eps = weight is not None, eps
 
 
 _LAYERS = _Layers(CACHED_LAYERS, _layer_around)
@@ -163,11 +168,8 @@ def _group_conv_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> P
     stride, padding, groups, eps = settings
     o, cg, k, _ = weight.shape
     module = PreactGroupConv2d(cg * groups, o, k, stride, padding, groups)
-    bn, conv = module[0], module[2]
-    bn._buffers.update(running_mean=mean, running_var=var)
-    bn._parameters.update(weight=bn_w, bias=bn_b)
-    bn.affine, bn.eps = bn_w is not None, eps
-    conv._parameters["weight"] = weight
+    _bn_around(module[0], (mean, var, bn_w, bn_b), eps)
+    module[2]._parameters["weight"] = weight
     return module.eval().to(weight.device)
 
 
