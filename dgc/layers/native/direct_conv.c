@@ -20,8 +20,8 @@
  * (sample, head) pairs share the threads evenly, each thread gathers one pair's planes into
  * its own scratch and convolves them at once (convolve_local), while they are in its cache.
  * Dilation 1 only. float32, contiguous tensors, except that the eval forwards' input (and the
- * group conv's output) may be a channel slice of a wider tensor. Every ReLU here keeps a NaN, as torch's does
- * (a NaN input must give a NaN output and loss, not zeros).
+ * group conv's output) may be a channel slice of a wider tensor. Every ReLU here keeps a NaN,
+ * as torch's does (a NaN input must give a NaN output and loss, not zeros).
  */
 #include <math.h>
 #include <pthread.h>
