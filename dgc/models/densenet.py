@@ -129,7 +129,7 @@ class DenseNet(nn.Module):
     def _features_in_place(self, x: Tensor) -> Tensor:
         """``self.features(x)`` in eval without grad, each stage's dense layers writing their
         new channels into one (B, C_out, H, W) tensor: the concatenations copied every earlier
-        feature map again at every layer (a fifth of DyDenseNet-86's forward at batch 64).
+        feature map again at every layer (docs/benchmarks.md 6.1, fifth round).
         A TorchScript trace records it as it runs (slices and copies); ``torch.export``, which
         would turn each in-place write into a copy of the whole tensor, records the
         concatenations (``forward_features``)."""
