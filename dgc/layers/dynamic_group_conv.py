@@ -535,6 +535,8 @@ class DynamicGroupConv2d(nn.Module):
             return None
         if not checked and (tracing() or not self._fusable(x)):
             return None
+        if not native.supported(x, self.weight, self.dilation):
+            return None  # a dispatch mode now (FlopCounterMode): torch's kernels
         plan = self._fused_plan(key, x)
         return None if plan is None else plan(x)  # (B, O, H', W')
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch import nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from dgc.layers import native
 from dgc.layers.dynamic_group_conv import eval_affine
@@ -57,7 +56,7 @@ class PreactGroupConv2d(nn.Sequential):
             y = self._forward_native(x)  # (B, O, H', W'), or None where torch's kernels run
             if y is not None:
                 return y
-        elif not self.training and self.ship_op and tracing() and self._fusable(x):
+        elif not self.training and self.ship_op and tracing() and self._plain(x):
             return self._forward_shipped(x)  # (B, O, H', W'), one recorded operator
         return super().forward(x)  # (B, O, H', W')
 
@@ -70,10 +69,10 @@ class PreactGroupConv2d(nn.Sequential):
             out.copy_(self(x))
 
     def _forward_native(self, x: Tensor, out: Tensor | None = None) -> Tensor | None:
-        if self.training or tracing() or not self._fusable(x):
+        if self.training or tracing() or not self._plain(x):
             return None  # a trace records dgc's operator (forward), not a ctypes call
-        if is_in_torch_dispatch_mode():
-            return None  # a dispatch mode (FlopCounterMode, say) must see torch's operators
+        if not native.supported(x, self._modules["2"].weight, 1):
+            return None  # not float32 on the CPU, a dispatch mode, or no library
         key = (tuple(x.shape), x.dtype, x.device)
         name = self.kernels.known(key, ("native", "torch"))
         if name == "torch":
@@ -85,10 +84,10 @@ class PreactGroupConv2d(nn.Sequential):
         y = self.kernels.run(key, kernels, "native")  # a new shape: both timed
         return y if out is None else out.copy_(y)
 
-    def _fusable(self, x: Tensor) -> bool:
-        """Whether the native call computes this forward: a 4-d float32 CPU input, an eval
-        BatchNorm2d with running statistics, a plain ReLU and zero-padded conv without bias or
-        dilation, no hooks on them, no autocast, and the library."""
+    def _plain(self, x: Tensor) -> bool:
+        """Whether the native call (or dgc's operator) computes this forward: a 4-d input, an
+        eval BatchNorm2d with running statistics, a plain ReLU and zero-padded conv without
+        bias or dilation, no hooks on them, no autocast."""
         bn, act, conv = self._modules.values()
         for m in (bn, act, conv):
             if m._forward_hooks or m._forward_pre_hooks:
@@ -100,9 +99,8 @@ class PreactGroupConv2d(nn.Sequential):
         plain = conv.bias is None and conv.padding_mode == "zeros" and conv.dilation == (1, 1)
         square = conv.stride[0] == conv.stride[1] and conv.padding in {(p, p) for p in range(8)}
         square = square and conv.kernel_size[0] == conv.kernel_size[1] <= 7
-        if not (plain and square and x.dim() == 4 and x.shape[1] == conv.in_channels):
-            return False
-        return native.supported(x, conv.weight, 1) and not torch.is_autocast_enabled("cpu")
+        shaped = x.dim() == 4 and x.shape[1] == conv.in_channels
+        return plain and square and shaped and not torch.is_autocast_enabled(x.device.type)
 
     def _plan(self, key: tuple, x: Tensor) -> native.GroupConvPlan:
         """The native plan for ``key``, rebuilt when a parameter or buffer it reads changed."""

@@ -22,6 +22,7 @@ from collections.abc import Hashable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 TIMED_RUNS = 3
 
@@ -62,16 +63,17 @@ class KernelChoice:
     def run(self, key: Hashable, kernels: dict[str, Callable[[], Tensor]], default: str) -> Tensor:
         """Run the kernel chosen for ``key``, choosing it first if the shape is new.
 
-        While a trace or export records the forward nothing is timed (the timing runs would
-        be recorded too): the fastest of these kernels as timed for that shape in eager mode
-        (an eager-only kernel such as the native one cannot be recorded), else the last one
-        run, else ``default``.
+        While a trace or export records the forward, or a dispatch mode sees its operators
+        (``FlopCounterMode``), nothing is timed and nothing settled (the timing runs would be
+        recorded or counted too): the fastest of these kernels as timed for that shape in
+        eager mode (an eager-only kernel such as the native one cannot be recorded or seen),
+        else the last one run, else ``default``.
         """
         kernels = {k: f for k, f in kernels.items() if k not in self.exclude}
         default = default if default in kernels else next(iter(kernels))
         if self.prefer in kernels:
             name = self.prefer
-        elif tracing():
+        elif tracing() or is_in_torch_dispatch_mode():
             name = self._traceable_choice(key, kernels, default)
         else:
             name = self.chosen.get(key)

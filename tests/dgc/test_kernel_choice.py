@@ -97,3 +97,18 @@ def test_deterministic_algorithms_take_the_default_without_timing():
     finally:
         torch.use_deterministic_algorithms(False)
     assert calls == {"slow": 1, "fast": 0} and choice.chosen == {"a": "slow"}
+
+
+def test_a_dispatch_mode_sees_one_kernel_run_and_nothing_is_settled():
+    # FlopCounterMode counts the operators that run: timing runs would be counted too.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    choice, calls = KernelChoice(), {"slow": 0, "fast": 0}
+    with FlopCounterMode(display=False):
+        choice.run("a", _kernels(calls), default="slow")
+    assert calls == {"slow": 1, "fast": 0} and choice.chosen == {}
+    choice.run("a", _kernels(calls), default="slow")  # eager again: timed, settled
+    assert choice.chosen == {"a": "fast"}
+    with FlopCounterMode(display=False):  # the fastest timed one that is a candidate
+        choice.run("a", {"slow": _kernels(calls)["slow"]}, default="slow")
+    assert choice.last == "slow" and choice.chosen == {"a": "fast"}

@@ -427,3 +427,20 @@ def test_fused_forward_reads_a_channel_slice_of_a_wider_tensor_in_place():
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
     odd = wide.transpose(2, 3)[:, :16]  # not a channel slice: copied first
     assert native.channel_slice(odd)[0].is_contiguous()
+
+
+@needs_library
+def test_a_dispatch_mode_sees_torch_kernels_where_the_native_one_was_settled():
+    # FlopCounterMode cannot see a ctypes call: under it the layers run torch's kernels.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x, y = _settled_direct()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        counted = model(x)
+    assert counter.get_total_flops() > 0
+    assert all(layer.kernels.last != "direct" for layer in dgc.dgc_layers(model))
+    torch.testing.assert_close(counted, y, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model(x)
+    assert all(layer.kernels.last == "direct" for layer in dgc.dgc_layers(model))

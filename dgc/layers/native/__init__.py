@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from dgc.layers import gathered as G
 
@@ -144,9 +145,12 @@ def _cpu_flags() -> str:
 
 
 def supported(x: Tensor, weight: Tensor, dilation: int) -> bool:
-    """Whether ``direct_conv`` runs this call: float32 CPU tensors, dilation 1, a library."""
+    """Whether a native kernel may run this call: float32 CPU tensors, dilation 1, a library,
+    and no torch dispatch mode active (``FlopCounterMode``, ``torch.export``'s fake tensors:
+    a mode sees torch's operators, never a ctypes call)."""
     ok = x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-    return ok and dilation == 1 and library() is not None
+    ok = ok and dilation == 1 and not is_in_torch_dispatch_mode()
+    return ok and library() is not None
 
 
 def direct_conv(
