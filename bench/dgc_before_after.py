@@ -5,7 +5,8 @@ process, round-robin (same weights, gates fully pruned, float32, 2 threads).
     grep -rl dgc /tmp/old/dgc_old | xargs sed -i 's/from dgc\\./from dgc_old./g; \\
         s/"dgc::/"dgc_old::/g; s/torch\\.ops\\.dgc\\./torch.ops.dgc_old./g; \\
         s/from dgc import/from dgc_old import/g; s/Library("dgc"/Library("dgc_old"/g'
-    PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10] [--modes eval train]
+    PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10] [--modes eval train] \\
+        [--models dyresnet18 ...]
 
 (The operator and library renames let both checkouts register dgc's operator, from commit
 c917bdf on.)
@@ -69,12 +70,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--modes", nargs="+", choices=("eval", "train"), default=["eval", "train"])
+    p.add_argument("--models", nargs="+", help="only these networks (default: all)")
     a = p.parse_args()
+    cases = [c for c in CASES if not a.models or c[0] in a.models]
+    train = [c for c in TRAIN if not a.models or c[0] in a.models]
     torch.set_num_threads(2)
     torch.manual_seed(0)
     print("| network (g 0.25) | batch | mode | before ms | after ms | speed-up |")
     print("|---|---:|---|---:|---:|---:|")
-    for name, size, batch in CASES if "eval" in a.modes else []:
+    for name, size, batch in cases if "eval" in a.modes else []:
         old, new = (m.eval() for m in pair(name))
         x = torch.randn(batch, 3, size, size)
         with torch.inference_mode():
@@ -84,7 +88,7 @@ def main() -> None:
             f"{ms['before'] / ms['after']:.2f} |",
             flush=True,
         )
-    for name, size, batch in TRAIN if "train" in a.modes else []:
+    for name, size, batch in train if "train" in a.modes else []:
         old, new = (m.train() for m in pair(name))
         x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
         o1, o2 = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (old, new))

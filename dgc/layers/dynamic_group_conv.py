@@ -65,6 +65,13 @@ def eval_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
+def _plain_eval_bn(bn: nn.Module) -> bool:
+    """Whether ``bn`` is an eval BatchNorm2d with running statistics and no hooks, which may
+    then be applied as its per-channel affine (``eval_affine``) inside a native call."""
+    plain = isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
+    return plain and not (bn._forward_hooks or bn._forward_pre_hooks)
+
+
 def effective_squeeze(in_channels: int, squeeze_rate: int) -> int:
     """Squeeze rate actually used: halved for narrow layers (C < 80), as the authors do."""
     return max(1, squeeze_rate // 2) if in_channels < NARROW_LAYER_CHANNELS else squeeze_rate
@@ -529,6 +536,48 @@ class DynamicGroupConv2d(nn.Module):
     def _run_fused(self, x: Tensor, checked: bool) -> Tensor | None:
         """``_forward_fused``; ``checked``: the caller knows the call fusable, as dgc's operator
         does of its layers (``dgc.layers.shipped``: no hooks, a plain BN or none, no trace)."""
+        key = self._fused_key(x, checked)
+        plan = None if key is None else self._fused_plan(key, x)
+        return None if plan is None else plan(x)  # (B, O, H', W')
+
+    def forward_epilogue(
+        self,
+        x: Tensor,
+        bn: nn.Module,
+        act: nn.Module | None = None,
+        residual: Tensor | None = None,
+    ) -> Tensor | None:
+        """``act(bn(self(x)) + residual)`` (no ``act``: no ReLU; no ``residual``: none added)
+        in the one native call of ``_forward_fused``, the BN, the addition and the ReLU
+        applied to each output tile while it is in registers: a ResNet block's eval
+        conv-BN(-ReLU) and conv-BN-add-ReLU at batch 1 otherwise ran three more torch ops over
+        the output per layer (docs/benchmarks.md 6.1). None where it does not apply: the fused
+        forward does not (``_forward_fused``), grad or training, hooks on this layer or on
+        ``bn``/``act``, a BN that is not a plain eval one, an ``act`` that is not a ReLU, a
+        residual of another shape or kind."""
+        if self.training or torch.is_grad_enabled() or not _plain_eval_bn(bn):
+            return None
+        if self._forward_hooks or self._forward_pre_hooks:
+            return None
+        if act is not None and (
+            type(act) is not nn.ReLU or act._forward_hooks or act._forward_pre_hooks
+        ):
+            return None
+        if residual is not None and (
+            residual.dtype != torch.float32 or residual.device.type != "cpu"
+        ):
+            return None
+        key = self._fused_key(x, False)
+        if key is None:
+            return None
+        plan = self._fused_plan((*key, id(bn), act is not None), x, bn, act is not None)
+        if plan is None or (residual is not None and tuple(residual.shape) != plan.out_shape):
+            return None
+        return plan(x, residual)  # (B, O, H', W')
+
+    def _fused_key(self, x: Tensor, checked: bool) -> tuple | None:
+        """This input's plan key where the fused forward applies to it (this shape's chosen
+        kernel is ``direct``; see ``_run_fused``), else None."""
         n = self._inactive_host
         key = (tuple(x.shape), x.dtype, x.device, n)
         if n == 0 or self.kernels.known(key, ("direct",)) is None:
@@ -537,16 +586,19 @@ class DynamicGroupConv2d(nn.Module):
             return None
         if not native.supported(x, self.weight, self.dilation):
             return None  # a dispatch mode now (FlopCounterMode): torch's kernels
-        plan = self._fused_plan(key, x)
-        return None if plan is None else plan(x)  # (B, O, H', W')
+        return key
 
-    def _fused_plan(self, key: tuple, x: Tensor) -> native.FusedPlan | None:
+    def _fused_plan(
+        self, key: tuple, x: Tensor, bn: nn.BatchNorm2d | None = None, relu: bool = False
+    ) -> native.FusedPlan | None:
         """The native plan for ``key``, rebuilt when a parameter or buffer it reads changed
-        (an optimizer step, ``load_state_dict``, ``.to()``)."""
+        (an optimizer step, ``load_state_dict``, ``.to()``); ``bn``, ``relu``: its epilogue
+        (``forward_epilogue``)."""
         # Read through the modules' dicts: nn.Module.__getattr__ costs about a microsecond each.
         gate, norm = self._modules["gate"], self._modules["norm"]
         sources = [*self._parameters.values(), *gate._parameters.values()]
-        sources += [*norm._parameters.values(), *norm._buffers.values()]
+        for m in (norm,) if bn is None else (norm, bn):
+            sources += [*m._parameters.values(), *m._buffers.values()]
         sources = [t for t in sources if t is not None]
         state = tuple(versions(sources) + [t.data_ptr() for t in sources])
         cached = self._plans.get(key)
@@ -555,7 +607,8 @@ class DynamicGroupConv2d(nn.Module):
         args = self._fused_args(x)
         if args is None:
             return None
-        plan = native.FusedPlan(tuple(x.shape), *args)
+        epilogue = None if bn is None else (*eval_affine(bn), relu)
+        plan = native.FusedPlan(tuple(x.shape), *args, epilogue=epilogue)
         self._plans[key] = (state, plan)
         return plan
 
@@ -607,9 +660,7 @@ class DynamicGroupConv2d(nn.Module):
     def _plain_bn(self) -> bool:
         """Whether the layer's norm is an eval BatchNorm with running statistics and no hooks,
         which may then be applied functionally or inside the native call."""
-        bn = self._modules["norm"]
-        plain = isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
-        return plain and not (bn._forward_hooks or bn._forward_pre_hooks)
+        return _plain_eval_bn(self._modules["norm"])
 
     def _kept(self, v: Tensor) -> Tensor:
         """What a kept channel is multiplied by: its saliency ``v`` (the paper), or 1 in

@@ -68,10 +68,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C_in, H, W)
-        shortcut = x if self.downsample is None else self.downsample(x)  # (B, P, H/s, W/s)
-        out = self.act1(self.bn1(self.conv1(x)))  # (B, P, H/s, W/s)
-        out = self.bn2(self.conv2(out))  # (B, P, H/s, W/s)
-        return self.act2(out + shortcut)
+        shortcut = _shortcut(self.downsample, x)  # (B, P, H/s, W/s)
+        out = conv_bn(self.conv1, self.bn1, x, self.act1)  # (B, P, H/s, W/s)
+        return conv_bn(self.conv2, self.bn2, out, self.act2, shortcut)  # (B, P, H/s, W/s)
 
 
 class Bottleneck(nn.Module):
@@ -111,11 +110,40 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C_in, H, W)
-        shortcut = x if self.downsample is None else self.downsample(x)  # (B, 4P, H/s, W/s)
-        out = self.act(self.bn1(self.conv1(x)))  # (B, P, H, W)
-        out = self.act(self.bn2(self.conv2(out)))  # (B, P, H/s, W/s)
-        out = self.bn3(self.conv3(out))  # (B, 4P, H/s, W/s)
-        return self.act(out + shortcut)
+        shortcut = _shortcut(self.downsample, x)  # (B, 4P, H/s, W/s)
+        out = conv_bn(self.conv1, self.bn1, x, self.act)  # (B, P, H, W)
+        out = conv_bn(self.conv2, self.bn2, out, self.act)  # (B, P, H/s, W/s)
+        return conv_bn(self.conv3, self.bn3, out, self.act, shortcut)  # (B, 4P, H/s, W/s)
+
+
+def conv_bn(
+    conv: nn.Module,
+    bn: nn.Module,
+    x: Tensor,
+    act: nn.Module | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``act(bn(conv(x)) + residual)`` (``act``, ``residual`` None: left out). A DGC layer in
+    eval without grad runs it all as one native call (``forward_epilogue``); every other
+    layer, and a DGC layer where that does not apply, module by module."""
+    fused = getattr(conv, "forward_epilogue", None)
+    y = None if fused is None else fused(x, bn, act, residual)  # (B, O, H', W') or None
+    if y is not None:
+        return y
+    y = bn(conv(x))  # (B, O, H', W')
+    if residual is not None:
+        y = y + residual
+    return y if act is None else act(y)
+
+
+def _shortcut(downsample: nn.Sequential | None, x: Tensor) -> Tensor:
+    """The block's shortcut: x, or its (conv, BN) downsample, whose conv may take the BN in
+    (``conv_bn``) unless the Sequential itself has hooks, which calling its modules would skip."""
+    if downsample is None:
+        return x
+    if downsample._forward_hooks or downsample._forward_pre_hooks:
+        return downsample(x)
+    return conv_bn(downsample[0], downsample[1], x)
 
 
 class ResNet(nn.Module):

@@ -292,3 +292,25 @@ def test_densenet_hooks_keep_the_concatenating_forward():
     with torch.no_grad():
         model(torch.randn(2, 3, 16, 16))
     assert calls[1:] == [(2, 32, 16, 16)]
+
+
+@pytest.mark.parametrize("name,size", [("dyresnet8", 16), ("dyresnet50", 32)])
+def test_resnet_eval_with_fused_epilogues_equals_the_module_by_module_forward(name, size):
+    # Without grad the blocks' BN (+ shortcut) (+ ReLU) run inside the DGC layers' native call
+    # (dgc.models.resnet.conv_bn); with grad every module runs on its own. ResNet-50: its
+    # first stage (bottlenecks, a downsample), whose random-weight activations stay finite.
+    model = calibrated(name, size)
+    net = model if name == "dyresnet8" else torch.nn.Sequential(model.stem, model.stages[0])
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        net(x)  # settles the kernel choices
+        fused = net(x)
+    expected = net(x).detach()
+    assert torch.isfinite(expected).all()
+    tol = {"rtol": 1e-4, "atol": 1e-5 * float(expected.abs().max())}  # sums in another order
+    torch.testing.assert_close(fused, expected, **tol)
+    seen = []
+    model.stages[0][0].bn1.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, **tol)
+    assert seen == [1]  # a hooked BN runs as a module

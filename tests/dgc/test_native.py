@@ -444,3 +444,76 @@ def test_a_dispatch_mode_sees_torch_kernels_where_the_native_one_was_settled():
     with torch.no_grad():
         model(x)
     assert all(layer.kernels.last == "direct" for layer in dgc.dgc_layers(model))
+
+
+def _epilogue_case(cin, cout, k, stride, h):
+    """A layer settled on the fused forward, its BN after, an input and a residual."""
+    layer = _layer(cin, cout, k, stride, 4, 0.25)
+    layer.kernels = KernelChoice(prefer="direct")
+    bn = torch.nn.BatchNorm2d(cout).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(-1.5, 1.5)  # negative scales too
+        bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, cin, h, h)
+    with torch.no_grad():
+        layer(x)  # settles "direct" for this shape
+        residual = torch.randn_like(layer(x))
+    return layer, bn, x, residual
+
+
+@needs_library
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,h",
+    [(16, 16, 3, 1, 7), (16, 32, 3, 2, 9), (16, 32, 1, 2, 6), (32, 32, 3, 1, 17)],
+)
+def test_forward_epilogue_equals_bn_residual_and_relu_after_the_layer(cin, cout, k, stride, h):
+    layer, bn, x, residual = _epilogue_case(cin, cout, k, stride, h)
+    relu = torch.nn.ReLU(inplace=True)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.kernels.last == "direct"
+        cases = {
+            (None, None): bn(y),
+            (relu, None): torch.relu(bn(y)),
+            (None, residual): bn(y) + residual,
+            (relu, residual): torch.relu(bn(y) + residual),
+        }
+        for (act, res), expected in cases.items():
+            got = layer.forward_epilogue(x, bn, act, res)
+            assert got is not None
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        bn.running_mean.add_(1.0)  # an in-place change rebuilds the plan
+        torch.testing.assert_close(layer.forward_epilogue(x, bn), bn(y), rtol=1e-5, atol=1e-5)
+
+
+@needs_library
+def test_forward_epilogue_keeps_a_nan_through_its_relu():
+    layer, bn, x, residual = _epilogue_case(16, 16, 3, 1, 7)
+    residual[1, 2, 3, 4] = float("nan")
+    with torch.no_grad():
+        y = layer.forward_epilogue(x, bn, torch.nn.ReLU(), residual)
+    assert y[1, 2, 3, 4].isnan() and y.isnan().sum() == 1
+
+
+@needs_library
+def test_forward_epilogue_steps_aside_where_it_does_not_apply():
+    layer, bn, x, residual = _epilogue_case(16, 16, 3, 1, 7)
+    relu = torch.nn.ReLU()
+    with torch.no_grad():
+        assert layer.forward_epilogue(x, bn, relu, residual) is not None
+        pinned, layer.kernels = layer.kernels, KernelChoice()  # measured choices
+        assert layer.forward_epilogue(x, bn) is None  # a shape not yet timed
+        layer.kernels = pinned
+        assert layer.forward_epilogue(x, bn, torch.nn.GELU()) is None
+        assert layer.forward_epilogue(x, bn, relu, residual[:, :8]) is None
+        assert layer.forward_epilogue(x, bn.train()) is None
+        bn.eval()
+        handle = bn.register_forward_hook(lambda *a: None)
+        assert layer.forward_epilogue(x, bn) is None
+        handle.remove()
+        handle = layer.register_forward_pre_hook(lambda *a: None)
+        assert layer.forward_epilogue(x, bn) is None
+        handle.remove()
+    assert layer.forward_epilogue(x, bn) is None  # grad enabled: autograd's path

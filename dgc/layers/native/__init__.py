@@ -55,9 +55,9 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 class _Plan(ctypes.Structure):
     """direct_conv.c's ``FusedPlan``."""
 
-    _fields_ = [(name, _PTR) for name in ("bn_a", "bn_c", "fc1", "fc2t", "b2", "weight")]
+    _fields_ = [(name, _PTR) for name in "bn_a bn_c fc1 fc2t b2 weight ep_a ep_c".split()]
     _fields_ += [(name, _I64) for name in "B C H W r heads n O k stride pad Ho Wo xc".split()]
-    _fields_ += [("mask", ctypes.c_int32), ("threads", ctypes.c_int32)]
+    _fields_ += [(name, ctypes.c_int32) for name in ("mask", "threads", "ep_relu")]
 
 
 def cache_dir() -> Path:
@@ -77,7 +77,7 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_direct_conv.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
     lib.dgc_direct_conv.argtypes += [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
     lib.dgc_direct_conv.restype = ctypes.c_int
-    lib.dgc_fused_eval.argtypes = [ctypes.POINTER(_Plan), _PTR, _PTR]
+    lib.dgc_fused_eval.argtypes = [ctypes.POINTER(_Plan), _PTR, _PTR, _PTR]
     lib.dgc_fused_eval.restype = ctypes.c_int
     lib.dgc_wgrad_rows.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
     lib.dgc_wgrad_rows.argtypes += [_I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int]
@@ -386,6 +386,10 @@ class FusedPlan:
         weight: (O, C, k, k).
         conv: (stride, padding, dilation); dilation must be 1.
         rows: ``gathered.weight_rows(weight, heads)`` where the caller keeps it (else made here).
+        epilogue: what follows the convolution in the same call, (scale, shift, relu): every
+            output v of channel o becomes ``scale[o] * v + shift[o]`` (the eval BN after the
+            layer; both None: none), plus the call's residual where given, then ReLU where
+            ``relu``. None: the convolution's output as is.
     """
 
     def __init__(
@@ -398,6 +402,7 @@ class FusedPlan:
         weight: Tensor,
         conv: tuple[int, int, int],
         rows: Tensor | None = None,
+        epilogue: tuple[Tensor | None, Tensor | None, bool] | None = None,
     ) -> None:
         lib = library()
         assert lib is not None, "FusedPlan without the native library (check supported)"
@@ -413,24 +418,31 @@ class FusedPlan:
         a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
         ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
         self.out_shape = (b, o, ho, wo)
-        self._keep = (fc1, fc2t, b2, weight, a, d)  # the plan points into these
+        ea, ec, relu = epilogue or (None, None, False)
+        ea, ec = (None if t is None else t.detach().contiguous() for t in (ea, ec))
+        self._keep = (fc1, fc2t, b2, weight, a, d, ea, ec)  # the plan points into these
         self._plan = _Plan(
             _ptr(a), _ptr(d), fc1.data_ptr(), fc2t.data_ptr(), b2.data_ptr(), weight.data_ptr(),
+            _ptr(ea), _ptr(ec),
             b, c, h, w, fc1.shape[1], fc1.shape[0], n_inactive, o, k, stride, padding, ho, wo,
-            c, int(mask), torch.get_num_threads(),
+            c, int(mask), torch.get_num_threads(), int(relu),
         )  # fmt: skip
         self._ref = ctypes.byref(self._plan)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        # x: (B, C, H, W) of the planned shape, float32, CPU; contiguous or a channel slice
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W) of the planned shape, float32, CPU; contiguous or a channel slice.
+        residual: (B, O, H', W') float32 added in the epilogue, before its ReLU, or None."""
         x, xc = channel_slice(x)
+        if residual is not None:
+            assert residual.shape == self.out_shape and residual.dtype == torch.float32
+            residual = residual.contiguous()
         y = torch.empty(self.out_shape)  # (B, O, H', W')
         threads = torch.get_num_threads()
         if threads != self._plan.threads:
             self._plan.threads = threads
         if xc != self._plan.xc:
             self._plan.xc = xc
-        if self._call(self._ref, x.data_ptr(), y.data_ptr()) != 0:
+        if self._call(self._ref, x.data_ptr(), _ptr(residual), y.data_ptr()) != 0:
             raise MemoryError("dgc fused_eval: cannot allocate its scratch buffer")
         return y  # (B, O, H', W')
 

@@ -38,6 +38,12 @@ typedef struct {
     int64_t Hp, Wph, plane; /* rows, columns per phase, floats per (b, i, c) work plane */
     int64_t sj, si; /* output j of head i is channel j*sj + i*si: (heads, 1) interleaved */
     int64_t xc, yc; /* channels a sample spans in x and y (C and O unless slices of wider) */
+    /* The epilogue of every output value v of channel o (NULL, 0: none):
+     * v = ReLU(ea[o] * v + ec[o] + res) with res the value at y's place in `res` (laid out as
+     * y) where res is given, ReLU where relu. A ResNet block's BN (+ shortcut) (+ ReLU) after
+     * its DGC conv, applied while the tile is in registers. */
+    const float *ea, *ec, *res;
+    int relu;
 } Shape;
 
 /* Zero what the copy below leaves unwritten in a stride-1 plane: the padding rows, and each
@@ -51,6 +57,32 @@ static void zero_border(float *dst, const Shape *s) {
         float *row = dst + r * s->Wph;
         for (int64_t q = 0; q < s->pad; q++) row[q] = 0.0f;
         for (int64_t q = s->pad + s->W; q < s->Wph; q++) row[q] = 0.0f;
+    }
+}
+
+/* gather_plane's strided case: the plane split into `stride` column phases, padded column
+ * q = pos*stride + ph of phase ph holding input column q - pad. Only what a tap reads is
+ * written: phases kx % stride and padded rows oy*stride + ky for taps kx, ky < k, so a 1x1
+ * stride-2 plane (a downsample conv) gathers a quarter of the input instead of all of it twice
+ * over, padded. zero: write zeros only (a pruned tie). */
+static void gather_strided(const float *src, float na, float nc, int relu, int zero, float *dst,
+                           const Shape *s) {
+    const int64_t st = s->stride, phases = s->k < st ? s->k : st;
+    for (int64_t ph = 0; ph < phases; ph++) {
+        float *dph = dst + ph * s->Hp * s->Wph;
+        const int64_t c0 = ((ph - s->pad) % st + st) % st, p0 = (c0 + s->pad - ph) / st;
+        for (int64_t pr = 0; pr < s->Hp; pr++) {
+            if (pr % st >= s->k) continue; /* no tap reads this row */
+            float *drow = dph + pr * s->Wph;
+            const int64_t r = pr - s->pad;
+            memset(drow, 0, sizeof(float) * s->Wph);
+            if (zero || r < 0 || r >= s->H) continue;
+            const float *row = src + r * s->W;
+            for (int64_t col = c0, pos = p0; col < s->W; col += st, pos++) {
+                const float v = row[col] * na + nc;
+                drow[pos] = relu ? (v < 0.0f ? 0.0f : v) : v;
+            }
+        }
     }
 }
 
@@ -79,30 +111,25 @@ static void gather_plane(const float *x, const int64_t *index, const float *scal
         memset(dst + hw, 0, sizeof(float) * (s->plane - hw));
         return;
     }
-    if (a == 0.0f || s->stride != 1) memset(dst, 0, sizeof(float) * s->plane);
-    if (a == 0.0f) return; /* a pruned tie: contributes nothing */
-    if (s->stride == 1) zero_border(dst, s);
-    for (int64_t ph = 0; ph < s->stride; ph++) {
-        float *dph = dst + ph * s->Hp * s->Wph;
-        /* padded column q = pos*stride + ph holds input column q - pad */
-        const int64_t c0 = ((ph - s->pad) % s->stride + s->stride) % s->stride;
-        const int64_t p0 = (c0 + s->pad - ph) / s->stride;
-        for (int64_t r = 0; r < s->H; r++) {
-            const float *row = src + r * s->W;
-            float *drow = dph + (r + s->pad) * s->Wph + p0;
-            if (s->stride == 1 && bn_a) {
-                for (int64_t col = 0; col < s->W; col++) {
-                    const float v = row[col] * na + nc;
-                    drow[col] = v < 0.0f ? 0.0f : v;
-                }
-            } else if (s->stride == 1) {
-                for (int64_t col = 0; col < s->W; col++) drow[col] = row[col] * na;
-            } else {
-                for (int64_t col = c0, pos = 0; col < s->W; col += s->stride, pos++) {
-                    const float v = row[col] * na + nc;
-                    drow[pos] = bn_a ? (v < 0.0f ? 0.0f : v) : v;
-                }
+    if (s->stride != 1) {
+        gather_strided(src, na, nc, bn_a != NULL, a == 0.0f, dst, s);
+        return;
+    }
+    if (a == 0.0f) { /* a pruned tie: contributes nothing */
+        memset(dst, 0, sizeof(float) * s->plane);
+        return;
+    }
+    zero_border(dst, s);
+    for (int64_t r = 0; r < s->H; r++) {
+        const float *row = src + r * s->W;
+        float *drow = dst + (r + s->pad) * s->Wph + s->pad;
+        if (bn_a) {
+            for (int64_t col = 0; col < s->W; col++) {
+                const float v = row[col] * na + nc;
+                drow[col] = v < 0.0f ? 0.0f : v;
             }
+        } else {
+            for (int64_t col = 0; col < s->W; col++) drow[col] = row[col] * na;
         }
     }
 }
@@ -119,6 +146,7 @@ static void pad_gather(const float *x, const int64_t *index, const float *scale,
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads */
+typedef int32_t v8i __attribute__((vector_size(32)));
 #define MAX_TAPS 49 /* kernels up to 7x7 */
 /* Tile shapes: with 32 vector registers (AVX-512VL) 16 accumulators fit, else 12. */
 #if defined(__AVX512VL__)
@@ -129,6 +157,32 @@ typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loa
 #define WIDE_ROWS 1
 #endif
 #define MAX_VEC 4
+
+/* ReLU that keeps a NaN, as torch's does: zero where v < 0. */
+static inline v8 relu8(v8 v) { return (v8)((v8i)v & ~(v < (v8){0})); }
+
+/* Shape's epilogue on one output channel o's tile acc (R rows of NV vectors, n valid columns,
+ * rows valid rows): res points at the tile's first value in the residual (rows Wo apart). */
+static inline __attribute__((always_inline)) void epilogue(v8 *acc, const Shape *s, int64_t o,
+                                                           const float *res, const int R,
+                                                           const int NV, int64_t n,
+                                                           int64_t rows) {
+    const float a = s->ea ? s->ea[o] : 1.0f, c = s->ea ? s->ec[o] : 0.0f;
+    for (int rq = 0; rq < R && rq < rows; rq++)
+        for (int q = 0; q < NV; q++) {
+            v8 v = acc[rq * NV + q];
+            if (s->ea) v = v * a + c;
+            if (res) {
+                const float *r = res + rq * s->Wo + 8 * q;
+                if (n == 8 * NV) {
+                    v += *(const v8u *)r;
+                } else { /* a partial tile: no read past the row (or the tensor) */
+                    for (int e = 0; e < 8 && 8 * q + e < n; e++) v[e] += r[e];
+                }
+            }
+            acc[rq * NV + q] = s->relu ? relu8(v) : v;
+        }
+}
 
 /* One tile: JB output channels x R output rows (oy..) x 8*NV columns (x0..), summed over kept
  * channels and taps in vector registers, then stored (interleaved) to y. Every input vector
@@ -161,16 +215,21 @@ static inline __attribute__((always_inline)) void tile(
         }
     }
     const int64_t n = s->Wo - x0 < 8 * NV ? s->Wo - x0 : 8 * NV;
-    for (int jj = 0; jj < JB; jj++)
+    for (int jj = 0; jj < JB; jj++) {
+        const int64_t o = (j0 + jj) * s->sj + i * s->si, at = (b * s->yc + o) * s->Ho * s->Wo;
+        if (s->ea || s->res || s->relu) {
+            epilogue(acc[jj], s, o, s->res ? s->res + at + oy * s->Wo + x0 : NULL, R, NV, n,
+                     s->Ho - oy);
+        }
         for (int rq = 0; rq < R && oy + rq < s->Ho; rq++) {
-            float *out = y + (b * s->yc + (j0 + jj) * s->sj + i * s->si) * s->Ho * s->Wo +
-                         (oy + rq) * s->Wo + x0;
+            float *out = y + at + (oy + rq) * s->Wo + x0;
             if (n == 8 * NV) { /* a full tile row: vector stores */
                 for (int q = 0; q < NV; q++) *(v8u *)(out + 8 * q) = acc[jj][rq * NV + q];
             } else {
                 for (int64_t v = 0; v < n; v++) out[v] = ((const float *)&acc[jj][rq * NV])[v];
             }
         }
+    }
 }
 
 #define TILE_CASE(JBV, RV, NVV)                                                               \
@@ -627,8 +686,6 @@ int dgc_igrad_fused(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t W
     return failed ? -1 : 0;
 }
 
-typedef int32_t v8i __attribute__((vector_size(32)));
-
 /* The mean of f(v[0..n)), f = ReLU(a * v + d) when relu is set, else the identity. Eight
  * partial sums in a vector register: a plain float loop would not be vectorised (the compiler
  * may not reorder a float sum). */
@@ -739,18 +796,24 @@ static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int m
  * fc2t is fc2 as (heads, r, C); weight is in row layout (gathered.weight_rows). */
 typedef struct {
     const float *bn_a, *bn_c, *fc1, *fc2t, *b2, *weight;
+    const float *ep_a, *ep_c; /* Shape's epilogue: per-output (scale, shift), or NULL */
     int64_t B, C, H, W, r, heads, n, O, k, stride, pad, Ho, Wo;
     int64_t xc; /* channels a sample spans in x: C, or more where x is a channel slice */
-    int32_t mask, threads;
+    int32_t mask, threads, ep_relu;
 } FusedPlan;
 
 /* The whole inference forward of a DGC layer: BN-ReLU, channel means, saliency generators,
- * bottom-n deactivation, then the kept-channel convolution into y (B, O, Ho, Wo). */
-int dgc_fused_eval(const FusedPlan *p, const float *x, float *y) {
+ * bottom-n deactivation, then the kept-channel convolution into y (B, O, Ho, Wo), through the
+ * plan's epilogue (Shape's; res: the residual, laid out as y, or NULL). */
+int dgc_fused_eval(const FusedPlan *p, const float *x, const float *res, float *y) {
     const int64_t B = p->B, C = p->C, hw = p->H * p->W, heads = p->heads, r = p->r;
     const int64_t K = C - p->n, threads = p->threads;
     Shape s = make_shape(B, C, p->H, p->W, heads, K, p->O, p->k, p->stride, p->pad, p->Ho, p->Wo);
     s.xc = p->xc;
+    s.ea = p->ep_a;
+    s.ec = p->ep_c;
+    s.res = res;
+    s.relu = p->ep_relu;
     const int64_t per_head = r + 2 * C; /* hidden, saliencies, selection tmp */
     const int local = local_balances(&s, threads);
     const int64_t planes = local ? 0 : B * heads * K * s.plane;
