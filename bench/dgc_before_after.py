@@ -6,7 +6,7 @@ process, round-robin (same weights, gates fully pruned, float32, 2 threads).
         s/"dgc::/"dgc_old::/g; s/torch\\.ops\\.dgc\\./torch.ops.dgc_old./g; \\
         s/from dgc import/from dgc_old import/g; s/Library("dgc"/Library("dgc_old"/g'
     PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10] [--modes eval train] \\
-        [--models dyresnet18 ...]
+        [--models dyresnet18 ...] [--batches 1 ...] [--with-dense]
 
 (The operator and library renames let both checkouts register dgc's operator, from commit
 c917bdf on.)
@@ -71,9 +71,19 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--modes", nargs="+", choices=("eval", "train"), default=["eval", "train"])
     p.add_argument("--models", nargs="+", help="only these networks (default: all)")
+    p.add_argument("--batches", nargs="+", type=int, help="only these batch sizes (default: all)")
+    p.add_argument(
+        "--with-dense",
+        action="store_true",
+        help="eval: the dense network in the round too, as bench/dgc_speed.py infer times it "
+        "(its weights evict the DGC networks' from the caches), and the ratios dense / before "
+        "and dense / after",
+    )
     a = p.parse_args()
     cases = [c for c in CASES if not a.models or c[0] in a.models]
+    cases = [c for c in cases if not a.batches or c[2] in a.batches]
     train = [c for c in TRAIN if not a.models or c[0] in a.models]
+    train = [c for c in train if not a.batches or c[2] in a.batches]
     torch.set_num_threads(2)
     torch.manual_seed(0)
     print("| network (g 0.25) | batch | mode | before ms | after ms | speed-up |")
@@ -81,11 +91,19 @@ def main() -> None:
     for name, size, batch in cases if "eval" in a.modes else []:
         old, new = (m.eval() for m in pair(name))
         x = torch.randn(batch, 3, size, size)
+        fns = {"before": lambda: old(x), "after": lambda: new(x)}
+        if a.with_dense:
+            dense = dgc.create_model(name.removeprefix("dy")).eval()
+            fns["dense"] = lambda: dense(x)
         with torch.inference_mode():
-            ms = timed({"before": lambda: old(x), "after": lambda: new(x)}, a.runs)
+            ms = timed(fns, a.runs)
+        extra = ""
+        if a.with_dense:
+            extra = f" (dense {ms['dense']:.1f} ms: {ms['dense'] / ms['before']:.2f} -> "
+            extra += f"{ms['dense'] / ms['after']:.2f})"
         print(
             f"| {name} | {batch} | eval | {ms['before']:.1f} | {ms['after']:.1f} | "
-            f"{ms['before'] / ms['after']:.2f} |",
+            f"{ms['before'] / ms['after']:.2f}{extra} |",
             flush=True,
         )
     for name, size, batch in train if "train" in a.modes else []:
