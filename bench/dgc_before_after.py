@@ -6,7 +6,7 @@ process, round-robin (same weights, gates fully pruned, float32, 2 threads).
         s/"dgc::/"dgc_old::/g; s/torch\\.ops\\.dgc\\./torch.ops.dgc_old./g; \\
         s/from dgc import/from dgc_old import/g; s/Library("dgc"/Library("dgc_old"/g'
     PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10] [--modes eval train] \\
-        [--models dyresnet18 ...] [--batches 1 ...] [--with-dense]
+        [--models dyresnet18 ...] [--batches 1 ...] [--gate 0.25] [--with-dense]
 
 (The operator and library renames let both checkouts register dgc's operator, from commit
 c917bdf on.)
@@ -37,9 +37,9 @@ CASES = [
 TRAIN = [("dyresnet18", 224, 8), ("dydensenet86", 32, 64), ("dyresnet20", 32, 64)]
 
 
-def pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    new = dgc.create_model(name, gate_factor=0.25)
-    old = dgc_old.create_model(name, gate_factor=0.25)
+def pair(name: str, gate: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+    new = dgc.create_model(name, gate_factor=gate)
+    old = dgc_old.create_model(name, gate_factor=gate)
     old.load_state_dict(new.state_dict())
     dgc.set_progress(new, 1.0)
     dgc_old.set_progress(old, 1.0)
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--modes", nargs="+", choices=("eval", "train"), default=["eval", "train"])
     p.add_argument("--models", nargs="+", help="only these networks (default: all)")
+    p.add_argument("--gate", type=float, default=0.25, help="the DGC networks' gate factor")
     p.add_argument("--batches", nargs="+", type=int, help="only these batch sizes (default: all)")
     p.add_argument(
         "--with-dense",
@@ -86,10 +87,10 @@ def main() -> None:
     train = [c for c in train if not a.batches or c[2] in a.batches]
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    print("| network (g 0.25) | batch | mode | before ms | after ms | speed-up |")
+    print(f"| network (g {a.gate}) | batch | mode | before ms | after ms | speed-up |")
     print("|---|---:|---|---:|---:|---:|")
     for name, size, batch in cases if "eval" in a.modes else []:
-        old, new = (m.eval() for m in pair(name))
+        old, new = (m.eval() for m in pair(name, a.gate))
         x = torch.randn(batch, 3, size, size)
         fns = {"before": lambda: old(x), "after": lambda: new(x)}
         if a.with_dense:
@@ -107,7 +108,7 @@ def main() -> None:
             flush=True,
         )
     for name, size, batch in train if "train" in a.modes else []:
-        old, new = (m.train() for m in pair(name))
+        old, new = (m.train() for m in pair(name, a.gate))
         x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
         o1, o2 = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (old, new))
         fns = {

@@ -718,9 +718,16 @@ class DynamicGroupConv2d(nn.Module):
         if n > 0 and (self.impl == "gather" or (self.impl == "auto" and gather)):
             index, scale = G.select_channels(sal, n)  # (B, h, K) each
             scale = self._kept(scale)
+            if self.kernel_size == 1 and self.padding == 0 and self.stride > 1:
+                # A strided 1x1 conv reads every stride-th pixel only: convolve those at
+                # stride 1, where the native input gradient runs. oneDNN's batch-folded
+                # grouped backward ran DyResNet-20's first downsample at 0.3 GMAC/s (12 ms of
+                # a 64-batch step; docs/benchmarks.md 6.3). Autograd scatters the gradient.
+                x = x[:, :, :: self.stride, :: self.stride].contiguous()  # (B, C, H', W')
+                args = (1, 0, self.dilation)
             native_ok = self._native_training(x)  # once a step: both choices need it
-            direct = native_ok and self._train_forward_native(x, index, scale)
-            backward = native_ok and self._train_backward_native(x, index, scale)
+            direct = native_ok and self._train_forward_native(x, index, scale, args)
+            backward = native_ok and self._train_backward_native(x, index, scale, args)
             return _GatheredGroupConv.apply(x, scale, self.weight, index, *args, direct, backward)
         sal = self._kept(deactivate_bottom_k(sal, n))  # (B, h, C), pruned -> 0
         y = _GatedGroupConv.apply(x, sal, self.weight, *args)  # (B, O, H', W'), head-major
@@ -733,14 +740,17 @@ class DynamicGroupConv2d(nn.Module):
             return False
         return native.supported(x, self.weight, self.dilation)
 
-    def _train_forward_native(self, x: Tensor, index: Tensor, scale: Tensor) -> bool:
+    def _train_forward_native(
+        self, x: Tensor, index: Tensor, scale: Tensor, args: tuple[int, int, int]
+    ) -> bool:
         """Whether the training forward convolves with the native kernel rather than the
         batch-folded grouped conv: timed against it once per input shape (CPU, float32, not
-        traced or under autocast; the caller checked ``_native_training``)."""
+        traced or under autocast; the caller checked ``_native_training``). args: (stride,
+        padding, dilation) of the convolution as run."""
         key = ("train", tuple(x.shape), x.dtype, self._inactive_host)
         name = self.kernels.known(key, ("fold", "direct"))
         if name is None:
-            args, k = (self.stride, self.padding, self.dilation), self.kernel_size
+            k = self.kernel_size
             with torch.no_grad():
                 rows = G.weight_rows(self.weight.detach(), self.heads)
                 inputs = (x, index, scale, rows)
@@ -754,18 +764,20 @@ class DynamicGroupConv2d(nn.Module):
             name = self.kernels.last
         return name == "direct"
 
-    def _train_backward_native(self, x: Tensor, index: Tensor, scale: Tensor) -> bool:
+    def _train_backward_native(
+        self, x: Tensor, index: Tensor, scale: Tensor, args: tuple[int, int, int]
+    ) -> bool:
         """Whether the backward runs the native kernels (``direct``: weight gradient, and the
         input gradient at stride 1) rather than the batch-folded grouped conv's backward
         (``fold``): the whole backward timed both ways once per input shape, on a random
         output gradient (CPU, float32, kernel size 1 or 3; the caller checked
-        ``_native_training``)."""
+        ``_native_training``). args: (stride, padding, dilation) of the convolution as run."""
         if self.kernel_size not in (1, 3):
             return False
         key = ("backward", tuple(x.shape), x.dtype, self._inactive_host)
         name = self.kernels.known(key, ("fold", "direct"))  # the forward's names: one pin
         if name is None:
-            k, (stride, padding, dilation) = self.kernel_size, (self.stride, self.padding, 1)
+            k, (stride, padding, dilation) = self.kernel_size, args
             ho, wo = ((n + 2 * padding - k) // stride + 1 for n in x.shape[2:])
             with torch.no_grad():
                 rows = G.weight_rows(self.weight.detach(), self.heads)

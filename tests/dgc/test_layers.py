@@ -48,6 +48,7 @@ def _pair(seed: int, **kw: object) -> tuple[DynamicGroupConv2d, DynamicGroupConv
         (dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, heads=4), 12),
         (dict(in_channels=96, out_channels=48, kernel_size=1, heads=4, gate_factor=0.5), 30),
         (dict(in_channels=32, out_channels=32, kernel_size=3, stride=2, padding=1, heads=2), 0),
+        (dict(in_channels=16, out_channels=32, kernel_size=1, stride=2, heads=4), 8),
     ],
 )
 def test_dgc_layer_matches_per_head_oracle_outputs_and_gradients(kw, n_inact, impl):

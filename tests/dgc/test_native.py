@@ -80,7 +80,11 @@ def test_direct_kernel_equals_the_fold_kernel_on_gathered_inputs():
 
 
 @needs_library
-@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", SHAPES[:3] + SHAPES[5:7])
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,heads,gate,h,w",
+    # strided 1x1: convolved at stride 1 on every other pixel (odd and even sizes)
+    SHAPES[:3] + SHAPES[5:8] + [(16, 16, 1, 2, 4, 0.25, 7, 7)],
+)
 def test_training_forward_with_the_direct_kernel_has_the_oracle_gradients(
     cin, cout, k, stride, heads, gate, h, w
 ):
