@@ -484,6 +484,28 @@ int dgc_group_conv_eval(const float *x, int64_t B, int64_t C, int64_t H, int64_t
     return 0;
 }
 
+/* The lane sums of eight vectors, as one vector: sum of v[e]'s lanes in lane e. A transpose
+ * by halves: three rounds of adding each pair's swapped halves, eight additions in all where
+ * summing each vector's lanes apart takes 56. */
+static inline v8 lane_sums(const v8 *v) {
+    typedef int32_t v8m __attribute__((vector_size(32)));
+    v8 a[4], b[2];
+    for (int e = 0; e < 4; e++) { /* lanes 0-3 of a[e]: v[2e]'s pair sums; 4-7: v[2e+1]'s */
+        const v8 lo = __builtin_shuffle(v[2 * e], v[2 * e + 1], (v8m){0, 1, 2, 3, 8, 9, 10, 11});
+        const v8 hi = __builtin_shuffle(v[2 * e], v[2 * e + 1], (v8m){4, 5, 6, 7, 12, 13, 14, 15});
+        a[e] = lo + hi;
+    }
+    for (int e = 0; e < 2; e++) {
+        const v8 lo = __builtin_shuffle(a[2 * e], a[2 * e + 1], (v8m){0, 1, 8, 9, 4, 5, 12, 13});
+        const v8 hi = __builtin_shuffle(a[2 * e], a[2 * e + 1], (v8m){2, 3, 10, 11, 6, 7, 14, 15});
+        b[e] = lo + hi;
+    }
+    /* b[0]'s lanes hold v0 v0 v2 v2 v1 v1 v3 v3's partial sums, b[1]'s v4 ... v7's */
+    const v8 lo = __builtin_shuffle(b[0], b[1], (v8m){0, 4, 2, 6, 8, 12, 10, 14});
+    const v8 hi = __builtin_shuffle(b[0], b[1], (v8m){1, 5, 3, 7, 9, 13, 11, 15});
+    return lo + hi;
+}
+
 /* Weight gradient, per (sample, head, kept channel): the O/h x k*k kernels' gradient
  *   g_rows[b,i,c][j*kk + t] = sum over output pixels p of gy[b, j*heads + i, p] * work[b,i,c]
  *   at p's tap t,
@@ -493,7 +515,27 @@ int dgc_group_conv_eval(const float *x, int64_t B, int64_t C, int64_t H, int64_t
  * of K -> O/h channels) at a few GMAC/s on narrow layers (4-16 kept channels on 32x32 maps).
  * The tile keeps JB outputs x kk taps of partial sums in vector registers over 8-pixel runs
  * (3 x 9 for 3x3 kernels, 8 x 1 for 1x1), so every input vector loaded feeds JB multiply-adds
- * and every gradient vector kk. */
+ * and every gradient vector kk; the partial sums' lanes are summed eight accumulators at a
+ * time (lane_sums). At stride 1 the runs are flat: the head's gradient planes are first laid
+ * out with the work plane's row pitch, zeros past Wo, so that output pixel q = oy*Wph + ox
+ * reads tap t at plane q + off[t] and a run never breaks at a row's end (7x7 and 28x28 maps
+ * had a partial run, loaded lane by lane, on every row). */
+static inline __attribute__((always_inline)) void wgrad_sums(v8 acc[8][9], float *o, const int JB,
+                                                             const int KK) {
+    int q = 0;
+    for (; q + 8 <= JB * KK; q += 8) {
+        v8 part[8];
+        for (int e = 0; e < 8; e++) part[e] = acc[(q + e) / KK][(q + e) % KK];
+        *(v8u *)(o + q) = lane_sums(part);
+    }
+    for (; q < JB * KK; q++) {
+        float sum = 0.0f;
+        for (int e = 0; e < 8; e++) sum += acc[q / KK][q % KK][e];
+        o[q] = sum;
+    }
+}
+
+/* One block of JB outputs (j0..) from a gathered plane and gy rows of head i (row pitch Wo). */
 static inline __attribute__((always_inline)) void wgrad_block(
     const float *plane, const float *gyi, float *out, const Shape *s, int64_t j0, const int JB,
     const int KK) {
@@ -525,12 +567,59 @@ static inline __attribute__((always_inline)) void wgrad_block(
             }
         }
     }
+    wgrad_sums(acc, out + j0 * KK, JB, KK);
+}
+
+/* wgrad_block at stride 1 over flat runs: gp holds the head's gradient planes with the work
+ * plane's pitch (plane j at gp + j*len, len a multiple of 8 floats, zeros past each row's Wo
+ * and past the map). */
+static inline __attribute__((always_inline)) void wgrad_flat_block(
+    const float *plane, const float *gp, int64_t len, float *out, const Shape *s, int64_t j0,
+    const int JB, const int KK) {
+    v8 acc[8][9];
     for (int jj = 0; jj < JB; jj++)
+        for (int t = 0; t < KK; t++) acc[jj][t] = (v8){0};
+    int64_t off[9];
+    for (int64_t ky = 0; ky < s->k; ky++)
+        for (int64_t kx = 0; kx < s->k; kx++) off[ky * s->k + kx] = ky * s->Wph + kx;
+    const float *g = gp + j0 * len;
+    for (int64_t q = 0; q < len; q += 8) {
+        v8 gv[8];
+        for (int jj = 0; jj < JB; jj++) gv[jj] = *(const v8 *)(g + jj * len + q);
         for (int t = 0; t < KK; t++) {
-            float sum = 0.0f;
-            for (int e = 0; e < 8; e++) sum += acc[jj][t][e];
-            out[(j0 + jj) * KK + t] = sum;
+            const v8 xv = *(const v8u *)(plane + off[t] + q);
+            for (int jj = 0; jj < JB; jj++) acc[jj][t] += gv[jj] * xv;
         }
+    }
+    wgrad_sums(acc, out + j0 * KK, JB, KK);
+}
+
+/* Head i of sample b's gradient planes laid out for wgrad_flat_block: plane j at gp + j*len,
+ * rows Wph apart. */
+static void flat_gradient(const float *gyi, int64_t oh, const Shape *s, float *gp, int64_t len) {
+    const int64_t chan = s->heads * s->Ho * s->Wo;
+    for (int64_t j = 0; j < oh; j++) {
+        float *d = gp + j * len;
+        memset(d, 0, sizeof(float) * len);
+        for (int64_t oy = 0; oy < s->Ho; oy++)
+            memcpy(d + oy * s->Wph, gyi + j * chan + oy * s->Wo, sizeof(float) * s->Wo);
+    }
+}
+
+/* The blocks of one (sample, head, kept channel)'s gradient row out (O/h * kk floats). */
+static void wgrad_task(const float *plane, const float *gyi, const float *gp, int64_t len,
+                       float *out, const Shape *s, int64_t oh) {
+    int64_t j0 = 0;
+#define WGRAD(JB, KK) (gp ? wgrad_flat_block(plane, gp, len, out, s, j0, JB, KK) \
+                          : wgrad_block(plane, gyi, out, s, j0, JB, KK))
+    if (s->k == 3) {
+        for (; j0 + 3 <= oh; j0 += 3) WGRAD(3, 9);
+        for (; j0 < oh; j0++) WGRAD(1, 9);
+    } else {
+        for (; j0 + 8 <= oh; j0 += 8) WGRAD(8, 1);
+        for (; j0 < oh; j0++) WGRAD(1, 1);
+    }
+#undef WGRAD
 }
 
 /* x: (B, C, H, W) the layer's post-BN-ReLU input; gy: (B, O, Ho, Wo), heads interleaved;
@@ -541,27 +630,29 @@ int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
                    const float *gy, int64_t O, int64_t k, int64_t stride, int64_t pad,
                    int64_t Ho, int64_t Wo, float *g_rows, int threads) {
     const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
-    const int64_t oh = O / heads, kk = k * k, n = B * heads * K;
+    const int64_t oh = O / heads, kk = k * k, flat = stride == 1;
+    /* flat runs: Ho rows of Wph, in runs of 8; a run's taps read up to (k-1)*(Wph+1) + 7
+     * floats past the plane's last pixel run, kept as zeros after the plane */
+    const int64_t len = flat ? (Ho * s.Wph + 7) / 8 * 8 : 0;
+    const int64_t gap = flat ? (k - 1) * (s.Wph + 1) + 8 : 0, room = (s.plane + gap + 7) / 8 * 8;
     int failed = 0;
-    /* each task gathers its plane into the thread's scratch right before reading it */
+    /* a task per (sample, head): its gradient planes once, then each kept channel's plane */
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *plane = scratch_slot(1, sizeof(float) * s.plane);
+        float *plane = scratch_slot(1, sizeof(float) * (room + oh * len) + 32);
         failed = plane == NULL;
+        /* the flat gradient planes 32-byte aligned (their vector loads are aligned) */
+        float *gp = plane ? (float *)(((uintptr_t)(plane + room) + 31) & ~(uintptr_t)31) : NULL;
+        if (plane && flat) memset(plane + s.plane, 0, sizeof(float) * (room - s.plane));
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < n; t++) {
+        for (int64_t bi = 0; bi < B * heads; bi++) {
             if (!plane) continue;
-            gather_plane(x, index, scale, NULL, NULL, plane, &s, t);
-            const int64_t b = t / (heads * K), i = t / K % heads;
-            const float *gyi = gy + (b * O + i) * Ho * Wo; /* channel j*heads + i: + j*chan */
-            float *out = g_rows + t * oh * kk;
-            int64_t j0 = 0;
-            if (k == 3) {
-                for (; j0 + 3 <= oh; j0 += 3) wgrad_block(plane, gyi, out, &s, j0, 3, 9);
-                for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 9);
-            } else {
-                for (; j0 + 8 <= oh; j0 += 8) wgrad_block(plane, gyi, out, &s, j0, 8, 1);
-                for (; j0 < oh; j0++) wgrad_block(plane, gyi, out, &s, j0, 1, 1);
+            const float *gyi = gy + (bi / heads * O + bi % heads) * Ho * Wo; /* + j*chan */
+            if (flat) flat_gradient(gyi, oh, &s, gp, len);
+            for (int64_t c = 0; c < K; c++) {
+                const int64_t t = bi * K + c;
+                gather_plane(x, index, scale, NULL, NULL, plane, &s, t);
+                wgrad_task(plane, gyi, flat ? gp : NULL, len, g_rows + t * oh * kk, &s, oh);
             }
         }
     }
