@@ -225,16 +225,18 @@ def gathered_backward(
     """Gradients of ``_GatheredGroupConv`` w.r.t. x (B, C, H, W), scale (B, h, K) and the
     weight (O, C, k, k), from the batch-folded grouped conv's backward, or with
     ``native_backward`` from the native kernels: the weight gradient (``native.wgrad_rows``)
-    and, at stride 1, the input gradient (``native.igrad_planes``). oneDNN runs this grouped
+    and the input gradient (``native.igrad_planes``; strided layers through the dilated
+    output gradient). oneDNN runs this grouped
     backward (B*heads groups of K -> O/h channels) on narrow layers at a few GMAC/s
     (docs/benchmarks.md 6.3)."""
     (b, c, h, w), (heads, kept), dtype = x.shape, index.shape[1:], grad_out.dtype
     o, k = weight_shape[0], weight_shape[-1]
     weight_dtype, rows = rows.dtype, rows.to(dtype)  # (h*C, O/h*k^2)
     x_rows, w_rows = G.kept_rows(index, c)  # (B*h*K,) each
-    native_in = native_backward and conv[0] == 1 and conv[1] <= k - 1  # see igrad_planes
+    native_in = native_backward and conv[1] <= k - 1 and k % 2 == 1  # see igrad_planes
     if native_in and native.igrad_fused_balances(b):  # x and scale gradients in one call
-        grad_x, grad_scale = native.igrad_fused(grad_out, x, index, scale, rows, k, conv[1])
+        args = (k, conv[1], conv[0])
+        grad_x, grad_scale = native.igrad_fused(grad_out, x, index, scale, rows, *args)
         g_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv)
         grad_w = _weight_grad(g_rows, rows, w_rows, heads, weight_shape)
         return grad_x, grad_scale, grad_w.to(weight_dtype)
@@ -250,7 +252,7 @@ def gathered_backward(
         mask = (not native_in, not native_backward)
         g_xs, g_wg = _conv_backward(g_y, xs, wg, conv, b * heads, mask)
     if native_in:  # (B*h*K, HW) straight from the native kernel
-        g_xs = native.igrad_planes(grad_out, index, rows, c, k, conv[1])
+        g_xs = native.igrad_planes(grad_out, index, rows, c, k, conv[1], conv[0], (h, w))
     g_xs = g_xs.view(-1, h * w)  # (B*h*K, HW), grad of the scaled input
     grad_x = torch.zeros(b * c, h * w, dtype=dtype, device=x.device)
     grad_x.index_add_(0, x_rows, g_xs * s)
@@ -767,8 +769,8 @@ class DynamicGroupConv2d(nn.Module):
     def _train_backward_native(
         self, x: Tensor, index: Tensor, scale: Tensor, args: tuple[int, int, int]
     ) -> bool:
-        """Whether the backward runs the native kernels (``direct``: weight gradient, and the
-        input gradient at stride 1) rather than the batch-folded grouped conv's backward
+        """Whether the backward runs the native kernels (``direct``: the weight and input
+        gradients) rather than the batch-folded grouped conv's backward
         (``fold``): the whole backward timed both ways once per input shape, on a random
         output gradient (CPU, float32, kernel size 1 or 3; the caller checked
         ``_native_training``). args: (stride, padding, dilation) of the convolution as run."""

@@ -83,11 +83,12 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_wgrad_rows.argtypes += [_I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int]
     lib.dgc_wgrad_rows.restype = ctypes.c_int
     lib.dgc_igrad_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64]
-    lib.dgc_igrad_planes.argtypes += [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
+    lib.dgc_igrad_planes.argtypes += [_PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64]
+    lib.dgc_igrad_planes.argtypes += [ctypes.c_int]
     lib.dgc_igrad_planes.restype = ctypes.c_int
     lib.dgc_igrad_fused.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64]
-    lib.dgc_igrad_fused.argtypes += [_I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR]
-    lib.dgc_igrad_fused.argtypes += [ctypes.c_int]
+    lib.dgc_igrad_fused.argtypes += [_I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR]
+    lib.dgc_igrad_fused.argtypes += [_PTR, ctypes.c_int]
     lib.dgc_igrad_fused.restype = ctypes.c_int
     lib.dgc_group_conv_eval.argtypes = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR]
     lib.dgc_group_conv_eval.argtypes += [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64]
@@ -231,15 +232,23 @@ def wgrad_rows(
 
 
 def igrad_planes(
-    grad_out: Tensor, index: Tensor, rows: Tensor, channels: int, k: int, padding: int
+    grad_out: Tensor,
+    index: Tensor,
+    rows: Tensor,
+    channels: int,
+    k: int,
+    padding: int,
+    stride: int = 1,
+    size: tuple[int, int] | None = None,
 ) -> Tensor:
-    """The input gradient of a stride-1 ``direct_conv`` w.r.t. each kept channel's scaled
-    input plane, in one call (the transposed convolution with each channel's own kernels).
+    """The input gradient of ``direct_conv`` w.r.t. each kept channel's scaled input plane,
+    in one call (the transposed convolution with each channel's own kernels).
 
     Args:
         grad_out: (B, O, H', W') gradient of its output, heads interleaved.
         index: (B, h, K) kept channels; rows: ``gathered.weight_rows(weight, h)``, contiguous.
         channels: C of the input; k: the (odd) kernel size; padding: at most k - 1.
+        stride: the layer's; size: the input's (H, W), needed at stride > 1.
 
     Returns:
         (B*h*K, H*W): row (b, i, c) is the gradient of sample b's input channel
@@ -249,13 +258,16 @@ def igrad_planes(
     assert lib is not None, "igrad_planes called without the native library (check supported)"
     b, o, ho, wo = grad_out.shape
     heads, kept = index.shape[1], index.shape[2]
-    h, w = ho + k - 1 - 2 * padding, wo + k - 1 - 2 * padding  # stride 1
+    if size is None:
+        assert stride == 1, "igrad_planes: a strided layer's input size is needed"
+        size = (ho + k - 1 - 2 * padding, wo + k - 1 - 2 * padding)
+    h, w = size
     grad_out, index = grad_out.contiguous(), index.contiguous()
     planes, ones = _gradient_planes(b, o, heads, grad_out.dtype)
     g_xs = torch.empty(b * heads * kept, h * w, dtype=grad_out.dtype)
     status = lib.dgc_igrad_planes(
         grad_out.data_ptr(), b, o, ho, wo, planes.data_ptr(), ones.data_ptr(), index.data_ptr(),
-        heads, kept, rows.data_ptr(), channels, k, padding, g_xs.data_ptr(), h, w,
+        heads, kept, rows.data_ptr(), channels, k, padding, stride, g_xs.data_ptr(), h, w,
         torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
@@ -284,8 +296,9 @@ def igrad_fused(
     rows: Tensor,
     k: int,
     padding: int,
+    stride: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """The input and saliency gradients of a stride-1 ``direct_conv`` in one call: what
+    """The input and saliency gradients of ``direct_conv`` in one call: what
     ``igrad_planes`` followed by the torch ops of ``gathered_backward`` give (the kept planes'
     gradients times their scale, summed into x's channels; their dot products with the kept
     input planes), without the (B*h*K, H*W) intermediates.
@@ -294,7 +307,7 @@ def igrad_fused(
         grad_out: (B, O, H', W') gradient of the output, heads interleaved.
         x: (B, C, H, W) the convolved (post-BN-ReLU) input, unscaled.
         index, scale: (B, h, K) kept channels and their scale; rows: as ``direct_conv``.
-        k: the (odd) kernel size; padding: at most k - 1.
+        k: the (odd) kernel size; padding: at most k - 1; stride: the layer's.
 
     Returns:
         grad_x (B, C, H, W) and grad_scale (B, h, K).
@@ -310,7 +323,7 @@ def igrad_fused(
     grad_scale = torch.empty(b, heads, kept, dtype=x.dtype)
     status = lib.dgc_igrad_fused(
         grad_out.data_ptr(), b, o, ho, wo, planes.data_ptr(), ones.data_ptr(), index.data_ptr(),
-        scale.data_ptr(), heads, kept, rows.data_ptr(), c, k, padding, x.data_ptr(), h, w,
+        scale.data_ptr(), heads, kept, rows.data_ptr(), c, k, padding, stride, x.data_ptr(), h, w,
         grad_x.data_ptr(), grad_scale.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:

@@ -679,12 +679,12 @@ static float dot(const float *v, const float *z, int64_t n) {
     return sum;
 }
 
-/* Input gradient of a stride-1 layer, per (sample, head, kept channel): the transposed
- * convolution gx[b,i,c] = sum over the O/h outputs j and taps t of W[i*O/h + j, idx[c], t]
- * times the output gradient shifted back by t: a direct convolution of the zero-padded
- * gradient planes of head i (work, padded by k-1-pad) with the flipped kernels, each kept
- * channel reading its own weight row (row layout: head i's kernels of input channel c are
- * O/h x k*k contiguous floats). The tile keeps CB kept channels x R rows x 8*NV columns in
+/* Input gradient, per (sample, head, kept channel): the transposed convolution
+ * gx[b,i,c] = sum over the O/h outputs j and taps t of W[i*O/h + j, idx[c], t] times the
+ * output gradient shifted back by t: a direct convolution of the zero-padded gradient planes
+ * of head i (work, padded by k-1-pad; dilated at stride > 1, gather_gradient) with the flipped
+ * kernels, each kept channel reading its own weight row (row layout: head i's kernels of input
+ * channel c are O/h x k*k contiguous floats). The tile keeps CB kept channels x R rows x 8*NV columns in
  * registers, as the forward's tile does. s describes the gradient planes: K = O/h planes per
  * (b, i), Ho x Wo = H x W the input's size. */
 static inline __attribute__((always_inline)) void tile_igrad(
@@ -737,21 +737,53 @@ static void igrad_block(const float *planes, const float *const *wr, float *out,
     FOR_EACH_TILE(IGRAD_CASE)
 }
 
+/* The input-gradient kernels' Shape: the gradient planes as the input of a stride-1
+ * convolution giving H x W, padded by k-1-pad; at stride st > 1 dilated (st-1 zeros between
+ * their pixels, and the output padding's zeros after), i.e. H + 2*pad - k + 1 rows. */
+static Shape igrad_shape(int64_t B, int64_t O, int64_t heads, int64_t K, int64_t k, int64_t pad,
+                         int64_t H, int64_t W) {
+    const int64_t Hd = H + 2 * pad - k + 1, Wd = W + 2 * pad - k + 1;
+    return make_shape(B, O, Hd, Wd, heads, O / heads, K, k, 1, k - 1 - pad, H, W);
+}
+
+/* Gradient plane t (of B*heads*O/h: channel gindex[t] of gy, Ho x Wo) into dst as the
+ * igrad_shape plane: at stride 1 gather_plane's copy; at stride st its pixels st apart, zeros
+ * between. Why: the input gradient of a strided conv is the stride-1 convolution of the
+ * dilated gradient with the flipped kernels, so the input-gradient tile serves strided layers
+ * too (st*st times the multiply-adds, most of them on zeros, but oneDNN ran the batch-folded
+ * grouped backward of DyResNet-20's strided 3x3 layers at about 5 GMAC/s). */
+static void gather_gradient(const float *gy, const int64_t *gindex, const float *ones,
+                            int64_t Ho, int64_t Wo, int64_t st, float *dst, const Shape *s,
+                            int64_t t) {
+    if (st == 1) {
+        gather_plane(gy, gindex, ones, NULL, NULL, dst, s, t);
+        return;
+    }
+    const float *src = gy + (t / (s->heads * s->K) * s->xc + gindex[t]) * Ho * Wo;
+    memset(dst, 0, sizeof(float) * s->plane);
+    for (int64_t oy = 0; oy < Ho; oy++) {
+        float *row = dst + (s->pad + oy * st) * s->Wph + s->pad;
+        for (int64_t ox = 0; ox < Wo; ox++) row[ox * st] = src[oy * Wo + ox];
+    }
+}
+
 /* gy: (B, O, Ho, Wo) heads interleaved; index: (B, heads, K) kept channels; rows: the weight
  * in row layout (heads*C, O/h*k*k); gx: (B*heads*K, H, W), the gradient of each kept channel's
- * scaled input plane. Stride 1, k odd and at most 7, pad <= k - 1. gindex: (B, heads, O/h)
- * the channel j*heads + i of each gradient plane (the caller's arange). Returns 0, or -1 when
- * the scratch buffer cannot be allocated. */
+ * scaled input plane. k odd and at most 7, pad <= k - 1; stride: the layer's. gindex: (B,
+ * heads, O/h) the channel j*heads + i of each gradient plane (the caller's arange). Returns 0,
+ * or -1 when the scratch buffer cannot be allocated. */
 int dgc_igrad_planes(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t Wo,
                      const int64_t *gindex, const float *ones, const int64_t *index,
                      int64_t heads, int64_t K, const float *rows, int64_t C, int64_t k,
-                     int64_t pad, float *gx, int64_t H, int64_t W, int threads) {
-    const int64_t oh = O / heads, kk = k * k;
-    /* the gradient planes, padded by k-1-pad: a forward conv of them gives H x W */
-    const Shape s = make_shape(B, O, Ho, Wo, heads, oh, K, k, 1, k - 1 - pad, H, W);
-    float *work = scratch(sizeof(float) * B * heads * oh * s.plane);
+                     int64_t pad, int64_t stride, float *gx, int64_t H, int64_t W,
+                     int threads) {
+    const int64_t oh = O / heads, kk = k * k, n_planes = B * heads * oh;
+    const Shape s = igrad_shape(B, O, heads, K, k, pad, H, W);
+    float *work = scratch(sizeof(float) * n_planes * s.plane);
     if (!work) return -1;
-    pad_gather(gy, gindex, ones, NULL, NULL, work, &s, threads);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < n_planes; t++)
+        gather_gradient(gy, gindex, ones, Ho, Wo, stride, work + t * s.plane, &s, t);
     const int64_t R = tile_rows(W), cb = block_size(K), blocks = K / cb;
     const int64_t n = B * heads * blocks;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -765,7 +797,7 @@ int dgc_igrad_planes(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t 
     return 0;
 }
 
-/* The input and saliency gradients of a stride-1 layer in one pass, a sample per task: each
+/* The input and saliency gradients of a layer in one pass, a sample per task: each
  * kept channel's gradient plane g (as dgc_igrad_planes) goes straight into
  *   grad_x[b, idx[b,i,c]] += scale[b,i,c] * g   and   grad_scale[b,i,c] = <g, x[b, idx[b,i,c]]>,
  * x the layer's unscaled (post-BN-ReLU) input; grad_x is overwritten. Why: done with torch ops,
@@ -775,10 +807,10 @@ int dgc_igrad_planes(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t 
 int dgc_igrad_fused(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t Wo,
                     const int64_t *gindex, const float *ones, const int64_t *index,
                     const float *scale, int64_t heads, int64_t K, const float *rows, int64_t C,
-                    int64_t k, int64_t pad, const float *x, int64_t H, int64_t W,
-                    float *grad_x, float *grad_scale, int threads) {
+                    int64_t k, int64_t pad, int64_t stride, const float *x, int64_t H,
+                    int64_t W, float *grad_x, float *grad_scale, int threads) {
     const int64_t oh = O / heads, kk = k * k, hw = H * W;
-    const Shape s = make_shape(B, O, Ho, Wo, heads, oh, K, k, 1, k - 1 - pad, H, W);
+    const Shape s = igrad_shape(B, O, heads, K, k, pad, H, W);
     const int64_t R = tile_rows(W), cb = block_size(K);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -792,8 +824,8 @@ int dgc_igrad_fused(const float *gy, int64_t B, int64_t O, int64_t Ho, int64_t W
             float *gxb = grad_x + b * C * hw;
             memset(gxb, 0, sizeof(float) * C * hw);
             for (int64_t t = 0; t < heads * oh; t++)
-                gather_plane(gy, gindex, ones, NULL, NULL, planes + t * s.plane, &s,
-                             b * heads * oh + t);
+                gather_gradient(gy, gindex, ones, Ho, Wo, stride, planes + t * s.plane, &s,
+                                b * heads * oh + t);
             for (int64_t i = 0; i < heads; i++) {
                 const int64_t *idx = index + (b * heads + i) * K;
                 for (int64_t c0 = 0; c0 < K; c0 += cb) {
