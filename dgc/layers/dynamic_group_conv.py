@@ -226,9 +226,8 @@ def gathered_backward(
     weight (O, C, k, k), from the batch-folded grouped conv's backward, or with
     ``native_backward`` from the native kernels: the weight gradient (``native.wgrad_rows``)
     and the input gradient (``native.igrad_planes``; strided layers through the dilated
-    output gradient). oneDNN runs this grouped
-    backward (B*heads groups of K -> O/h channels) on narrow layers at a few GMAC/s
-    (docs/benchmarks.md 6.3)."""
+    output gradient). oneDNN runs this grouped backward (B*heads groups of K -> O/h
+    channels) on narrow layers at a few GMAC/s (docs/benchmarks.md 6.3)."""
     (b, c, h, w), (heads, kept), dtype = x.shape, index.shape[1:], grad_out.dtype
     o, k = weight_shape[0], weight_shape[-1]
     weight_dtype, rows = rows.dtype, rows.to(dtype)  # (h*C, O/h*k^2)
@@ -770,10 +769,10 @@ class DynamicGroupConv2d(nn.Module):
         self, x: Tensor, index: Tensor, scale: Tensor, args: tuple[int, int, int]
     ) -> bool:
         """Whether the backward runs the native kernels (``direct``: the weight and input
-        gradients) rather than the batch-folded grouped conv's backward
-        (``fold``): the whole backward timed both ways once per input shape, on a random
-        output gradient (CPU, float32, kernel size 1 or 3; the caller checked
-        ``_native_training``). args: (stride, padding, dilation) of the convolution as run."""
+        gradients) rather than the batch-folded grouped conv's backward (``fold``): the whole
+        backward timed both ways once per input shape, on a random output gradient (CPU,
+        float32, kernel size 1 or 3; the caller checked ``_native_training``). args: (stride,
+        padding, dilation) of the convolution as run."""
         if self.kernel_size not in (1, 3):
             return False
         key = ("backward", tuple(x.shape), x.dtype, self._inactive_host)

@@ -487,22 +487,26 @@ int dgc_group_conv_eval(const float *x, int64_t B, int64_t C, int64_t H, int64_t
 /* The lane sums of eight vectors, as one vector: sum of v[e]'s lanes in lane e. A transpose
  * by halves: three rounds of adding each pair's swapped halves, eight additions in all where
  * summing each vector's lanes apart takes 56. */
+#if defined(__clang__) /* clang has no __builtin_shuffle; GCC has __builtin_shufflevector from 12 */
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
 static inline v8 lane_sums(const v8 *v) {
-    typedef int32_t v8m __attribute__((vector_size(32)));
     v8 a[4], b[2];
     for (int e = 0; e < 4; e++) { /* lanes 0-3 of a[e]: v[2e]'s pair sums; 4-7: v[2e+1]'s */
-        const v8 lo = __builtin_shuffle(v[2 * e], v[2 * e + 1], (v8m){0, 1, 2, 3, 8, 9, 10, 11});
-        const v8 hi = __builtin_shuffle(v[2 * e], v[2 * e + 1], (v8m){4, 5, 6, 7, 12, 13, 14, 15});
+        const v8 lo = SHUFFLE8(v[2 * e], v[2 * e + 1], 0, 1, 2, 3, 8, 9, 10, 11);
+        const v8 hi = SHUFFLE8(v[2 * e], v[2 * e + 1], 4, 5, 6, 7, 12, 13, 14, 15);
         a[e] = lo + hi;
     }
     for (int e = 0; e < 2; e++) {
-        const v8 lo = __builtin_shuffle(a[2 * e], a[2 * e + 1], (v8m){0, 1, 8, 9, 4, 5, 12, 13});
-        const v8 hi = __builtin_shuffle(a[2 * e], a[2 * e + 1], (v8m){2, 3, 10, 11, 6, 7, 14, 15});
+        const v8 lo = SHUFFLE8(a[2 * e], a[2 * e + 1], 0, 1, 8, 9, 4, 5, 12, 13);
+        const v8 hi = SHUFFLE8(a[2 * e], a[2 * e + 1], 2, 3, 10, 11, 6, 7, 14, 15);
         b[e] = lo + hi;
     }
     /* b[0]'s lanes hold v0 v0 v2 v2 v1 v1 v3 v3's partial sums, b[1]'s v4 ... v7's */
-    const v8 lo = __builtin_shuffle(b[0], b[1], (v8m){0, 4, 2, 6, 8, 12, 10, 14});
-    const v8 hi = __builtin_shuffle(b[0], b[1], (v8m){1, 5, 3, 7, 9, 13, 11, 15});
+    const v8 lo = SHUFFLE8(b[0], b[1], 0, 4, 2, 6, 8, 12, 10, 14);
+    const v8 hi = SHUFFLE8(b[0], b[1], 1, 5, 3, 7, 9, 13, 11, 15);
     return lo + hi;
 }
 
