@@ -524,6 +524,13 @@ static inline v8 lane_sums(const v8 *v) {
  * out with the work plane's row pitch, zeros past Wo, so that output pixel q = oy*Wph + ox
  * reads tap t at plane q + off[t] and a run never breaks at a row's end (7x7 and 28x28 maps
  * had a partial run, loaded lane by lane, on every row). */
+/* Where tap (ky, kx) of output pixel (0, 0) reads a work plane: off[ky*k + kx]. */
+static void tap_offsets(const Shape *s, int64_t *off) {
+    for (int64_t ky = 0; ky < s->k; ky++)
+        for (int64_t kx = 0; kx < s->k; kx++)
+            off[ky * s->k + kx] = ((kx % s->stride) * s->Hp + ky) * s->Wph + kx / s->stride;
+}
+
 static inline __attribute__((always_inline)) void wgrad_sums(v8 acc[8][9], float *o, const int JB,
                                                              const int KK) {
     int q = 0;
@@ -546,11 +553,9 @@ static inline __attribute__((always_inline)) void wgrad_block(
     v8 acc[8][9];
     for (int jj = 0; jj < JB; jj++)
         for (int t = 0; t < KK; t++) acc[jj][t] = (v8){0};
-    const int64_t k = s->k, chan = s->heads * s->Ho * s->Wo; /* gy: channel j of head i */
+    const int64_t chan = s->heads * s->Ho * s->Wo; /* gy: channel j of head i */
     int64_t off[9];
-    for (int64_t ky = 0; ky < k; ky++)
-        for (int64_t kx = 0; kx < k; kx++)
-            off[ky * k + kx] = ((kx % s->stride) * s->Hp + ky) * s->Wph + kx / s->stride;
+    tap_offsets(s, off);
     for (int64_t oy = 0; oy < s->Ho; oy++) {
         const float *in = plane + oy * s->stride * s->Wph;
         const float *g = gyi + j0 * chan + oy * s->Wo;
@@ -584,8 +589,7 @@ static inline __attribute__((always_inline)) void wgrad_flat_block(
     for (int jj = 0; jj < JB; jj++)
         for (int t = 0; t < KK; t++) acc[jj][t] = (v8){0};
     int64_t off[9];
-    for (int64_t ky = 0; ky < s->k; ky++)
-        for (int64_t kx = 0; kx < s->k; kx++) off[ky * s->k + kx] = ky * s->Wph + kx;
+    tap_offsets(s, off); /* stride 1: ky*Wph + kx */
     const float *g = gp + j0 * len;
     for (int64_t q = 0; q < len; q += 8) {
         v8 gv[8];
