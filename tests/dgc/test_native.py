@@ -108,6 +108,12 @@ def test_training_forward_with_the_direct_kernel_has_the_oracle_gradients(
 BACKWARD_SHAPES = [s for s in SHAPES if s[2] in (1, 3)] + [  # the native backward's kernels
     (16, 20, 1, 1, 2, 0.25, 5, 7),  # 1x1, O/h = 10: a block of 8 outputs and 2 single ones
     (16, 32, 1, 2, 2, 0.25, 9, 9),  # strided 1x1, two blocks of 8
+    # Rows of whole vectors (W % 8 == 0): the 3x3 weight gradient reads x in place, kept
+    # channels in blocks of 3: 8 kept = 3 + 3 + 2, 5 = 3 + 2, 4 = 2 + 2, 1.
+    (16, 16, 3, 1, 4, 0.5, 8, 8),
+    (20, 8, 3, 1, 2, 0.25, 5, 16),
+    (16, 8, 3, 1, 2, 0.25, 3, 8),
+    (8, 8, 3, 1, 4, 0.125, 4, 8),
 ]
 
 
@@ -145,6 +151,20 @@ def test_native_backward_equals_the_grouped_conv_backward(
     from dgc.layers.dynamic_group_conv import gathered_backward
 
     args = _backward_args(cin, cout, k, stride, heads, gate, h, w, batch)
+    torch_grads, native_grads = gathered_backward(*args, False), gathered_backward(*args, True)
+    for name, a, b in zip(("x", "scale", "weight"), torch_grads, native_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@needs_library
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("w", [8, 9])  # rows of whole vectors (x read in place), and not
+def test_native_weight_gradient_equals_the_grouped_conv_backward_at_any_padding(padding, w):
+    from dgc.layers.dynamic_group_conv import gathered_backward
+
+    x, scale, rows, index, grad, _, shape = _backward_args(12, 8, 3, 1, 2, 0.5, 6, w, 3)
+    grad = torch.randn(3, 8, 6 + 2 * padding - 2, w + 2 * padding - 2)
+    args = (x, scale, rows, index, grad, (1, padding, 1), shape)
     torch_grads, native_grads = gathered_backward(*args, False), gathered_backward(*args, True)
     for name, a, b in zip(("x", "scale", "weight"), torch_grads, native_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)

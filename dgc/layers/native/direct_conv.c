@@ -620,14 +620,107 @@ static void wgrad_task(const float *plane, const float *gyi, const float *gp, in
     int64_t j0 = 0;
 #define WGRAD(JB, KK) (gp ? wgrad_flat_block(plane, gp, len, out, s, j0, JB, KK) \
                           : wgrad_block(plane, gyi, out, s, j0, JB, KK))
-    if (s->k == 3) {
-        for (; j0 + 3 <= oh; j0 += 3) WGRAD(3, 9);
+    if (s->k == 3) { /* blocks of 3 outputs; a remainder of 1 as 2 + 2 (a 1-block feeds
+                        * each loaded input vector to one accumulator only) */
+        const int64_t threes = oh % 3 == 1 && oh > 3 ? oh / 3 - 1 : oh / 3;
+        for (; j0 < 3 * threes; j0 += 3) WGRAD(3, 9);
+        for (; j0 + 2 <= oh; j0 += 2) WGRAD(2, 9);
         for (; j0 < oh; j0++) WGRAD(1, 9);
     } else {
         for (; j0 + 8 <= oh; j0 += 8) WGRAD(8, 1);
         for (; j0 < oh; j0++) WGRAD(1, 1);
     }
 #undef WGRAD
+}
+
+/* The weight gradient of stride-1 3x3 layers whose rows are whole vectors (W % 8 == 0), read
+ * straight from x: the gradient planes of head i are laid out with a zero margin of k-1 (Gq:
+ * rows Ho + 2m, pitch Wq = Wo + 2m, m = k-1), so that
+ *   g_rows[b,i,c][j*9 + t] = scale[b,i,c] * sum over input pixels p of x[b, idx[c], p] *
+ *                            Gq_j[p's row + pad + m - ky][p's column + pad + m - kx],
+ * every input pixel once (out-of-map gradients read the margin's zeros). Why: wgrad_task first
+ * gathers each kept channel into a scaled, zero-padded plane (a quarter of its time on 32x32
+ * maps), and its flat runs cover the padding columns too (a quarter of the multiply-adds on
+ * 8x8 maps, whose runs are 10 wide). Here the scale multiplies the nine sums instead, the x
+ * vectors are whole rows, and the tile is CB kept channels x 9 taps in registers (each
+ * gradient vector loaded feeds CB multiply-adds, each input vector 9). */
+static inline __attribute__((always_inline)) void wgrad_rows_block(
+    const float *const *xs, const float *gq, const int64_t *goff, const Shape *s, int64_t Wq,
+    const float *sc, float *const *outs, const int CB) {
+    v8 acc[3][9];
+    for (int cb = 0; cb < CB; cb++)
+        for (int t = 0; t < 9; t++) acc[cb][t] = (v8){0};
+    for (int64_t iy = 0; iy < s->H; iy++) {
+        const float *g = gq + iy * Wq;
+        for (int64_t x0 = 0; x0 < s->W; x0 += 8) {
+            v8 xv[3];
+            for (int cb = 0; cb < CB; cb++) xv[cb] = *(const v8u *)(xs[cb] + iy * s->W + x0);
+            for (int t = 0; t < 9; t++) {
+                const v8 gv = *(const v8u *)(g + goff[t] + x0);
+                for (int cb = 0; cb < CB; cb++) acc[cb][t] += xv[cb] * gv;
+            }
+        }
+    }
+    for (int cb = 0; cb < CB; cb++) {
+        const v8 sums = lane_sums(acc[cb]) * sc[cb];
+        float last = 0.0f;
+        for (int e = 0; e < 8; e++) last += acc[cb][8][e];
+        *(v8u *)outs[cb] = sums;
+        outs[cb][8] = last * sc[cb];
+    }
+}
+
+/* One (sample b, head i) of wgrad_rows_direct: its gradient planes into gq (oh planes of glen
+ * floats), then each block of kept channels against each of them. */
+static void wgrad_direct_task(const float *x, const int64_t *index, const float *scale,
+                              const float *gy, float *g_rows, const Shape *s, int64_t bi,
+                              float *gq, int64_t Wq, int64_t glen) {
+    const int64_t oh = s->O / s->heads, m = s->k - 1, hw = s->H * s->W, b = bi / s->heads;
+    const int64_t chan = s->heads * s->Ho * s->Wo; /* gy: channel j of head i */
+    const float *gyi = gy + (b * s->O + bi % s->heads) * s->Ho * s->Wo;
+    for (int64_t j = 0; j < oh; j++) {
+        float *d = gq + j * glen;
+        memset(d, 0, sizeof(float) * glen);
+        for (int64_t oy = 0; oy < s->Ho; oy++)
+            memcpy(d + (oy + m) * Wq + m, gyi + j * chan + oy * s->Wo, sizeof(float) * s->Wo);
+    }
+    int64_t goff[9];
+    for (int64_t ky = 0; ky < 3; ky++)
+        for (int64_t kx = 0; kx < 3; kx++) goff[ky * 3 + kx] = (s->pad + m - ky) * Wq + s->pad + m - kx;
+    const int64_t *idx = index + bi * s->K;
+    int64_t c0 = 0;
+    while (c0 < s->K) { /* blocks of 3; a remainder of 1 as 2 + 2 */
+        const int64_t left = s->K - c0, cb = left == 4 || left == 2 ? 2 : (left >= 3 ? 3 : 1);
+        const float *xs[3], *sc = scale + bi * s->K + c0;
+        float *outs[3];
+        for (int64_t cc = 0; cc < cb; cc++) xs[cc] = x + (b * s->C + idx[c0 + cc]) * hw;
+        for (int64_t j = 0; j < oh; j++) {
+            for (int64_t cc = 0; cc < cb; cc++) outs[cc] = g_rows + ((bi * s->K + c0 + cc) * oh + j) * 9;
+            const float *gj = gq + j * glen;
+            if (cb == 3) wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, 3);
+            else if (cb == 2) wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, 2);
+            else wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, 1);
+        }
+        for (int64_t cc = 0; cc < cb; cc++) /* a pruned tie (scale 0) contributes nothing */
+            if (sc[cc] == 0.0f) memset(g_rows + (bi * s->K + c0 + cc) * oh * 9, 0, sizeof(float) * oh * 9);
+        c0 += cb;
+    }
+}
+
+static int wgrad_rows_direct(const float *x, const int64_t *index, const float *scale,
+                             const float *gy, float *g_rows, const Shape *s, int threads) {
+    const int64_t m = s->k - 1, Wq = s->Wo + 2 * m, glen = (s->Ho + 2 * m) * Wq + 8;
+    const int64_t oh = s->O / s->heads;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *gq = scratch_slot(1, sizeof(float) * oh * glen);
+        failed = gq == NULL;
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < s->B * s->heads; bi++)
+            if (gq) wgrad_direct_task(x, index, scale, gy, g_rows, s, bi, gq, Wq, glen);
+    }
+    return failed ? -1 : 0;
 }
 
 /* x: (B, C, H, W) the layer's post-BN-ReLU input; gy: (B, O, Ho, Wo), heads interleaved;
@@ -638,6 +731,8 @@ int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
                    const float *gy, int64_t O, int64_t k, int64_t stride, int64_t pad,
                    int64_t Ho, int64_t Wo, float *g_rows, int threads) {
     const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
+    if (stride == 1 && k == 3 && W % 8 == 0)
+        return wgrad_rows_direct(x, index, scale, gy, g_rows, &s, threads);
     const int64_t oh = O / heads, kk = k * k, flat = stride == 1;
     /* flat runs: Ho rows of Wph, in runs of 8; a run's taps read up to (k-1)*(Wph+1) + 7
      * floats past the plane's last pixel run, kept as zeros after the plane */
