@@ -236,8 +236,8 @@ def gathered_backward(
     if native_in and native.igrad_fused_balances(b):  # x and scale gradients in one call
         args = (k, conv[1], conv[0])
         grad_x, grad_scale = native.igrad_fused(grad_out, x, index, scale, rows, *args)
-        g_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv)
-        grad_w = _weight_grad(g_rows, rows, w_rows, heads, weight_shape)
+        grad_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv, summed=True)
+        grad_w = _rows_to_weight(grad_rows, heads, weight_shape)
         return grad_x, grad_scale, grad_w.to(weight_dtype)
     xg = x.to(dtype).reshape(b * c, -1).index_select(0, x_rows)  # (B*h*K, HW), unscaled
     s = scale.to(dtype).reshape(-1, 1)  # (B*h*K, 1)
@@ -256,12 +256,13 @@ def gathered_backward(
     grad_x = torch.zeros(b * c, h * w, dtype=dtype, device=x.device)
     grad_x.index_add_(0, x_rows, g_xs * s)
     grad_scale = (g_xs * xg).sum(-1).view(b, heads, kept)  # (B, h, K)
-    if native_backward:  # rows (B*h*K, O/h*k^2) straight from the native kernel
-        g_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv)
+    if native_backward:  # (h*C, O/h*k^2), summed in the native kernel
+        grad_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv, summed=True)
+        grad_w = _rows_to_weight(grad_rows, heads, weight_shape)
     else:  # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2)
         g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)
         g_rows = g_rows.reshape(b * heads * kept, -1)
-    grad_w = _weight_grad(g_rows, rows, w_rows, heads, weight_shape)
+        grad_w = _weight_grad(g_rows, rows, w_rows, heads, weight_shape)
     return grad_x.view_as(x).to(x.dtype), grad_scale.to(scale.dtype), grad_w.to(weight_dtype)
 
 
@@ -270,8 +271,13 @@ def _weight_grad(
 ) -> Tensor:
     """The weight gradient (O, C, k, k) from per-(sample, head, kept channel) rows (B*h*K,
     O/h*k^2) of ``rows``' layout, summed into the head rows ``w_rows`` names."""
-    o, c, k = weight_shape[0], weight_shape[1], weight_shape[-1]
     grad_rows = torch.zeros_like(rows).index_add_(0, w_rows, g_rows)  # (h*C, O/h*k^2)
+    return _rows_to_weight(grad_rows, heads, weight_shape)
+
+
+def _rows_to_weight(grad_rows: Tensor, heads: int, weight_shape: torch.Size) -> Tensor:
+    """The weight's gradient (O, C, k, k) from its row layout (h*C, O/h*k^2)."""
+    o, c, k = weight_shape[0], weight_shape[1], weight_shape[-1]
     return grad_rows.view(heads, c, o // heads, k * k).transpose(1, 2).reshape(weight_shape)
 
 

@@ -171,6 +171,21 @@ def test_native_weight_gradient_equals_the_grouped_conv_backward_at_any_padding(
 
 
 @needs_library
+@pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", BACKWARD_SHAPES)
+def test_summed_weight_gradient_equals_the_per_channel_rows_summed(
+    cin, cout, k, stride, heads, gate, h, w, two_threads
+):
+    x, scale, rows, index, grad, conv, _ = _backward_args(
+        cin, cout, k, stride, heads, gate, h, w, 5
+    )
+    per_channel = native.wgrad_rows(x, index, scale, grad, (cout, k), conv)  # (B*h*K, O/h*k^2)
+    _, w_rows = G.kept_rows(index, cin)
+    expected = torch.zeros_like(rows).index_add_(0, w_rows, per_channel)
+    summed = native.wgrad_rows(x, index, scale, grad, (cout, k), conv, summed=True)
+    torch.testing.assert_close(summed, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_library
 @pytest.mark.parametrize("batch", [1, 3, 4])  # any batch: balance only picks the call
 @pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", [s for s in SHAPES if s[3] == 1])
 def test_fused_input_gradient_equals_the_plane_gradients_summed(

@@ -81,6 +81,7 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_fused_eval.restype = ctypes.c_int
     lib.dgc_wgrad_rows.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
     lib.dgc_wgrad_rows.argtypes += [_I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int]
+    lib.dgc_wgrad_rows.argtypes += [ctypes.c_int]
     lib.dgc_wgrad_rows.restype = ctypes.c_int
     lib.dgc_igrad_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64]
     lib.dgc_igrad_planes.argtypes += [_PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64]
@@ -200,16 +201,21 @@ def wgrad_rows(
     grad_out: Tensor,
     shape: tuple[int, int],
     conv: tuple[int, int, int],
+    summed: bool = False,
 ) -> Tensor:
-    """The weight gradient of ``direct_conv`` per (sample, head, kept channel), in one call.
+    """The weight gradient of ``direct_conv``, in one call: per (sample, head, kept channel),
+    or ``summed`` into the weight's row layout.
 
     Args:
         x, index, scale, shape, conv: as ``direct_conv`` (kernel size 1 or 3).
         grad_out: (B, O, H', W') gradient of its output, heads interleaved.
+        summed: sum the rows where ``index`` puts them, in the kernel (each thread into its
+            own accumulator): the weight's gradient in ``weight_rows`` layout.
 
     Returns:
-        (B*h*K, O/h*k*k): row (b, i, c) is the gradient of head i's kernels of input channel
-        ``index[b, i, c]`` from sample b; ``index_add`` them into ``weight_rows`` order.
+        Not summed: (B*h*K, O/h*k*k), row (b, i, c) the gradient of head i's kernels of input
+        channel ``index[b, i, c]`` from sample b (``index_add`` them into ``weight_rows``
+        order). Summed: (h*C, O/h*k*k), that sum.
     """
     lib = library()
     assert lib is not None, "wgrad_rows called without the native library (check supported)"
@@ -220,15 +226,17 @@ def wgrad_rows(
     assert k in (1, 3), f"wgrad_rows: kernel size {k} (1 or 3 only)"
     ho, wo = grad_out.shape[-2:]
     x, index, scale, grad_out = (t.contiguous() for t in (x, index, scale, grad_out))
-    g_rows = torch.empty(b * heads * kept, o // heads * k * k, dtype=x.dtype)
+    out = torch.empty(
+        (heads * c) if summed else (b * heads * kept), o // heads * k * k, dtype=x.dtype
+    )
     status = lib.dgc_wgrad_rows(
         x.data_ptr(), b, c, h, w, index.data_ptr(), scale.data_ptr(), heads, kept,
-        grad_out.data_ptr(), o, k, stride, padding, ho, wo, g_rows.data_ptr(),
+        grad_out.data_ptr(), o, k, stride, padding, ho, wo, out.data_ptr(), int(summed),
         torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("dgc wgrad_rows: cannot allocate its scratch buffer")
-    return g_rows  # (B*h*K, O/h*k^2)
+    return out  # (B*h*K or h*C, O/h*k^2)
 
 
 def igrad_planes(
