@@ -15,8 +15,10 @@ export  the DGC network as it ships: eager eval (native kernel where it wins), t
         TorchScript files that `search export` writes (search.commands.write_export: model.ts
         records dgc's operators, model_portable.ts torch kernels) and the model MLflow logs and
         loads back (dgc.ShippedModel through mlflow.pytorch.log_model / load_model in a
-        temporary SQLite store); and the dense network eager and through MLflow (the loaded
-        pt2 module's own overhead). Outputs are compared with the eager model's.
+        temporary SQLite store), also with the loaded module's ``validate_inputs`` off (its
+        per-call input-structure check skipped); and the dense network eager and through
+        MLflow (the loaded pt2 module's own overhead). Outputs are compared with the eager
+        model's.
 
 Variants of one (family, batch) are timed round-robin in one process (load drift hits all
 alike); each figure is the median of --runs timed calls after two warm-ups. Interleaving calls
@@ -199,11 +201,14 @@ def export(a: argparse.Namespace) -> list[dict]:
             "TorchScript model.ts (search export)": torch.jit.load(str(tmp / "export/model.ts")),
             "TorchScript model_portable.ts": torch.jit.load(str(tmp / "export/model_portable.ts")),
             "MLflow": mlflow_round_trip(model, name, {"gate_factor": 0.25}, size, tmp),
+            "MLflow, validate_inputs off": unchecked(
+                mlflow_round_trip(model, name, {"gate_factor": 0.25}, size, tmp)
+            ),
             "dense eager eval": dense,
             "dense MLflow": mlflow_round_trip(dense, family, {}, size, tmp),
         }
         for batch in a.batches or batches:
-            x = torch.randn(batch, 3, size, size)
+            x = finite_input(model, (batch, 3, size, size))
             with torch.inference_mode():
                 ref, dense_ref = model(x), dense(x)
                 diff = {
@@ -225,6 +230,18 @@ def export(a: argparse.Namespace) -> list[dict]:
                 )
             print_rows(rows[-len(ms) :], ratio_key="eager_over_variant")
     return rows
+
+
+def finite_input(model: torch.nn.Module, shape: tuple[int, ...], tries: int = 20) -> torch.Tensor:
+    """A random input whose eval output is finite, for comparing outputs. Even with
+    calibrate_bn, about 3% of random 32x32 inputs overflow an untrained DyResNet-20 to NaN
+    (on torch's kernels as on the native ones); speed does not depend on the draw."""
+    for _ in range(tries):
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            if torch.isfinite(model(x)).all():
+                return x
+    raise RuntimeError(f"no finite output in {tries} random inputs")
 
 
 def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -253,6 +270,13 @@ def mlflow_round_trip(
         shipped = dgc.ShippedModel(model, name, kwargs, example)  # as search.results logs it
         info = mlflow.pytorch.log_model(shipped, name="model", input_example=example.numpy())
     return mlflow.pytorch.load_model(info.model_uri)
+
+
+def unchecked(module: torch.nn.Module) -> torch.nn.Module:
+    """A loaded ``torch.export`` module without its per-call input-structure check (the
+    pytree match its forward pre-hook runs; the program's own shape guards still run)."""
+    module.validate_inputs = False
+    return module
 
 
 def cost_of(name: str, gate: float | None, size: int) -> int:
