@@ -723,7 +723,9 @@ class DynamicGroupConv2d(nn.Module):
         n, args = self._inactive_host, (self.stride, self.padding, self.dilation)
         gather = self.in_channels - n <= GATHER_MAX_KEPT * self.in_channels
         if n > 0 and (self.impl == "gather" or (self.impl == "auto" and gather)):
-            index, scale = G.select_channels(sal, n)  # (B, h, K) each
+            native_ok = self._native_training(x)  # once a step: the choices below need it
+            select = native.select_channels if native_ok else G.select_channels
+            index, scale = select(sal, n)  # (B, h, K) each
             scale = self._kept(scale)
             if self.kernel_size == 1 and self.padding == 0 and self.stride > 1:
                 # A strided 1x1 conv reads every stride-th pixel only: convolve those at
@@ -732,7 +734,6 @@ class DynamicGroupConv2d(nn.Module):
                 # a 64-batch step; docs/benchmarks.md 6.3). Autograd scatters the gradient.
                 x = x[:, :, :: self.stride, :: self.stride].contiguous()  # (B, C, H', W')
                 args = (1, 0, self.dilation)
-            native_ok = self._native_training(x)  # once a step: both choices need it
             direct = native_ok and self._train_forward_native(x, index, scale, args)
             backward = native_ok and self._train_backward_native(x, index, scale, args)
             return _GatheredGroupConv.apply(x, scale, self.weight, index, *args, direct, backward)

@@ -157,6 +157,25 @@ def test_native_backward_equals_the_grouped_conv_backward(
 
 
 @needs_library
+def test_native_selection_keeps_what_the_top_k_keeps_and_passes_the_same_gradient():
+    torch.manual_seed(0)
+    sal = torch.rand(5, 3, 16).round(decimals=1)  # many ties, some at the threshold
+    sal[0, 0] = 0.5  # a head of equal saliencies: every kept one is a tie (scale 0)
+    a, b = sal.clone().requires_grad_(), sal.clone().requires_grad_()
+    (i1, s1), (i2, s2) = G.select_channels(a, 6), native.select_channels(b, 6)
+    # per head, the same channels alive with the same scales (tied slots: any channel, 0)
+    for h1, c1, h2, c2 in zip(i1.view(-1, 10), s1.view(-1, 10), i2.view(-1, 10), s2.view(-1, 10)):
+        alive1 = {(int(i), float(v)) for i, v in zip(h1, c1) if v > 0}
+        alive2 = {(int(i), float(v)) for i, v in zip(h2, c2) if v > 0}
+        assert alive1 == alive2
+    assert (s2[0, 0] == 0).all()
+    weights = torch.randn(5, 3, 16)
+    (s1 * weights.gather(-1, i1)).sum().backward()
+    (s2 * weights.gather(-1, i2)).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@needs_library
 @pytest.mark.parametrize("padding", [0, 1, 2])
 @pytest.mark.parametrize("w", [8, 9])  # rows of whole vectors (x read in place), and not
 def test_native_weight_gradient_equals_the_grouped_conv_backward_at_any_padding(padding, w):

@@ -83,6 +83,8 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_wgrad_rows.argtypes += [_I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int]
     lib.dgc_wgrad_rows.argtypes += [ctypes.c_int]
     lib.dgc_wgrad_rows.restype = ctypes.c_int
+    lib.dgc_select.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int]
+    lib.dgc_select.restype = ctypes.c_int
     lib.dgc_igrad_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64]
     lib.dgc_igrad_planes.argtypes += [_PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64]
     lib.dgc_igrad_planes.argtypes += [ctypes.c_int]
@@ -192,6 +194,33 @@ def direct_conv(
     if status != 0:
         raise MemoryError("dgc direct_conv: cannot allocate its scratch buffer")
     return y  # (B, O, H', W')
+
+
+def select_channels(sal: Tensor, n_inactive: int) -> tuple[Tensor, Tensor]:
+    """``gathered.select_channels`` with a native selection in place of torch's top-k: the
+    same kept channels and scales (ties at the threshold get scale 0), the kept channels in
+    channel order rather than by saliency. ``scale`` carries autograd to ``sal`` (a gather).
+
+    Args:
+        sal: (B, h, C) non-negative float32 CPU saliencies; n_inactive: 1 <= n < C.
+
+    Returns:
+        index (B, h, K) and scale (B, h, K), K = C - n.
+    """
+    lib = library()
+    assert lib is not None, "select_channels called without the native library"
+    b, heads, c = sal.shape
+    kept = c - n_inactive
+    flat = sal.detach().contiguous()
+    index = torch.empty(b, heads, kept, dtype=torch.int64)
+    alive = torch.empty(b, heads, kept, dtype=sal.dtype)
+    status = lib.dgc_select(
+        flat.data_ptr(), b * heads, c, n_inactive, index.data_ptr(), alive.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("dgc select: cannot allocate its scratch buffer")
+    return index, sal.gather(-1, index) * alive  # (B, h, K) each
 
 
 def wgrad_rows(
