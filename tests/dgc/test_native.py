@@ -114,6 +114,9 @@ BACKWARD_SHAPES = [s for s in SHAPES if s[2] in (1, 3)] + [  # the native backwa
     (20, 8, 3, 1, 2, 0.25, 5, 16),
     (16, 8, 3, 1, 2, 0.25, 3, 8),
     (8, 8, 3, 1, 4, 0.125, 4, 8),
+    # Strided 3x3, even and uneven sizes: the fused input gradient by phases.
+    (16, 16, 3, 2, 4, 0.5, 8, 8),
+    (8, 12, 3, 2, 2, 0.5, 16, 10),
 ]
 
 
