@@ -31,6 +31,8 @@ SHAPES = [  # (C, O, k, stride, heads, gate, H, W)
     (44, 8, 1, 1, 2, 0.25, 5, 5),  # a gate over C = 16 + 16 + 8 + 4 (every vector loop's tail)
     (16, 16, 1, 2, 4, 0.25, 6, 6),  # strided 1x1 (a ResNet downsample)
     (8, 8, 5, 2, 2, 0.5, 11, 11),  # 5x5, stride 2
+    (16, 16, 3, 2, 4, 0.25, 9, 17),  # stride 2, rows long enough for the vector gather
+    (16, 16, 1, 2, 4, 0.25, 4, 32),  # strided 1x1, the same
 ]
 
 

@@ -33,6 +33,19 @@
 #include <omp.h>
 #endif
 
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* ReLU that keeps a NaN, as torch's does: zero where v < 0. */
+static inline v8 relu8(v8 v) { return (v8)((v8i)v & ~(v < (v8){0})); }
+
+#if defined(__clang__) /* clang has no __builtin_shuffle; GCC has __builtin_shufflevector from 12 */
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
 typedef struct {
     int64_t B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo;
     int64_t Hp, Wph, plane; /* rows, columns per phase, floats per (b, i, c) work plane */
@@ -79,7 +92,15 @@ static void gather_strided(const float *src, float na, float nc, int relu, int z
             memset(drow, 0, sizeof(float) * s->Wph);
             if (zero || r < 0 || r >= s->H) continue;
             const float *row = src + r * s->W;
-            for (int64_t col = c0, pos = p0; col < s->W; col += st, pos++) {
+            int64_t col = c0, pos = p0;
+            if (st == 2) /* eight pixels a step, col .. col + 14: the even lanes of two
+                          * vectors, the second from col + 7 (never past the row's end) */
+                for (; col + 15 <= s->W; col += 16, pos += 8) {
+                    const v8 a = *(const v8u *)(row + col), b = *(const v8u *)(row + col + 7);
+                    const v8 v = SHUFFLE8(a, b, 0, 2, 4, 6, 9, 11, 13, 15) * na + nc;
+                    *(v8u *)(drow + pos) = relu ? relu8(v) : v;
+                }
+            for (; col < s->W; col += st, pos++) {
                 const float v = row[col] * na + nc;
                 drow[pos] = relu ? (v < 0.0f ? 0.0f : v) : v;
             }
@@ -145,9 +166,6 @@ static void pad_gather(const float *x, const int64_t *index, const float *scale,
         gather_plane(x, index, scale, bn_a, bn_c, work + t * s->plane, s, t);
 }
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4))); /* unaligned loads */
-typedef int32_t v8i __attribute__((vector_size(32)));
 #define MAX_TAPS 49 /* kernels up to 7x7 */
 /* Tile shapes: with 32 vector registers (AVX-512VL) 16 accumulators fit, else 12. */
 #if defined(__AVX512VL__)
@@ -159,8 +177,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #endif
 #define MAX_VEC 4
 
-/* ReLU that keeps a NaN, as torch's does: zero where v < 0. */
-static inline v8 relu8(v8 v) { return (v8)((v8i)v & ~(v < (v8){0})); }
 
 /* Shape's epilogue on one output channel o's tile acc (R rows of NV vectors, n valid columns,
  * rows valid rows): res points at the tile's first value in the residual (rows Wo apart). */
@@ -488,11 +504,6 @@ int dgc_group_conv_eval(const float *x, int64_t B, int64_t C, int64_t H, int64_t
 /* The lane sums of eight vectors, as one vector: sum of v[e]'s lanes in lane e. A transpose
  * by halves: three rounds of adding each pair's swapped halves, eight additions in all where
  * summing each vector's lanes apart takes 56. */
-#if defined(__clang__) /* clang has no __builtin_shuffle; GCC has __builtin_shufflevector from 12 */
-#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
-#endif
 static inline v8 lane_sums(const v8 *v) {
     v8 a[4], b[2];
     for (int e = 0; e < 4; e++) { /* lanes 0-3 of a[e]: v[2e]'s pair sums; 4-7: v[2e+1]'s */
