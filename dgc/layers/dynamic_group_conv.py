@@ -224,14 +224,14 @@ def gathered_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``_GatheredGroupConv`` w.r.t. x (B, C, H, W), scale (B, h, K) and the
     weight (O, C, k, k), from the batch-folded grouped conv's backward, or with
-    ``native_backward`` from the native kernels: the weight gradient (``native.wgrad_rows``)
-    and the input gradient (``native.igrad_planes``; strided layers through the dilated
-    output gradient). oneDNN runs this grouped backward (B*heads groups of K -> O/h
+    ``native_backward`` from the native kernels: the weight gradient (``native.wgrad_rows``,
+    summed in the kernel) and the input and saliency gradients (``native.igrad_fused``, a
+    strided layer's by phases; ``native.igrad_planes`` where the batch does not split
+    evenly over the threads). oneDNN runs this grouped backward (B*heads groups of K -> O/h
     channels) on narrow layers at a few GMAC/s (docs/benchmarks.md 6.3)."""
     (b, c, h, w), (heads, kept), dtype = x.shape, index.shape[1:], grad_out.dtype
     o, k = weight_shape[0], weight_shape[-1]
     weight_dtype, rows = rows.dtype, rows.to(dtype)  # (h*C, O/h*k^2)
-    x_rows, w_rows = G.kept_rows(index, c)  # (B*h*K,) each
     native_in = native_backward and conv[1] <= k - 1 and k % 2 == 1  # see igrad_planes
     if native_in and native.igrad_fused_balances(b):  # x and scale gradients in one call
         args = (k, conv[1], conv[0])
@@ -239,6 +239,7 @@ def gathered_backward(
         grad_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv, summed=True)
         grad_w = _rows_to_weight(grad_rows, heads, weight_shape)
         return grad_x, grad_scale, grad_w.to(weight_dtype)
+    x_rows, w_rows = G.kept_rows(index, c)  # (B*h*K,) each
     xg = x.to(dtype).reshape(b * c, -1).index_select(0, x_rows)  # (B*h*K, HW), unscaled
     s = scale.to(dtype).reshape(-1, 1)  # (B*h*K, 1)
     if not (native_backward and native_in):  # torch: the input or the weight gradient
