@@ -1,15 +1,17 @@
 """Two builds of the native kernel source, A and B, timed round-robin in one process on
 DyResNet-20's training layer shapes (batch 64): the forward (direct_conv), the fused input and
-saliency gradients (igrad_fused) and the weight gradient (wgrad_rows, per kept channel).
+saliency gradients (igrad_fused) and the weight gradient (wgrad_weight).
 
     python bench/dgc_native_ab.py OLD.c NEW.c [--gate 0.5] [--kernels fwd igrad wgrad]
     # e.g. OLD.c from an earlier commit:
     git show 83dc639:dgc/layers/native/direct_conv.c > /tmp/old.c
     python bench/dgc_native_ab.py /tmp/old.c dgc/layers/native/direct_conv.c
 
-Both builds are called through this checkout's ctypes wrappers (dgc.layers.native), so both
-must export the same C signatures (the weight gradient's gained its ``summed`` argument in
-5a2dcfc: compare wgrad only between sources on the same side of it). Each layer shape runs
+Both builds are called through this checkout's ctypes wrappers (dgc.layers.native), so a
+kernel is compared only where both sources export its function with this checkout's
+signature: ``dgc_wgrad_weight`` exists from the commit that added it (earlier sources had
+``dgc_wgrad_rows``, per-channel rows), so wgrad needs two sources from then on. Each layer
+shape runs
 both builds' kernels on the same random inputs (random kept channels and scales, gate
 ``--gate``, 4 heads); printed per shape: median ms of 15 round-robin calls, A/B (> 1: B is
 faster) and the largest relative difference of the outputs; then the totals over the
@@ -45,15 +47,18 @@ SHAPES = {
 BATCH, HEADS, RUNS = 64, 4, 15
 
 
-TIMED = ("dgc_direct_conv", "dgc_igrad_fused", "dgc_wgrad_rows")
+TIMED = {"fwd": "dgc_direct_conv", "igrad": "dgc_igrad_fused", "wgrad": "dgc_wgrad_weight"}
 
 
-def load(source: str, out: Path) -> ctypes.CDLL:
+def load(source: str, out: Path, which: list[str]) -> ctypes.CDLL:
     """The library built from ``source`` with the package's flags, the timed functions'
     signatures taken from this checkout's (an older source may lack its other functions)."""
     subprocess.run(["cc", *native.FLAGS, source, "-o", str(out), "-lm"], check=True)
     lib, ours = ctypes.CDLL(str(out)), native.library()
-    for name in TIMED:
+    for kernel in which:
+        name = TIMED[kernel]
+        if not hasattr(lib, name):
+            raise SystemExit(f"{source} has no {name}: leave {kernel!r} out (--kernels)")
         getattr(lib, name).argtypes = getattr(ours, name).argtypes
         getattr(lib, name).restype = getattr(ours, name).restype
     return lib
@@ -70,7 +75,7 @@ def kernels(c: int, o: int, h: int, k: int, stride: int, gate: float) -> dict:
     return {
         "fwd": lambda: native.direct_conv(x, index, scale, rows, (o, k), conv),
         "igrad": lambda: native.igrad_fused(grad, x, index, scale, rows, k, pad, stride),
-        "wgrad": lambda: native.wgrad_rows(x, index, scale, grad, (o, k), conv),
+        "wgrad": lambda: native.wgrad_weight(x, index, scale, grad, (o, k), conv),
     }
 
 
@@ -89,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
-    libs = {"A": load(a.a, tmp / "a.so"), "B": load(a.b, tmp / "b.so")}
+    libs = {"A": load(a.a, tmp / "a.so", which), "B": load(a.b, tmp / "b.so", which)}
     totals = {(tag, n): 0.0 for tag in libs for n in which}
     for (c, o, h, k, stride), count in SHAPES.items():
         fns = kernels(c, o, h, k, stride, a.gate)

@@ -224,7 +224,7 @@ def gathered_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``_GatheredGroupConv`` w.r.t. x (B, C, H, W), scale (B, h, K) and the
     weight (O, C, k, k), from the batch-folded grouped conv's backward, or with
-    ``native_backward`` from the native kernels: the weight gradient (``native.wgrad_rows``,
+    ``native_backward`` from the native kernels: the weight gradient (``native.wgrad_weight``,
     summed in the kernel) and the input and saliency gradients (``native.igrad_fused``, a
     strided layer's by phases; ``native.igrad_planes`` where the batch does not split
     evenly over the threads). oneDNN runs this grouped backward (B*heads groups of K -> O/h
@@ -236,7 +236,7 @@ def gathered_backward(
     if native_in and native.igrad_fused_balances(b):  # x and scale gradients in one call
         args = (k, conv[1], conv[0])
         grad_x, grad_scale = native.igrad_fused(grad_out, x, index, scale, rows, *args)
-        grad_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv, summed=True)
+        grad_rows = native.wgrad_weight(x, index, scale, grad_out, (o, k), conv)
         grad_w = _rows_to_weight(grad_rows, heads, weight_shape)
         return grad_x, grad_scale, grad_w.to(weight_dtype)
     x_rows, w_rows = G.kept_rows(index, c)  # (B*h*K,) each
@@ -258,7 +258,7 @@ def gathered_backward(
     grad_x.index_add_(0, x_rows, g_xs * s)
     grad_scale = (g_xs * xg).sum(-1).view(b, heads, kept)  # (B, h, K)
     if native_backward:  # (h*C, O/h*k^2), summed in the native kernel
-        grad_rows = native.wgrad_rows(x, index, scale, grad_out, (o, k), conv, summed=True)
+        grad_rows = native.wgrad_weight(x, index, scale, grad_out, (o, k), conv)
         grad_w = _rows_to_weight(grad_rows, heads, weight_shape)
     else:  # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2)
         g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)

@@ -196,17 +196,18 @@ def test_native_weight_gradient_equals_the_grouped_conv_backward_at_any_padding(
 
 @needs_library
 @pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", BACKWARD_SHAPES)
-def test_summed_weight_gradient_equals_the_per_channel_rows_summed(
+def test_weight_gradient_summed_over_threads_equals_the_grouped_conv_backward(
     cin, cout, k, stride, heads, gate, h, w, two_threads
 ):
-    x, scale, rows, index, grad, conv, _ = _backward_args(
-        cin, cout, k, stride, heads, gate, h, w, 5
-    )
-    per_channel = native.wgrad_rows(x, index, scale, grad, (cout, k), conv)  # (B*h*K, O/h*k^2)
-    _, w_rows = G.kept_rows(index, cin)
-    expected = torch.zeros_like(rows).index_add_(0, w_rows, per_channel)
-    summed = native.wgrad_rows(x, index, scale, grad, (cout, k), conv, summed=True)
-    torch.testing.assert_close(summed, expected, rtol=1e-4, atol=1e-4)
+    """Batch 5 on two threads: tasks split unevenly, each thread's accumulator then added."""
+    from dgc.layers.dynamic_group_conv import gathered_backward
+
+    args = _backward_args(cin, cout, k, stride, heads, gate, h, w, 5)
+    x, scale, rows, index, grad, conv, shape = args
+    expected = gathered_backward(*args, False)[2]  # (O, C, k, k), torch's grouped backward
+    grad_rows = native.wgrad_weight(x, index, scale, grad, (cout, k), conv)  # (h*C, O/h*k*k)
+    got = grad_rows.view(heads, cin, cout // heads, k * k).transpose(1, 2).reshape(shape)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @needs_library

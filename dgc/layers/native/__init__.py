@@ -79,10 +79,9 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_direct_conv.restype = ctypes.c_int
     lib.dgc_fused_eval.argtypes = [ctypes.POINTER(_Plan), _PTR, _PTR, _PTR]
     lib.dgc_fused_eval.restype = ctypes.c_int
-    lib.dgc_wgrad_rows.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
-    lib.dgc_wgrad_rows.argtypes += [_I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int]
-    lib.dgc_wgrad_rows.argtypes += [ctypes.c_int]
-    lib.dgc_wgrad_rows.restype = ctypes.c_int
+    lib.dgc_wgrad_weight.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
+    lib.dgc_wgrad_weight.argtypes += [_I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int]
+    lib.dgc_wgrad_weight.restype = ctypes.c_int
     lib.dgc_select.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int]
     lib.dgc_select.restype = ctypes.c_int
     lib.dgc_igrad_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64]
@@ -223,49 +222,43 @@ def select_channels(sal: Tensor, n_inactive: int) -> tuple[Tensor, Tensor]:
     return index, sal.gather(-1, index) * alive  # (B, h, K) each
 
 
-def wgrad_rows(
+def wgrad_weight(
     x: Tensor,
     index: Tensor,
     scale: Tensor,
     grad_out: Tensor,
     shape: tuple[int, int],
     conv: tuple[int, int, int],
-    summed: bool = False,
 ) -> Tensor:
-    """The weight gradient of ``direct_conv``, in one call: per (sample, head, kept channel),
-    or ``summed`` into the weight's row layout.
+    """The weight gradient of ``direct_conv``, in one call, in the weight's row layout.
 
     Args:
         x, index, scale, shape, conv: as ``direct_conv`` (kernel size 1 or 3).
         grad_out: (B, O, H', W') gradient of its output, heads interleaved.
-        summed: sum the rows where ``index`` puts them, in the kernel (each thread into its
-            own accumulator): the weight's gradient in ``weight_rows`` layout.
 
     Returns:
-        Not summed: (B*h*K, O/h*k*k), row (b, i, c) the gradient of head i's kernels of input
-        channel ``index[b, i, c]`` from sample b (``index_add`` them into ``weight_rows``
-        order). Summed: (h*C, O/h*k*k), that sum.
+        (h*C, O/h*k*k), ``gathered.weight_rows``' layout: row (i, c) sums, over the samples
+        that keep channel c in head i, the gradient of head i's kernels of channel c (each
+        thread into its own accumulator; no per-sample rows are made).
     """
     lib = library()
-    assert lib is not None, "wgrad_rows called without the native library (check supported)"
+    assert lib is not None, "wgrad_weight called without the native library (check supported)"
     stride, padding, _ = conv
     b, c, h, w = x.shape
     heads, kept = index.shape[1], index.shape[2]
     o, k = shape
-    assert k in (1, 3), f"wgrad_rows: kernel size {k} (1 or 3 only)"
+    assert k in (1, 3), f"wgrad_weight: kernel size {k} (1 or 3 only)"
     ho, wo = grad_out.shape[-2:]
     x, index, scale, grad_out = (t.contiguous() for t in (x, index, scale, grad_out))
-    out = torch.empty(
-        (heads * c) if summed else (b * heads * kept), o // heads * k * k, dtype=x.dtype
-    )
-    status = lib.dgc_wgrad_rows(
+    grad_rows = torch.empty(heads * c, o // heads * k * k, dtype=x.dtype)
+    status = lib.dgc_wgrad_weight(
         x.data_ptr(), b, c, h, w, index.data_ptr(), scale.data_ptr(), heads, kept,
-        grad_out.data_ptr(), o, k, stride, padding, ho, wo, out.data_ptr(), int(summed),
+        grad_out.data_ptr(), o, k, stride, padding, ho, wo, grad_rows.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
-        raise MemoryError("dgc wgrad_rows: cannot allocate its scratch buffer")
-    return out  # (B*h*K or h*C, O/h*k^2)
+        raise MemoryError("dgc wgrad_weight: cannot allocate its scratch buffer")
+    return grad_rows  # (h*C, O/h*k^2)
 
 
 def igrad_planes(

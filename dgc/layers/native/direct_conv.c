@@ -57,7 +57,6 @@ typedef struct {
      * its DGC conv, applied while the tile is in registers. */
     const float *ea, *ec, *res;
     int relu;
-    const int64_t *idx_base; /* the weight gradient's kept channels (B, heads, K) */
 } Shape;
 
 /* Zero what the copy below leaves unwritten in a stride-1 plane: the padding rows, and each
@@ -655,11 +654,11 @@ static void wgrad_task(const float *plane, const float *gyi, const float *gp, in
  * maps), and its flat runs cover the padding columns too (a quarter of the multiply-adds on
  * 8x8 maps, whose runs are 10 wide). Here the scale multiplies the nine sums instead, the x
  * vectors are whole rows, and the tile is CB kept channels x 9 taps in registers (each
- * gradient vector loaded feeds CB multiply-adds, each input vector 9). add: outs[] += the
- * sums (a summed weight gradient) rather than =. */
+ * gradient vector loaded feeds CB multiply-adds, each input vector 9). The sums are added to
+ * outs[] (the thread's rows of the weight gradient). */
 static inline __attribute__((always_inline)) void wgrad_rows_block(
     const float *const *xs, const float *gq, const int64_t *goff, const Shape *s, int64_t Wq,
-    const float *sc, float *const *outs, int add, const int CB) {
+    const float *sc, float *const *outs, const int CB) {
     v8 acc[3][9];
     for (int cb = 0; cb < CB; cb++)
         for (int t = 0; t < 9; t++) acc[cb][t] = (v8){0};
@@ -675,37 +674,26 @@ static inline __attribute__((always_inline)) void wgrad_rows_block(
         }
     }
     for (int cb = 0; cb < CB; cb++) {
-        if (sc[cb] == 0.0f) { /* a pruned tie: contributes nothing */
-            if (!add) memset(outs[cb], 0, sizeof(float) * 9);
-            continue;
-        }
-        const v8 sums = lane_sums(acc[cb]) * sc[cb];
+        if (sc[cb] == 0.0f) continue; /* a pruned tie: contributes nothing */
         float last = 0.0f;
         for (int e = 0; e < 8; e++) last += acc[cb][8][e];
-        if (add) {
-            *(v8u *)outs[cb] += sums;
-            outs[cb][8] += last * sc[cb];
-        } else {
-            *(v8u *)outs[cb] = sums;
-            outs[cb][8] = last * sc[cb];
-        }
+        *(v8u *)outs[cb] += lane_sums(acc[cb]) * sc[cb];
+        outs[cb][8] += last * sc[cb];
     }
 }
 
-/* Where the gradient row of kept channel c of task bi = (b, i) goes: its own row of the
- * (B*h*K)-row output, or, summed (sum: the thread's (h*C)-row accumulator), row (i, idx[c]) of
- * the weight's row layout. */
-static float *wgrad_dest(float *out, float *sum, const Shape *s, int64_t bi, int64_t c,
-                         int64_t rowlen) {
-    if (!sum) return out + (bi * s->K + c) * rowlen;
-    return sum + (bi % s->heads * s->C + s->idx_base[bi * s->K + c]) * rowlen;
+/* Where the gradient row of kept channel c of task bi = (b, i) is added: row (i, index[bi, c])
+ * of the weight's row layout, in sum (the thread's accumulator). */
+static float *wgrad_dest(float *sum, const int64_t *index, const Shape *s, int64_t bi,
+                         int64_t c, int64_t rowlen) {
+    return sum + (bi % s->heads * s->C + index[bi * s->K + c]) * rowlen;
 }
 
 /* One (sample b, head i) of the direct weight gradient: its gradient planes into gq (oh
  * planes of glen floats), then each block of kept channels against each of them. */
-static void wgrad_direct_task(const float *x, const float *scale, const float *gy, float *out,
-                              float *sum, const Shape *s, int64_t bi, float *gq, int64_t Wq,
-                              int64_t glen) {
+static void wgrad_direct_task(const float *x, const int64_t *index, const float *scale,
+                              const float *gy, float *sum, const Shape *s, int64_t bi, float *gq,
+                              int64_t Wq, int64_t glen) {
     const int64_t oh = s->O / s->heads, m = s->k - 1, hw = s->H * s->W, b = bi / s->heads;
     const int64_t chan = s->heads * s->Ho * s->Wo; /* gy: channel j of head i */
     const float *gyi = gy + (b * s->O + bi % s->heads) * s->Ho * s->Wo;
@@ -718,7 +706,7 @@ static void wgrad_direct_task(const float *x, const float *scale, const float *g
     int64_t goff[9];
     for (int64_t ky = 0; ky < 3; ky++)
         for (int64_t kx = 0; kx < 3; kx++) goff[ky * 3 + kx] = (s->pad + m - ky) * Wq + s->pad + m - kx;
-    const int64_t *idx = s->idx_base + bi * s->K;
+    const int64_t *idx = index + bi * s->K;
     int64_t c0 = 0;
     while (c0 < s->K) { /* blocks of 3; a remainder of 1 as 2 + 2 */
         const int64_t left = s->K - c0, cb = left == 4 || left == 2 ? 2 : (left >= 3 ? 3 : 1);
@@ -727,47 +715,45 @@ static void wgrad_direct_task(const float *x, const float *scale, const float *g
         for (int64_t cc = 0; cc < cb; cc++) xs[cc] = x + (b * s->C + idx[c0 + cc]) * hw;
         for (int64_t j = 0; j < oh; j++) {
             for (int64_t cc = 0; cc < cb; cc++)
-                outs[cc] = wgrad_dest(out, sum, s, bi, c0 + cc, oh * 9) + j * 9;
+                outs[cc] = wgrad_dest(sum, index, s, bi, c0 + cc, oh * 9) + j * 9;
             const float *gj = gq + j * glen;
-            if (cb == 3) wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, sum != NULL, 3);
-            else if (cb == 2) wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, sum != NULL, 2);
-            else wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, sum != NULL, 1);
+            if (cb == 3) wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, 3);
+            else if (cb == 2) wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, 2);
+            else wgrad_rows_block(xs, gj, goff, s, Wq, sc, outs, 1);
         }
         c0 += cb;
     }
 }
 
 /* One (sample, head) of the gathered weight gradient (strided, 1x1 or ragged layers): its
- * gradient planes (flat ones at stride 1), then each kept channel gathered into plane; rows go
- * to their place (wgrad_dest), through row when summed. */
+ * gradient planes (flat ones at stride 1), then each kept channel gathered into plane, its
+ * row computed into row and added to its place (wgrad_dest). */
 static void wgrad_gathered_task(const float *x, const int64_t *index, const float *scale,
-                                const float *gy, float *out, float *sum, const Shape *s,
-                                int64_t bi, float *plane, float *gp, int64_t len, float *row) {
+                                const float *gy, float *sum, const Shape *s, int64_t bi,
+                                float *plane, float *gp, int64_t len, float *row) {
     const int64_t oh = s->O / s->heads, rowlen = oh * s->k * s->k;
     const float *gyi = gy + (bi / s->heads * s->O + bi % s->heads) * s->Ho * s->Wo;
     if (gp) flat_gradient(gyi, oh, s, gp, len);
     for (int64_t c = 0; c < s->K; c++) {
-        float *dst = wgrad_dest(out, sum, s, bi, c, rowlen);
+        float *dst = wgrad_dest(sum, index, s, bi, c, rowlen);
         gather_plane(x, index, scale, NULL, NULL, plane, s, bi * s->K + c);
-        wgrad_task(plane, gyi, gp, len, sum ? row : dst, s, oh);
-        if (sum)
-            for (int64_t q = 0; q < rowlen; q++) dst[q] += row[q];
+        wgrad_task(plane, gyi, gp, len, row, s, oh);
+        for (int64_t q = 0; q < rowlen; q++) dst[q] += row[q];
     }
 }
 
-/* x: (B, C, H, W) the layer's post-BN-ReLU input; gy: (B, O, Ho, Wo), heads interleaved.
- * summed == 0: out is g_rows (B*heads*K, O/h*k*k), a row per (sample, head, kept channel);
- * else out is the weight gradient in row layout (heads*C, O/h*k*k), those rows summed into
- * their head's row of their channel, each thread into its own accumulator, the accumulators
- * then added (the (B*h*K)-row intermediate, 4.7 MB at DyResNet-20's last stage at batch 64,
- * and its index_add are gone). k must be 1 or 3. Returns 0, or -1 when the scratch buffer
- * cannot be allocated. */
-int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
-                   const int64_t *index, const float *scale, int64_t heads, int64_t K,
-                   const float *gy, int64_t O, int64_t k, int64_t stride, int64_t pad,
-                   int64_t Ho, int64_t Wo, float *out, int summed, int threads) {
-    Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
-    s.idx_base = index;
+/* The weight gradient of direct_conv in the weight's row layout, grad_rows (heads*C,
+ * O/h*k*k): each (sample, head, kept channel)'s gradient of head i's kernels of that channel,
+ * summed into row (i, channel). x: (B, C, H, W) the layer's post-BN-ReLU input; gy: (B, O,
+ * Ho, Wo), heads interleaved. Each thread sums into its own accumulator, and the accumulators
+ * are then added: the per-channel rows (4.7 MB at DyResNet-20's last stage at batch 64) and
+ * torch's index_add of them are never made. k must be 1 or 3. Returns 0, or -1 when the
+ * scratch buffer cannot be allocated. */
+int dgc_wgrad_weight(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
+                     const int64_t *index, const float *scale, int64_t heads, int64_t K,
+                     const float *gy, int64_t O, int64_t k, int64_t stride, int64_t pad,
+                     int64_t Ho, int64_t Wo, float *grad_rows, int threads) {
+    const Shape s = make_shape(B, C, H, W, heads, K, O, k, stride, pad, Ho, Wo);
     const int64_t oh = O / heads, kk = k * k, rowlen = oh * kk, wsize = heads * C * rowlen;
     const int direct = stride == 1 && k == 3 && W % 8 == 0, flat = !direct && stride == 1;
     /* gathered, flat runs: Ho rows of Wph, in runs of 8; a run's taps read up to
@@ -777,15 +763,15 @@ int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
     /* direct: the gradient planes with a margin of k-1 */
     const int64_t m = k - 1, Wq = Wo + 2 * m, glen = (Ho + 2 * m) * Wq + 8;
     const size_t bytes = direct ? oh * glen : room + oh * len + rowlen + 8;
-    float *parts = summed ? scratch(sizeof(float) * threads * wsize) : NULL;
-    if (summed && !parts) return -1;
+    float *parts = scratch(sizeof(float) * threads * wsize);
+    if (!parts) return -1;
     int failed = 0, team = 1;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *buf = scratch_slot(1, sizeof(float) * bytes + 32);
-        float *sum = summed ? parts + omp_thread() * wsize : NULL;
+        float *sum = parts + omp_thread() * wsize;
         if (omp_thread() == 0) team = (int)omp_threads();
-        if (sum) memset(sum, 0, sizeof(float) * wsize);
+        memset(sum, 0, sizeof(float) * wsize);
         failed = buf == NULL;
         /* gathered: the flat gradient planes 32-byte aligned (their vector loads are) */
         float *gp = buf && flat ? (float *)(((uintptr_t)(buf + room) + 31) & ~(uintptr_t)31) : NULL;
@@ -794,20 +780,18 @@ int dgc_wgrad_rows(const float *x, int64_t B, int64_t C, int64_t H, int64_t W,
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < B * heads; bi++) {
             if (!buf) continue;
-            if (direct) wgrad_direct_task(x, scale, gy, out, sum, &s, bi, buf, Wq, glen);
-            else wgrad_gathered_task(x, index, scale, gy, out, sum, &s, bi, buf, gp, len, row);
+            if (direct) wgrad_direct_task(x, index, scale, gy, sum, &s, bi, buf, Wq, glen);
+            else wgrad_gathered_task(x, index, scale, gy, sum, &s, bi, buf, gp, len, row);
         }
     }
     if (failed) return -1;
-    if (summed) { /* the threads' accumulators added, in blocks */
-        const int64_t blocks = (wsize + 1023) / 1024;
+    const int64_t blocks = (wsize + 1023) / 1024; /* the threads' accumulators added */
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            const int64_t lo = blk * 1024, hi = lo + 1024 < wsize ? lo + 1024 : wsize;
-            memcpy(out + lo, parts + lo, sizeof(float) * (hi - lo));
-            for (int t = 1; t < team; t++)
-                for (int64_t e = lo; e < hi; e++) out[e] += parts[t * wsize + e];
-        }
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t lo = blk * 1024, hi = lo + 1024 < wsize ? lo + 1024 : wsize;
+        memcpy(grad_rows + lo, parts + lo, sizeof(float) * (hi - lo));
+        for (int t = 1; t < team; t++)
+            for (int64_t e = lo; e < hi; e++) grad_rows[e] += parts[t * wsize + e];
     }
     return 0;
 }
