@@ -33,6 +33,9 @@ import torch
 from torch import Tensor
 from torch import nn
 
+from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from dgc.layers.dynamic_group_conv import versions
+from dgc.layers.group_conv import PreactGroupConv2d
 from dgc.registry import create_model
 
 OP_NAME = "dgc::model_eval"
@@ -81,24 +84,26 @@ class ShippedModel(nn.Module):
 
 class _Models:
     """Eager networks by their packed tensors and spec (LRU, thread-safe). A cached network
-    holds its tensors, so their addresses stay theirs while it lives."""
+    holds its tensors, so their addresses stay theirs while it lives; it is sealed (``seal``),
+    so an in-place write to the packed tensors (a new version) builds it again."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._models: OrderedDict[tuple, tuple[str, nn.Module]] = OrderedDict()
+        self._models: OrderedDict[tuple, tuple[tuple, nn.Module]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, packed: list[Tensor], spec: str) -> nn.Module:
         # Keyed by the tensors; the spec (tens of kB, a new str on every call) is compared.
         key = tuple((t.data_ptr(), t.numel(), t.dtype, t.device) for t in packed)
+        state = (spec, versions(packed))
         with self._lock:
             cached = self._models.get(key)
-            if cached is not None and cached[0] == spec:
+            if cached is not None and cached[0] == state:
                 self._models.move_to_end(key)
                 return cached[1]
         model = _build(packed, spec)
         with self._lock:
-            self._models[key] = (spec, model)
+            self._models[key] = (state, model)
             self._models.move_to_end(key)
             if len(self._models) > self.size:
                 self._models.popitem(last=False)
@@ -118,7 +123,20 @@ def _build(packed: list[Tensor], spec: str) -> nn.Module:
     with torch.inference_mode(False):  # its own buffers keep version counters
         model = create_model(s["name"], **s["kwargs"])
         model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().to(packed[0].device)
+    return seal(model.eval().to(packed[0].device))
+
+
+def seal(model: nn.Module) -> nn.Module:
+    """Mark ``model``'s DGC layers and native group convs sealed: their eval calls skip the
+    checks an eager network needs on every call (hooks, training mode, BN kind, parameter
+    versions: about 10 us a layer, a quarter of DyResNet-20's forward at batch 1,
+    docs/benchmarks.md 6.4) and keep only the autocast one. Only for a network nobody else
+    holds, run without grad: ``_build``'s, whose tensors are views of the program's buffers
+    and which ``_Models`` builds again when those change."""
+    for m in model.modules():
+        if isinstance(m, (DynamicGroupConv2d, PreactGroupConv2d)):
+            m.sealed = True
+    return model
 
 
 def model_eval(x: Tensor, packed: list[Tensor], spec: str) -> Tensor:

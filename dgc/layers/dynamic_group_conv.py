@@ -398,6 +398,11 @@ class DynamicGroupConv2d(nn.Module):
         name: layer name used in error messages.
     """
 
+    # True only in the private eval network of a shipped program (``dgc.program.seal``): no
+    # hooks, eval mode, plain BNs, no grad, and its tensors views of the program's buffers,
+    # rebuilt as a whole when those change; its eval calls then skip the per-call checks.
+    sealed = False
+
     def __init__(
         self,
         in_channels: int,
@@ -563,13 +568,7 @@ class DynamicGroupConv2d(nn.Module):
         forward does not (``_forward_fused``), grad or training, hooks on this layer or on
         ``bn``/``act``, a BN that is not a plain eval one, an ``act`` that is not a ReLU, a
         residual of another shape or kind."""
-        if self.training or torch.is_grad_enabled() or not _plain_eval_bn(bn):
-            return None
-        if self._forward_hooks or self._forward_pre_hooks:
-            return None
-        if act is not None and (
-            type(act) is not nn.ReLU or act._forward_hooks or act._forward_pre_hooks
-        ):
+        if not (self.sealed or self._epilogue_applies(bn, act)):
             return None
         if residual is not None and (
             residual.dtype != torch.float32 or residual.device.type != "cpu"
@@ -583,6 +582,17 @@ class DynamicGroupConv2d(nn.Module):
             return None
         return plan(x, residual)  # (B, O, H', W')
 
+    def _epilogue_applies(self, bn: nn.Module, act: nn.Module | None) -> bool:
+        """``forward_epilogue``'s checks of the modules: eval without grad, a plain eval BN, a
+        plain ReLU or none, no hooks on this layer."""
+        if self.training or torch.is_grad_enabled() or not _plain_eval_bn(bn):
+            return False
+        if self._forward_hooks or self._forward_pre_hooks:
+            return False
+        return act is None or (
+            type(act) is nn.ReLU and not (act._forward_hooks or act._forward_pre_hooks)
+        )
+
     def _fused_key(self, x: Tensor, checked: bool) -> tuple | None:
         """This input's plan key where the fused forward applies to it (this shape's chosen
         kernel is ``direct``; see ``_run_fused``), else None."""
@@ -590,11 +600,18 @@ class DynamicGroupConv2d(nn.Module):
         key = (tuple(x.shape), x.dtype, x.device, n)
         if n == 0 or self.kernels.known(key, ("direct",)) is None:
             return None
-        if not checked and (tracing() or not self._fusable(x)):
+        if not (checked or self._call_fusable(x)):
             return None
         if not native.supported(x, self.weight, self.dilation):
             return None  # a dispatch mode now (FlopCounterMode): torch's kernels
         return key
+
+    def _call_fusable(self, x: Tensor) -> bool:
+        """Whether this call may run fused: not traced and ``_fusable``; for a sealed layer,
+        whose modules cannot change, only not under autocast."""
+        if self.sealed:
+            return not torch.is_autocast_enabled(x.device.type)
+        return not tracing() and self._fusable(x)
 
     def _fused_plan(
         self, key: tuple, x: Tensor, bn: nn.BatchNorm2d | None = None, relu: bool = False
@@ -602,6 +619,9 @@ class DynamicGroupConv2d(nn.Module):
         """The native plan for ``key``, rebuilt when a parameter or buffer it reads changed
         (an optimizer step, ``load_state_dict``, ``.to()``); ``bn``, ``relu``: its epilogue
         (``forward_epilogue``)."""
+        cached = self._plans.get(key)
+        if self.sealed and cached is not None:
+            return cached[1]  # a sealed network is rebuilt, never changed (``seal``)
         # Read through the modules' dicts: nn.Module.__getattr__ costs about a microsecond each.
         gate, norm = self._modules["gate"], self._modules["norm"]
         sources = [*self._parameters.values(), *gate._parameters.values()]
@@ -609,7 +629,6 @@ class DynamicGroupConv2d(nn.Module):
             sources += [*m._parameters.values(), *m._buffers.values()]
         sources = [t for t in sources if t is not None]
         state = tuple(versions(sources) + [t.data_ptr() for t in sources])
-        cached = self._plans.get(key)
         if cached is not None and cached[0] == state:
             return cached[1]
         args = self._fused_args(x)

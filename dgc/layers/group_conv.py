@@ -31,6 +31,8 @@ class PreactGroupConv2d(nn.Sequential):
     forward; ``ship_op = False`` records the three torch modules instead.
     """
 
+    sealed = False  # as DynamicGroupConv2d.sealed (``dgc.program.seal``)
+
     def __init__(
         self,
         in_channels: int,
@@ -69,7 +71,7 @@ class PreactGroupConv2d(nn.Sequential):
             out.copy_(self(x))
 
     def _forward_native(self, x: Tensor, out: Tensor | None = None) -> Tensor | None:
-        if self.training or tracing() or not self._plain(x):
+        if not self._call_plain(x):
             return None  # a trace records dgc's operator (forward), not a ctypes call
         if not native.supported(x, self._modules["2"].weight, 1):
             return None  # not float32 on the CPU, a dispatch mode, or no library
@@ -83,6 +85,13 @@ class PreactGroupConv2d(nn.Sequential):
         kernels = {"native": lambda: plan(x), "torch": lambda: nn.Sequential.forward(self, x)}
         y = self.kernels.run(key, kernels, "native")  # a new shape: both timed
         return y if out is None else out.copy_(y)
+
+    def _call_plain(self, x: Tensor) -> bool:
+        """Whether this call may run natively: eval, not traced, ``_plain``; for a sealed
+        module (``dgc.program.seal``), whose modules cannot change, only not under autocast."""
+        if self.sealed:
+            return not torch.is_autocast_enabled(x.device.type)
+        return not (self.training or tracing()) and self._plain(x)
 
     def _plain(self, x: Tensor) -> bool:
         """Whether the native call (or dgc's operator) computes this forward: a 4-d input, an
@@ -104,11 +113,13 @@ class PreactGroupConv2d(nn.Sequential):
 
     def _plan(self, key: tuple, x: Tensor) -> native.GroupConvPlan:
         """The native plan for ``key``, rebuilt when a parameter or buffer it reads changed."""
+        cached = self._plans.get(key)
+        if self.sealed and cached is not None:
+            return cached[1]  # a sealed module is built again, never changed
         bn, _, conv = self._modules.values()
         sources = [conv.weight, *bn._parameters.values(), *bn._buffers.values()]
         sources = [t for t in sources if t is not None]
         state = tuple(versions(sources) + [t.data_ptr() for t in sources])
-        cached = self._plans.get(key)
         if cached is not None and cached[0] == state:
             return cached[1]
         with torch.no_grad():
