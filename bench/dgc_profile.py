@@ -21,7 +21,8 @@ stem     the ImageNet stem (7x7 conv, BN, ReLU, max-pool) of ``model`` in infere
          (dgc.models.resnet.ImageNetStem), round-robin, outputs compared; --batches.
 shipped  what the MLflow model pays: the eval network, eager, against its torch.export
          program loaded back (torch.export.save / load, as MLflow's pt2 format), exported as
-         is and as dgc.ShippedModel (the network as one operator: what search logs),
+         is and as dgc.ShippedModel (the network as one operator: what search logs), and a
+         sealed copy of the eager network (dgc.program.seal: what that operator runs),
          round-robin under inference_mode; and every DGC layer called eagerly against dgc's
          operator with the same tensors (the operator's dispatch and cached-layer lookup),
          summed over layers.
@@ -42,6 +43,7 @@ float32, 2 threads by default.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections.abc import Callable
@@ -261,6 +263,9 @@ def shipped(a: argparse.Namespace) -> None:
     example = torch.randn(2, 3, a.size, a.size)
     batch = ({0: torch.export.Dim("batch", min=1)},)
     fns = {"eager": model}
+    seal = getattr(dgc.program, "seal", None)  # absent from an older checkout (before/after)
+    if seal is not None:
+        fns["eager, sealed"] = seal(copy.deepcopy(model))  # what the program's operator runs
     with tempfile.TemporaryDirectory() as tmp:
         shipped = []  # what search logs; absent from an older checkout (before/after)
         if hasattr(dgc, "ShippedModel"):
