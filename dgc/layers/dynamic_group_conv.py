@@ -598,7 +598,7 @@ class DynamicGroupConv2d(nn.Module):
         kernel is ``direct``; see ``_run_fused``), else None."""
         n = self._inactive_host
         key = (tuple(x.shape), x.dtype, x.device, n)
-        if n == 0 or self.kernels.known(key, ("direct",)) is None:
+        if self.kernels.known(key, ("direct",)) is None:
             return None
         if not (checked or self._call_fusable(x)):
             return None
@@ -832,7 +832,7 @@ class DynamicGroupConv2d(nn.Module):
         their time in such per-call work (docs/benchmarks.md 6.2).
         """
         n = self._inactive_host
-        if n == 0 or self.impl == "masked":
+        if self.impl == "masked":
             return self._kernel("masked", x, sal, sal, sal, None)  # (B, O, H', W')
         index, scale = G.select_channels(sal, n)  # (B, h, K) each
         scale = self._kept(scale)

@@ -56,11 +56,15 @@ def select_channels(sal: Tensor, n_inactive: int) -> tuple[Tensor, Tensor]:
 
     Args:
         sal: (B, h, C) non-negative saliencies.
-        n_inactive: channels to deactivate per head, 1 <= n < C.
+        n_inactive: channels to deactivate per head, 0 <= n < C (0: every channel, in order,
+            with its saliency).
 
     Returns:
         index (B, h, K) and scale (B, h, K), K = C - n. ``scale`` carries autograd to ``sal``.
     """
+    if n_inactive == 0:
+        index = torch.arange(sal.shape[-1], device=sal.device).expand(sal.shape)  # (B, h, C)
+        return index, sal
     kept = sal.shape[-1] - n_inactive
     values, index = sal.topk(kept + 1, dim=-1, sorted=True)  # (B, h, K+1), descending
     top = values[..., :kept]  # (B, h, K); topk's values carry the gradient to ``sal``

@@ -256,6 +256,33 @@ def test_fused_forward_drops_ties_at_the_threshold():
 
 
 @needs_library
+@pytest.mark.parametrize("saliency", ["scale", "mask"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_layer_that_keeps_every_channel_runs_every_kernel_as_the_masked_one(saliency, k):
+    # n = 0 (a gate factor of 1): the gathered and native kernels keep all C channels; the
+    # zero saliencies (a negative generator bias) contribute nothing, in mask mode too.
+    layer = _layer(16, 16, k, 1, 4, 1.0, saliency=saliency)
+    with torch.no_grad():
+        layer.gate.fc2_bias.fill_(-0.3)
+    assert layer.target_inactive == 0
+    x = torch.randn(3, 16, 8, 8)
+    kernels = ["masked", "bmm" if k == 1 else "fold", "direct"] + ([] if k == 1 else ["unfold"])
+    outs = {}
+    with torch.no_grad():
+        sal = layer.gate(torch.relu(layer.norm(x)).mean((2, 3)))
+        assert (sal == 0).any() and (sal > 0).any()
+        for name in kernels:
+            layer.kernels = KernelChoice(prefer=name)
+            outs[name] = (layer(x), layer(x))  # the first settles the choice, the second
+            assert layer.kernels.last == name  # runs it (fused, for "direct")
+        if saliency == "scale":
+            torch.testing.assert_close(outs["masked"][0], oracle_forward(layer, x)[0])
+    for name in kernels:
+        for out in outs[name]:
+            torch.testing.assert_close(out, outs["masked"][0])
+
+
+@needs_library
 @pytest.mark.parametrize("kw", [{"saliency": "mask"}, {"norm": False}])
 def test_fused_forward_equals_the_torch_kernels_in_other_modes(kw):
     layer = _layer(16, 16, 3, 1, 4, 0.25, **kw)

@@ -1181,7 +1181,10 @@ static float nth_smallest(const float *v, int64_t m, int64_t n, float *tmp) {
 }
 
 /* Kept channels of one head: those strictly above the n-th smallest saliency (ties at the
- * threshold go, as in methods.md 1.1). Slots left by ties get a channel with scale 0. */
+ * threshold go, as in methods.md 1.1). Slots left by ties get a channel with scale 0. With
+ * n = 0 every channel is kept: the saliencies are non-negative (the generators end in a
+ * ReLU), so the positive ones get their saliency (or 1 under mask) and the zeros 0, as in
+ * torch's masked conv. */
 static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int mask,
                         float *tmp, int64_t *index, float *scale) {
     int nan = 0;
@@ -1193,7 +1196,7 @@ static void select_head(const float *sal, int64_t C, int64_t n, int64_t K, int m
         }
         return;
     }
-    const float thr = nth_smallest(sal, C, n, tmp);
+    const float thr = n > 0 ? nth_smallest(sal, C, n, tmp) : 0.0f;
     int64_t m = 0;
     for (int64_t c = 0; c < C && m < K; c++)
         if (sal[c] > thr) {
