@@ -129,8 +129,8 @@ def _build(packed: list[Tensor], spec: str) -> nn.Module:
 def seal(model: nn.Module) -> nn.Module:
     """Mark ``model``'s DGC layers and native group convs sealed: their eval calls skip the
     checks an eager network needs on every call (hooks, training mode, BN kind, parameter
-    versions: about 10 us a layer, a quarter of DyResNet-20's forward at batch 1,
-    docs/benchmarks.md 6.4) and keep only the autocast one. Only for a network nobody else
+    versions: 15-20 us a layer, a third of DyResNet-20's forward at batch 1 on the CPU,
+    docs/benchmarks.md 6.1) and keep only the autocast one. Only for a network nobody else
     holds, run without grad: ``_build``'s, whose tensors are views of the program's buffers
     and which ``_Models`` builds again when those change."""
     for m in model.modules():

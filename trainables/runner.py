@@ -117,13 +117,17 @@ def measure_latency(
     """Median batch-1 inference latency (ms) on ``device``, gates at their target sparsity.
 
     Measured on a copy before training: the executed path depends only on the architecture and
-    the number of inactive channels, not on the weights.
+    the number of inactive channels, not on the weights. The copy is sealed as the network of
+    the program that search logs and exports is (``dgc.program.seal``), so the latency is that
+    of the model that ships, not of the eager model's per-call checks.
     """
     import copy
     import statistics
     import time
 
-    probe = copy.deepcopy(model).eval()
+    from dgc.program import seal
+
+    probe = seal(copy.deepcopy(model).eval())
     dgc.set_progress(probe, 1.0)
     x = torch.randn(1, *input_size, device=device)
     times = []

@@ -14,6 +14,7 @@ from trainables.loop import Schedule
 from trainables.loop import make_optimizer
 from trainables.loop import train_one_epoch
 from trainables.runner import load_state
+from trainables.runner import measure_latency
 from trainables.runner import run_trial
 from trainables.runner import save_state
 
@@ -145,6 +146,21 @@ def test_latency_is_measured_once_and_carried_by_every_report():
     run_trial(_cfg(epochs=2, measure_latency=True), out)
     latencies = {m[M.LATENCY_MS] for m in out.metrics}
     assert len(latencies) == 1 and latencies.pop() > 0
+
+
+def test_latency_is_timed_on_a_sealed_copy_and_leaves_the_trained_model_as_it_was(monkeypatch):
+    from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+    from dgc.program import seal
+
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
+    sealed = []  # the real seal, noting what it was given
+    monkeypatch.setattr(dgc.program, "seal", lambda m: sealed.append(m) or seal(m))
+    assert measure_latency(model, (1, 8, 8), torch.device("cpu"), runs=3) > 0
+    (probe,) = sealed
+    assert probe is not model and not probe.training
+    assert all(m.sealed for m in probe.modules() if isinstance(m, DynamicGroupConv2d))
+    layers = [m for m in model.modules() if isinstance(m, DynamicGroupConv2d)]
+    assert model.training and not any(m.sealed or m._inactive_host for m in layers)
 
 
 def test_custom_gate_schedule_reaches_target_at_its_breakpoint_and_eval_sees_it():
