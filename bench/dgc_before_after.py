@@ -8,6 +8,9 @@ process, round-robin (same weights, gates fully pruned, float32, 2 threads).
     PYTHONPATH=/tmp/old python bench/dgc_before_after.py [--runs 10] [--modes eval train] \\
         [--models dyresnet18 ...] [--batches 1 ...] [--gate 0.25] [--with-dense]
 
+--models also takes the dense networks (resnet18, densenet86, resnet20), eval only: a change
+to code they share (the DenseNet transitions, 6.1) timed in both.
+
 (The operator and library renames let both checkouts register dgc's operator, from commit
 c917bdf on.)
 
@@ -38,8 +41,9 @@ TRAIN = [("dyresnet18", 224, 8), ("dydensenet86", 32, 64), ("dyresnet20", 32, 64
 
 
 def pair(name: str, gate: float) -> tuple[torch.nn.Module, torch.nn.Module]:
-    new = dgc.create_model(name, gate_factor=gate)
-    old = dgc_old.create_model(name, gate_factor=gate)
+    kwargs = {"gate_factor": gate} if name.startswith("dy") else {}  # a dense one: none
+    new = dgc.create_model(name, **kwargs)
+    old = dgc_old.create_model(name, **kwargs)
     old.load_state_dict(new.state_dict())
     dgc.set_progress(new, 1.0)
     dgc_old.set_progress(old, 1.0)
@@ -82,6 +86,8 @@ def main() -> None:
     )
     a = p.parse_args()
     cases = [c for c in CASES if not a.models or c[0] in a.models]
+    # a dense network named (--models densenet86): its DGC variant's sizes and batches
+    cases += [(n[2:], s, b) for n, s, b in CASES if a.models and n[2:] in a.models]
     cases = [c for c in cases if not a.batches or c[2] in a.batches]
     train = [c for c in TRAIN if not a.models or c[0] in a.models]
     train = [c for c in train if not a.batches or c[2] in a.batches]

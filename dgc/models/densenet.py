@@ -14,11 +14,13 @@ import torch
 from torch import Tensor
 from torch import nn
 
+from dgc.layers import native
 from dgc.layers.conv import ConvLayer
 from dgc.layers.conv import StageValue
 from dgc.layers.conv import make_conv_factory
 from dgc.layers.conv import pop_options
 from dgc.layers.group_conv import PreactGroupConv2d
+from dgc.layers.kernel_choice import tracing
 from dgc.models.common import init_weights
 from dgc.registry import register_family
 
@@ -138,7 +140,7 @@ class DenseNet(nn.Module):
         while i < len(modules):
             stage = list(itertools.takewhile(lambda m: isinstance(m, DenseLayer), modules[i:]))
             if not stage:
-                x = modules[i](x)  # a transition
+                x = _transition(modules[i], x)  # (B, C, H/2, W/2)
                 i += 1
                 continue
             b, c, h, w = x.shape
@@ -163,6 +165,20 @@ class DenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _transition(pool: nn.Module, x: Tensor) -> Tensor:
+    """A transition in eval without grad (``_features_in_place``, which checked the hooks): the
+    native 2x2 average pool, equal to torch's to the bit and about 10x faster on a CPU
+    DenseNet-86's maps (torch's NCHW pool: 8 ms at batch 64, docs/benchmarks.md 6.1), where
+    it applies; else the module."""
+    plain = type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2))
+    plain = plain and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
+    plain = plain and not pool.ceil_mode and pool.divisor_override is None
+    ok = plain and x.dim() == 4 and x.is_contiguous() and not tracing()
+    if ok and native.supported(x, x, 1):  # float32, CPU, no dispatch mode, a library
+        return native.avg_pool2(x)  # (B, C, H/2, W/2)
+    return pool(x)  # (B, C, H/2, W/2)
 
 
 def _densenet(

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import dgc
+from dgc.layers import native
 from dgc.layers.conv import KIND_PREFIX
 from dgc.layers.kernel_choice import KernelChoice
 
@@ -263,6 +264,23 @@ def calibrated(name: str, size: int = 16) -> torch.nn.Module:
     with torch.no_grad():
         model(torch.randn(8, 3, size, size))
     return model.eval()
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler here")
+def test_densenet_transitions_pool_natively_in_eval_without_grad_only(monkeypatch):
+    pooled = []
+    real = native.avg_pool2
+    monkeypatch.setattr(native, "avg_pool2", lambda x: pooled.append(x.shape) or real(x))
+    model, x = calibrated("densenet86"), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = model(x)
+    assert pooled == [(2, 128, 16, 16), (2, 352, 8, 8)]  # the two transitions
+    pooled.clear()
+    with torch.enable_grad():
+        torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)  # module by module
+    with torch.no_grad():
+        torch.jit.trace(model, x, check_trace=False)  # a trace records torch's pool
+    assert pooled == []
 
 
 @pytest.mark.parametrize("kind", ["", "gc", "dy", "sg", "dn"])

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dgc
 from dgc.layers import gathered as G
@@ -280,6 +281,15 @@ def test_a_layer_that_keeps_every_channel_runs_every_kernel_as_the_masked_one(sa
     for name in kernels:
         for out in outs[name]:
             torch.testing.assert_close(out, outs["masked"][0])
+
+
+@needs_library
+@pytest.mark.parametrize("shape", [(1, 128, 32, 32), (3, 5, 7, 9), (2, 3, 33, 34), (2, 4, 2, 18)])
+def test_native_average_pool_is_torchs_to_the_bit(shape):
+    x = torch.randn(shape)
+    x[0, 0, 0, 1], x[-1, -1, -1, 0] = float("nan"), float("inf")
+    out = native.avg_pool2(x)
+    torch.testing.assert_close(out, F.avg_pool2d(x, 2, 2), rtol=0, atol=0, equal_nan=True)
 
 
 @needs_library

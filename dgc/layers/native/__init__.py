@@ -102,6 +102,8 @@ def library() -> ctypes.CDLL | None:
     lib.dgc_bn_relu_train_backward.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR]
     lib.dgc_bn_relu_train_backward.argtypes += [_PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
     lib.dgc_bn_relu_train_backward.restype = ctypes.c_int
+    lib.dgc_avg_pool2.argtypes = [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+    lib.dgc_avg_pool2.restype = None
     return lib
 
 
@@ -488,6 +490,15 @@ class FusedPlan:
         if self._call(self._ref, x.data_ptr(), _ptr(residual), y.data_ptr()) != 0:
             raise MemoryError("dgc fused_eval: cannot allocate its scratch buffer")
         return y  # (B, O, H', W')
+
+
+def avg_pool2(x: Tensor) -> Tensor:
+    """``F.avg_pool2d(x, 2, 2)`` of a contiguous float32 CPU (B, C, H, W), bit for bit, in one
+    native pass (``dgc_avg_pool2``; the caller checked ``supported``)."""
+    b, c, h, w = x.shape
+    y = torch.empty(b, c, h // 2, w // 2)  # (B, C, H/2, W/2)
+    library().dgc_avg_pool2(x.data_ptr(), y.data_ptr(), b * c, h, w, torch.get_num_threads())
+    return y  # (B, C, H/2, W/2)
 
 
 def channel_slice(x: Tensor) -> tuple[Tensor, int]:
