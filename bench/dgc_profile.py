@@ -8,6 +8,8 @@
     python bench/dgc_profile.py shipped dyresnet20 --batches 1 64 --runs 100
     python bench/dgc_profile.py bntrain dyresnet20 --batch 64 --runs 20
     python bench/dgc_profile.py coldhot dyresnet18 --batch 1 --size 224 --runs 20
+    python bench/dgc_profile.py pool densenet86 --batches 1 64 --runs 20
+    python bench/dgc_profile.py keepall dyresnet8 --threads 1 --runs 200
 
 profile  torch.profiler (CPU) over 5 eval forwards after 3 warm-ups, gates fully pruned, --gate
          (0.25) for gc/dy models: the top ops by self CPU time, in ms per forward. --train:
@@ -32,6 +34,10 @@ bntrain  the training BN-ReLU of every DGC layer's input shape: torch's BatchNor
 coldhot  every DGC layer's eval call timed inside the network's forward and again at once
          after it (its weights then in the caches), summed per forward, and the rest of the
          forward (what is not a DGC layer).
+pool     the DenseNet's transitions (model: densenet86) at --batches: torch's NCHW 2x2
+         average pool, channels-last with its copies, and dgc's native pass, round-robin.
+keepall  DyResNet-8 on digits whose first-stage layers keep every channel, against one with
+         an inactive channel in each (model: ignored; --threads 1 as a latency trial).
 compile  eager and torch.compile(dynamic=False) eval forwards of the dense network and its DGC
          variant, round-robin (bench/dgc_speed.py's timing), and the ratio compiled dense /
          compiled DGC.
@@ -315,11 +321,83 @@ def layer_calls(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict:
     return {**round_robin(fns, runs, "cpu"), "n": len(calls)}
 
 
+def pool(a: argparse.Namespace) -> None:
+    """The DenseNet's 2x2 average-pool transitions at their input shapes: torch's NCHW pool,
+    torch's channels-last pool with the copies there and back, and dgc's native pass."""
+    import torch.nn.functional as F
+
+    from dgc.layers import native
+
+    model = dgc.create_model(a.model).eval()
+    shapes = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, i: shapes.append(tuple(i[0].shape[1:])))
+        for m in model.features
+        if isinstance(m, torch.nn.AvgPool2d)
+    ]
+    with torch.no_grad():
+        model.features(model.stem(torch.randn(1, 3, a.size, a.size)))  # module by module
+    for h in hooks:
+        h.remove()
+    for b in a.batches:
+        for shape in shapes:
+            x = torch.randn(b, *shape)
+            fns = {
+                "torch": lambda: F.avg_pool2d(x, 2, 2),
+                "channels-last + copies": lambda: F.avg_pool2d(
+                    x.contiguous(memory_format=torch.channels_last), 2, 2
+                ).contiguous(),
+                "native": lambda: native.avg_pool2(x),
+            }
+            equal = torch.equal(fns["native"](), fns["torch"]())
+            with torch.inference_mode():
+                ms = round_robin(fns, a.runs, "cpu")
+            cells = ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+            print(f"{a.model} transition ({b}, {', '.join(map(str, shape))}): {cells}; "
+                  f"native bit-equal: {equal}")  # fmt: skip
+
+
+KEEPALL = {"keeps all in stage 1": (0.979, 0.962, 0.216), "one inactive": (0.94, 0.94, 0.216)}
+
+
+def keepall(a: argparse.Namespace) -> None:
+    """DyResNet-8 on digits (1x8x8, heads 2, batch 1, eval) whose first-stage layers keep every
+    channel (gate factors 0.979, 0.962, 0.216: no inactive channel after rounding) against
+    one with an inactive channel in each (0.94, 0.94, 0.216), round-robin; and each network's
+    inactive channels and settled kernels per layer. Run against an older dgc (PYTHONPATH)
+    to time the code before a change."""
+    models = {}
+    for name, gates in KEEPALL.items():
+        torch.manual_seed(0)
+        model = dgc.create_model(
+            "dyresnet8", num_classes=10, in_chans=1, gate_factor=list(gates), heads=2
+        )
+        dgc.set_progress(model, 1.0)
+        models[name] = model.eval()
+    x = torch.randn(1, 1, 8, 8)
+    with torch.inference_mode():
+        ms = round_robin({k: (lambda m=m: m(x)) for k, m in models.items()}, a.runs, "cpu")
+    print(", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+    for k, m in models.items():
+        cells = [(m_.in_channels, m_._inactive_host, m_.kernels.last) for m_ in dgc.dgc_layers(m)]
+        print(f"  {k}: (C, inactive, kernel) per layer {cells}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "mode",
-        choices=["profile", "compile", "stem", "trainkernel", "shipped", "bntrain", "coldhot"],
+        choices=[
+            "profile",
+            "compile",
+            "stem",
+            "trainkernel",
+            "shipped",
+            "bntrain",
+            "coldhot",
+            "pool",
+            "keepall",
+        ],
     )
     p.add_argument("model", help="profile: any dgc name; compile: the dense family name")
     p.add_argument("--batch", type=int, default=1)
@@ -341,6 +419,8 @@ def main() -> None:
         "shipped": shipped,
         "bntrain": bntrain,
         "coldhot": coldhot,
+        "pool": pool,
+        "keepall": keepall,
     }
     modes[a.mode](a)
 

@@ -169,9 +169,9 @@ class DenseNet(nn.Module):
 
 def _transition(pool: nn.Module, x: Tensor) -> Tensor:
     """A transition in eval without grad (``_features_in_place``, which checked the hooks): the
-    native 2x2 average pool, equal to torch's to the bit and about 10x faster on a CPU
-    DenseNet-86's maps (torch's NCHW pool: 8 ms at batch 64, docs/benchmarks.md 6.1), where
-    it applies; else the module."""
+    native 2x2 average pool, equal to torch's to the bit and 3-7x faster on a CPU
+    DenseNet-86's maps (torch's NCHW pool: 7.9 ms at batch 64, docs/benchmarks.md 6.1),
+    where it applies; else the module."""
     plain = type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2))
     plain = plain and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
     plain = plain and not pool.ceil_mode and pool.divisor_override is None
