@@ -1,11 +1,13 @@
-"""Two builds of the native kernel source, A and B, timed round-robin in one process on
+"""Two builds of the native kernel sources, A and B, timed round-robin in one process on
 DyResNet-20's training layer shapes (batch 64): the forward (direct_conv), the fused input and
 saliency gradients (igrad_fused) and the weight gradient (wgrad_weight).
 
-    python bench/dgc_native_ab.py OLD.c NEW.c [--gate 0.5] [--kernels fwd igrad wgrad]
-    # e.g. OLD.c from an earlier commit:
-    git show 83dc639:dgc/layers/native/direct_conv.c > /tmp/old.c
-    python bench/dgc_native_ab.py /tmp/old.c dgc/layers/native/direct_conv.c
+    python bench/dgc_native_ab.py OLD_DIR NEW_DIR [--gate 0.5] [--kernels fwd igrad wgrad]
+    # e.g. OLD_DIR from an earlier commit (its one direct_conv.c, or the split sources):
+    mkdir -p /tmp/old && git archive d054e87 dgc/layers/native | tar -x -C /tmp/old
+    python bench/dgc_native_ab.py /tmp/old/dgc/layers/native dgc/layers/native
+
+A source is a folder: every ``*.c`` in it is compiled into one library, with its headers.
 
 Both builds are called through this checkout's ctypes wrappers (dgc.layers.native), so a
 kernel is compared only where both sources export its function with this checkout's
@@ -32,6 +34,7 @@ import torch
 
 from dgc.layers import gathered as G
 from dgc.layers import native
+from dgc.layers.native import build
 
 # (C, O, H, k, stride) of DyResNet-20's DGC layers as run in training (a strided 1x1 runs at
 # stride 1 on the pixels it reads), and how many of each.
@@ -51,9 +54,13 @@ TIMED = {"fwd": "dgc_direct_conv", "igrad": "dgc_igrad_fused", "wgrad": "dgc_wgr
 
 
 def load(source: str, out: Path, which: list[str]) -> ctypes.CDLL:
-    """The library built from ``source`` with the package's flags, the timed functions'
-    signatures taken from this checkout's (an older source may lack its other functions)."""
-    subprocess.run(["cc", *native.FLAGS, source, "-o", str(out), "-lm"], check=True)
+    """The library built from the ``*.c`` files of folder ``source`` with the package's flags,
+    the timed functions' signatures taken from this checkout's (an older source may lack its
+    other functions)."""
+    files = sorted(str(f) for f in Path(source).glob("*.c"))
+    if not files:
+        raise SystemExit(f"{source}: no C sources there (give the folder that holds them)")
+    subprocess.run(["cc", *build.FLAGS, *files, "-o", str(out), "-lm"], check=True)
     lib, ours = ctypes.CDLL(str(out)), native.library()
     for kernel in which:
         name = TIMED[kernel]
@@ -85,8 +92,8 @@ def as_tuple(out: object) -> tuple:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("a", help="source A (the baseline)")
-    p.add_argument("b", help="source B")
+    p.add_argument("a", help="folder of sources A (the baseline)")
+    p.add_argument("b", help="folder of sources B")
     p.add_argument("--gate", type=float, default=0.5)
     p.add_argument("--kernels", nargs="+", choices=("fwd", "igrad", "wgrad"), default=None)
     a = p.parse_args()

@@ -66,7 +66,7 @@ from dgc_speed import build  # noqa: E402
 from dgc_speed import round_robin  # noqa: E402
 from dgc_speed import step  # noqa: E402
 
-from dgc.layers.kernel_choice import KernelChoice  # noqa: E402
+from dgc.layers.dgc_kernels import DgcKernels  # noqa: E402
 
 FORWARDS = 5
 
@@ -115,7 +115,7 @@ def trainkernel(a: argparse.Namespace) -> None:
             a.model, gate_of(a.model, a.gate), "cpu", torch.float32, a.size
         ).train()
         for layer in dgc.dgc_layers(models[name]):
-            layer.kernels = KernelChoice(prefer=prefer)
+            layer.kernels = DgcKernels(prefer=prefer)
         fns[name] = train_step(models[name], x)
     ms = round_robin(fns, a.runs, "cpu")
     layers = dgc.dgc_layers(models["measured"])
@@ -138,7 +138,7 @@ def bntrain(a: argparse.Namespace) -> None:
     """Training BN-ReLU of each DGC layer's input shape at --batch: torch's BatchNorm2d + ReLU
     (forward, and forward + backward), the DGC layer's native pass, and for scale torch's eval
     BN and a plane sum, round-robin (--runs)."""
-    from dgc.layers.dynamic_group_conv import _BatchNormReLU
+    from dgc.layers.norm import BatchNormReLU
 
     model = build(a.model, gate_of(a.model, a.gate), "cpu", torch.float32, a.size).train()
     shapes: dict[tuple, int] = {}
@@ -167,12 +167,12 @@ def bntrain(a: argparse.Namespace) -> None:
             torch.relu(bn(x)).backward(g)
 
         def native_fb() -> None:
-            y, sums, _, _ = _BatchNormReLU.apply(x, w, b, bn.eps)
+            y, sums, _, _ = BatchNormReLU.apply(x, w, b, bn.eps)
             torch.autograd.backward([y, sums], [g, torch.zeros_like(sums)])
 
         fns = {
             "torch": lambda: torch.relu(bn(x.detach())),
-            "native": lambda: _BatchNormReLU.apply(x.detach(), w.detach(), b.detach(), bn.eps),
+            "native": lambda: BatchNormReLU.apply(x.detach(), w.detach(), b.detach(), bn.eps),
             "torch_fb": torch_fb,
             "native_fb": native_fb,
             "eval": lambda: torch.nn.functional.batch_norm(
@@ -311,7 +311,7 @@ def layer_calls(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict:
         bn = m.norm if isinstance(m.norm, torch.nn.BatchNorm2d) else None
         norm = (None,) * 4 if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias)
         args = (inputs[m], m.weight, m.gate.fc1_weight, m.gate.fc2_weight, m.gate.fc2_bias, *norm,
-                m._inactive_host, [m.stride, m.padding, m.dilation], m.saliency == "mask",
+                m.n_inactive, [m.stride, m.padding, m.dilation], m.saliency == "mask",
                 0.0 if bn is None else bn.eps)  # fmt: skip
         calls.append((m, inputs[m], args))
     fns = {
@@ -379,7 +379,7 @@ def keepall(a: argparse.Namespace) -> None:
         ms = round_robin({k: (lambda m=m: m(x)) for k, m in models.items()}, a.runs, "cpu")
     print(", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
     for k, m in models.items():
-        cells = [(m_.in_channels, m_._inactive_host, m_.kernels.last) for m_ in dgc.dgc_layers(m)]
+        cells = [(m_.in_channels, m_.n_inactive, m_.kernels.last) for m_ in dgc.dgc_layers(m)]
         print(f"  {k}: (C, inactive, kernel) per layer {cells}")
 
 

@@ -1,4 +1,4 @@
-"""MACs and parameters by the DGC authors' counting rules (methods.md 1.7), or SG-CNN's (2.4).
+"""MACs and parameters by the DGC authors' counting rules (docs/methods.md 1.7), or SG-CNN's (2.4).
 
 One forward pass of a 1-sample zero input under hooks; each hooked module adds its count. The
 DGC rules (``rules="dgc"``, the default, used for every front):
@@ -130,7 +130,7 @@ def _sg_hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
 
 
 def _sg_cost(name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-    """SG-CNN's counter (methods.md 2.4) for one module."""
+    """SG-CNN's counter (docs/methods.md 2.4) for one module."""
     if isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return 0.0, 0
     masked = isinstance(m, SelfGroupingConv2d) or (

@@ -34,8 +34,8 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
-from dgc.layers.dynamic_group_conv import versions
 from dgc.layers.group_conv import PreactGroupConv2d
+from dgc.layers.plan_cache import versions
 from dgc.registry import create_model
 
 OP_NAME = "dgc::model_eval"

@@ -7,8 +7,8 @@ from dgc.layers.conv import ConvFactory
 from dgc.layers.conv import ConvLayer
 from dgc.layers.conv import make_conv_factory
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
-from dgc.layers.dynamic_group_conv import SaliencyGate
 from dgc.layers.dynamic_kernel import DynamicKernelConv2d
+from dgc.layers.saliency import SaliencyGate
 from dgc.layers.schedule import GateSchedule
 from dgc.layers.schedule import inactive_channels
 from dgc.layers.self_grouping import SelfGroupingConv2d

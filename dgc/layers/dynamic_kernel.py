@@ -1,9 +1,9 @@
 """Dynamic convolution kernels (DyNet).
 
 Zhang, Zhang, Wang, Zhong, "DyNet: Dynamic Convolution for Accelerating Convolutional Neural
-Networks", arXiv 2004.10694; spec: methods.md 3. No official code exists, and methods.md 3.2
-marks the mechanism [unverified]. What is built here, with the simplest reading of each
-unverified detail made a setting:
+Networks", arXiv 2004.10694; spec: docs/methods.md 3. No official code exists, and
+docs/methods.md 3.2 marks the mechanism [unverified]. What is built here, with the simplest
+reading of each unverified detail made a setting:
 
 * Each output channel o gets a kernel fused per sample from ``kernels`` (g_t) fixed kernels,
   ``w_o(x) = sum_j eta_oj(x) W_(o*g_t+j)``, with coefficients predicted per output channel from
@@ -31,7 +31,7 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers.kernel_choice import KernelChoice
-from dgc.layers.kernel_choice import tracing
+from dgc.layers.tracing import tracing
 
 COEFFICIENTS = ("sigmoid", "softmax")
 

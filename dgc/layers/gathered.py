@@ -21,8 +21,6 @@ gathering a kept channel's kernel columns is one row copy.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Optional
 from typing import Tuple
 
@@ -31,26 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def traceable(fn: Callable) -> Callable:
-    """``fn``, or its TorchScript-compiled version while ``torch.jit.trace`` records a forward.
-
-    The kernels derive sizes from the batch (groups = B*heads, row offsets): traced as Python
-    they would be frozen at the example's batch size, and ``search export``'s TorchScript
-    would fail at any other. A scripted call is recorded as a call, with its sizes computed at
-    run time.
-    """
-    return _scripted(fn) if torch.jit.is_tracing() else fn
-
-
-@functools.cache
-def _scripted(fn: Callable) -> Callable:
-    return torch.jit.script(fn)
-
-
 def select_channels(sal: Tensor, n_inactive: int) -> tuple[Tensor, Tensor]:
     """Kept channels and their saliencies, with one top-k over (B, heads, C).
 
-    Equal to zeroing every saliency at or below the ``n``-th smallest of its head (methods.md
+    Equal to zeroing every saliency at or below the ``n``-th smallest of its head (docs/methods.md
     1.1): the (K+1)-th largest value is that threshold, so kept entries equal to it (ties,
     notably exact zeros) get saliency 0 and contribute nothing.
 

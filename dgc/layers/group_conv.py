@@ -17,10 +17,12 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers import native
-from dgc.layers.dynamic_group_conv import eval_affine
-from dgc.layers.dynamic_group_conv import versions
 from dgc.layers.kernel_choice import KernelChoice
-from dgc.layers.kernel_choice import tracing
+from dgc.layers.norm import eval_affine
+from dgc.layers.norm import hooked
+from dgc.layers.plan_cache import PlanCache
+from dgc.layers.tracing import record_group_conv_eval
+from dgc.layers.tracing import tracing
 
 
 class PreactGroupConv2d(nn.Sequential):
@@ -50,7 +52,7 @@ class PreactGroupConv2d(nn.Sequential):
         )  # fmt: skip
         self.ship_op = True
         self.kernels = KernelChoice()  # "native" or "torch", per input shape
-        self._plans: dict[tuple, tuple[tuple, native.GroupConvPlan]] = {}
+        self.plans = PlanCache()  # native plans per input shape
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W)
@@ -59,13 +61,14 @@ class PreactGroupConv2d(nn.Sequential):
             if y is not None:
                 return y
         elif not self.training and self.ship_op and tracing() and self._plain(x):
-            return self._forward_shipped(x)  # (B, O, H', W'), one recorded operator
+            bn, _, conv = self._modules.values()
+            return record_group_conv_eval(bn, conv, x)  # (B, O, H', W'), one recorded operator
         return super().forward(x)  # (B, O, H', W')
 
     def forward_into(self, x: Tensor, out: Tensor) -> None:
         """``out.copy_(self(x))`` in eval without grad (``out``: a channel slice of a DenseNet
         stage's features); the native kernel writes into ``out`` directly where it runs."""
-        if self._forward_hooks or self._forward_pre_hooks or torch.is_grad_enabled():
+        if hooked(self) or torch.is_grad_enabled():
             out.copy_(self(x))
         elif self._forward_native(x, out) is None:
             out.copy_(self(x))
@@ -98,9 +101,8 @@ class PreactGroupConv2d(nn.Sequential):
         eval BatchNorm2d with running statistics, a plain ReLU and zero-padded conv without
         bias or dilation, no hooks on them, no autocast."""
         bn, act, conv = self._modules.values()
-        for m in (bn, act, conv):
-            if m._forward_hooks or m._forward_pre_hooks:
-                return False
+        if hooked(bn, act, conv):
+            return False
         if not (isinstance(bn, nn.BatchNorm2d) and type(act) is nn.ReLU):
             return False
         if bn.training or bn.running_mean is None or type(conv) is not nn.Conv2d:
@@ -113,39 +115,19 @@ class PreactGroupConv2d(nn.Sequential):
 
     def _plan(self, key: tuple, x: Tensor) -> native.GroupConvPlan:
         """The native plan for ``key``, rebuilt when a parameter or buffer it reads changed."""
-        cached = self._plans.get(key)
-        if self.sealed and cached is not None:
-            return cached[1]  # a sealed module is built again, never changed
         bn, _, conv = self._modules.values()
-        sources = [conv.weight, *bn._parameters.values(), *bn._buffers.values()]
-        sources = [t for t in sources if t is not None]
-        state = tuple(versions(sources) + [t.data_ptr() for t in sources])
-        if cached is not None and cached[0] == state:
-            return cached[1]
-        with torch.no_grad():
-            rows = native.group_rows(conv.weight, conv.groups)
-            norm = eval_affine(bn)
-        geometry = (conv.stride[0], conv.padding[0], conv.groups)
-        k = conv.kernel_size[0]
-        plan = native.GroupConvPlan(tuple(x.shape), norm, rows, conv.out_channels, k, geometry)
-        self._plans[key] = (state, plan)
+
+        def build() -> native.GroupConvPlan:
+            with torch.no_grad():
+                rows = native.group_rows(conv.weight, conv.groups)
+                norm = eval_affine(bn)
+            geometry = (conv.stride[0], conv.padding[0], conv.groups)
+            k, o = conv.kernel_size[0], conv.out_channels
+            return native.GroupConvPlan(tuple(x.shape), norm, rows, o, k, geometry)
+
+        def sources() -> list[Tensor]:
+            return [conv.weight, *bn._parameters.values(), *bn._buffers.values()]
+
+        plan = self.plans.get(key, sources, build, sealed=self.sealed)
+        assert plan is not None
         return plan
-
-    def _forward_shipped(self, x: Tensor) -> Tensor:
-        bn, _, conv = self._modules.values()
-        return torch.ops.dgc.preact_group_conv_eval(
-            x,
-            conv.weight,
-            bn.running_mean,
-            bn.running_var,
-            bn.weight,
-            bn.bias,
-            [conv.stride[0], conv.padding[0], conv.groups],
-            bn.eps,
-        )  # (B, O, H', W')
-
-    def __getstate__(self) -> dict:
-        # Native plans point into this module's tensors: a copy builds its own.
-        state = dict(super().__getstate__())
-        state["_plans"] = {}
-        return state

@@ -24,12 +24,9 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from dgc.layers.tracing import tracing
+
 TIMED_RUNS = 3
-
-
-def tracing() -> bool:
-    """True while TorchScript tracing, torch.export or torch.compile records the forward."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class KernelChoice:

@@ -1,7 +1,7 @@
 """Gradual channel-deactivation schedule of Dynamic Group Convolution.
 
 Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks",
-ECCV 2020 (arXiv 2007.04242), section on gradual deactivation; spec: methods.md 1.3.
+ECCV 2020 (arXiv 2007.04242), section on gradual deactivation; spec: docs/methods.md 1.3.
 
 The paper's breakpoints (warm-up to 1/12 of the run, ramp to 3/4) are the default. A
 ``GateSchedule`` moves them, so that a short run can finish the ramp early and fine-tune at the

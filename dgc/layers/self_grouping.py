@@ -1,7 +1,7 @@
 """Self-grouping convolution (SG-CNN).
 
 Guo, Wu, Kittler, Feng, "Self-grouping Convolutional Neural Networks", Neural Networks 132
-(2020), arXiv 2009.13803; spec: methods.md 2.1 to 2.4 (from QingbeiGuo/SG-CNN).
+(2020), arXiv 2009.13803; spec: docs/methods.md 2.1 to 2.4 (from QingbeiGuo/SG-CNN).
 
 A masked convolution whose filters organise themselves into groups during training. One
 self-grouping step (``regroup``) clusters the filters by their importance vectors (the L1 of
@@ -42,9 +42,10 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers.kernel_choice import KernelChoice
-from dgc.layers.kernel_choice import tracing
+from dgc.layers.plan_cache import PlanCache
 from dgc.layers.schedule import PAPER
 from dgc.layers.schedule import GateSchedule
+from dgc.layers.tracing import tracing
 
 GROUP_MASKS = ("common", "first")
 #: the equivalent eval kernels of a grouped layer (methods ``_<name>``)
@@ -97,7 +98,7 @@ def self_group_step(
     generator: torch.Generator,
     group_mask: str = "common",
 ) -> tuple[Tensor, Tensor]:
-    """One self-grouping step of one layer (methods.md 2.2).
+    """One self-grouping step of one layer (docs/methods.md 2.2).
 
     Args:
         weight: (O, C, k, k) kernel.
@@ -199,7 +200,7 @@ class SelfGroupingConv2d(nn.Module):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._steps_done = 0  # host mirror: reading the buffer would sync a GPU every step
         self._groups: Groups | None = None
-        self._packed: tuple | None = None  # eval kernels, cached
+        self._packed = PlanCache()  # eval kernels, per dtype and device
         self.kernels = KernelChoice()
         self.reset_parameters()
 
@@ -244,12 +245,14 @@ class SelfGroupingConv2d(nn.Module):
             )
             self.mask.copy_(new)
         self.steps_done.fill_(step)
-        self._steps_done, self._groups, self._packed = step, None, None
+        self._steps_done, self._groups = step, None
+        self._packed.clear()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
         if self.steps_done.device.type != "meta":
-            self._steps_done, self._groups, self._packed = int(self.steps_done), None, None
+            self._steps_done, self._groups = int(self.steps_done), None
+            self._packed.clear()
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W)
@@ -277,18 +280,22 @@ class SelfGroupingConv2d(nn.Module):
 
     def _packed_kernels(self, dtype: torch.dtype) -> tuple[list[Tensor], Tensor, Tensor]:
         """Per-group kernels, the padded grouped kernel and the masked kernel, rebuilt when the
-        weight changes."""
-        key = (self.weight._version, dtype, self.weight.device, id(self.structure()))
-        if self._packed is None or self._packed[0] != key:
-            g, w = self.structure(), self.weight.detach().to(dtype)
+        weight or the mask changes."""
+        g = self.structure()
+
+        def build() -> tuple[list[Tensor], Tensor, Tensor]:
+            w = self.weight.detach().to(dtype)
             per_group = [w[o][:, i] for o, i in zip(g.outputs, g.inputs)]
             k = self.kernel_size
             padded = w.new_zeros(len(g.inputs) * g.o_max, g.n_max, k, k)
             for d, kernel in enumerate(per_group):
                 padded[d * g.o_max : d * g.o_max + kernel.shape[0], : kernel.shape[1]] = kernel
             masked = w * self.mask[:, :, None, None].to(dtype)
-            self._packed = (key, per_group, padded, masked)
-        return self._packed[1], self._packed[2], self._packed[3]
+            return per_group, padded, masked
+
+        packed = self._packed.get((dtype, id(g)), lambda: [self.weight, self.mask], build)
+        assert packed is not None
+        return packed
 
     def _loop(self, x: Tensor) -> Tensor:
         """One dense conv per group over its own input subset."""

@@ -36,8 +36,8 @@ from torch import Tensor
 from torch import nn
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
-from dgc.layers.dynamic_group_conv import SaliencyGate
 from dgc.layers.group_conv import PreactGroupConv2d
+from dgc.layers.saliency import SaliencyGate
 
 OP_NAME = "dgc::dynamic_group_conv_eval"
 CACHED_LAYERS = 512
@@ -88,7 +88,7 @@ def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> Dynami
     layer._parameters["weight"] = weight
     if mean is not None:
         _bn_around(layer.norm, (mean, var, bn_w, bn_b), eps)
-    layer._inactive_host = n
+    layer.n_inactive = n
     layer.inactive_channels.fill_(n)
     return layer.eval().to(weight.device)
 
@@ -128,7 +128,7 @@ def dynamic_group_conv_eval(
     """``DynamicGroupConv2d``'s eval forward: (B, C, H, W) -> (B, O, H', W')."""
     tensors = (weight, fc1_weight, fc2_weight, fc2_bias, bn_mean, bn_var, bn_weight, bn_bias)
     layer = _LAYERS.get(tensors, (n_inactive, *conv, mask, eps))
-    y = layer._run_fused(x, checked=True)  # the native call, once this shape's choice is made
+    y = layer.fused.run(layer, x, checked=True)  # the native call, once this shape's choice is made
     if y is not None:
         return y  # (B, O, H', W')
     with torch.no_grad():

@@ -20,7 +20,7 @@ from dgc.layers.conv import StageValue
 from dgc.layers.conv import make_conv_factory
 from dgc.layers.conv import pop_options
 from dgc.layers.group_conv import PreactGroupConv2d
-from dgc.layers.kernel_choice import tracing
+from dgc.layers.tracing import tracing
 from dgc.models.common import init_weights
 from dgc.registry import register_family
 
@@ -175,8 +175,7 @@ def _transition(pool: nn.Module, x: Tensor) -> Tensor:
     plain = type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2))
     plain = plain and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
     plain = plain and not pool.ceil_mode and pool.divisor_override is None
-    ok = plain and x.dim() == 4 and x.is_contiguous() and not tracing()
-    if ok and native.supported(x, x, 1):  # float32, CPU, no dispatch mode, a library
+    if plain and not tracing() and native.pool_supported(x):
         return native.avg_pool2(x)  # (B, C, H/2, W/2)
     return pool(x)  # (B, C, H/2, W/2)
 

@@ -22,6 +22,7 @@ from dgc.layers.conv import ConvLayer
 from dgc.layers.conv import StageValue
 from dgc.layers.conv import make_conv_factory
 from dgc.layers.conv import pop_options
+from dgc.layers.fused_eval import FusesEpilogue
 from dgc.models.common import init_weights
 from dgc.registry import register_family
 
@@ -123,13 +124,13 @@ def conv_bn(
     act: nn.Module | None = None,
     residual: Tensor | None = None,
 ) -> Tensor:
-    """``act(bn(conv(x)) + residual)`` (``act``, ``residual`` None: left out). A DGC layer in
-    eval without grad runs it all as one native call (``forward_epilogue``); every other
-    layer, and a DGC layer where that does not apply, module by module."""
-    fused = getattr(conv, "forward_epilogue", None)
-    y = None if fused is None else fused(x, bn, act, residual)  # (B, O, H', W') or None
-    if y is not None:
-        return y
+    """``act(bn(conv(x)) + residual)`` (``act``, ``residual`` None: left out). A conv that
+    ``FusesEpilogue`` (a DGC layer in eval without grad) may run it all as one native call;
+    every other conv, and a DGC layer where that does not apply, module by module."""
+    if isinstance(conv, FusesEpilogue):
+        y = conv.forward_epilogue(x, bn, act, residual)  # (B, O, H', W') or None
+        if y is not None:
+            return y
     y = bn(conv(x))  # (B, O, H', W')
     if residual is not None:
         y = y + residual

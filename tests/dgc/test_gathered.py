@@ -7,10 +7,10 @@ import torch
 
 import dgc
 from dgc.layers import gathered as G
+from dgc.layers.dgc_kernels import DgcKernels
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
-from dgc.layers.dynamic_group_conv import deactivate_bottom_k
-from dgc.layers.kernel_choice import KernelChoice
-from tests.dgc.test_layers import oracle_forward
+from dgc.layers.saliency import deactivate_bottom_k
+from tests.dgc.helpers import oracle_forward
 
 
 def test_select_channels_equals_bottom_k_zeroing_with_ties():
@@ -58,7 +58,7 @@ def test_every_eval_kernel_equals_the_per_head_oracle(cin, cout, k, stride, head
     with torch.no_grad():
         expected, _ = oracle_forward(layer, x)
         for name in names:
-            layer.kernels = KernelChoice(prefer=name)
+            layer.kernels = DgcKernels(prefer=name)
             torch.testing.assert_close(layer(x), expected, msg=name)
             assert layer.kernels.last == name
 
@@ -71,7 +71,7 @@ def test_network_traced_at_batch_1_runs_at_other_batches(prefer):
     model = dgc.create_model("dyresnet8", num_classes=5, in_chans=1, gate_factor=0.25).eval()
     dgc.set_progress(model, 1.0)
     for layer in dgc.dgc_layers(model):
-        layer.kernels = KernelChoice(prefer=prefer)
+        layer.kernels = DgcKernels(prefer=prefer)
         layer.ship_op = False
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.zeros(1, 1, 12, 12), check_trace=False)
@@ -178,7 +178,7 @@ def _check_on_cuda(cin, cout, k, stride, heads, gate, size):
     with torch.no_grad():
         expected, _ = oracle_forward(layer, x)
         for name in ["bmm", "masked"] if k == 1 else ["fold", "unfold", "masked"]:
-            layer.kernels = KernelChoice(prefer=name)
+            layer.kernels = DgcKernels(prefer=name)
             torch.testing.assert_close(layer(x), expected, msg=name)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert torch.isfinite(layer(x)).all()

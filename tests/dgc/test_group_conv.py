@@ -13,7 +13,7 @@ from torch import nn
 import dgc
 from dgc.layers.group_conv import PreactGroupConv2d
 from dgc.layers.kernel_choice import KernelChoice
-from tests.dgc.test_native import needs_library
+from tests.dgc.helpers import needs_library
 
 SHAPES = [  # (C, O, k, stride, padding, groups, H, W)
     (32, 8, 3, 1, 1, 4, 12, 12),  # CondenseNet's stage 1 (2 outputs a group)

@@ -2,35 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dgc
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 from dgc.layers.schedule import inactive_channels
-
-
-def oracle_forward(layer: DynamicGroupConv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference formulation, written out per head: gate -> clone/zero bottom-k -> scale ->
-    per-head conv -> concatenate heads -> interleave. Returns (output, lasso)."""
-    x = F.relu(layer.norm(x))
-    z = x.mean((2, 3))
-    n = int(layer.inactive_channels)
-    heads, outs, lasso = layer.heads, [], 0.0
-    per = layer.out_channels // heads
-    for i in range(heads):
-        hid = F.relu(z @ layer.gate.fc1_weight[i].t())
-        s = F.relu(hid @ layer.gate.fc2_weight[i].t() + layer.gate.fc2_bias[i])
-        lasso = lasso + s.mean()
-        s_c = s
-        if n > 0:
-            s_c = s.clone()
-            t = s.detach().topk(n, dim=1, largest=False).values.max(dim=1, keepdim=True).values
-            s_c[s.detach().le(t)] = 0
-        w = layer.weight[i * per : (i + 1) * per]
-        outs.append(F.conv2d(x * s_c[:, :, None, None], w, None, layer.stride, layer.padding))
-    y = torch.cat(outs, 1)
-    b, o, h, w_ = y.shape
-    return y.view(b, heads, o // heads, h, w_).transpose(1, 2).reshape(b, o, h, w_), lasso
+from tests.dgc.helpers import oracle_forward
 
 
 def _pair(seed: int, **kw: object) -> tuple[DynamicGroupConv2d, DynamicGroupConv2d]:
@@ -72,24 +48,24 @@ def test_dgc_layer_matches_per_head_oracle_outputs_and_gradients(kw, n_inact, im
 
 
 def test_gradcheck_of_the_gathered_conv():
-    from dgc.layers.dynamic_group_conv import _GatheredGroupConv
+    from dgc.layers.dgc_autograd import GatheredGroupConv
 
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     s = torch.rand(2, 2, 2, dtype=torch.float64, requires_grad=True)  # kept saliencies
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     index = torch.tensor([[[0, 2], [3, 1]], [[1, 2], [0, 3]]])
-    fn = lambda a, b, c: _GatheredGroupConv.apply(a, b, c, index, 2, 1, 1, False, False)  # noqa: E731
+    fn = lambda a, b, c: GatheredGroupConv.apply(a, b, c, index, 2, 1, 1, False, False)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, s, w))
 
 
 def test_gradcheck_of_the_fused_gated_conv():
-    from dgc.layers.dynamic_group_conv import _GatedGroupConv
+    from dgc.layers.dgc_autograd import GatedGroupConv
 
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     s = torch.rand(2, 2, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: _GatedGroupConv.apply(a, b, c, 1, 1, 1), (x, s, w)
+        lambda a, b, c: GatedGroupConv.apply(a, b, c, 1, 1, 1), (x, s, w)
     )
 
 
@@ -113,7 +89,7 @@ def test_deactivated_channels_get_exactly_zero_conv_weight_gradient(impl):
 
 
 def test_ties_at_threshold_remove_more_than_n_channels():
-    from dgc.layers.dynamic_group_conv import deactivate_bottom_k
+    from dgc.layers.saliency import deactivate_bottom_k
 
     s = torch.tensor([[[0.0, 0.0, 0.0, 0.5, 0.5, 0.75]]])
     # n=2: the 2nd smallest is 0, so all three zeros go (ties), nothing else.
@@ -150,8 +126,8 @@ def test_set_progress_writes_buffers_and_eval_uses_them():
     first.gate.register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.no_grad():
         fresh(torch.randn(2, 1, 8, 8))
-    assert first._inactive_host == int(first.inactive_channels) > 0  # mirror restored on load
-    kept = dgc.layers.dynamic_group_conv.deactivate_bottom_k(seen[0], first._inactive_host) > 0
+    assert first.n_inactive == int(first.inactive_channels) > 0  # mirror restored on load
+    kept = dgc.layers.saliency.deactivate_bottom_k(seen[0], first.n_inactive) > 0
     assert kept.sum(-1).max() <= first.in_channels - round(first.in_channels * 0.75)
 
 

@@ -6,7 +6,8 @@ import torch
 import dgc
 from dgc.layers import native
 from dgc.layers.conv import KIND_PREFIX
-from dgc.layers.kernel_choice import KernelChoice
+from dgc.layers.dgc_kernels import DgcKernels
+from tests.dgc.helpers import calibrated
 
 # ImageNet recipes run on 64x64 here; the networks pool adaptively, so shapes still work.
 SIZE = {"resnet18": 64, "resnet34": 64, "resnet50": 64, "densenet74": 64}
@@ -111,7 +112,7 @@ def _run(name: str, **kw) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tenso
     model = dgc.create_model(name, num_classes=10, in_chans=1, **kw)
     dgc.set_progress(model, 0.9)
     for layer in dgc.dgc_layers(model):  # training forward and backward on one kernel in
-        layer.kernels = KernelChoice(prefer="fold")  # every instance: comparable bit for bit
+        layer.kernels = DgcKernels(prefer="fold")  # every instance: comparable bit for bit
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     y = model(x)
     y.square().sum().backward()
@@ -147,7 +148,7 @@ def test_ungated_shortcut_is_a_dense_conv_with_its_macs():
     plain = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_shortcut=False)
     assert isinstance(plain.stages[1][0].downsample[0], torch.nn.Conv2d)
     assert isinstance(gated.stages[1][0].downsample[0], dgc.DynamicGroupConv2d)
-    # Hand-counted (methods.md 1.7). Stage 2's shortcut, 16->32 from 8x8 to 4x4, heads 4,
+    # Hand-counted (docs/methods.md 1.7). Stage 2's shortcut, 16->32 from 8x8 to 4x4, heads 4,
     # hidden 2 (squeeze 16 halved below 80 channels): ReLU + pool 2*16*64 = 2048, gates
     # 4*(16*2 + 2 + 2*16 + 3*16) = 456, convs 4 * 16*8*16*0.5 = 4096: 6600 against the dense
     # 16*32*16 = 8192. Stage 3's, 32->64 from 4x4 to 2x2, hidden 4: 1024 + 4*(32*4 + 4 + 4*32
@@ -172,7 +173,7 @@ def test_single_norm_drops_the_layers_bn_only_where_the_block_normalises():
 
 def test_mask_saliency_multiplies_kept_channels_by_one():
     from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
-    from dgc.layers.dynamic_group_conv import deactivate_bottom_k
+    from dgc.layers.saliency import deactivate_bottom_k
 
     torch.manual_seed(0)
     layer = DynamicGroupConv2d(8, 8, 1, heads=2, gate_factor=0.5, saliency="mask", norm=False)
@@ -189,7 +190,7 @@ def test_mask_saliency_multiplies_kept_channels_by_one():
 
 
 def test_a_dgc_network_starts_from_its_dense_networks_kernels():
-    from dgc.layers.dynamic_group_conv import masked_conv
+    from dgc.layers.dgc_autograd import masked_conv
 
     torch.manual_seed(0)
     dense = dgc.create_model("resnet8", num_classes=10, in_chans=1)
@@ -252,18 +253,6 @@ def _trained_once(name: str) -> torch.nn.Module:
     with torch.no_grad():
         model.eval()(torch.randn(2, 1, 8, 8))
     return model
-
-
-def calibrated(name: str, size: int = 16) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = dgc.create_model(name, num_classes=10)
-    dgc.set_progress(model, 1.0)
-    for bn in model.modules():  # one batch's statistics: the defaults overflow 86 layers deep
-        if isinstance(bn, torch.nn.BatchNorm2d):
-            bn.momentum = None
-    with torch.no_grad():
-        model(torch.randn(8, 3, size, size))
-    return model.eval()
 
 
 @pytest.mark.skipif(native.library() is None, reason="no C compiler here")

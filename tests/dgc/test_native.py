@@ -14,52 +14,25 @@ import torch.nn.functional as F
 import dgc
 from dgc.layers import gathered as G
 from dgc.layers import native
-from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
-from dgc.layers.kernel_choice import KernelChoice
-from tests.dgc.test_layers import oracle_forward
-
-needs_library = pytest.mark.skipif(
-    native.library() is None, reason="no C compiler here: the native kernel is optional"
-)
-
-SHAPES = [  # (C, O, k, stride, heads, gate, H, W)
-    (16, 8, 3, 1, 2, 0.25, 6, 6),
-    (16, 16, 3, 2, 4, 0.25, 7, 7),  # stride 2, odd size
-    (12, 8, 3, 1, 4, 0.5, 5, 9),  # not square; O/h = 2
-    (16, 12, 3, 1, 4, 0.25, 19, 20),  # O/h = 3 (one channel a tile), two column tiles
-    (32, 32, 3, 1, 4, 0.25, 17, 17),  # a tile tail of 1 column
-    (16, 8, 1, 1, 2, 0.25, 6, 6),
-    (44, 8, 1, 1, 2, 0.25, 5, 5),  # a gate over C = 16 + 16 + 8 + 4 (every vector loop's tail)
-    (16, 16, 1, 2, 4, 0.25, 6, 6),  # strided 1x1 (a ResNet downsample)
-    (8, 8, 5, 2, 2, 0.5, 11, 11),  # 5x5, stride 2
-    (16, 16, 3, 2, 4, 0.25, 9, 17),  # stride 2, rows long enough for the vector gather
-    (16, 16, 1, 2, 4, 0.25, 4, 32),  # strided 1x1, the same
-]
-
-
-def _layer(cin, cout, k, stride, heads, gate, seed=0, **kw):
-    torch.manual_seed(seed)
-    layer = DynamicGroupConv2d(cin, cout, k, stride, k // 2, heads=heads, gate_factor=gate, **kw)
-    layer.eval().set_inactive(layer.target_inactive)
-    with torch.no_grad():  # non-trivial BN, so that the gate sees varied inputs
-        if isinstance(layer.norm, torch.nn.BatchNorm2d):
-            layer.norm.running_mean.uniform_(-0.5, 0.5)
-            layer.norm.running_var.uniform_(0.5, 2.0)
-            layer.norm.weight.uniform_(0.5, 1.5)
-            layer.norm.bias.uniform_(-0.2, 0.2)
-    return layer
+from dgc.layers.dgc_kernels import DgcKernels
+from tests.dgc.helpers import SHAPES
+from tests.dgc.helpers import make_layer
+from tests.dgc.helpers import needs_library
+from tests.dgc.helpers import oracle_forward
 
 
 @needs_library
 @pytest.mark.parametrize("cin,cout,k,stride,heads,gate,h,w", SHAPES)
-def test_direct_kernel_and_fused_forward_equal_the_oracle(cin, cout, k, stride, heads, gate, h, w):
-    layer = _layer(cin, cout, k, stride, heads, gate)
-    layer.kernels = KernelChoice(prefer="direct")
+def test_direct_kernel_and_fused_forward_equal_the_oracle(
+    cin, cout, k, stride, heads, gate, h, w, native_calls
+):
+    layer = make_layer(cin, cout, k, stride, heads, gate)
+    layer.kernels = DgcKernels(prefer="direct")
     x = torch.randn(3, cin, h, w)
     with torch.no_grad():
         expected, _ = oracle_forward(layer, x)
         fused = layer(x)  # a settled "direct" choice runs the fused native forward
-        assert layer.kernels.last == "direct"
+        assert layer.kernels.last == "direct" and native_calls["fused_eval"] == 1
         n = layer.target_inactive
         index, scale = G.select_channels(layer.gate(torch.relu(layer.norm(x)).mean((2, 3))), n)
         args = (layer.stride, layer.padding, 1)
@@ -89,20 +62,23 @@ def test_direct_kernel_equals_the_fold_kernel_on_gathered_inputs():
     SHAPES[:3] + SHAPES[5:8] + [(16, 16, 1, 2, 4, 0.25, 7, 7)],
 )
 def test_training_forward_with_the_direct_kernel_has_the_oracle_gradients(
-    cin, cout, k, stride, heads, gate, h, w
+    cin, cout, k, stride, heads, gate, h, w, native_calls
 ):
-    layer = _layer(cin, cout, k, stride, heads, gate).train()
-    layer.kernels = KernelChoice(prefer="direct")
-    ref = _layer(cin, cout, k, stride, heads, gate).train()
+    layer = make_layer(cin, cout, k, stride, heads, gate).train()
+    layer.kernels = DgcKernels(prefer="direct")
+    ref = make_layer(cin, cout, k, stride, heads, gate).train()
     x = torch.randn(3, cin, h, w)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1 = layer(x1)
     assert layer.kernels.last == "direct"
+    assert native_calls["direct_conv"] >= 1 and native_calls["bn_relu_train"] == 1
     y2, lasso = oracle_forward(ref, x2)
     torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
     g = torch.randn_like(y1)
     (y1 * g).sum().add(layer.last_saliency_loss).backward()
     (y2 * g).sum().add(lasso).backward()
+    assert native_calls["wgrad_weight"] >= 1 and native_calls["bn_relu_train_backward"] == 1
+    assert native_calls["igrad_fused"] + native_calls["igrad_planes"] >= 1
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
     for (name, p1), p2 in zip(layer.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
@@ -154,7 +130,7 @@ def _backward_args(cin, cout, k, stride, heads, gate, h, w, batch):
 def test_native_backward_equals_the_grouped_conv_backward(
     cin, cout, k, stride, heads, gate, h, w, batch, two_threads
 ):
-    from dgc.layers.dynamic_group_conv import gathered_backward
+    from dgc.layers.dgc_autograd import gathered_backward
 
     args = _backward_args(cin, cout, k, stride, heads, gate, h, w, batch)
     torch_grads, native_grads = gathered_backward(*args, False), gathered_backward(*args, True)
@@ -185,7 +161,7 @@ def test_native_selection_keeps_what_the_top_k_keeps_and_passes_the_same_gradien
 @pytest.mark.parametrize("padding", [0, 1, 2])
 @pytest.mark.parametrize("w", [8, 9])  # rows of whole vectors (x read in place), and not
 def test_native_weight_gradient_equals_the_grouped_conv_backward_at_any_padding(padding, w):
-    from dgc.layers.dynamic_group_conv import gathered_backward
+    from dgc.layers.dgc_autograd import gathered_backward
 
     x, scale, rows, index, grad, _, shape = _backward_args(12, 8, 3, 1, 2, 0.5, 6, w, 3)
     grad = torch.randn(3, 8, 6 + 2 * padding - 2, w + 2 * padding - 2)
@@ -201,7 +177,7 @@ def test_weight_gradient_summed_over_threads_equals_the_grouped_conv_backward(
     cin, cout, k, stride, heads, gate, h, w, two_threads
 ):
     """Batch 5 on two threads: tasks split unevenly, each thread's accumulator then added."""
-    from dgc.layers.dynamic_group_conv import gathered_backward
+    from dgc.layers.dgc_autograd import gathered_backward
 
     args = _backward_args(cin, cout, k, stride, heads, gate, h, w, 5)
     x, scale, rows, index, grad, conv, shape = args
@@ -229,7 +205,7 @@ def test_fused_input_gradient_equals_the_plane_gradients_summed(
 
 @needs_library
 def test_a_training_layer_times_the_native_backward_once_per_shape():
-    layer = _layer(16, 16, 3, 1, 4, 0.25).train()
+    layer = make_layer(16, 16, 3, 1, 4, 0.25).train()
     x = torch.randn(2, 16, 8, 8)
     layer(x).sum().backward()
     keys = [key for key in layer.kernels.chosen if key[0] == "backward"]
@@ -240,13 +216,13 @@ def test_a_training_layer_times_the_native_backward_once_per_shape():
 
 
 @needs_library
-def test_fused_forward_drops_ties_at_the_threshold():
+def test_fused_forward_drops_ties_at_the_threshold(native_calls):
     # A negative generator bias makes many saliencies exactly 0, tied at the threshold: all of
     # them go, and the kept slots they leave contribute nothing.
-    layer = _layer(16, 16, 3, 1, 4, 0.5)
+    layer = make_layer(16, 16, 3, 1, 4, 0.5)
     with torch.no_grad():
         layer.gate.fc2_bias.fill_(-0.3)
-    layer.kernels = KernelChoice(prefer="direct")
+    layer.kernels = DgcKernels(prefer="direct")
     x = torch.randn(4, 16, 6, 6)
     with torch.no_grad():
         sal = layer.gate(torch.relu(layer.norm(x)).mean((2, 3)))
@@ -254,15 +230,18 @@ def test_fused_forward_drops_ties_at_the_threshold():
         expected, _ = oracle_forward(layer, x)
         layer(x)
         torch.testing.assert_close(layer(x), expected)
+    assert native_calls["fused_eval"] == 2  # pinned: both calls
 
 
 @needs_library
 @pytest.mark.parametrize("saliency", ["scale", "mask"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_a_layer_that_keeps_every_channel_runs_every_kernel_as_the_masked_one(saliency, k):
+def test_a_layer_that_keeps_every_channel_runs_every_kernel_as_the_masked_one(
+    saliency, k, native_calls
+):
     # n = 0 (a gate factor of 1): the gathered and native kernels keep all C channels; the
     # zero saliencies (a negative generator bias) contribute nothing, in mask mode too.
-    layer = _layer(16, 16, k, 1, 4, 1.0, saliency=saliency)
+    layer = make_layer(16, 16, k, 1, 4, 1.0, saliency=saliency)
     with torch.no_grad():
         layer.gate.fc2_bias.fill_(-0.3)
     assert layer.target_inactive == 0
@@ -273,9 +252,10 @@ def test_a_layer_that_keeps_every_channel_runs_every_kernel_as_the_masked_one(sa
         sal = layer.gate(torch.relu(layer.norm(x)).mean((2, 3)))
         assert (sal == 0).any() and (sal > 0).any()
         for name in kernels:
-            layer.kernels = KernelChoice(prefer=name)
+            layer.kernels = DgcKernels(prefer=name)
             outs[name] = (layer(x), layer(x))  # the first settles the choice, the second
             assert layer.kernels.last == name  # runs it (fused, for "direct")
+        assert native_calls["fused_eval"] == 2  # pinned: both calls of "direct"
         if saliency == "scale":
             torch.testing.assert_close(outs["masked"][0], oracle_forward(layer, x)[0])
     for name in kernels:
@@ -294,21 +274,22 @@ def test_native_average_pool_is_torchs_to_the_bit(shape):
 
 @needs_library
 @pytest.mark.parametrize("kw", [{"saliency": "mask"}, {"norm": False}])
-def test_fused_forward_equals_the_torch_kernels_in_other_modes(kw):
-    layer = _layer(16, 16, 3, 1, 4, 0.25, **kw)
+def test_fused_forward_equals_the_torch_kernels_in_other_modes(kw, native_calls):
+    layer = make_layer(16, 16, 3, 1, 4, 0.25, **kw)
     x = torch.randn(3, 16, 8, 8)
     with torch.no_grad():
-        layer.kernels = KernelChoice(prefer="fold")
+        layer.kernels = DgcKernels(prefer="fold")
         expected = layer(x)
-        layer.kernels = KernelChoice(prefer="direct")
+        layer.kernels = DgcKernels(prefer="direct")
         layer(x)
         torch.testing.assert_close(layer(x), expected)
+    assert native_calls["fused_eval"] == 2  # pinned: both calls
 
 
 @needs_library
 def test_fused_forward_steps_aside_for_hooks_and_autocast():
-    layer = _layer(16, 16, 3, 1, 4, 0.25)
-    layer.kernels = KernelChoice(prefer="direct")
+    layer = make_layer(16, 16, 3, 1, 4, 0.25)
+    layer.kernels = DgcKernels(prefer="direct")
     x = torch.randn(2, 16, 6, 6)
     seen = []
     layer.norm.register_forward_hook(lambda *args: seen.append(1))
@@ -340,11 +321,11 @@ def _settled_direct() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 
 def _prefer(model: torch.nn.Module, prefer: str | None) -> None:
     for layer in dgc.dgc_layers(model):
-        layer.kernels = KernelChoice(prefer=prefer)
+        layer.kernels = DgcKernels(prefer=prefer)
 
 
 @needs_library
-def test_network_with_direct_kernels_equals_fold_and_ships_them_in_a_trace():
+def test_network_with_direct_kernels_equals_fold_and_ships_them_in_a_trace(native_calls):
     # A trace cannot record the ctypes call: it records each DGC layer as dgc's operator,
     # which runs the eager forward (native kernel included), at any batch.
     model = _pruned_model("fold")
@@ -353,14 +334,18 @@ def test_network_with_direct_kernels_equals_fold_and_ships_them_in_a_trace():
         expected = model(x)
         _prefer(model, "direct")
         model(x)
+        native_calls.clear()
         # Eight layers of sums taken in another order: equal to float rounding, amplified.
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+        assert native_calls["fused_eval"] == len(dgc.dgc_layers(model))
+        native_calls.clear()
         _prefer(model, None)  # measured choice
         traced = torch.jit.trace(model, x[:1], check_trace=False)
         graph = str(traced.inlined_graph)
         assert graph.count("dgc::dynamic_group_conv_eval") == len(dgc.dgc_layers(model))
         for batch in (1, 4):
             torch.testing.assert_close(traced(x[:batch]), expected[:batch], rtol=1e-4, atol=1e-4)
+        assert native_calls["fused_eval"] + native_calls["direct_conv"] > 0  # the operators'
         for layer in dgc.dgc_layers(model):  # model_portable.ts: torch kernels only
             layer.ship_op = False
         portable = torch.jit.trace(model, x[:1], check_trace=False)
@@ -379,22 +364,22 @@ def test_without_a_compiler_the_layer_keeps_its_torch_kernels(tmp_path):
         "with torch.no_grad(): m(torch.randn(2, 1, 12, 12))\n"
         "names = {n for l in dgc.dgc_layers(m) for n in l.kernels.chosen.values()}\n"
         "assert names and 'direct' not in names, names\n"
-        "from dgc.layers.kernel_choice import KernelChoice\n"
-        "for l in dgc.dgc_layers(m): l.kernels = KernelChoice(prefer='direct')\n"
+        "from dgc.layers.dgc_kernels import DgcKernels\n"
+        "for l in dgc.dgc_layers(m): l.kernels = DgcKernels(prefer='direct')\n"
         "with torch.no_grad(): m(torch.randn(2, 1, 12, 12)); m(torch.randn(2, 1, 12, 12))\n"
         "assert all(l.kernels.last != 'direct' for l in dgc.dgc_layers(m))\n"
     )
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "DGC_NATIVE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "native direct-conv kernel unavailable" in done.stderr
+    assert "native kernels unavailable" in done.stderr
     assert "no-such-cc" in done.stderr
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
 
 
 @needs_library
 def test_build_is_cached_and_keyed_by_source(tmp_path):
-    code = "from dgc.layers import native; print(native._build())"
+    code = "from dgc.layers.native import build; print(build.build())"
     env = {**os.environ, "DGC_NATIVE_DIR": str(tmp_path)}
     run = [sys.executable, "-c", code]
     first = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
@@ -404,7 +389,7 @@ def test_build_is_cached_and_keyed_by_source(tmp_path):
 
 
 @needs_library
-def test_model_that_ran_native_eval_copies_pickles_and_follows_parameter_changes():
+def test_model_that_ran_native_eval_copies_pickles_and_follows_parameter_changes(native_calls):
     import copy
     import pickle
 
@@ -412,8 +397,10 @@ def test_model_that_ran_native_eval_copies_pickles_and_follows_parameter_changes
     with torch.no_grad():
         twin, thawed = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
         del model  # the copies must not point into its tensors
+        native_calls.clear()
         torch.testing.assert_close(twin(x), y)
         torch.testing.assert_close(thawed(x), y)
+        assert native_calls["fused_eval"] == 2 * len(dgc.dgc_layers(twin))  # copies run native
         layer = dgc.dgc_layers(twin)[0]
         layer.weight.mul_(2.0)  # in place: same storage, new version
         layer.norm.running_var.mul_(4.0)
@@ -447,7 +434,7 @@ def test_a_compiler_without_openmp_gets_the_portable_build(tmp_path):
 
 
 @needs_library
-def test_short_lived_threads_run_the_native_forward_and_release_their_scratch():
+def test_short_lived_threads_run_the_native_forward_and_release_their_scratch(native_calls):
     # Each calling thread gets its own scratch buffers, freed by a thread-exit destructor: a
     # thread that exits must not break the next one (no dangling per-thread state).
     import threading
@@ -463,7 +450,7 @@ def test_short_lived_threads_run_the_native_forward_and_release_their_scratch():
         thread = threading.Thread(target=run)
         thread.start()
         thread.join()
-    assert len(outs) == 4
+    assert len(outs) == 4 and native_calls["fused_eval"] >= 4 * len(dgc.dgc_layers(model))
     for out in outs:
         torch.testing.assert_close(out, expected)
 
@@ -474,7 +461,7 @@ def test_short_lived_threads_run_the_native_forward_and_release_their_scratch():
 def test_training_bn_relu_runs_native_and_equals_batchnorm2d_and_relu(
     cin, k, h, w, momentum, monkeypatch
 ):
-    layers = [_layer(cin, 16, k, 1, 4, 0.25).train() for _ in range(2)]
+    layers = [make_layer(cin, 16, k, 1, 4, 0.25).train() for _ in range(2)]
     for layer in layers:
         layer.norm.momentum = momentum
     layers[1].norm.register_forward_hook(lambda *_: None)  # hooks keep torch's BN and ReLU
@@ -497,15 +484,16 @@ def test_training_bn_relu_runs_native_and_equals_batchnorm2d_and_relu(
 
 
 @needs_library
-def test_a_nan_input_gives_nan_outputs_on_the_native_paths_as_on_torchs():
-    layer = _layer(16, 16, 3, 1, 4, 0.25)
-    layer.kernels = KernelChoice(prefer="direct")
+def test_a_nan_input_gives_nan_outputs_on_the_native_paths_as_on_torchs(native_calls):
+    layer = make_layer(16, 16, 3, 1, 4, 0.25)
+    layer.kernels = DgcKernels(prefer="direct")
     x = torch.randn(2, 16, 6, 6)
     x[0, 3, 2, 2] = float("nan")
     with torch.no_grad():
-        assert layer(x)[0].isnan().any() and layer.kernels.last == "direct"  # fused eval
+        assert layer(x)[0].isnan().any() and native_calls["fused_eval"] == 1
     layer.train()
     y = layer(x)  # the native training BN-ReLU: the NaN spreads through the batch statistics
+    assert native_calls["bn_relu_train"] == 1
     assert y.isnan().all() and layer.norm.running_mean.isnan().any()
     y, sums, mean, _ = native.bn_relu_train(x, None, None, 1e-5)  # channel 3's statistics
     assert y[:, 3].isnan().all() and sums[:, 3].isnan().all() and mean[3].isnan()
@@ -513,16 +501,16 @@ def test_a_nan_input_gives_nan_outputs_on_the_native_paths_as_on_torchs():
 
 
 @needs_library
-def test_fused_forward_reads_a_channel_slice_of_a_wider_tensor_in_place():
+def test_fused_forward_reads_a_channel_slice_of_a_wider_tensor_in_place(native_calls):
     # A DenseNet stage's layers read features[:, :C] of one (B, C_out, H, W) tensor.
-    layer = _layer(16, 8, 1, 1, 2, 0.25)
-    layer.kernels = KernelChoice(prefer="direct")
+    layer = make_layer(16, 8, 1, 1, 2, 0.25)
+    layer.kernels = DgcKernels(prefer="direct")
     wide = torch.randn(3, 24, 6, 6)
     x = wide[:, :16]
     assert native.channel_slice(x)[0] is x and native.channel_slice(x)[1] == 24
     with torch.no_grad():
         y = layer(x)
-        assert layer.kernels.last == "direct"
+        assert layer.kernels.last == "direct" and native_calls["fused_eval"] == 1
         torch.testing.assert_close(y, layer(x.contiguous()), rtol=0, atol=0)
         expected, _ = oracle_forward(layer, x.contiguous())
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
@@ -549,8 +537,8 @@ def test_a_dispatch_mode_sees_torch_kernels_where_the_native_one_was_settled():
 
 def _epilogue_case(cin, cout, k, stride, h):
     """A layer settled on the fused forward, its BN after, an input and a residual."""
-    layer = _layer(cin, cout, k, stride, 4, 0.25)
-    layer.kernels = KernelChoice(prefer="direct")
+    layer = make_layer(cin, cout, k, stride, 4, 0.25)
+    layer.kernels = DgcKernels(prefer="direct")
     bn = torch.nn.BatchNorm2d(cout).eval()
     with torch.no_grad():
         bn.running_mean.uniform_(-0.5, 0.5)
@@ -604,7 +592,7 @@ def test_forward_epilogue_steps_aside_where_it_does_not_apply():
     relu = torch.nn.ReLU()
     with torch.no_grad():
         assert layer.forward_epilogue(x, bn, relu, residual) is not None
-        pinned, layer.kernels = layer.kernels, KernelChoice()  # measured choices
+        pinned, layer.kernels = layer.kernels, DgcKernels()  # measured choices
         assert layer.forward_epilogue(x, bn) is None  # a shape not yet timed
         layer.kernels = pinned
         assert layer.forward_epilogue(x, bn, torch.nn.GELU()) is None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dgc
-from tests.dgc.test_models import calibrated
+from tests.dgc.helpers import calibrated
 
 KWARGS = {"num_classes": 10, "in_chans": 1, "gate_factor": 0.25}
 

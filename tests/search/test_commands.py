@@ -17,7 +17,7 @@ from search.commands import export_command
 from search.commands import read_model_meta
 from search.commands import write_export
 from search.overrides import SearchConfigError
-from tests.dgc.test_models import calibrated
+from tests.dgc.helpers import calibrated
 
 META = {
     "name": "dyresnet8",

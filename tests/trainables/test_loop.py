@@ -73,7 +73,7 @@ def test_gate_schedule_advances_every_iteration():
     model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
     layer = dgc.dgc_layers(model)[-1]
     seen = []
-    layer.register_forward_pre_hook(lambda m, i: seen.append(m._inactive_host))
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m.n_inactive))
     batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(12)]
     sched = Schedule(OptimParams(lr=0.01), iters_per_epoch=12, epochs=1)
     stats = train_one_epoch(model, batches, make_optimizer(model, sched.optim), sched, 0)
@@ -160,7 +160,7 @@ def test_latency_is_timed_on_a_sealed_copy_and_leaves_the_trained_model_as_it_wa
     assert probe is not model and not probe.training
     assert all(m.sealed for m in probe.modules() if isinstance(m, DynamicGroupConv2d))
     layers = [m for m in model.modules() if isinstance(m, DynamicGroupConv2d)]
-    assert model.training and not any(m.sealed or m._inactive_host for m in layers)
+    assert model.training and not any(m.sealed or m.n_inactive for m in layers)
 
 
 def test_custom_gate_schedule_reaches_target_at_its_breakpoint_and_eval_sees_it():
@@ -170,7 +170,7 @@ def test_custom_gate_schedule_reaches_target_at_its_breakpoint_and_eval_sees_it(
     layer = dgc.dgc_layers(model)[-1]
     target = dgc.inactive_channels(1.0, layer.in_channels, 0.25)
     seen = []
-    layer.register_forward_pre_hook(lambda m, i: seen.append(m._inactive_host))
+    layer.register_forward_pre_hook(lambda m, i: seen.append(m.n_inactive))
     gate = TrialConfig(
         epochs=3, gate_schedule={"warmup_end": 0.25, "ramp_end": 1, "unit": "epochs"}
     )
@@ -180,7 +180,7 @@ def test_custom_gate_schedule_reaches_target_at_its_breakpoint_and_eval_sees_it(
     # iterations 0..7 of 24: warm-up while it/24 <= 1/12 (it <= 2), then linear to it=8
     assert seen[:3] == [0, 0, 0] and 0 < seen[3] < seen[7] < target
     assert seen == sorted(seen)
-    assert layer._inactive_host == target  # left at the epoch's end for evaluation
+    assert layer.n_inactive == target  # left at the epoch's end for evaluation
 
 
 @pytest.mark.parametrize(

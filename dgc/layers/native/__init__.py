@@ -1,152 +1,47 @@
-"""The DGC layer's direct-convolution inference kernel (``direct_conv.c``), built on first use.
+"""The native CPU kernels of the DGC layer and the DenseNets' group convs, as torch calls.
 
-The C source ships with the package and is compiled once per machine with the system C
-compiler (``$CC``, else ``cc``; ``FLAGS``, else ``PORTABLE_FLAGS``) into ``$DGC_NATIVE_DIR``
-(default ``~/.cache/dgc-search``),
-then loaded with ctypes. The library's name carries a hash of the source, the flags and the
-CPU's feature flags, so an edited source or a different CPU (a shared home directory across
-a cluster) gets its own build; it is written to a temporary name and renamed into place, so
-concurrent Ray workers never load a half-written file.
-
-Nothing depends on it: where there is no compiler, the build fails or ``DGC_NATIVE=0`` is set,
-``library()`` returns None (the reason is logged once) and the layer keeps its torch kernels.
-OpenMP comes from the ``libgomp.so.1`` that PyTorch has already loaded (same soname), so both
-share one thread pool; ``threads`` is torch's intra-op thread count.
+The kernels are C (``dgc_native.h`` declares them; the sources split by concern: the forward,
+the weight and input gradients, the fused eval forward and selection, BatchNorm, pooling),
+built on first use and loaded by ``dgc.layers.native.build``. Each wrapper here checks nothing:
+the callers ask ``supported`` (or ``trains``, ``pool_supported``) first. Every kernel is an
+eager call: a trace, ``torch.export`` or a dispatch mode (``FlopCounterMode``) never sees it.
+``threads`` is torch's intra-op thread count.
 """
 
 from __future__ import annotations
-
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from dgc.layers import gathered as G
+from dgc.layers.native.build import library
+from dgc.layers.native.plans import FusedPlan
+from dgc.layers.native.plans import GroupConvPlan
+from dgc.layers.native.plans import channel_slice
+from dgc.layers.native.plans import group_rows
+from dgc.layers.native.plans import out_size
+from dgc.layers.native.plans import ptr
+from dgc.layers.tracing import tracing
 
-SOURCE = Path(__file__).with_name("direct_conv.c")
-FLAGS = (
-    "-O3",
-    "-march=native",
-    "-funroll-loops",
-    "-fopenmp",
-    "-pthread",
-    "-shared",
-    "-fPIC",
-    "-std=gnu99",
-)
-# Where those fail (a compiler without OpenMP or -march=native, e.g. Apple clang): one thread,
-# generic vector code. The pragmas are then ignored.
-PORTABLE_FLAGS = ("-O3", "-funroll-loops", "-pthread", "-shared", "-fPIC", "-std=gnu99")
-BUILD_TIMEOUT_S = 120
-_log = logging.getLogger(__name__)
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-
-
-class _Plan(ctypes.Structure):
-    """direct_conv.c's ``FusedPlan``."""
-
-    _fields_ = [(name, _PTR) for name in "bn_a bn_c fc1 fc2t b2 weight ep_a ep_c".split()]
-    _fields_ += [(name, _I64) for name in "B C H W r heads n O k stride pad Ho Wo xc".split()]
-    _fields_ += [(name, ctypes.c_int32) for name in ("mask", "threads", "ep_relu")]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DGC_NATIVE_DIR") or Path.home() / ".cache" / "dgc-search")
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot be had (reason logged once)."""
-    if os.environ.get("DGC_NATIVE", "1") == "0":
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        _log.warning("dgc: native direct-conv kernel unavailable, torch kernels only: %s", e)
-        return None
-    lib.dgc_direct_conv.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
-    lib.dgc_direct_conv.argtypes += [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
-    lib.dgc_direct_conv.restype = ctypes.c_int
-    lib.dgc_fused_eval.argtypes = [ctypes.POINTER(_Plan), _PTR, _PTR, _PTR]
-    lib.dgc_fused_eval.restype = ctypes.c_int
-    lib.dgc_wgrad_weight.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
-    lib.dgc_wgrad_weight.argtypes += [_I64, _I64, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int]
-    lib.dgc_wgrad_weight.restype = ctypes.c_int
-    lib.dgc_select.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int]
-    lib.dgc_select.restype = ctypes.c_int
-    lib.dgc_igrad_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64]
-    lib.dgc_igrad_planes.argtypes += [_PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64]
-    lib.dgc_igrad_planes.argtypes += [ctypes.c_int]
-    lib.dgc_igrad_planes.restype = ctypes.c_int
-    lib.dgc_igrad_fused.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64]
-    lib.dgc_igrad_fused.argtypes += [_I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR]
-    lib.dgc_igrad_fused.argtypes += [_PTR, ctypes.c_int]
-    lib.dgc_igrad_fused.restype = ctypes.c_int
-    lib.dgc_group_conv_eval.argtypes = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR]
-    lib.dgc_group_conv_eval.argtypes += [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64]
-    lib.dgc_group_conv_eval.argtypes += [ctypes.c_int]
-    lib.dgc_group_conv_eval.restype = ctypes.c_int
-    lib.dgc_bn_relu_train.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float]
-    lib.dgc_bn_relu_train.argtypes += [_PTR, _PTR, _PTR, _PTR, ctypes.c_int]
-    lib.dgc_bn_relu_train.restype = ctypes.c_int
-    lib.dgc_bn_relu_train_backward.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR]
-    lib.dgc_bn_relu_train_backward.argtypes += [_PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int]
-    lib.dgc_bn_relu_train_backward.restype = ctypes.c_int
-    lib.dgc_avg_pool2.argtypes = [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
-    lib.dgc_avg_pool2.restype = None
-    return lib
-
-
-def _build() -> Path:
-    """Compile (or find the cached build of) the library with the first flag set that works."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)")
-    errors = []
-    for flags in (FLAGS, PORTABLE_FLAGS):
-        try:
-            return _build_with(compiler, flags)
-        except RuntimeError as e:
-            errors.append(str(e))
-    raise RuntimeError("; ".join(errors))
-
-
-def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *flags, _cpu_flags())).encode()).hexdigest()
-    target = cache_dir() / f"direct_conv-{platform.machine()}-{key[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"]  # libs after the source
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:1000]}")
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
-
-
-def _cpu_flags() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+__all__ = [
+    "FusedPlan",
+    "GroupConvPlan",
+    "avg_pool2",
+    "bn_relu_train",
+    "bn_relu_train_backward",
+    "channel_slice",
+    "direct_conv",
+    "group_rows",
+    "igrad_fused",
+    "igrad_fused_balances",
+    "igrad_planes",
+    "library",
+    "pool_supported",
+    "select_channels",
+    "supported",
+    "trains",
+    "wgrad_weight",
+]
 
 
 def supported(x: Tensor, weight: Tensor, dilation: int) -> bool:
@@ -155,6 +50,22 @@ def supported(x: Tensor, weight: Tensor, dilation: int) -> bool:
     a mode sees torch's operators, never a ctypes call)."""
     ok = x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
     ok = ok and dilation == 1 and not is_in_torch_dispatch_mode()
+    return ok and library() is not None
+
+
+def trains(x: Tensor, weight: Tensor, dilation: int) -> bool:
+    """Whether a native kernel may run in this training step: ``supported``, not traced, not
+    under autocast."""
+    if tracing() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return supported(x, weight, dilation)
+
+
+def pool_supported(x: Tensor) -> bool:
+    """Whether ``avg_pool2`` may run on x: a contiguous 4-d float32 CPU tensor, no dispatch
+    mode, a library."""
+    ok = x.dim() == 4 and x.is_contiguous() and x.device.type == "cpu"
+    ok = ok and x.dtype == torch.float32 and not is_in_torch_dispatch_mode()
     return ok and library() is not None
 
 
@@ -185,7 +96,7 @@ def direct_conv(
     b, c, h, w = x.shape
     heads, kept = index.shape[1], index.shape[2]
     o, k = shape
-    ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+    ho, wo = out_size(h, k, stride, padding), out_size(w, k, stride, padding)
     x, index, scale = x.contiguous(), index.contiguous(), scale.contiguous()
     y = torch.empty(b, o, ho, wo, dtype=x.dtype)
     status = lib.dgc_direct_conv(
@@ -377,7 +288,7 @@ def bn_relu_train(
     mean, var = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
     wt, bs = (None if t is None else t.detach().contiguous() for t in (weight, bias))
     status = lib.dgc_bn_relu_train(
-        x.data_ptr(), b, c, h * w, _ptr(wt), _ptr(bs), eps, y.data_ptr(), zsum.data_ptr(),
+        x.data_ptr(), b, c, h * w, ptr(wt), ptr(bs), eps, y.data_ptr(), zsum.data_ptr(),
         mean.data_ptr(), var.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
@@ -405,8 +316,8 @@ def bn_relu_train_backward(
     grad_x = torch.empty_like(x)
     gw, gb = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
     status = lib.dgc_bn_relu_train_backward(
-        grad_y.data_ptr(), _ptr(gz), x.data_ptr(), b, c, h * w, mean.data_ptr(),
-        invstd.data_ptr(), _ptr(wt), _ptr(bs), grad_x.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+        grad_y.data_ptr(), ptr(gz), x.data_ptr(), b, c, h * w, mean.data_ptr(),
+        invstd.data_ptr(), ptr(wt), ptr(bs), grad_x.data_ptr(), gw.data_ptr(), gb.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
@@ -414,174 +325,12 @@ def bn_relu_train_backward(
     return grad_x, gw, gb
 
 
-class FusedPlan:
-    """A DGC layer's whole inference forward as one native call, for one input shape.
-
-    The call runs BN-ReLU, channel means, the saliency generators, bottom-n deactivation (ties
-    at the threshold go) and the kept-channel convolution, heads interleaved. The plan holds
-    the sizes and the (contiguous) parameter tensors, so that a call only allocates its output:
-    build it once per (layer, input shape) and again when a parameter changes.
-
-    Args:
-        shape: (B, C, H, W) of the layer's input, before its BN-ReLU.
-        norm: the BN-ReLU as per-channel (scale, shift), or None (no norm, no ReLU).
-        gate: the generators' (fc1 (h, r, C), fc2 (h, C, r), fc2 bias (h, C)).
-        n_inactive: channels deactivated per head, 1 <= n < C.
-        mask: kept channels multiplied by 1 (``saliency="mask"``), else by their saliency.
-        weight: (O, C, k, k).
-        conv: (stride, padding, dilation); dilation must be 1.
-        rows: ``gathered.weight_rows(weight, heads)`` where the caller keeps it (else made here).
-        epilogue: what follows the convolution in the same call, (scale, shift, relu): every
-            output v of channel o becomes ``scale[o] * v + shift[o]`` (the eval BN after the
-            layer; both None: none), plus the call's residual where given, then ReLU where
-            ``relu``. None: the convolution's output as is.
-    """
-
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        norm: tuple[Tensor, Tensor] | None,
-        gate: tuple[Tensor, Tensor, Tensor],
-        n_inactive: int,
-        mask: bool,
-        weight: Tensor,
-        conv: tuple[int, int, int],
-        rows: Tensor | None = None,
-        epilogue: tuple[Tensor | None, Tensor | None, bool] | None = None,
-    ) -> None:
-        lib = library()
-        assert lib is not None, "FusedPlan without the native library (check supported)"
-        self._call = lib.dgc_fused_eval
-        stride, padding, _ = conv
-        b, c, h, w = shape
-        fc1, fc2, b2 = (t.detach() for t in gate)
-        fc1, fc2t, b2 = fc1.contiguous(), fc2.transpose(1, 2).contiguous(), b2.contiguous()
-        o, k = weight.shape[0], weight.shape[-1]
-        if rows is None:
-            rows = G.weight_rows(weight.detach(), fc1.shape[0])
-        weight = rows.contiguous()
-        a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
-        ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-        self.out_shape = (b, o, ho, wo)
-        ea, ec, relu = epilogue or (None, None, False)
-        ea, ec = (None if t is None else t.detach().contiguous() for t in (ea, ec))
-        self._keep = (fc1, fc2t, b2, weight, a, d, ea, ec)  # the plan points into these
-        self._plan = _Plan(
-            _ptr(a), _ptr(d), fc1.data_ptr(), fc2t.data_ptr(), b2.data_ptr(), weight.data_ptr(),
-            _ptr(ea), _ptr(ec),
-            b, c, h, w, fc1.shape[1], fc1.shape[0], n_inactive, o, k, stride, padding, ho, wo,
-            c, int(mask), torch.get_num_threads(), int(relu),
-        )  # fmt: skip
-        self._ref = ctypes.byref(self._plan)
-
-    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W) of the planned shape, float32, CPU; contiguous or a channel slice.
-        residual: (B, O, H', W') float32 added in the epilogue, before its ReLU, or None."""
-        x, xc = channel_slice(x)
-        if residual is not None:
-            assert residual.shape == self.out_shape and residual.dtype == torch.float32
-            residual = residual.contiguous()
-        y = torch.empty(self.out_shape)  # (B, O, H', W')
-        threads = torch.get_num_threads()
-        if threads != self._plan.threads:
-            self._plan.threads = threads
-        if xc != self._plan.xc:
-            self._plan.xc = xc
-        if self._call(self._ref, x.data_ptr(), _ptr(residual), y.data_ptr()) != 0:
-            raise MemoryError("dgc fused_eval: cannot allocate its scratch buffer")
-        return y  # (B, O, H', W')
-
-
 def avg_pool2(x: Tensor) -> Tensor:
     """``F.avg_pool2d(x, 2, 2)`` of a contiguous float32 CPU (B, C, H, W), bit for bit, in one
     native pass (``dgc_avg_pool2``; the caller checked ``supported``)."""
     b, c, h, w = x.shape
     y = torch.empty(b, c, h // 2, w // 2)  # (B, C, H/2, W/2)
-    library().dgc_avg_pool2(x.data_ptr(), y.data_ptr(), b * c, h, w, torch.get_num_threads())
+    lib = library()
+    assert lib is not None, "avg_pool2 without the native library (check pool_supported)"
+    lib.dgc_avg_pool2(x.data_ptr(), y.data_ptr(), b * c, h, w, torch.get_num_threads())
     return y  # (B, C, H/2, W/2)
-
-
-def channel_slice(x: Tensor) -> tuple[Tensor, int]:
-    """x (B, C, H, W) as the eval kernels read it, and the channels a sample spans in memory:
-    x itself where it is contiguous or a channel slice of a wider contiguous tensor (a
-    DenseNet stage's features, ``buffer[:, :C]``), else a contiguous copy."""
-    b, c, h, w = x.shape
-    if x.is_contiguous():
-        return x, c
-    sb, sc, sh, sw = x.stride()
-    if sw == 1 and sh == w and sc == h * w and sb % (h * w) == 0 and sb >= c * h * w:
-        return x, sb // (h * w)
-    return x.contiguous(), c
-
-
-def _out_size(size: int, k: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - k) // stride + 1
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def group_rows(weight: Tensor, groups: int) -> Tensor:
-    """A static group convolution's weight (O, C/g, k, k) in ``direct_conv``'s row layout over
-    all C = g * C/g input channels, (g*C, O/g*k*k): row i*C + c holds group i's kernels of
-    channel c as (O/g, k*k) where c is one of group i's channels, zeros elsewhere (never read)."""
-    o, kg, k, _ = weight.shape
-    oh, c = o // groups, groups * kg
-    own = weight.reshape(groups, oh, kg, k * k).transpose(1, 2)  # (g, C/g, O/g, k*k)
-    rows = weight.new_zeros(groups, groups, kg, oh * k * k)
-    diagonal = torch.arange(groups)
-    rows[diagonal, diagonal] = own.reshape(groups, kg, oh * k * k)
-    return rows.reshape(groups * c, oh * k * k)
-
-
-class GroupConvPlan:
-    """An eval BN-ReLU (or none) followed by a static group convolution, as one native call
-    for one input shape (``dgc_group_conv_eval``): the DGC kernel with every sample keeping
-    its group's channels. Outputs are grouped as ``nn.Conv2d(groups=g)``'s.
-
-    Args:
-        shape: (B, C, H, W) of the input.
-        norm: the BN-ReLU as per-channel (scale, shift), or None.
-        rows: ``group_rows(weight, groups)``; out_channels, k: the weight's O and kernel size.
-        conv: (stride, padding, groups).
-    """
-
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        norm: tuple[Tensor, Tensor] | None,
-        rows: Tensor,
-        out_channels: int,
-        k: int,
-        conv: tuple[int, int, int],
-    ) -> None:
-        lib = library()
-        assert lib is not None, "GroupConvPlan without the native library (check supported)"
-        self._call = lib.dgc_group_conv_eval
-        stride, padding, groups = conv
-        b, c, h, w = shape
-        a, d = (None, None) if norm is None else (t.detach().contiguous() for t in norm)
-        rows = rows.detach().contiguous()
-        ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-        self.out_shape = (b, out_channels, ho, wo)
-        self._keep = (a, d, rows)  # the call points into these
-        self._head = (b, c, h, w, groups, _ptr(a), _ptr(d), rows.data_ptr())
-        self._tail = (out_channels, k, stride, padding)
-
-    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W) of the planned shape, float32, CPU; contiguous or a channel slice.
-        out: where to write, (B, O, H', W') contiguous or a channel slice (None: a new tensor)."""
-        x, xc = channel_slice(x)
-        y = torch.empty(self.out_shape) if out is None else out  # (B, O, H', W')
-        y, yc = channel_slice(y)
-        if y is not out and out is not None:
-            raise ValueError("GroupConvPlan: out must be contiguous or a channel slice")
-        ho, wo = self.out_shape[2:]
-        status = self._call(
-            x.data_ptr(), *self._head, *self._tail, y.data_ptr(), ho, wo, xc, yc,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        if status != 0:
-            raise MemoryError("dgc group_conv_eval: cannot allocate its scratch buffer")
-        return y  # (B, O, H', W')
