@@ -12,7 +12,9 @@ from typing import Any
 import yaml
 
 from search import names as N
+from search.actors import trial_class
 from search.cluster import check_cluster_reachable
+from search.cluster import check_job_paths
 from search.cluster import check_resources
 from search.cluster import connect_ray
 from search.config import ExperimentConfig
@@ -63,6 +65,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
         )
     # Everything that can fail before the first trial runs before anything is written.
     connect_ray(exp, address)
+    check_job_paths(exp)
     check_resources(exp)
     trainable = _trainable(exp, source)
     folder.mkdir(parents=True, exist_ok=True)
@@ -193,13 +196,13 @@ def _trainable(exp: ExperimentConfig, source: str) -> Any:
     from trainables.trainable import train_dgc as fn
 
     resources = {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu}
-    if exp.trial.data.dataset == "imagenet":
-        return tune.with_resources(fn, resources)  # workers read datadir; it must exist on all
+    if exp.trial.data.dataset == "imagenet":  # workers read datadir; it must exist on all
+        return trial_class(tune.with_resources(fn, resources))
     try:
         splits = load_splits(exp.trial.data)
     except DatasetError as err:  # e.g. a file with an image suffix that is not an image
         raise SearchConfigError(f"{source}: trial.data: {err}") from err
-    return tune.with_resources(tune.with_parameters(fn, splits=splits), resources)
+    return trial_class(tune.with_resources(tune.with_parameters(fn, splits=splits), resources))
 
 
 def _build_tuner(
