@@ -18,6 +18,7 @@ from search.cluster import check_job_paths
 from search.cluster import check_resources
 from search.cluster import connect_ray
 from search.config import ExperimentConfig
+from search.mlflow_ui import front_link
 from search.overrides import SearchConfigError
 from search.preflight import Problem
 from search.preflight import run_preflight
@@ -35,10 +36,11 @@ from search.state import STATE_FILE
 from search.state import SearchState
 from search.state import new_state
 from search.state import open_search
+from search.study_links import RunFinder
+from search.study_links import annotate_studies
 from search.tracking import ConsoleProgress
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
-from search.tracking import front_link
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
         state.parent_run_id,
     )
     _pretrain(exp, folder, tracking, state, trainable)
-    searcher = OptunaSearcher(exp, report.problem, StudyRef(state.optuna_storage, state.study_name))
+    searcher = _searcher(exp, report.problem, state)
     tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
     return _conclude(exp, state, tracking, searcher, _fit(tuner, tracking, state, folder), folder)
 
@@ -108,9 +110,7 @@ def resume(folder: Path, address: str | None = None) -> int:
     check_resources(exp)
     trainable = _trainable(exp, str(folder / RESOLVED_FILE))
     _pretrain(exp, folder, tracking, state, trainable)
-    searcher = OptunaSearcher(
-        exp, _problem(state), StudyRef(state.optuna_storage, state.study_name)
-    )
+    searcher = _searcher(exp, _problem(state), state)
     if tune.Tuner.can_restore(str(folder / TUNE_NAME)):
         tuner = tune.Tuner.restore(
             str(folder / TUNE_NAME),
@@ -171,7 +171,7 @@ def rank(
     from search.results import finalize
 
     objectives = [(o.metric, o.direction) for o in exp.objectives]
-    return finalize(
+    text = finalize(
         tracking,
         objectives,
         list(exp.space.params),
@@ -180,6 +180,19 @@ def rank(
         state.num_classes,
         tuple(state.input_size),
     )  # type: ignore[arg-type]
+    link = front_link(tracking.uri, tracking.experiment_id, state.parent_run_id)
+    annotate_studies(tracking, _study_ref(state), exp.name, text, link)
+    return text
+
+
+def _study_ref(state: SearchState) -> StudyRef:
+    return StudyRef(state.optuna_storage, state.study_name)
+
+
+def _searcher(exp: ExperimentConfig, problem: Problem, state: SearchState) -> OptunaSearcher:
+    """The search's searcher; it records each trial's MLflow run on its Optuna trial."""
+    runs = RunFinder(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
+    return OptunaSearcher(exp, problem, _study_ref(state), runs)
 
 
 def _problem(state: SearchState) -> Problem:
@@ -276,7 +289,7 @@ def _conclude(
         len(failed),
         text,
         folder / "pareto.png",
-        front_link(tracking.uri, tracking.experiment_id),
+        front_link(tracking.uri, tracking.experiment_id, state.parent_run_id),
     )
     if results and len(failed) == len(results):
         log.error("every trial failed")

@@ -64,22 +64,6 @@ def existing_store(uri: str) -> str:
     return uri
 
 
-#: the MLflow UI's runs view, filtered on the Pareto front (checked in MLflow 3.17's UI)
-FRONT_VIEW = "#/experiments/{id}/runs?searchFilter=tags.pareto%20%3D%20%22true%22"
-
-
-def front_link(uri: str, experiment_id: str) -> str:
-    """Where to see the front in the MLflow UI: the server's page, or for a local store the
-    command that serves it and the page to open."""
-    view = FRONT_VIEW.format(id=experiment_id)
-    if uri.startswith(("http://", "https://")):
-        return f"MLflow runs on the front: {redact(uri.rstrip('/'))}/{view}"
-    return (
-        f"MLflow runs on the front: `mlflow ui --backend-store-uri {redact(uri)}`, then "
-        f"http://127.0.0.1:5000/{view}"
-    )
-
-
 @contextlib.contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for the block only (it is process-global).
