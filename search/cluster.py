@@ -65,8 +65,9 @@ def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
         ctx = ray.init(
             address=target, job_config=named, configure_logging=False, log_to_driver=False
         )
-    else:
+    else:  # "local": a new cluster, not the last one `ray start` left on this machine
         ctx = ray.init(
+            address="local",
             num_cpus=exp.ray.num_cpus,
             include_dashboard=exp.ray.dashboard,
             dashboard_host="127.0.0.1",
