@@ -115,7 +115,7 @@ def windows() -> Iterator[dict[str, Any]]:
     chromium = _chromium()
     # Short (Ray's socket paths must fit 107 bytes) and Ray's own: `ray start` records its
     # address in <temp-dir>/ray_current_cluster, where no other process on the machine reads.
-    root = Path(tempfile.mkdtemp(prefix="w", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="windows", dir="/tmp"))
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PYTHONPATH=str(REPO))
@@ -198,27 +198,35 @@ def _shown(value: float) -> str:
     return str(int(value)) if value == int(value) else repr(value)
 
 
+#: the MLflow runs table's rows, top to bottom, as {column id: the text shown}
+ROWS_JS = """() => {
+  const rows = {};
+  for (const cell of document.querySelectorAll('.ag-row [col-id]')) {
+    const row = cell.closest('[row-index]').getAttribute('row-index');
+    (rows[row] ??= {})[cell.getAttribute('col-id')] = cell.innerText.trim();
+  }
+  return Object.keys(rows).sort((a, b) => a - b).map((k) => rows[k]);
+}"""
+
+
 def test_the_printed_mlflow_link_opens_the_front_sorted_by_macs(windows, browser):
     match = re.search(r"MLflow runs on the front: (http://\S+)", windows["log"])
     assert match, windows["log"][-3000:]
-    parent, front = _front(windows["uri"])
+    _, front = _front(windows["uri"])
     page = _page(browser)
     page.goto(match.group(1))
     page.get_by_text(f"{len(front)} matching runs").wait_for()
-    page.get_by_text(front[0].info.run_name, exact=True).first.wait_for()
-    page.wait_for_timeout(1000)  # the table's cells fill in after the runs arrive
+    page.get_by_text(front[-1].info.run_name, exact=True).first.wait_for()
+    page.wait_for_timeout(1000)  # the cells fill in after the runs arrive
     page.screenshot(path=str(windows["root"] / "mlflow.png"))
-    text = page.inner_text("body")
-    # Every run of the front, flat (no parent row) and in the order of their MACs ...
-    names = [r.info.run_name for r in front]
-    found = [text.find(f"\n{n}\n") for n in names]
-    assert all(i >= 0 for i in found) and found == sorted(found), (names, found, text[-3000:])
-    assert f"\n{parent.info.run_name}\n" not in text
+    rows = page.evaluate(ROWS_JS)
+    # The runs of the front, flat (no parent row to expand) and in the order of their MACs ...
+    names = [r["attributes.`Run Name`"].split("\n")[-1] for r in rows]  # after its colour
+    assert names == [f.info.run_name for f in front], rows
     # ... with accuracy, MACs and parameters as columns, each run's values in them.
-    assert {"val_accuracy", "macs", "params"} <= set(text.split("\n"))
-    for run in front:
+    for row, run in zip(rows, front):
         for metric in ("val_accuracy", "macs", "params"):
-            assert _shown(run.data.metrics[metric]) in text, (metric, run.info.run_name)
+            assert row[f"metrics.`{metric}`"] == _shown(run.data.metrics[metric]), (metric, row)
 
 
 def test_the_parent_run_description_is_the_front_with_links(windows, browser):
@@ -237,29 +245,36 @@ def test_the_parent_run_description_is_the_front_with_links(windows, browser):
         assert model.first.inner_text() == f"models:/{NAME}@{run.data.tags['registered_alias']}"
 
 
-def test_the_ray_dashboard_lists_the_job_by_the_search_name_with_its_progress(windows, browser):
+def _ray_page(browser: Any, windows: dict[str, Any], route: str) -> Any:
+    """A page of the Ray dashboard, through its token login as a person goes through it."""
     page = _page(browser)
-    page.goto(f"{windows['dashboard']}/#/jobs")
-    page.get_by_text("Authentication Token Required").wait_for()  # Ray's token login
-    page.get_by_label("Authentication Token").fill(windows["token"])
+    page.goto(f"{windows['dashboard']}/#/{route}")
+    page.get_by_text("Authentication Token Required").wait_for()
+    page.get_by_role("textbox", name="Authentication Token").fill(windows["token"])
     page.keyboard.press("Enter")
+    page.get_by_text("Authentication Token Required").wait_for(state="hidden")
+    return page
+
+
+def test_the_ray_dashboard_lists_the_job_by_the_search_name_with_its_progress(windows, browser):
+    page = _ray_page(browser, windows, "jobs")
     row = page.locator("tr", has=page.get_by_text(NAME, exact=True))
     row.get_by_text("SUCCEEDED").wait_for()
     page.screenshot(path=str(windows["root"] / "jobs.png"))
-    row.locator("a").first.click()  # the job's page
-    page.get_by_text("[1/3]", exact=False).first.wait_for()
+    row.locator("a").first.click()  # the job's page, its DRIVER log
+    page.get_by_text("front so far", exact=False).first.wait_for()
+    page.get_by_label("Keyword").fill("front so far")  # the log's filter: the progress lines
+    page.get_by_text("[3/3]", exact=False).first.wait_for()
+    page.screenshot(path=str(windows["root"] / "job.png"))
     log = page.inner_text("body")
-    lines = [line for line in log.splitlines() if re.match(r"\s*\d*\s*\[\d/3\] ", line)]
+    lines = [line for line in log.splitlines() if re.search(r"\[\d/3\] ", line)]
     assert len(lines) == 3, log[-3000:]
     assert all(" done: val_accuracy=" in line and "front so far" in line for line in lines)
-    assert any("ref-dense (" in line for line in lines)
+    assert any("ref-dense (" in line for line in lines), lines
 
 
 def test_the_ray_dashboard_names_each_trial_actor(windows, browser):
-    page = _page(browser)
-    page.goto(f"{windows['dashboard']}/#/actors")
-    page.get_by_label("Authentication Token").fill(windows["token"])
-    page.keyboard.press("Enter")
+    page = _ray_page(browser, windows, "actors")
     page.get_by_text("SearchTrial").first.wait_for()
     text = page.inner_text("body")
     assert re.search(r"ref-dense \([0-9a-f]{8}\)", text), text[-3000:]
