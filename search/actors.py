@@ -18,7 +18,8 @@ from search import names as N
 def trial_class(fn: Callable[..., Any]) -> type:
     """Tune's trainable class for the function trainable ``fn`` (already given its resources
     and parameters with ``tune.with_resources`` / ``tune.with_parameters``); its actors' repr
-    names the trial. Its Tune name stays ``fn``'s, so searches launched before resume."""
+    names the trial. Its Tune name stays ``fn``'s (``train_dgc``): Tune restores a search only
+    with a trainable of the name it was launched with."""
     from ray.tune.trainable.function_trainable import wrap_function
 
     base: Any = wrap_function(fn)

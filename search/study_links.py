@@ -12,6 +12,7 @@ each ranked trial's note says where it stands, how to load it and where its MLfl
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -66,6 +67,11 @@ def annotate_studies(
 
 
 def _load(ref: StudyRef) -> optuna.Study | None:
+    if ref.storage.startswith("sqlite:///"):
+        path = Path(ref.storage.removeprefix("sqlite:///"))
+        if not path.is_file():  # e.g. `pareto` on a copy of a folder whose original is gone
+            log.warning("no Optuna study at %s: its notes are not written", path)
+            return None
     try:
         return optuna.load_study(
             study_name=ref.name,

@@ -93,6 +93,15 @@ def test_small_search_end_to_end(ray_2cpu, tmp_path):
 
     for s in (study, refs_study):  # the front and the link to it, on each study's note
         assert f"smoke@{alias}" in get_note(s) and "viewStateShareKey=front-" in get_note(s)
+        for t in s.get_trials(states=[optuna.trial.TrialState.COMPLETE]):  # each trial's note
+            run_id = t.user_attrs["mlflow_run_id"]
+            note = get_note(optuna.Trial(s, t._trial_id))
+            assert f"MLflow run `{run_id}`" in note
+            if run_id in tagged:  # on the front: its model
+                registered = client.get_run(run_id).data.tags["registered_alias"]
+                assert "is on the Pareto front" in note and f"smoke@{registered}" in note
+            else:
+                assert "Pareto rank" in note
     sampled = [k for k in kids if "reference" not in k.data.tags]
     assert {t.number for t in done if "reference" not in t.user_attrs} == {
         int(k.data.tags["optuna_trial"]) for k in sampled
