@@ -111,7 +111,7 @@ def _stop(proc: subprocess.Popen, first: int) -> None:
 @pytest.fixture(scope="module")
 def windows() -> Iterator[dict[str, Any]]:
     """A `ray start` head with its dashboard and token login, a `mlflow server`, and a search of
-    2 sampled trials and the dense reference (1 epoch) submitted with `ray job submit`."""
+    one sampled trial and the dense reference (1 epoch) submitted with `ray job submit`."""
     chromium = _chromium()
     # Short (Ray's socket paths must fit 107 bytes) and Ray's own: `ray start` records its
     # address in <temp-dir>/ray_current_cluster, where no other process on the machine reads.
@@ -145,7 +145,7 @@ def windows() -> Iterator[dict[str, Any]]:
              "--working-dir", str(REPO), "--metadata-json", json.dumps({"job_name": NAME}),
              "--", sys.executable, "-m", "search", "launch", "experiments/smoke.yaml",
              "--set", f"name={NAME}", "--set", f"storage_dir={root / 'runs'}",
-             "--set", f"mlflow.tracking_uri={uri}", "--set", "num_trials=2",
+             "--set", f"mlflow.tracking_uri={uri}", "--set", "num_trials=1",
              "--set", "trial.epochs=1", "--set", "references={dense: true}"],
             capture_output=True, text=True, timeout=600, env=env, cwd=root,
         )  # fmt: skip
@@ -264,11 +264,11 @@ def test_the_ray_dashboard_lists_the_job_by_the_search_name_with_its_progress(wi
     row.locator("a").first.click()  # the job's page, its DRIVER log
     page.get_by_text("front so far", exact=False).first.wait_for()
     page.get_by_label("Keyword").fill("front so far")  # the log's filter: the progress lines
-    page.get_by_text("[3/3]", exact=False).first.wait_for()
+    page.get_by_text("[2/2]", exact=False).first.wait_for()
     page.screenshot(path=str(windows["root"] / "job.png"))
     log = page.inner_text("body")
-    lines = [line for line in log.splitlines() if re.search(r"\[\d/3\] ", line)]
-    assert len(lines) == 3, log[-3000:]
+    lines = [line for line in log.splitlines() if re.search(r"\[\d/2\] ", line)]
+    assert len(lines) == 2, log[-3000:]
     assert all(" done: val_accuracy=" in line and "front so far" in line for line in lines)
     assert any("ref-dense (" in line for line in lines), lines
 
@@ -278,4 +278,4 @@ def test_the_ray_dashboard_names_each_trial_actor(windows, browser):
     page.get_by_text("SearchTrial").first.wait_for()
     text = page.inner_text("body")
     assert re.search(r"ref-dense \([0-9a-f]{8}\)", text), text[-3000:]
-    assert len(re.findall(r"trial-\d+ \([0-9a-f]{8}\)", text)) == 2, text[-3000:]
+    assert re.search(r"trial-0 \([0-9a-f]{8}\)", text), text[-3000:]
