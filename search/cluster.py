@@ -4,21 +4,33 @@ written, and joining or starting it."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+from pathlib import Path
 
+from search import names as N
 from search.config import ExperimentConfig
 from search.overrides import SearchConfigError
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
 
 def check_cluster_reachable(address: str | None) -> None:
-    """Fail fast if the cluster at ``address`` does not answer: ``ray.init`` would wait for
-    minutes. Checked before anything of the search is written."""
+    """Fail fast if the cluster at ``address`` (else ``$RAY_ADDRESS``) does not answer:
+    ``ray.init`` would wait for minutes. Checked before anything of the search is written."""
+    address = address or os.environ.get(RAY_ADDRESS_ENV)
     if not address or address in ("auto", "local"):
         return
+    if address.startswith(("http://", "https://")):
+        raise SearchConfigError(
+            f"ray address {address!r} is a dashboard's address (the Job API's); a search "
+            "joins a cluster at HOST:PORT of its head node (the --port of `ray start --head`), "
+            "or runs as a job: `ray job submit --address "
+            f"{address} --working-dir . -- python -m search launch X.yaml` (docs/tracking.md)"
+        )
     hostport = address.removeprefix("ray://").rstrip("/")
     host, _, port = hostport.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
@@ -38,29 +50,37 @@ def check_cluster_reachable(address: str | None) -> None:
 
 
 def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
-    """Join ``address`` (or the experiment's ``ray.address``), or start a local cluster."""
+    """Join ``address`` (or the experiment's ``ray.address``, else ``$RAY_ADDRESS``, which
+    ``ray job submit`` sets for its driver), or start a local cluster. The driver's Ray job is
+    named after the search (the dashboard's Jobs page shows it; a job submitted with
+    ``ray job submit`` keeps the name it was submitted with)."""
     import ray
 
     if ray.is_initialized():
         log.info("using the Ray cluster this process is already connected to")
         return
     target = address or exp.ray.address
-    if target:
-        ctx = ray.init(address=target, configure_logging=False, log_to_driver=False)
-    else:
+    named = ray.job_config.JobConfig(metadata={N.JOB_NAME_KEY: exp.name})
+    if target or os.environ.get(RAY_ADDRESS_ENV):  # ray.init reads $RAY_ADDRESS itself
         ctx = ray.init(
+            address=target, job_config=named, configure_logging=False, log_to_driver=False
+        )
+    else:  # "local": a new cluster, not the last one `ray start` left on this machine
+        ctx = ray.init(
+            address="local",
             num_cpus=exp.ray.num_cpus,
             include_dashboard=exp.ray.dashboard,
             dashboard_host="127.0.0.1",
             dashboard_port=exp.ray.dashboard_port,
+            job_config=named,
             configure_logging=False,
             log_to_driver=False,
         )
     url = getattr(ctx, "dashboard_url", "") or ""
     if url:
         log.info(
-            "Ray dashboard: http://%s (it asks for the token in ~/.ray/auth_token; see "
-            "README, 'Watch it run')",
+            "Ray dashboard: http://%s (it asks for the token that `ray get-auth-token` "
+            "prints; see docs/tracking.md)",
             url.removeprefix("http://"),
         )
 
@@ -80,3 +100,37 @@ def check_resources(exp: ExperimentConfig) -> None:
         f"node of the cluster has that much (nodes: {have or 'none'}); lower resources.cpu "
         "/ resources.gpu, or join a cluster with such a node (--address)"
     )
+
+
+def check_job_paths(exp: ExperimentConfig) -> None:
+    """Refuse, in a Ray job submitted with a working dir, paths that would land in Ray's
+    temporary copy of that folder (the driver's current directory, deleted with the job's
+    session): a relative ``storage_dir``, the default ``./mlflow.db``, a relative SQLite
+    store. Checked after joining the cluster, before anything of the search is written."""
+    import ray
+
+    if not ray.get_runtime_context().runtime_env.get("working_dir"):
+        return
+    lost = []
+    if not Path(exp.storage_dir).expanduser().is_absolute():
+        lost.append(f"storage_dir={exp.storage_dir!r}")
+    uri = exp.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None or _relative_file_store(uri):
+        lost.append(f"mlflow.tracking_uri={uri or './mlflow.db (the default)'}")
+    if exp.optuna_storage and _relative_file_store(exp.optuna_storage):
+        lost.append(f"optuna_storage={exp.optuna_storage}")
+    if lost:
+        raise SearchConfigError(
+            f"{', '.join(lost)}: this job runs in Ray's temporary copy of its working dir "
+            f"({Path.cwd()}), which Ray deletes; give absolute paths or a tracking server, "
+            "e.g. `--set storage_dir=$PWD/runs --set mlflow.tracking_uri=sqlite:///$PWD/"
+            "mlflow.db` on the `ray job submit` line (docs/tracking.md)"
+        )
+
+
+def _relative_file_store(uri: str) -> bool:
+    """A store URI (MLflow's or Optuna's) that names a file by a relative path."""
+    for scheme in ("sqlite:///", "journal://", "file://", "file:"):
+        if uri.startswith(scheme):
+            return not uri.removeprefix(scheme).startswith("/")
+    return "://" not in uri and not Path(uri).expanduser().is_absolute()  # a bare path

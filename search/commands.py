@@ -37,15 +37,15 @@ def validate_command(path: str, overrides: list[str]) -> int:
 def pareto_command(target: str, register: bool, tracking_uri: str | None = None) -> int:
     """Rank, tag and plot a search given its folder or its MLflow parent run id."""
     from search.launch import rank
+    from search.mlflow_ui import front_link
     from search.state import open_search
-    from search.tracking import front_link
 
     folder = Path(target) if Path(target).is_dir() else _folder_of_run(target, tracking_uri)
     folder = folder.resolve()
     exp, state, tracking = open_search(folder)
     print(rank(exp, state, tracking, register, folder))
     print(f"\nplot: {folder / 'pareto.png'} and {folder / 'pareto.html'}")
-    print(front_link(tracking.uri, tracking.experiment_id))
+    print(front_link(tracking.uri, tracking.experiment_id, state.parent_run_id))
     return 0
 
 

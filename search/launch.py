@@ -12,10 +12,13 @@ from typing import Any
 import yaml
 
 from search import names as N
+from search.actors import trial_class
 from search.cluster import check_cluster_reachable
+from search.cluster import check_job_paths
 from search.cluster import check_resources
 from search.cluster import connect_ray
 from search.config import ExperimentConfig
+from search.mlflow_ui import front_link
 from search.overrides import SearchConfigError
 from search.preflight import Problem
 from search.preflight import run_preflight
@@ -33,10 +36,11 @@ from search.state import STATE_FILE
 from search.state import SearchState
 from search.state import new_state
 from search.state import open_search
+from search.study_links import RunFinder
+from search.study_links import annotate_studies
 from search.tracking import ConsoleProgress
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
-from search.tracking import front_link
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
         )
     # Everything that can fail before the first trial runs before anything is written.
     connect_ray(exp, address)
+    check_job_paths(exp)
     check_resources(exp)
     trainable = _trainable(exp, source)
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +92,7 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
         state.parent_run_id,
     )
     _pretrain(exp, folder, tracking, state, trainable)
-    searcher = OptunaSearcher(exp, report.problem, StudyRef(state.optuna_storage, state.study_name))
+    searcher = _searcher(exp, report.problem, state)
     tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
     return _conclude(exp, state, tracking, searcher, _fit(tuner, tracking, state, folder), folder)
 
@@ -105,9 +110,7 @@ def resume(folder: Path, address: str | None = None) -> int:
     check_resources(exp)
     trainable = _trainable(exp, str(folder / RESOLVED_FILE))
     _pretrain(exp, folder, tracking, state, trainable)
-    searcher = OptunaSearcher(
-        exp, _problem(state), StudyRef(state.optuna_storage, state.study_name)
-    )
+    searcher = _searcher(exp, _problem(state), state)
     if tune.Tuner.can_restore(str(folder / TUNE_NAME)):
         tuner = tune.Tuner.restore(
             str(folder / TUNE_NAME),
@@ -168,7 +171,7 @@ def rank(
     from search.results import finalize
 
     objectives = [(o.metric, o.direction) for o in exp.objectives]
-    return finalize(
+    text = finalize(
         tracking,
         objectives,
         list(exp.space.params),
@@ -177,6 +180,19 @@ def rank(
         state.num_classes,
         tuple(state.input_size),
     )  # type: ignore[arg-type]
+    link = front_link(tracking.uri, tracking.experiment_id, state.parent_run_id)
+    annotate_studies(tracking, _study_ref(state), exp.name, text, link)
+    return text
+
+
+def _study_ref(state: SearchState) -> StudyRef:
+    return StudyRef(state.optuna_storage, state.study_name)
+
+
+def _searcher(exp: ExperimentConfig, problem: Problem, state: SearchState) -> OptunaSearcher:
+    """The search's searcher; it records each trial's MLflow run on its Optuna trial."""
+    runs = RunFinder(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
+    return OptunaSearcher(exp, problem, _study_ref(state), runs)
 
 
 def _problem(state: SearchState) -> Problem:
@@ -193,13 +209,13 @@ def _trainable(exp: ExperimentConfig, source: str) -> Any:
     from trainables.trainable import train_dgc as fn
 
     resources = {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu}
-    if exp.trial.data.dataset == "imagenet":
-        return tune.with_resources(fn, resources)  # workers read datadir; it must exist on all
+    if exp.trial.data.dataset == "imagenet":  # workers read datadir; it must exist on all
+        return trial_class(tune.with_resources(fn, resources))
     try:
         splits = load_splits(exp.trial.data)
     except DatasetError as err:  # e.g. a file with an image suffix that is not an image
         raise SearchConfigError(f"{source}: trial.data: {err}") from err
-    return tune.with_resources(tune.with_parameters(fn, splits=splits), resources)
+    return trial_class(tune.with_resources(tune.with_parameters(fn, splits=splits), resources))
 
 
 def _build_tuner(
@@ -273,7 +289,7 @@ def _conclude(
         len(failed),
         text,
         folder / "pareto.png",
-        front_link(tracking.uri, tracking.experiment_id),
+        front_link(tracking.uri, tracking.experiment_id, state.parent_run_id),
     )
     if results and len(failed) == len(results):
         log.error("every trial failed")

@@ -19,3 +19,17 @@ STOPPED_TAG = "stopped_at_epoch"  # child run tag, Optuna user attribute: early-
 REFERENCE_TAG = "reference"  # trial-config tag, child run tag, Optuna user attribute: its label
 PRETRAIN_TAG = "pretrain"  # trial-config tag, child run tag: the search's pretrained network
 OPERATOR_TAG = "operator"  # child run tag: the model's operator kind (dgc.model_kind)
+LABEL_ATTR = "label"  # Optuna user attribute: the trial's label (trial_label)
+MLFLOW_RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's MLflow child run
+JOB_NAME_KEY = "job_name"  # Ray job metadata: the name the dashboard's Jobs page shows
+
+
+def trial_label(tags: dict) -> str:
+    """A trial's name everywhere a person meets it (MLflow run name, Optuna user attribute,
+    Ray actor, progress line): ``trial-<Optuna number>``, ``ref-dense``, ``ref-group-0.25``,
+    ``pretrain-dense``; from the ``tags`` of its trial config."""
+    if tags.get(PRETRAIN_TAG):
+        return "pretrain-dense"
+    if tags.get(REFERENCE_TAG):
+        return f"ref-{tags[REFERENCE_TAG]}"
+    return f"trial-{tags.get(OPTUNA_TRIAL_TAG, '')}"

@@ -14,6 +14,7 @@ import torch
 
 from dgc.program import ShippedModel
 from search import names as N
+from search.mlflow_ui import publish_front
 from search.pareto import pareto_ranks
 from search.plots import fmt_metric
 from search.plots import fmt_setting
@@ -29,6 +30,9 @@ from trainables.runner import load_state
 
 log = logging.getLogger(__name__)
 
+#: how a trial config's unset (None) or empty setting is logged as an MLflow parameter
+UNSET = ("None", "null", "", "{}", "[]")
+
 
 @dataclass
 class Point:
@@ -41,6 +45,7 @@ class Point:
     model_uri: str = ""
     stopped: int | None = None  # the epoch an early-stopping scheduler stopped it at
     alias: str = ""  # its registry alias, once registered
+    version: str = ""  # its registered model version, once registered
     reference: str = ""  # the label of a reference trial ("dense", "group-0.25")
 
 
@@ -63,6 +68,7 @@ def finished_points(tracking: Tracking, objectives: list[tuple[str, str]]) -> li
                 model_uri=run.data.tags.get(N.MODEL_URI_TAG, ""),
                 stopped=_int_or_none(run.data.tags.get(N.STOPPED_TAG)),
                 alias=run.data.tags.get(N.REGISTERED_ALIAS_TAG, ""),
+                version=run.data.tags.get(N.REGISTERED_VERSION_TAG, ""),
                 reference=run.data.tags.get(N.REFERENCE_TAG, ""),
             )
         )
@@ -106,7 +112,7 @@ def log_and_register(
         alias = _alias(p)
         client.set_registered_model_alias(registered_name, alias, version)
         _describe_version(tracking, registered_name, version, p)
-        p.alias = alias
+        p.alias, p.version = alias, str(version)
         client.set_tag(p.run_id, N.REGISTERED_VERSION_TAG, str(version))
         client.set_tag(p.run_id, N.REGISTERED_ALIAS_TAG, alias)
         log.info("registered %s version %s as @%s (%s)", registered_name, version, alias, p.name)
@@ -117,7 +123,11 @@ def _describe_version(tracking: Tracking, name: str, version: str, p: Point) -> 
     tells the versions apart."""
     keys = (M.VAL_ACCURACY, M.MACS, M.PARAMS, M.LATENCY_MS)
     shown = {k: p.metrics[k] for k in keys if k in p.metrics}
-    settings = {k: fmt_setting(v) for k, v in p.params.items() if k.startswith("model.")}
+    settings = {
+        k: fmt_setting(v)
+        for k, v in p.params.items()
+        if k.startswith("model.") and v not in UNSET  # a DGC setting a dense network lacks
+    }
     for key, value in {**{k: f"{v:.6g}" for k, v in shown.items()}, **settings}.items():
         tracking.client.set_model_version_tag(name, version, key, value[:5000])
     text = ", ".join(fmt_metric(k, v) + f" {k}" for k, v in shown.items())
@@ -202,21 +212,30 @@ def table(
     objectives: list[tuple[str, str]],
     space_keys: list[str],
     registered_name: str | None,
+    experiment_id: str | None = None,
 ) -> str:
     """The front as markdown, narrow enough for a terminal: objectives in readable units, the
     sampled settings rounded, and how to load each model (``models:/<name>@<alias>``). The test
-    accuracy stays in MLflow: selecting on it would make it a second validation set."""
+    accuracy stays in MLflow: selecting on it would make it a second validation set.
+
+    With ``experiment_id``, for the MLflow UI: each trial links to its run, each model URI to
+    its registered version (routes relative to the UI's page)."""
     front = sorted((p for p in points if p.rank == 1), key=lambda p: p.metrics.get(M.MACS, 0))
     metrics = [m for m, _ in objectives] + ([M.PARAMS] if M.PARAMS not in dict(objectives) else [])
     heads = ["trial", *metrics, *(k.removeprefix("model.") for k in space_keys), "load with"]
     rows = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for p in front:
-        where = f"models:/{registered_name}@{p.alias}" if registered_name and p.alias else "-"
+        where = f"`models:/{registered_name}@{p.alias}`" if registered_name and p.alias else "-"
+        name = p.name
+        if experiment_id is not None:
+            name = f"[{p.name}](#/experiments/{experiment_id}/runs/{p.run_id})"
+            if where != "-" and p.version:
+                where = f"[{where}](#/models/{registered_name}/versions/{p.version})"
         cells = [
-            p.name,
+            name,
             *[fmt_metric(m, p.metrics.get(m)) for m in metrics],
             *[fmt_setting(p.params.get(k, "")) for k in space_keys],
-            f"`{where}`" if where != "-" else where,
+            where,
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -241,10 +260,13 @@ def finalize(
             tracking, [p for p in points if p.rank == 1], registered_name, num_classes, input_size
         )
     out.mkdir(parents=True, exist_ok=True)
-    title = heading(points, registered_name or tracking.experiment_name)
+    name = registered_name or tracking.experiment_name
+    title = heading(points, name)
     text = title + "\n\n" + table(points, objectives, space_keys, registered_name)
     (out / "pareto.md").write_text(text + "\n")
     files = [out / "pareto.md", *write_plots(points, objectives, space_keys, out, title)]
     for f in files:
         tracking.client.log_artifact(tracking.parent_run_id, str(f))
+    linked = table(points, objectives, space_keys, registered_name, tracking.experiment_id)
+    publish_front(tracking, name, title, linked, [m for m, _ in objectives], space_keys)
     return text

@@ -11,7 +11,13 @@ reaches Tune, MLflow or the Pareto front. Invalid points (a model that cannot be
 FAILed.
 
 The study lives in persistent storage (SQLite in the experiment folder by default); each
-Optuna trial records its Ray trial id, so a restored search tells the right trial.
+Optuna trial records its Ray trial id, so a restored search tells the right trial, and its
+label, operator and MLflow run (user attributes ``label``, ``operator``, ``mlflow_run_id``).
+
+Reference trials are not points of the space: they are told to a study of their own,
+``<study>.references``. In the searched study a trial without parameters would sit among the
+best of every objective it leads (the dense network's accuracy) and make parameter importance
+(PED-ANOVA, which optuna-dashboard draws) come out equal for every parameter.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: study user attribute prefix: reference label -> the Tune trial id it was issued as
 REFERENCE_KEY = "reference:"
+#: the study of the reference trials: the searched study's name and this suffix
+REFERENCES_SUFFIX = ".references"
 # Per suggestion; validate refuses spaces with < 5% feasible points (0.95**100 < 1%).
 MAX_TRIES = 100
 SAMPLERS = {
@@ -66,6 +75,11 @@ def make_sampler(exp: ExperimentConfig, offset: int = 0) -> optuna.samplers.Base
 class StudyRef:
     storage: str
     name: str
+
+    @property
+    def references(self) -> StudyRef:
+        """The study of the search's reference trials, next to this one."""
+        return StudyRef(self.storage, self.name + REFERENCES_SUFFIX)
 
 
 def storage_of(url: str) -> str | optuna.storages.BaseStorage:
@@ -112,16 +126,28 @@ def enqueue_warm_start(study: optuna.Study, exp: ExperimentConfig, num_stages: i
 class OptunaSearcher(Searcher):
     """Suggests complete TrialConfig dicts; tells Optuna the final objectives of each trial."""
 
-    def __init__(self, exp: ExperimentConfig, problem: Problem, ref: StudyRef) -> None:
+    def __init__(
+        self,
+        exp: ExperimentConfig,
+        problem: Problem,
+        ref: StudyRef,
+        run_of: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """``run_of``: the MLflow run of a Ray trial id (recorded on its Optuna trial; it must
+        pickle, Tune saves the searcher with the experiment)."""
         super().__init__()
-        self.exp, self.problem, self.ref = exp, problem, ref
+        self.exp, self.problem, self.ref, self.run_of = exp, problem, ref, run_of
         self.live: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self._study: optuna.Study | None = None
+        self._references: optuna.Study | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_study"] = None  # storage connections do not pickle; reopened on demand
+        state["_study"] = state["_references"] = None  # connections do not pickle; reopened
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"run_of": None, "_references": None, **state})  # older pickles
 
     @property
     def study(self) -> optuna.Study:
@@ -129,6 +155,13 @@ class OptunaSearcher(Searcher):
             self._study = open_study(self.exp, self.ref)
             enqueue_warm_start(self._study, self.exp, self.problem.num_stages)
         return self._study
+
+    @property
+    def references(self) -> optuna.Study:
+        """The study the reference trials are told to (opened on the first one)."""
+        if self._references is None:
+            self._references = open_study(self.exp, self.ref.references)
+        return self._references
 
     def set_search_properties(
         self, metric: str | None, mode: str | None, config: dict, **spec: Any
@@ -146,9 +179,10 @@ class OptunaSearcher(Searcher):
                 continue
             config = self._costed_config(trial)
             if config is not None:
-                trial.set_user_attr(N.TRIAL_TAG, trial_id)
-                self.live[trial_id] = trial.number
                 config["tags"] = {N.OPTUNA_TRIAL_TAG: trial.number}
+                for key, value in _attrs(config, trial_id).items():
+                    trial.set_user_attr(key, value)
+                self.live[trial_id] = trial.number
                 return config
         log.warning(
             "no new trainable point in %d samples (over the budget, unbuildable or already in "
@@ -181,14 +215,19 @@ class OptunaSearcher(Searcher):
         result = result or {}
         values = [result.get(o.metric) for o in self.exp.objectives]
         stopped = stopped_at(result, self.exp.trial.epochs)
-        attrs: dict[str, Any] = {N.REFERENCE_TAG: label, N.TRIAL_TAG: trial_id}
+        config = next(r.config for r in reference_trials(self.exp) if r.label == label)
+        attrs: dict[str, Any] = {
+            N.REFERENCE_TAG: label,
+            **_attrs({**config, "tags": {N.REFERENCE_TAG: label}}, trial_id),
+            **self._run_attr(trial_id),
+        }
         if stopped is not None:
             state, attrs[N.STOPPED_TAG] = TrialState.PRUNED, stopped
         elif result and all(isinstance(v, (int, float)) for v in values):
             state = TrialState.COMPLETE
         else:
             state = TrialState.FAIL
-        self.study.add_trial(
+        self.references.add_trial(
             optuna.trial.create_trial(
                 state=state,
                 values=[float(v) for v in values] if state == TrialState.COMPLETE else None,
@@ -242,7 +281,8 @@ class OptunaSearcher(Searcher):
     ) -> None:
         label = self._reference_of(trial_id)
         if label is not None:
-            if not any(t.user_attrs.get(N.TRIAL_TAG) == trial_id for t in self.study.trials):
+            told = self.references.trials + self.study.trials  # (older searches: the latter)
+            if not any(t.user_attrs.get(N.TRIAL_TAG) == trial_id for t in told):
                 self._tell_reference(label, trial_id, None if error else result)
             return
         number = self.live.pop(trial_id, None)
@@ -250,6 +290,8 @@ class OptunaSearcher(Searcher):
             number = self._number_of(trial_id)
         if number is None:
             return
+        for key, value in self._run_attr(trial_id).items():
+            self._set_attr(number, key, value)
         values = (
             None if error or not result else [result.get(o.metric) for o in self.exp.objectives]
         )
@@ -266,10 +308,28 @@ class OptunaSearcher(Searcher):
         are not told as objectives (they would put a half-trained network on the study's front);
         TPE still learns from it, as a bad region (its pruned trials rank below every complete
         one); NSGA-II's selection ignores it."""
+        self._set_attr(number, N.STOPPED_TAG, epoch)
+        self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+
+    def _set_attr(self, number: int, key: str, value: Any) -> None:
+        """A user attribute of the trial ``number`` (no longer held as a Trial) while it runs;
+        a finished one (told before a restore) cannot change and is left as it is."""
         storage = self.study._storage  # noqa: SLF001 (Optuna has no public setter after ask)
         trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)  # noqa: SLF001
-        storage.set_trial_user_attr(trial_id, N.STOPPED_TAG, epoch)
-        self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+        if not storage.get_trial(trial_id).state.is_finished():
+            storage.set_trial_user_attr(trial_id, key, value)
+
+    def _run_attr(self, trial_id: str) -> dict[str, str]:
+        """``{mlflow_run_id: ...}`` of a Ray trial, if its MLflow run can be found. It is only
+        a link: a failed lookup (the tracking server away) is logged, never raised into Tune."""
+        if self.run_of is None:
+            return {}
+        try:
+            run_id = self.run_of(trial_id)
+        except Exception as err:  # noqa: BLE001 (any tracking failure; the tell must go on)
+            log.warning("no MLflow run id for trial %s on its Optuna trial (%s)", trial_id, err)
+            return {}
+        return {N.MLFLOW_RUN_ATTR: run_id} if run_id else {}
 
     def _number_of(self, trial_id: str) -> int | None:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -299,3 +359,15 @@ class OptunaSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.live = pickle.load(f)["live"]  # noqa: S301 (our own file in the experiment dir)
+
+
+def _attrs(config: dict[str, Any], trial_id: str) -> dict[str, str]:
+    """What tells a trial apart on optuna-dashboard: its Ray trial id, label (the MLflow run's
+    name) and operator."""
+    import dgc
+
+    return {
+        N.TRIAL_TAG: trial_id,
+        N.LABEL_ATTR: N.trial_label(config["tags"]),
+        N.OPERATOR_TAG: dgc.model_kind(str(config["model"]["name"])),
+    }

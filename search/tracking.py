@@ -23,6 +23,7 @@ from mlflow.entities import RunStatus
 from ray.tune import Callback
 
 from search import names as N
+from search.actors import actor_repr
 from search.overrides import SearchConfigError
 from search.redact import redact
 from search.scheduler import stopped_at
@@ -61,22 +62,6 @@ def existing_store(uri: str) -> str:
                 "you launched from, or pass --tracking-uri"
             )
     return uri
-
-
-#: the MLflow UI's runs view, filtered on the Pareto front (checked in MLflow 3.17's UI)
-FRONT_VIEW = "#/experiments/{id}/runs?searchFilter=tags.pareto%20%3D%20%22true%22"
-
-
-def front_link(uri: str, experiment_id: str) -> str:
-    """Where to see the front in the MLflow UI: the server's page, or for a local store the
-    command that serves it and the page to open."""
-    view = FRONT_VIEW.format(id=experiment_id)
-    if uri.startswith(("http://", "https://")):
-        return f"MLflow runs on the front: {redact(uri.rstrip('/'))}/{view}"
-    return (
-        f"MLflow runs on the front: `mlflow ui --backend-store-uri {redact(uri)}`, then "
-        f"http://127.0.0.1:5000/{view}"
-    )
 
 
 @contextlib.contextmanager
@@ -178,7 +163,7 @@ class MlflowTrialLogger(Callback):
         client = self.tracking.client
         run = client.create_run(
             self.tracking.experiment_id,
-            run_name=_run_name(number, reference, pretrain),
+            run_name=N.trial_label(tags),
             tags={
                 "mlflow.parentRunId": self.tracking.parent_run_id,
                 N.TRIAL_TAG: trial.trial_id,
@@ -251,12 +236,6 @@ class MlflowTrialLogger(Callback):
         )
 
 
-def _run_name(number: object, reference: str | None, pretrain: str | None) -> str:
-    if pretrain:
-        return "pretrain-dense"
-    return f"ref-{reference}" if reference else f"trial-{number}"
-
-
 def _operator(config: dict[str, Any]) -> str:
     import dgc
 
@@ -291,7 +270,9 @@ def _short(v: object) -> str:
 
 
 class ConsoleProgress(Callback):
-    """One line per finished trial: count, its objectives, and the size of the front so far."""
+    """One line per finished trial (the driver's log, which the Ray dashboard's Jobs page shows
+    for a submitted job): the count, the trial's label and Tune id (as its Ray actor's repr),
+    its objectives, the trials still running and the front so far."""
 
     def __init__(self, total: int, objectives: list[tuple[str, str]]) -> None:
         self.total, self.objectives = total, objectives
@@ -306,36 +287,42 @@ class ConsoleProgress(Callback):
             self._failed(trial, f"{r[M.TRIAL_ERROR]}; not retried: it would fail again")
             return
         stopped = stopped_at(r, int(trial.config.get("epochs", 0)))
+        shown = ", ".join(f"{m}={_short(r.get(m))}" for m, _ in self.objectives)
         if stopped is not None:
             self.stopped += 1
             log.info(
-                "[%d/%d] trial %s stopped early at epoch %d (dominated at that rung): %s",
-                len(self.done) + self.failed + self.stopped,
-                self.total,
-                trial.trial_id,
-                stopped,
-                ", ".join(f"{m}={_short(r.get(m))}" for m, _ in self.objectives),
-            )
+                "[%d/%d] %s stopped early at epoch %d (dominated at that rung): %s",
+                self._count(), self.total, actor_repr(trial.config, trial.trial_id), stopped,
+                shown,
+            )  # fmt: skip
             return
         self.done.append(tuple(float(r.get(m, "nan")) for m, _ in self.objectives))
         ranks = pareto_ranks(self.done, [d for _, d in self.objectives])
         front = sorted(p for p, k in zip(self.done, ranks) if k == 1)
-        shown = ", ".join(f"{m}={_short(r.get(m))}" for m, _ in self.objectives)
         log.info(
-            "[%d/%d] trial %s done: %s | front so far: %s",
-            len(self.done) + self.failed + self.stopped,
-            self.total,
-            trial.trial_id,
-            shown,
+            "[%d/%d] %s done: %s | %d running | front so far (%d): %s",
+            self._count(), self.total, actor_repr(trial.config, trial.trial_id), shown,
+            _running(trials, trial), len(front),
             " ".join("(" + ", ".join(_short(v) for v in p) + ")" for p in front),
-        )
+        )  # fmt: skip
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._failed(trial, error_line(error_text(trial)))
 
+    def _count(self) -> int:
+        return len(self.done) + self.failed + self.stopped
+
     def _failed(self, trial: Any, reason: str) -> None:
         self.failed += 1
-        count = len(self.done) + self.failed + self.stopped
         log.warning(
-            "[%d/%d] trial %s FAILED (%s)", count, self.total, trial.trial_id, redact(reason)[:300]
+            "[%d/%d] %s FAILED (%s)",
+            self._count(),
+            self.total,
+            actor_repr(trial.config, trial.trial_id),
+            redact(reason)[:300],
         )
+
+
+def _running(trials: list, trial: Any) -> int:
+    """The trials Tune is running, but ``trial``, which is ending."""
+    return sum(1 for t in trials if t is not trial and getattr(t, "status", "") == "RUNNING")

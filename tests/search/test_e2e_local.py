@@ -74,11 +74,34 @@ def test_small_search_end_to_end(ray_2cpu, tmp_path):
 
     state = SearchState.load(tmp_path / "smoke")
     study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    refs_study = optuna.load_study(study_name="smoke.references", storage=state.optuna_storage)
+    assert not any("reference" in t.user_attrs for t in study.trials)  # points of the space
+    done = [
+        t for t in study.trials + refs_study.trials if t.state == optuna.trial.TrialState.COMPLETE
+    ]
     assert len(done) == 7
     assert {t.user_attrs["ray_trial_id"] for t in done} == {
         k.data.tags["ray_trial_id"] for k in kids
     }
+    by_trial = {k.data.tags["ray_trial_id"]: k for k in kids}
+    for t in done:  # optuna-dashboard's user attributes lead to the MLflow run
+        k = by_trial[t.user_attrs["ray_trial_id"]]
+        assert t.user_attrs["mlflow_run_id"] == k.info.run_id
+        assert t.user_attrs["label"] == k.info.run_name
+        assert t.user_attrs["operator"] == k.data.tags["operator"]
+    from optuna_dashboard import get_note
+
+    for s in (study, refs_study):  # the front and the link to it, on each study's note
+        assert f"smoke@{alias}" in get_note(s) and "viewStateShareKey=front-" in get_note(s)
+        for t in s.get_trials(states=[optuna.trial.TrialState.COMPLETE]):  # each trial's note
+            run_id = t.user_attrs["mlflow_run_id"]
+            note = get_note(optuna.Trial(s, t._trial_id))
+            assert f"MLflow run `{run_id}`" in note
+            if run_id in tagged:  # on the front: its model
+                registered = client.get_run(run_id).data.tags["registered_alias"]
+                assert "is on the Pareto front" in note and f"smoke@{registered}" in note
+            else:
+                assert "Pareto rank" in note
     sampled = [k for k in kids if "reference" not in k.data.tags]
     assert {t.number for t in done if "reference" not in t.user_attrs} == {
         int(k.data.tags["optuna_trial"]) for k in sampled

@@ -47,6 +47,44 @@ def test_the_table_is_for_people_rounded_with_load_uris_and_no_test_column():
     )
 
 
+def test_the_mlflow_table_links_each_run_and_registered_version():
+    from search.results import table
+
+    pts = [
+        _ranked("trial-6", 0.52333, 378410, 1, alias="macs-0p378m-7207b96c", version="4"),
+        _ranked("ref-dense", 0.99, 768394, 1, reference="dense"),
+    ]
+    objectives = [("val_accuracy", "max"), ("macs", "min")]
+    rows = table(pts, objectives, ["model.heads"], "smoke", experiment_id="7").splitlines()
+    assert rows[2] == (
+        f"| [trial-6](#/experiments/7/runs/{pts[0].run_id}) | 52.33% | 0.378 M | 0.087 M | 4 | "
+        "[`models:/smoke@macs-0p378m-7207b96c`](#/models/smoke/versions/4) |"
+    )
+    assert rows[3].startswith(f"| [ref-dense](#/experiments/7/runs/{pts[1].run_id}) |")
+    assert rows[3].endswith("| - |")  # not registered: nothing to link
+
+
+def test_a_registered_version_carries_only_the_settings_its_network_has(tmp_path):
+    from search.results import _describe_version
+    from search.tracking import Tracking
+
+    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")
+    tracking.client.create_registered_model("smoke")
+    version = tracking.client.create_model_version("smoke", str(tmp_path)).version
+    dense = _ranked("ref-dense", 0.99, 768394, 1)
+    dense.params = {"model.name": "resnet8", "model.heads": "None", "model.kwargs": "{}",
+                    "model.gate_factor": "null", "epochs": "2"}  # fmt: skip
+    _describe_version(tracking, "smoke", version, dense)
+    mv = tracking.client.get_model_version("smoke", version)
+    assert mv.tags == {
+        "val_accuracy": "0.99",
+        "macs": "768394",
+        "params": "87290",
+        "model.name": "resnet8",
+    }
+    assert "None" not in mv.description and "model.name=resnet8" in mv.description
+
+
 def test_the_plots_mark_references_and_stopped_trials(tmp_path):
     from search.plots import write_plots
 

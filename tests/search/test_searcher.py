@@ -110,18 +110,29 @@ def test_references_come_first_once_and_are_told_flagged_without_params(tmp_path
     assert [c["model"]["gate_factor"] for c in first[1:3]] == [0.25, 0.5]
     assert [c["tags"].get("reference") for c in first] == ["dense", "group-0.25", "group-0.5", None]
     # A resumed searcher (new object, same study) issues no reference again.
-    again = OptunaSearcher(s.exp, s.problem, s.ref)
+    again = OptunaSearcher(s.exp, s.problem, s.ref, run_of={"r1": "run-of-r1"}.get)
     assert "reference" not in again.suggest("y")["tags"]
     again.on_trial_complete("r1", {"epoch": 4, "val_accuracy": 0.9, "macs": 768394})
     again.on_trial_complete("r2", {"epoch": 2, "val_accuracy": 0.5, "macs": 203000})  # stopped
     again.on_trial_complete("r3", error=True)
     again.on_trial_complete("r1", {"epoch": 4, "val_accuracy": 0.9, "macs": 768394})  # twice
-    refs = {t.user_attrs["reference"]: t for t in again.study.trials if "reference" in t.user_attrs}
+    # Told to a study of their own: the searched study holds points of the space only.
+    assert not any("reference" in t.user_attrs for t in again.study.trials)
+    assert again.references.study_name == "s.references"
+    refs = {t.user_attrs["reference"]: t for t in again.references.trials}
     assert len(refs) == 3 and all(t.params == {} for t in refs.values())
     assert refs["dense"].state == optuna.trial.TrialState.COMPLETE
-    assert (
-        refs["dense"].values == [0.9, 768394] and refs["dense"].user_attrs["ray_trial_id"] == "r1"
-    )
+    assert refs["dense"].values == [0.9, 768394]
+    assert refs["dense"].user_attrs == {
+        "reference": "dense",
+        "ray_trial_id": "r1",
+        "label": "ref-dense",
+        "operator": "dense",
+        "mlflow_run_id": "run-of-r1",
+    }
+    assert refs["group-0.25"].user_attrs["label"] == "ref-group-0.25"
+    assert refs["group-0.25"].user_attrs["operator"] == "group"
+    assert "mlflow_run_id" not in refs["group-0.25"].user_attrs  # no run found: no link
     assert refs["group-0.25"].state == optuna.trial.TrialState.PRUNED
     assert refs["group-0.25"].user_attrs["stopped_at_epoch"] == 2
     assert refs["group-0.5"].state == optuna.trial.TrialState.FAIL
@@ -138,6 +149,24 @@ def test_a_stopped_trial_is_pruned_with_its_epoch(tmp_path):
     s.on_trial_complete("a", {"epoch": 1, "val_accuracy": 0.2, "macs": 400000})
     (t,) = s.study.trials
     assert t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["stopped_at_epoch"] == 1
+
+
+def test_a_trial_carries_its_label_operator_and_mlflow_run(tmp_path):
+    def run_of(trial_id: str) -> str:
+        if trial_id == "b":
+            raise ConnectionError("tracking server away")  # logged; the tell goes on
+        return f"run-of-{trial_id}"
+
+    s = _searcher(tmp_path, "trial.epochs=2")
+    s.run_of = run_of
+    s.suggest("a")
+    s.suggest("b")
+    s.on_trial_complete("a", {"epoch": 2, "val_accuracy": 0.5, "macs": 400000})
+    s.on_trial_complete("b", {"epoch": 2, "val_accuracy": 0.6, "macs": 300000})
+    a, b = s.study.trials
+    assert a.user_attrs["label"] == "trial-0" and a.user_attrs["operator"] == "dynamic"
+    assert a.user_attrs["mlflow_run_id"] == "run-of-a" and a.user_attrs["ray_trial_id"] == "a"
+    assert b.state == optuna.trial.TrialState.COMPLETE and "mlflow_run_id" not in b.user_attrs
 
 
 def test_tpe_learns_the_budget_from_pruned_over_budget_points(tmp_path):
