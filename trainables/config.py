@@ -97,6 +97,10 @@ class OptimParams(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     warmup_epochs: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    #: a low-lr fine-tune of the pruned network: where set, the lr restarts at this fraction
+    #: of ``lr`` when the gate ramp ends and decays by cosine to 0 over the rest of the run
+    #: (None: one schedule over the whole run).
+    finetune_lr: float | None = Field(None, gt=0, le=1)
     #: multistep: epochs at whose start the lr is multiplied by ``gamma``. Default, as the
     #: authors: the first epochs at or past 50% and 75% of the run (CIFAR), every 30 epochs
     #: on ImageNet.
@@ -109,6 +113,22 @@ class OptimParams(_Strict):
         if m is not None and (any(e < 1 for e in m) or any(b <= a for a, b in zip(m, m[1:]))):
             raise ValueError(f"milestones={m} must be strictly increasing epochs >= 1")
         return self
+
+
+class DistillParams(_Strict):
+    """Distillation from a dense teacher of the trial's family: the loss is ``(1 - weight) *
+    cross-entropy + weight * T^2 * KL(teacher || student)`` at temperature ``T`` (Hinton et
+    al. 2015), the teacher's logits computed on the same augmented batch, in eval mode and
+    without grad. weight 0 (the default): no teacher, today's loss.
+
+    ``teacher``: a checkpoint (``state.pt`` of a trial or of ``search train --out``) of the
+    family's dense network. None: the network this trial starts from, its own
+    ``pretrain_epochs`` network or the search's pretrained one (``init_from``).
+    """
+
+    weight: float = Field(0.0, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)
+    teacher: str | None = None
 
 
 class GateScheduleParams(_Strict):
@@ -167,6 +187,12 @@ class TrialConfig(_Strict):
     #: schedule and lr schedule span those). Other models train all ``epochs`` themselves: the
     #: same budget. A search can share one pretrained network instead (``pretrain:``).
     pretrain_epochs: int = Field(0, ge=0)
+    #: distillation from a dense teacher of the family (off by default).
+    distill: DistillParams = Field(default_factory=DistillParams)
+    #: after the last epoch, the BatchNorm statistics are measured again over this many
+    #: training batches (the network at its final sparsity, no gradient): the running
+    #: averages otherwise hold the pruning ramp's earlier networks too. 0: not done.
+    recalibrate_bn: int = Field(0, ge=0)
     #: measure batch-1 inference latency once per trial and report it (``latency_ms``).
     measure_latency: bool = False
     #: bookkeeping set by the search (e.g. the Optuna trial number); training ignores it.
@@ -181,6 +207,17 @@ class TrialConfig(_Strict):
             )
         if self.pretrain_epochs and self.init_from:
             raise ValueError("pretrain_epochs and init_from both choose the start; give one")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_known(self) -> TrialConfig:
+        d = self.distill
+        if d.weight > 0 and d.teacher is None and not (self.pretrain_epochs or self.init_from):
+            raise ValueError(
+                f"distill.weight={d.weight} needs a teacher: set distill.teacher to a checkpoint "
+                "of the family's dense network, or pretrain_epochs (the trial's own dense "
+                "network teaches), or init_from / the search's pretrain: (that network teaches)"
+            )
         return self
 
     @model_validator(mode="after")

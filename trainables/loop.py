@@ -15,6 +15,7 @@ from torch import nn
 
 import dgc
 from dgc.layers.schedule import PAPER
+from trainables.config import DistillParams
 from trainables.config import OptimParams
 
 
@@ -39,6 +40,11 @@ class Schedule:
 
     def lr(self, it: int) -> float:
         o, t = self.optim, it / self.total
+        ramp_end = self.gate_fractions[1]
+        if o.finetune_lr is not None and t >= ramp_end and ramp_end < 1:
+            # the low-lr fine-tune of the pruned network: a cosine from finetune_lr * lr
+            done = (t - ramp_end) / (1 - ramp_end)
+            return o.lr * o.finetune_lr * 0.5 * (1.0 + math.cos(math.pi * done))
         warm = o.warmup_epochs * self.iters_per_epoch
         factor = min(1.0, (it + 1) / warm) if warm > 0 else 1.0
         if o.schedule == "cosine":
@@ -94,6 +100,43 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+class Criterion:
+    """The training loss of a batch: cross-entropy (with the recipe's label smoothing), the
+    DGC layers' lasso term, and distillation from ``teacher`` (``DistillParams``): the teacher
+    sees the same augmented batch, in eval mode, without grad.
+
+    Args:
+        optim: the recipe's label smoothing and lasso weight.
+        teacher: the dense network that teaches, or None (the distillation weight is then 0).
+        distill: the distillation's weight and temperature.
+    """
+
+    def __init__(
+        self,
+        optim: OptimParams,
+        teacher: nn.Module | None = None,
+        distill: DistillParams | None = None,
+    ) -> None:
+        self.optim, self.teacher = optim, teacher
+        self.distill = distill if teacher is not None and distill is not None else None
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        logits = model(x)  # (B, classes)
+        o = self.optim
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=o.label_smoothing)
+        if self.distill is not None and self.distill.weight > 0:
+            assert self.teacher is not None
+            with torch.no_grad():
+                target = self.teacher(x).float()  # (B, classes)
+            w, t = self.distill.weight, self.distill.temperature
+            kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(target / t, 1),
+                          reduction="batchmean", log_target=True)  # fmt: skip
+            loss = (1 - w) * loss + w * t * t * kd
+        return loss + o.lasso * dgc.aux_loss(model).to(loss.device)
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -101,24 +144,23 @@ def train_one_epoch(
     schedule: Schedule,
     start_it: int,
     bf16: bool = True,
+    criterion: Criterion | None = None,
 ) -> EpochStats:
-    """One pass: per iteration, set the gate progress and the lr, step on CE + lasso."""
+    """One pass: per iteration, set the gate progress and the lr, step on the loss
+    (``criterion``; by default cross-entropy + lasso)."""
     model.train()
     t0, it, images = time.perf_counter(), start_it, 0
     device = next(model.parameters()).device
     check_every = 1 if device.type == "cpu" else 25  # a finiteness check syncs the GPU
     total = torch.zeros((), device=device)
     gate = schedule.gate
+    criterion = criterion or Criterion(schedule.optim)
     for x, y in batches:
         dgc.set_progress(model, schedule.progress(it), gate)
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(it)
         with autocast(device, bf16):
-            logits = model(x)  # (B, classes)
-            loss = F.cross_entropy(
-                logits.float(), y, label_smoothing=schedule.optim.label_smoothing
-            )
-            loss = loss + schedule.optim.lasso * dgc.aux_loss(model).to(loss.device)
+            loss = criterion(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -144,6 +186,26 @@ def _check_finite(total: Tensor, it: int, lr: float) -> None:
             "stopped rather than reported. Lower optim.lr, add optim.warmup_epochs, or check "
             "the data normalisation"
         )
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], count: int) -> int:
+    """Measure every BatchNorm's running statistics again, as the plain average over ``count``
+    training batches of the network as it now is (training mode, no gradient); returns the
+    batches used. The momentum averages otherwise still hold the earlier networks of the
+    pruning ramp."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    used = 0
+    for (x, _), used in zip(batches, range(1, count + 1)):
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return used
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ from torch import nn
 
 import dgc
 from trainables import metrics as M
+from trainables.config import DistillParams
 from trainables.config import GateScheduleParams
 from trainables.config import TrialConfig
 from trainables.data import DeviceLoader
@@ -25,9 +26,11 @@ from trainables.data import Split
 from trainables.data import Splits
 from trainables.data import imagenet_loaders
 from trainables.data import load_splits
+from trainables.loop import Criterion
 from trainables.loop import Schedule
 from trainables.loop import evaluate
 from trainables.loop import make_optimizer
+from trainables.loop import recalibrate_bn
 from trainables.loop import train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -174,12 +177,15 @@ def run_trial(
     schedule = Schedule(
         cfg.optim, len(data.train), own, cfg.data.dataset, cfg.gate_schedule.fractions(own)
     )
+    dense: dict[str, Any] | None = None  # the trial's own pretrained dense network
     if pre and not resume:
-        pretrain_dense(cfg, model, splits, threads)
+        dense = pretrain_dense(cfg, model, splits, threads)
     elif cfg.init_from and not resume:
         init_weights_from(model, cfg.init_from)
+    teacher = build_teacher(cfg, data, device, dense if not resume else resume.get("teacher"))
     start_epoch = restore(resume, model, optimizer) if resume else pre
     step_model = torch.compile(model) if cfg.compile else model
+    criterion = Criterion(cfg.optim, teacher, cfg.distill)
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
@@ -190,7 +196,11 @@ def run_trial(
             schedule,
             (epoch - pre) * len(data.train),
             cfg.bf16,
+            criterion,
         )
+        last = epoch + 1 == cfg.epochs
+        if last and cfg.recalibrate_bn:
+            recalibrate_bn(model, data.train.epoch(gen), cfg.recalibrate_bn)
         val_acc, val_loss = evaluate(step_model, data.val.epoch(), cfg.bf16)
         metrics = {
             M.EPOCH: epoch + 1,
@@ -206,22 +216,51 @@ def run_trial(
         if latency is not None:
             metrics[M.LATENCY_MS] = latency
         metrics.update(realised_cost(model, cost, data.input_size))
-        last = epoch + 1 == cfg.epochs
         if last:
             metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(
                 step_model, data.test.epoch(), cfg.bf16
             )
         due = last or (epoch + 1) % cfg.checkpoint_every == 0
-        reporter.report(
-            metrics, checkpoint_state(model, optimizer, epoch + 1, stats, cfg) if due else None
-        )
+        state = checkpoint_state(model, optimizer, epoch + 1, stats, cfg) if due else None
+        if state is not None and teacher is not None and teaches(cfg):
+            state["teacher"] = teacher.state_dict()  # the trial's own: kept for a resume
+        reporter.report(metrics, state)
     return metrics
 
 
 def pretrain_epochs(cfg: TrialConfig) -> int:
-    """The epochs of ``cfg`` that train the dense network first (DGC and SG-CNN models, whose
-    kernels have the dense conv's shape; the others train every epoch themselves)."""
-    return cfg.pretrain_epochs if dgc.model_kind(cfg.model.name) in PRETRAINED_KINDS else 0
+    """The epochs of ``cfg`` that train the dense network first: for DGC and SG-CNN models,
+    whose kernels have the dense conv's shape, as their start; for any model whose teacher it
+    is (``distill`` without a teacher of its own). The others train every epoch themselves."""
+    warm = dgc.model_kind(cfg.model.name) in PRETRAINED_KINDS
+    return cfg.pretrain_epochs if warm or teaches(cfg) else 0
+
+
+def teaches(cfg: TrialConfig) -> bool:
+    """Whether the trial's own pretrained dense network is its distillation teacher."""
+    d = cfg.distill
+    return d.weight > 0 and d.teacher is None and not cfg.init_from and cfg.pretrain_epochs > 0
+
+
+def build_teacher(
+    cfg: TrialConfig, data: Loaders, device: torch.device, state: dict[str, Any] | None
+) -> nn.Module | None:
+    """The dense teacher of ``cfg.distill`` (None: no distillation), in eval mode: from
+    ``state`` (a checkpoint state of the trial's own pretrained network), else from the
+    checkpoint file ``distill.teacher`` or, failing that, ``init_from``."""
+    d = cfg.distill
+    if d.weight == 0:
+        return None
+    dense_cfg = cfg.model_copy(
+        update={"model": cfg.model.variant(dgc.variant_of(cfg.model.name, "dense"))}
+    )
+    teacher = build_model(dense_cfg, data.num_classes, data.input_size[0])
+    path = d.teacher or cfg.init_from
+    weights = state if state is not None else load_state(path) if path else None
+    if weights is None:
+        raise ValueError("distill: no teacher to load (checked when the config is validated)")
+    teacher.load_state_dict(weights.get("model", weights))
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 #: operators that can start from their family's dense network (``dgc.load_dense_weights``)
@@ -230,9 +269,10 @@ PRETRAINED_KINDS = ("dynamic", "selfgroup")
 
 def pretrain_dense(
     cfg: TrialConfig, model: nn.Module, splits: Splits | None, threads: int | None
-) -> None:
-    """Train the family's dense network for ``cfg.pretrain_epochs`` epochs by the same recipe
-    and start ``model`` from it (``dgc.load_dense_weights``)."""
+) -> dict[str, Any]:
+    """Train the family's dense network for ``cfg.pretrain_epochs`` epochs by the same recipe,
+    start ``model`` from it (``dgc.load_dense_weights``) where its kind can, and return the
+    dense network's checkpoint state (its teacher, where ``cfg`` distils)."""
 
     class Last:
         def __init__(self) -> None:
@@ -247,7 +287,9 @@ def pretrain_dense(
     last = Last()
     log.info("pretraining %s for %d epochs", dense.model.name, dense.epochs)
     run_trial(dense, last, splits=splits, threads=threads)
-    dgc.load_dense_weights(model, last.state["model"])
+    if dgc.model_kind(cfg.model.name) in PRETRAINED_KINDS:
+        dgc.load_dense_weights(model, last.state["model"])
+    return last.state
 
 
 def dense_start_config(cfg: TrialConfig, epochs: int) -> TrialConfig:
@@ -255,7 +297,8 @@ def dense_start_config(cfg: TrialConfig, epochs: int) -> TrialConfig:
     ``epochs`` epochs, with no start of its own and no gate schedule (it has no gates)."""
     dense = cfg.model.variant(dgc.variant_of(cfg.model.name, "dense"))
     update = {"model": dense, "epochs": epochs, "pretrain_epochs": 0, "init_from": None,
-              "measure_latency": False, "gate_schedule": GateScheduleParams()}  # fmt: skip
+              "measure_latency": False, "gate_schedule": GateScheduleParams(),
+              "distill": DistillParams(), "recalibrate_bn": 0}  # fmt: skip
     return TrialConfig.model_validate(cfg.model_copy(update=update).model_dump())
 
 

@@ -72,6 +72,10 @@ class DgcOptions:
         gate_shortcut: the 1x1 projection shortcuts are DGC layers too (paper) or dense.
         saliency: kept channels scaled by their saliency ("scale", paper) or a binary mask
             ("mask", straight-through gradient to the saliency generators).
+        gate_init: the scale of the saliency generators' initial fc2 weights relative to
+            Kaiming's (1.0, the paper: untrained saliencies spread about 1 +- 0.7, some zero);
+            small values (0.1) start every saliency near 1, so that an untrained gate neither
+            scales nor zeroes the signal, while still ranking the channels.
         double_norm: a DGC layer in a block that already normalises its input (ResNet) adds
             its own BN-ReLU (paper: the input is normalised twice) or uses the block's only.
     """
@@ -79,6 +83,7 @@ class DgcOptions:
     gate_shortcut: bool = True
     saliency: str = "scale"
     double_norm: bool = True
+    gate_init: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,7 @@ class ConvFactory:
                 gate_factor=self.gate_factor[stage],
                 saliency=o.saliency,
                 norm=preact or o.double_norm,
+                gate_init=o.gate_init,
                 name=name,
             )
         if self.kind != "group":  # dense, or the shortcut of an operator that leaves it dense
@@ -195,6 +201,7 @@ def make_conv_factory(
     gate_shortcut: bool = True,
     saliency: str = "scale",
     double_norm: bool = True,
+    gate_init: float = 1.0,
     **operator: object,
 ) -> ConvFactory:
     """Validate the kind and expand per-stage settings into a ``ConvFactory``. The three
@@ -222,7 +229,7 @@ def make_conv_factory(
         per_stage("heads", heads, num_stages),
         per_stage("gate_factor", gate_factor, num_stages),
         per_stage("squeeze_rate", squeeze_rate, num_stages),
-        DgcOptions(gate_shortcut, saliency, double_norm),
+        DgcOptions(gate_shortcut, saliency, double_norm, gate_init),
         OperatorSettings(
             per_stage("compression", o.pop("compression", 0.5), num_stages),  # type: ignore[arg-type]
             per_stage("sg_groups", o.pop("sg_groups", 16), num_stages),  # type: ignore[arg-type]

@@ -91,6 +91,7 @@ class DynamicGroupConv2d(nn.Module, FusesEpilogue):
             straight-through gradient).
         norm: the layer's own BN-ReLU before the gate (the paper); False where the network
             already normalises the input (the block's BN-ReLU is then the only one).
+        gate_init: the scale of the generators' initial fc2 weights (``SaliencyGate``).
         name: layer name used in error messages.
     """
 
@@ -113,10 +114,13 @@ class DynamicGroupConv2d(nn.Module, FusesEpilogue):
         impl: str = "auto",
         saliency: str = "scale",
         norm: bool = True,
+        gate_init: float = 1.0,
         name: str = "DynamicGroupConv2d",
     ) -> None:
         super().__init__()
         _validate(name, in_channels, out_channels, heads, squeeze_rate, gate_factor)
+        if not gate_init > 0:
+            raise ValueError(f"{name}: gate_init={gate_init!r} must be > 0 (1: the paper's)")
         _validate_choice(name, "impl", impl, IMPLS)
         _validate_choice(name, "saliency", saliency, SALIENCY_MODES)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -126,7 +130,7 @@ class DynamicGroupConv2d(nn.Module, FusesEpilogue):
         self.norm = nn.BatchNorm2d(in_channels) if norm else nn.Identity()
         self.act = nn.ReLU(inplace=True) if norm else nn.Identity()
         hidden = in_channels // effective_squeeze(in_channels, squeeze_rate)
-        self.gate = SaliencyGate(in_channels, heads, hidden)
+        self.gate = SaliencyGate(in_channels, heads, hidden, gate_init)
         # Rows [i*O/h, (i+1)*O/h) are head i's dense kernel over all C input channels.
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         # Persistent (saved in checkpoints). Its host-side mirror ``n_inactive`` gives forward a

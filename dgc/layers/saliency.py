@@ -27,11 +27,14 @@ class SaliencyGate(nn.Module):
         channels: input channels C.
         heads: number of heads h.
         hidden: hidden width r = C // s'.
+        init_scale: fc2's initial weights are Kaiming's times this (1: the paper's; below 1
+            the untrained saliencies spread less about 1).
     """
 
-    def __init__(self, channels: int, heads: int, hidden: int) -> None:
+    def __init__(self, channels: int, heads: int, hidden: int, init_scale: float = 1.0) -> None:
         super().__init__()
         self.channels, self.heads, self.hidden = channels, heads, hidden
+        self.init_scale = init_scale
         self.fc1_weight = nn.Parameter(torch.empty(heads, hidden, channels))
         self.fc2_weight = nn.Parameter(torch.empty(heads, channels, hidden))
         self.fc2_bias = nn.Parameter(torch.empty(heads, channels))
@@ -40,7 +43,7 @@ class SaliencyGate(nn.Module):
     def reset_parameters(self) -> None:
         # Kaiming-normal with fan_in, as nn.init.kaiming_normal_ does for each head's Linear.
         nn.init.normal_(self.fc1_weight, 0.0, math.sqrt(2.0 / self.channels))
-        nn.init.normal_(self.fc2_weight, 0.0, math.sqrt(2.0 / self.hidden))
+        nn.init.normal_(self.fc2_weight, 0.0, self.init_scale * math.sqrt(2.0 / self.hidden))
         nn.init.constant_(self.fc2_bias, 1.0)
 
     def forward(self, z: Tensor, scale: float = 1.0) -> Tensor:

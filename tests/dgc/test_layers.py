@@ -216,3 +216,25 @@ def test_saliency_and_selection_stay_float32_under_bf16_autocast(training):
             layer(x)
     assert seen[1].dtype == torch.float32
     assert torch.equal(seen[0], seen[1])  # same saliencies, hence the same kept channels
+
+
+def test_gate_init_defaults_to_the_papers_and_a_smaller_one_only_narrows_the_saliencies():
+    torch.manual_seed(0)
+    paper = DynamicGroupConv2d(32, 32, 3, padding=1)
+    torch.manual_seed(0)
+    explicit = DynamicGroupConv2d(32, 32, 3, padding=1, gate_init=1.0)
+    torch.manual_seed(0)
+    narrow = DynamicGroupConv2d(32, 32, 3, padding=1, gate_init=0.1)
+    a, b, c = paper.state_dict(), explicit.state_dict(), narrow.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the default is today's network
+    for k in a:  # the same draws; only fc2's weights are scaled
+        if k == "gate.fc2_weight":
+            torch.testing.assert_close(c[k], 0.1 * a[k])
+        else:
+            assert torch.equal(a[k], c[k]), k
+    z = torch.rand(16, 32)
+    wide, tight = paper.gate(z), narrow.gate(z)
+    assert (wide == 0).any() and (tight > 0).all()  # the paper's cuts some at init, not this
+    assert (tight - 1).abs().mean() < 0.2 * (wide - 1).abs().mean()  # near 1
+    with pytest.raises(ValueError, match="gate_init=0"):
+        DynamicGroupConv2d(32, 32, 3, gate_init=0.0)

@@ -6,38 +6,16 @@ import pytest
 import torch
 
 import dgc
-from trainables import metrics as M
+from dgc.layers.dgc_kernels import DgcKernels
+from trainables.config import DistillParams
 from trainables.config import OptimParams
 from trainables.config import TrialConfig
+from trainables.loop import Criterion
 from trainables.loop import NonFiniteLossError
 from trainables.loop import Schedule
 from trainables.loop import make_optimizer
+from trainables.loop import recalibrate_bn
 from trainables.loop import train_one_epoch
-from trainables.runner import load_state
-from trainables.runner import measure_latency
-from trainables.runner import run_trial
-from trainables.runner import save_state
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.metrics, self.states = [], []
-
-    def report(self, metrics, state):
-        self.metrics.append(metrics)
-        self.states.append(state)
-
-
-def _cfg(**kw) -> TrialConfig:
-    base = {
-        "epochs": 3,
-        "seed": 7,
-        "model": {"name": "dyresnet8", "gate_factor": 0.5},
-        "optim": {"lr": 0.05},
-        "data": {"batch_size": 64, "val_size": 300},
-    }
-    base.update(kw)
-    return TrialConfig.model_validate(base)
 
 
 def test_schedule_is_per_iteration_cosine_and_progress():
@@ -82,85 +60,12 @@ def test_gate_schedule_advances_every_iteration():
     assert stats.iteration == 12 and stats.progress == 1.0
 
 
-def test_tiny_dgc_network_learns_digits():
-    out = Collect()
-    final = run_trial(_cfg(epochs=4), out)
-    assert [m[M.EPOCH] for m in out.metrics] == [1, 2, 3, 4]
-    assert final[M.VAL_ACCURACY] > 0.6  # chance is 0.1
-    assert M.TEST_ACCURACY in final and M.TEST_ACCURACY not in out.metrics[0]
-    for m in out.metrics:  # every report carries the objectives
-        assert m[M.MACS] > 0 and m[M.PARAMS] > 0 and m[M.IMAGES_PER_S] > 0
-    assert out.metrics[-1][M.GATE_PROGRESS] == 1.0
-
-
-@pytest.fixture
-def deterministic():
-    """Two runs compared bit for bit: each layer's kernel choice is timed per instance unless
-    deterministic algorithms are asked for (dgc.layers.kernel_choice)."""
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
-def test_resume_from_checkpoint_ends_with_identical_weights(tmp_path, deterministic):
-    full = Collect()
-    run_trial(_cfg(), full)
-
-    class Interrupt(Collect):
-        def report(self, metrics, state):
-            super().report(metrics, state)
-            if metrics[M.EPOCH] == 2:
-                save_state(state, tmp_path / "state.pt")
-                raise KeyboardInterrupt  # the driver dies here
-
-    with pytest.raises(KeyboardInterrupt):
-        run_trial(_cfg(), Interrupt())
-    resumed = Collect()
-    run_trial(_cfg(), resumed, resume=load_state(tmp_path / "state.pt"))
-    assert [m[M.EPOCH] for m in resumed.metrics] == [3]
-    a, b = full.states[-1]["model"], resumed.states[-1]["model"]
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert full.metrics[-1][M.VAL_ACCURACY] == resumed.metrics[-1][M.VAL_ACCURACY]
-
-
-def test_checkpoint_interval_and_weights_only_loading(tmp_path):
-    out = Collect()
-    run_trial(_cfg(checkpoint_every=2), out)
-    assert [s is not None for s in out.states] == [False, True, True]  # every 2 and the end
-    save_state(out.states[-1], tmp_path / "s.pt")
-    state = load_state(tmp_path / "s.pt")  # weights_only=True
-    assert state["epoch"] == 3 and state["config"]["model"]["name"] == "dyresnet8"
-
-
 def test_nan_loss_stops_with_a_clear_error():
     model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1)
     batches = [(torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))]
     sched = Schedule(OptimParams(), 1, 1)
     with pytest.raises(NonFiniteLossError, match=r"training loss became nan by iteration 1"):
         train_one_epoch(model, batches, make_optimizer(model, sched.optim), sched, 0)
-
-
-def test_latency_is_measured_once_and_carried_by_every_report():
-    out = Collect()
-    run_trial(_cfg(epochs=2, measure_latency=True), out)
-    latencies = {m[M.LATENCY_MS] for m in out.metrics}
-    assert len(latencies) == 1 and latencies.pop() > 0
-
-
-def test_latency_is_timed_on_a_sealed_copy_and_leaves_the_trained_model_as_it_was(monkeypatch):
-    from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
-    from dgc.program import seal
-
-    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
-    sealed = []  # the real seal, noting what it was given
-    monkeypatch.setattr(dgc.program, "seal", lambda m: sealed.append(m) or seal(m))
-    assert measure_latency(model, (1, 8, 8), torch.device("cpu"), runs=3) > 0
-    (probe,) = sealed
-    assert probe is not model and not probe.training
-    assert all(m.sealed for m in probe.modules() if isinstance(m, DynamicGroupConv2d))
-    layers = [m for m in model.modules() if isinstance(m, DynamicGroupConv2d)]
-    assert model.training and not any(m.sealed or m.n_inactive for m in layers)
 
 
 def test_custom_gate_schedule_reaches_target_at_its_breakpoint_and_eval_sees_it():
@@ -220,69 +125,71 @@ def test_bad_gate_schedules_are_refused(gate, match):
         dgc.GateSchedule(0.5, 0.25)
 
 
-def test_a_trial_starts_from_the_dense_checkpoint_it_is_given(tmp_path):
-    from dgc.ops import _head_major
-
-    dense = dgc.create_model("resnet8", num_classes=10, in_chans=1)
-    save_state({"model": dense.state_dict()}, tmp_path / "dense.pt")
-    out = Collect()
-    # lr so small that one epoch leaves the weights where they started
-    cfg = _cfg(
-        epochs=1,
-        init_from=str(tmp_path / "dense.pt"),
-        optim={"lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0},
-    )
-    run_trial(cfg, out)
-    start = out.states[-1]["model"]
-    layer = dgc.create_model("dyresnet8", num_classes=10, in_chans=1).stages[0][0].conv1
-    torch.testing.assert_close(
-        start["stages.0.0.conv1.weight"], _head_major(dense.stages[0][0].conv1.weight, layer.heads)
-    )
-    torch.testing.assert_close(start["fc.weight"], dense.fc.weight)
-    bad = _cfg(model={"name": "gcresnet8"}, init_from=str(tmp_path / "dense.pt"))
-    with pytest.raises(ValueError, match=r"init_from=.*dense.pt: .* other shapes"):
-        run_trial(bad, Collect())
+def test_finetune_lr_restarts_low_at_the_ramp_end_and_decays_to_zero():
+    optim = OptimParams(lr=0.1, finetune_lr=0.2)
+    sched = Schedule(optim, 10, 10, gate_fractions=(0.1, 0.5))  # the ramp ends at it=50
+    plain = Schedule(OptimParams(lr=0.1), 10, 10, gate_fractions=(0.1, 0.5))
+    assert [sched.lr(i) for i in range(50)] == [plain.lr(i) for i in range(50)]
+    assert sched.lr(50) == pytest.approx(0.02)  # 0.2 * lr, then cosine over the last 50
+    assert sched.lr(75) == pytest.approx(0.01)
+    assert sched.lr(99) == pytest.approx(0.02 * 0.5 * (1 + math.cos(math.pi * 49 / 50)))
+    assert all(sched.lr(i) >= sched.lr(i + 1) for i in range(50, 99))
 
 
-def test_pretrain_epochs_train_the_dense_network_first_within_the_budget(caplog):
-    import logging
-
-    out = Collect()
-    with caplog.at_level(logging.INFO, logger="trainables.runner"):
-        final = run_trial(_cfg(epochs=3, pretrain_epochs=1), out)
-    assert "pretraining resnet8 for 1 epochs" in caplog.text
-    assert [m[M.EPOCH] for m in out.metrics] == [2, 3]  # DGC's own epochs, counted in the 3
-    assert out.metrics[-1][M.GATE_PROGRESS] == 1.0 and final[M.MACS] == 414330
-    # The static baseline has no dense start: it trains the whole budget itself.
-    gc = Collect()
-    run_trial(_cfg(epochs=3, pretrain_epochs=1, model={"name": "gcresnet8"}), gc)
-    assert [m[M.EPOCH] for m in gc.metrics] == [1, 2, 3]
+def _digits_batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+            for _ in range(n)]  # fmt: skip
 
 
-def test_a_resumed_pretrained_trial_does_not_pretrain_again(caplog, tmp_path):
-    import logging
-
-    class Snapshot(Collect):  # a state_dict holds live tensors: save it when it is reported
-        def report(self, metrics, state):
-            super().report(metrics, state)
-            if metrics[M.EPOCH] == 2:
-                save_state(state, tmp_path / "state.pt")
-
-    first = Snapshot()
-    run_trial(_cfg(epochs=3, pretrain_epochs=1), first)
-    state = load_state(tmp_path / "state.pt")  # after epoch 2
-    assert any(state["kernels"].values())  # the timed kernel choices, resumed as they were
-    again = Collect()
-    with caplog.at_level(logging.INFO, logger="trainables.runner"):
-        final = run_trial(_cfg(epochs=3, pretrain_epochs=1), again, resume=state)
-    assert "pretraining" not in caplog.text and [m[M.EPOCH] for m in again.metrics] == [3]
-    assert final[M.VAL_ACCURACY] == first.metrics[-1][M.VAL_ACCURACY]
+def _step_weights(criterion: Criterion | None, teacher: torch.nn.Module | None = None) -> dict:
+    torch.manual_seed(0)
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.5)
+    for layer in dgc.dgc_layers(model):
+        layer.kernels = DgcKernels(prefer="fold")  # comparable bit for bit
+    sched = Schedule(OptimParams(lr=0.05), 3, 1)
+    train_one_epoch(model, _digits_batches(), make_optimizer(model, sched.optim), sched, 0,
+                    criterion=criterion)  # fmt: skip
+    return model.state_dict()
 
 
-def test_pretrain_epochs_must_leave_epochs_to_train():
-    with pytest.raises(ValueError, match="pretrain_epochs=3 leaves no epoch of epochs=3"):
-        _cfg(epochs=3, pretrain_epochs=3)
-    with pytest.raises(
-        ValueError, match=r"ramp_end=3.0 epochs is past the end .*pretrain_epochs=1"
-    ):
-        _cfg(epochs=3, pretrain_epochs=1, gate_schedule={"ramp_end": 3, "unit": "epochs"})
+def test_distillation_at_weight_zero_trains_exactly_as_without_a_teacher():
+    teacher = dgc.create_model("resnet8", num_classes=10, in_chans=1)
+    plain = _step_weights(None)
+    zero = _step_weights(Criterion(OptimParams(lr=0.05), teacher, DistillParams(weight=0.0)))
+    assert plain.keys() == zero.keys() and all(torch.equal(plain[k], zero[k]) for k in plain)
+    half = _step_weights(Criterion(OptimParams(lr=0.05), teacher, DistillParams(weight=0.5)))
+    assert not all(torch.equal(plain[k], half[k]) for k in plain)  # the teacher does teach
+
+
+def test_the_teacher_runs_in_eval_without_grad_and_is_never_updated():
+    teacher = dgc.create_model("resnet8", num_classes=10, in_chans=1).train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = []
+    teacher.register_forward_hook(lambda m, i, o: seen.append((m.training, o.requires_grad)))
+    _step_weights(Criterion(OptimParams(lr=0.05), teacher, DistillParams(weight=0.5)))
+    assert seen == [(False, False)] * 3  # every batch, in eval, no graph
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # BN too
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_distilling_from_a_copy_of_itself_adds_nothing_to_the_loss():
+    model = dgc.create_model("resnet8", num_classes=10, in_chans=1).eval()
+    twin = dgc.create_model("resnet8", num_classes=10, in_chans=1)
+    twin.load_state_dict(model.state_dict())
+    x, y = _digits_batches(1)[0]
+    plain = Criterion(OptimParams(lasso=0.0))(model, x, y)
+    kd = Criterion(OptimParams(lasso=0.0), twin, DistillParams(weight=1.0, temperature=3.0))
+    assert float(kd(model, x, y)) == pytest.approx(0.0, abs=1e-6)  # KL of equal logits
+    half = Criterion(OptimParams(lasso=0.0), twin, DistillParams(weight=0.5))(model, x, y)
+    assert float(half) == pytest.approx(0.5 * float(plain), rel=1e-5)
+
+
+def test_recalibrated_batchnorm_holds_the_plain_average_of_the_batches_statistics():
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    model[0].running_mean.fill_(5.0)  # stale statistics of an earlier network
+    batches = [(torch.randn(4, 3, 5, 5) + i, torch.zeros(4)) for i in range(3)]
+    assert recalibrate_bn(model, iter(batches), 2) == 2
+    expected = torch.stack([x.mean((0, 2, 3)) for x, _ in batches[:2]]).mean(0)
+    torch.testing.assert_close(model[0].running_mean, expected)
+    assert model[0].momentum == 0.1  # restored
