@@ -10,6 +10,10 @@ execute and keep for backward:
   memory is one input, not ``heads`` of them.
 * ``GatheredGroupConv``: the kept channels only (the MACs the paper counts), by the
   batch-folded grouped conv or, on the CPU, the native kernels (``dgc.layers.native``).
+* ``FoldedGroupConv``: each sample's kept saliencies folded into its own copy of the weight
+  (zeros for the pruned channels), in the layer's output order: one batched matmul for a 1x1
+  layer, one conv with groups = batch otherwise (dense MACs, wide groups). Its backward
+  reduces the per-sample weight gradients over the batch: no scatter, no atomics.
 """
 
 from __future__ import annotations
@@ -35,14 +39,17 @@ class GatedGroupConv(torch.autograd.Function):
     def forward(ctx, x, sal, weight, stride, padding, dilation):  # type: ignore[override]
         ctx.conv_args = (stride, padding, dilation, sal.shape[1])
         ctx.save_for_backward(x, sal, weight)
-        return gated_conv(x, sal, weight, stride, padding, dilation)  # gated input freed here
+        same = x.dtype == sal.dtype
+        dtype = x.dtype if same else torch.promote_types(x.dtype, sal.dtype)
+        gated = _gate_into(x, sal, dtype)  # (B, h*C, H, W), freed here
+        return F.conv2d(gated, weight, None, stride, padding, dilation, sal.shape[1])
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, sal, weight = ctx.saved_tensors
         stride, padding, dilation, heads = ctx.conv_args
         dtype = grad_out.dtype
-        gated = _gate(x, sal).to(dtype)  # (B, h*C, H, W)
+        gated = _gate_into(x, sal, dtype)  # (B, h*C, H, W)
         need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         g_in, g_w = _conv_backward(
             grad_out,
@@ -99,6 +106,95 @@ class GatheredGroupConv(torch.autograd.Function):
         args = (ctx.conv_args, ctx.weight_shape, ctx.native_backward)
         grad_x, grad_scale, grad_w = gathered_backward(x, scale, rows, index, grad_out, *args)
         return grad_x, grad_scale, grad_w, None, None, None, None, None, None
+
+
+class FoldedGroupConv(torch.autograd.Function):
+    """The convolution with per-sample folded weights ``W_eff[b] = W_il * s[b]``: ``W_il`` the
+    weight with its rows in the layer's (interleaved) output order, ``s[b]`` the kept
+    saliencies of sample b broadcast over each head's outputs. ``W_eff`` (B x weight) is
+    rebuilt in backward, not saved. args: (stride, padding, dilation)."""
+
+    @staticmethod
+    def forward(ctx, x, sal, weight, stride, padding, dilation):  # type: ignore[override]
+        ctx.conv_args = (stride, padding, dilation)
+        ctx.save_for_backward(x, sal, weight)
+        w_eff = _folded_weight(weight, sal)  # (B, O, C, k, k)
+        return _folded_conv(x, w_eff, ctx.conv_args)  # (B, O, H', W'), the layer's order
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, sal, weight = ctx.saved_tensors
+        b, heads, c = sal.shape
+        w_il = _interleaved(weight, heads)  # (O, C, k, k)
+        m = sal.repeat(1, weight.shape[0] // heads, 1)[..., None, None]  # (B, O, C, 1, 1)
+        w_eff = (w_il * m).to(grad_out.dtype)
+        grad_x, g_eff = _folded_conv_backward(grad_out, x.to(grad_out.dtype), w_eff, ctx.conv_args)
+        grad_w = grad_s = None
+        if ctx.needs_input_grad[2]:  # (O, C, k, k), back in head-major row order
+            grad_w = _head_major_rows((g_eff * m).sum(0), heads).to(weight.dtype)
+        if ctx.needs_input_grad[1]:  # (B, O, C) -> each head's outputs summed: (B, h, C)
+            g_m = (g_eff * w_il).sum((3, 4))
+            grad_s = g_m.view(b, -1, heads, c).sum(1).to(sal.dtype)
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_s, grad_w, None, None, None
+
+
+def _interleaved(weight: Tensor, heads: int) -> Tensor:
+    """The weight's rows in the layer's output order: row j*h + i is head i's output j."""
+    o = weight.shape[0]
+    return weight.view(heads, o // heads, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
+
+
+def _head_major_rows(w: Tensor, heads: int) -> Tensor:
+    """The inverse of ``_interleaved``."""
+    o = w.shape[0]
+    return w.view(o // heads, heads, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+
+
+def _folded_weight(weight: Tensor, sal: Tensor) -> Tensor:
+    """(B, O, C, k, k): each sample's kept saliencies (B, h, C) times the interleaved weight."""
+    heads = sal.shape[1]
+    m = sal.repeat(1, weight.shape[0] // heads, 1)  # (B, O, C): row o is head o % h's
+    return _interleaved(weight, heads) * m[..., None, None].to(weight.dtype)
+
+
+def _folded_conv(x: Tensor, w_eff: Tensor, conv: tuple[int, int, int]) -> Tensor:
+    """x (B, C, H, W) convolved with each sample's own weight w_eff[b]: (B, O, H', W')."""
+    stride, padding, dilation = conv
+    b, o, c, k = w_eff.shape[:4]
+    w_eff = w_eff.to(x.dtype)
+    if k == 1 and padding == 0:  # one batched matmul over (sample)
+        xs = x[:, :, ::stride, ::stride] if stride > 1 else x
+        y = torch.bmm(w_eff.view(b, o, c), xs.reshape(b, c, -1))  # (B, O, H'W')
+        return y.view(b, o, xs.shape[2], xs.shape[3])
+    y = F.conv2d(x.reshape(1, b * c, *x.shape[2:]), w_eff.reshape(b * o, c, k, k), None,
+                 stride, padding, dilation, b)  # fmt: skip
+    return y.view(b, o, y.shape[2], y.shape[3])
+
+
+def _folded_conv_backward(
+    grad_out: Tensor, x: Tensor, w_eff: Tensor, conv: tuple[int, int, int]
+) -> tuple[Tensor, Tensor]:
+    """(grad of x, grad of w_eff) of ``_folded_conv``."""
+    stride, padding, dilation = conv
+    b, o, c, k = w_eff.shape[:4]
+    if k == 1 and padding == 0:
+        xs = x[:, :, ::stride, ::stride] if stride > 1 else x
+        g = grad_out.reshape(b, o, -1)  # (B, O, H'W')
+        g_eff = torch.bmm(g, xs.reshape(b, c, -1).transpose(1, 2))  # (B, O, C)
+        g_xs = torch.bmm(w_eff.view(b, o, c).transpose(1, 2), g).view(xs.shape)  # (B, C, H', W')
+        if stride == 1:
+            return g_xs, g_eff.view(w_eff.shape)
+        grad_x = x.new_zeros(x.shape)
+        grad_x[:, :, ::stride, ::stride] = g_xs
+        return grad_x, g_eff.view(w_eff.shape)
+    g_in, g_w = _conv_backward(
+        grad_out.reshape(1, b * o, *grad_out.shape[2:]), x.reshape(1, b * c, *x.shape[2:]),
+        w_eff.reshape(b * o, c, k, k), conv, b, (True, True),
+    )  # fmt: skip
+    assert g_in is not None and g_w is not None
+    return g_in.view(x.shape), g_w.view(w_eff.shape)
 
 
 def gathered_backward(
@@ -218,6 +314,15 @@ def _conv_backward(
 def _gate(x: Tensor, sal: Tensor) -> Tensor:
     b, c, h, w = x.shape
     return (x.unsqueeze(1) * sal[..., None, None]).reshape(b, -1, h, w)  # (B, heads*C, H, W)
+
+
+def _gate_into(x: Tensor, sal: Tensor, dtype: torch.dtype) -> Tensor:
+    """``_gate`` written contiguous by one multiply (no autograd): a broadcast product left to
+    choose its own layout comes out head-minor, and the reshape copied it once more."""
+    b, c, h, w = x.shape
+    out = torch.empty(b, sal.shape[1], c, h, w, dtype=dtype, device=x.device)
+    torch.mul(x.unsqueeze(1), sal[..., None, None], out=out)
+    return out.view(b, -1, h, w)  # (B, heads*C, H, W)
 
 
 def _pair(v: int | tuple[int, int]) -> list[int]:

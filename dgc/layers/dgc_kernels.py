@@ -7,10 +7,16 @@ every device; it settles each input shape's kernel by measured time, once, like
 ``torch.backends.cudnn.benchmark`` (``KernelChoice``), and a checkpoint carries the choices
 (``dgc.kernel_choices``).
 
-Training (grad enabled): where at most ``GATHER_MAX_KEPT`` of the channels are kept, the
-gathered conv (``GatheredGroupConv``): its forward by the batch-folded grouped conv or the
-native kernel, its backward by the grouped conv's or the native gradients, each timed per shape
-(CPU, float32); elsewhere the gated full-width conv (``GatedGroupConv``).
+Training (grad enabled): the fastest of three formulations for the input shape and kept
+fraction, on every device (forward and backward timed together): the gathered conv over the
+kept channels only (``GatheredGroupConv``; its forward by the batch-folded grouped conv or the
+native kernel, its backward by the grouped conv's or the native gradients, each timed per
+shape on the CPU), the masked full-width conv with groups = heads (``GatedGroupConv``), and the
+per-sample folded weights (``FoldedGroupConv``). The full-width two read the kept count from
+the layer's buffer on the device (``saliency.deactivate_bottom``): what ``torch.compile``
+records (they never recompile as the count moves) and what a CUDA graph can capture. Under
+deterministic algorithms nothing is timed: the masked formulation on a GPU, on the CPU the
+gathered one where at most ``GATHER_MAX_KEPT`` of the channels are kept.
 
 Eval (no grad): the fastest for the shape of ``bmm`` (1x1), ``fold``, ``unfold``, ``direct``
 (native, eager only) and, for ``impl="auto"``, the full-width ``masked`` conv. With the layer's
@@ -28,12 +34,14 @@ from torch import Tensor
 
 from dgc.layers import gathered as G
 from dgc.layers import native
+from dgc.layers.dgc_autograd import FoldedGroupConv
 from dgc.layers.dgc_autograd import GatedGroupConv
 from dgc.layers.dgc_autograd import GatheredGroupConv
 from dgc.layers.dgc_autograd import gathered_backward
 from dgc.layers.dgc_autograd import masked_conv
 from dgc.layers.kernel_choice import KernelChoice
 from dgc.layers.norm import bn_relu
+from dgc.layers.saliency import deactivate_bottom
 from dgc.layers.saliency import deactivate_bottom_k
 from dgc.layers.saliency import kept_scale
 from dgc.layers.saliency import saliencies
@@ -43,9 +51,17 @@ from dgc.layers.tracing import tracing
 if TYPE_CHECKING:
     from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 
-# In training, the kept channels are gathered when at most this fraction of them is kept; above
-# it the per-sample grouped conv no longer beats one full-width grouped conv (bench/dgc_layer.py).
+# Without timing (deterministic algorithms), the CPU gathers the kept channels in training when
+# at most this fraction of them is kept; above it the per-sample grouped conv no longer beats
+# one full-width grouped conv (bench/dgc_layer.py).
 GATHER_MAX_KEPT = 0.5
+#: the training formulations that convolve every channel (their shapes never depend on the
+#: kept count)
+FULL_WIDTH = ("masked", "folded")
+#: a training formulation is timed again when the kept fraction moves by this many parts
+FORMULATION_BUCKETS = 8
+#: the folded formulation makes a weight per sample: a candidate up to this many elements
+FOLDED_MAX_ELEMENTS = 1 << 26
 Conv = tuple[int, int, int]  # (stride, padding, dilation)
 
 
@@ -64,15 +80,65 @@ class DgcKernels(KernelChoice):
     def train(self, layer: DynamicGroupConv2d, x: Tensor, sal: Tensor) -> Tensor:
         """The convolution with autograd: x (B, C, H, W) after the layer's BN-ReLU, sal
         (B, h, C) its saliencies -> (B, O, H', W')."""
-        n, conv = layer.n_inactive, (layer.stride, layer.padding, layer.dilation)
-        gather = layer.in_channels - n <= GATHER_MAX_KEPT * layer.in_channels
-        if n > 0 and (layer.impl == "gather" or (layer.impl == "auto" and gather)):
+        conv = (layer.stride, layer.padding, layer.dilation)
+        if tracing():  # torch.compile, export: nothing may depend on the kept count's value
+            return full_width(layer, x, sal, conv, self._traced_formulation())
+        name = self._formulation(layer, x, sal)
+        if name == "gathered":
             return self._gathered(layer, x, sal, conv)  # (B, O, H', W')
-        sal = kept_scale(deactivate_bottom_k(sal, n), layer.saliency)  # (B, h, C), pruned: 0
-        y = GatedGroupConv.apply(x, sal, layer.weight, *conv)  # (B, O, H', W'), head-major
-        return G.interleave(y, layer.heads)
+        return full_width(layer, x, sal, conv, name)  # (B, O, H', W')
 
-    def _gathered(self, layer: DynamicGroupConv2d, x: Tensor, sal: Tensor, conv: Conv) -> Tensor:
+    def _traced_formulation(self) -> str:
+        """What a recorded training step runs: the pinned formulation if it is one of the
+        full-width ones, else the masked one."""
+        return self.prefer if self.prefer in FULL_WIDTH else "masked"
+
+    def _formulation(self, layer: DynamicGroupConv2d, x: Tensor, sal: Tensor) -> str:
+        """The training formulation for this step: the layer's ``impl`` where it names one,
+        else the fastest for the input shape and kept fraction (forward and backward timed
+        once, ``FORMULATION_BUCKETS`` kept fractions apart), else the device's default."""
+        n, c = layer.n_inactive, layer.in_channels
+        if layer.impl != "auto":  # "gather" keeps every channel at n = 0: the masked conv
+            return "gathered" if layer.impl == "gather" and n > 0 else "masked"
+        names = formulations(layer, x, n)
+        bucket = -(-FORMULATION_BUCKETS * (c - n) // c)  # kept fraction, rounded up
+        key = ("formulation", tuple(x.shape), x.dtype, x.device, bucket, n == 0)
+        name = self.known(key, names)
+        if name is None:
+            kernels = {
+                nm: functools.partial(self._timed_step, layer, nm, x.detach(), sal.detach())
+                for nm in names
+            }
+            self.run(key, kernels, default_formulation(layer, x, names))
+            name = self.last
+        assert name is not None
+        return name
+
+    def _timed_step(self, layer: DynamicGroupConv2d, name: str, x: Tensor, sal: Tensor) -> Tensor:
+        """One forward and backward of formulation ``name`` on copies (the layer's gradients
+        and choices are left as they were), a random output gradient: what is timed."""
+        x, sal = x.requires_grad_(), sal.requires_grad_()
+        conv = (layer.stride, layer.padding, layer.dilation)
+        weight = layer.weight.detach().requires_grad_()
+        with torch.enable_grad():
+            if name == "gathered":
+                y = self._gathered(layer, x, sal, conv, weight)
+            else:
+                y = full_width(layer, x, sal, conv, name, weight)
+            y.backward(torch.ones_like(y))
+        return y.detach()
+
+    def _gathered(
+        self,
+        layer: DynamicGroupConv2d,
+        x: Tensor,
+        sal: Tensor,
+        conv: Conv,
+        weight: Tensor | None = None,
+    ) -> Tensor:
+        """The kept channels only (``GatheredGroupConv``), its forward and backward on the
+        native kernels where they are timed faster (CPU, float32)."""
+        weight = layer.weight if weight is None else weight
         native_ok = native.trains(x, layer.weight, layer.dilation)  # once a step
         select = native.select_channels if native_ok else G.select_channels
         index, scale = select(sal, layer.n_inactive)  # (B, h, K) each
@@ -86,7 +152,7 @@ class DgcKernels(KernelChoice):
             conv = (1, 0, layer.dilation)
         direct = native_ok and self._native_forward(layer, x, index, scale, conv)
         backward = native_ok and self._native_backward(layer, x, index, scale, conv)
-        return GatheredGroupConv.apply(x, scale, layer.weight, index, *conv, direct, backward)
+        return GatheredGroupConv.apply(x, scale, weight, index, *conv, direct, backward)
 
     def _native_forward(
         self, layer: DynamicGroupConv2d, x: Tensor, index: Tensor, scale: Tensor, conv: Conv
@@ -150,7 +216,7 @@ class DgcKernels(KernelChoice):
         networks spend most of their time in such per-call work (docs/benchmarks.md 6.2).
         """
         if layer.impl == "masked":
-            return self.kernel(layer, "masked", x, sal, sal, sal)  # (B, O, H', W')
+            return eval_kernel(layer, "masked", x, sal, sal, sal)  # (B, O, H', W')
         index, scale = G.select_channels(sal, layer.n_inactive)  # (B, h, K) each
         scale = kept_scale(scale, layer.saliency)
         traced = tracing()
@@ -159,20 +225,18 @@ class DgcKernels(KernelChoice):
         name = None if traced else self.known(key, names)
         if name is not None:
             offsets = self._row_offsets(layer, x.shape[0], x.device)
-            return self.kernel(layer, name, x, sal, index, scale, offsets)  # (B, O, H', W')
+            return eval_kernel(layer, name, x, sal, index, scale, offsets)  # (B, O, H', W')
         plan = layer.fused.plan_args(layer, raw) if raw is not None and "direct" in names else None
         if plan is None:
             kernels = {
-                nm: functools.partial(self.kernel, layer, nm, x, sal, index, scale) for nm in names
+                nm: functools.partial(eval_kernel, layer, nm, x, sal, index, scale) for nm in names
             }
         else:  # whole forwards: the native one skips the torch BN, gate and selection too
             kernels = {nm: functools.partial(self._whole, layer, nm, raw) for nm in names}
             kernels["direct"] = functools.partial(native.FusedPlan(tuple(raw.shape), *plan), raw)
         return self.run(key, kernels, names[0])  # (B, O, H', W')
 
-    def _eval_names(
-        self, layer: DynamicGroupConv2d, x: Tensor, traced: bool
-    ) -> tuple[str, ...]:
+    def _eval_names(self, layer: DynamicGroupConv2d, x: Tensor, traced: bool) -> tuple[str, ...]:
         """The eval candidates for this call, the default first."""
         one = layer.kernel_size == 1 and layer.padding == 0
         names: tuple[str, ...] = ("bmm",) if one else ("fold", "unfold")
@@ -180,43 +244,15 @@ class DgcKernels(KernelChoice):
             names = (*names, "direct")  # a ctypes call: eager only, never in a trace
         return (*names, "masked") if layer.impl == "auto" else names
 
-    def kernel(
-        self,
-        layer: DynamicGroupConv2d,
-        name: str,
-        x: Tensor,
-        sal: Tensor,
-        index: Tensor,
-        scale: Tensor,
-        offsets: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
-        """Run eval kernel ``name``; all return (B, O, H', W'), heads interleaved."""
-        t = traceable  # while tracing, scripted kernels keep the batch size dynamic
-        conv, k = (layer.stride, layer.padding, layer.dilation), layer.kernel_size
-        if name == "bmm":
-            return t(G.bmm_conv)(x, index, scale, layer.weight_rows(), layer.stride, offsets)
-        if name == "fold":
-            return t(G.fold_conv)(x, index, scale, layer.weight_rows(), k, conv, offsets)
-        if name == "unfold":
-            return t(G.unfold_conv)(x, index, scale, layer.weight_rows(True), k, conv, offsets)
-        if name == "direct":
-            shape = (layer.out_channels, k)
-            return native.direct_conv(x, index, scale, layer.weight_rows(), shape, conv)
-        n, heads = layer.n_inactive, layer.heads
-        if layer.saliency == "scale":
-            return t(masked_conv)(x, sal, layer.weight, n, heads, conv)
-        mask = kept_scale(deactivate_bottom_k(sal, n), "mask")  # (B, h, C) of 0/1
-        return t(masked_conv)(x, mask, layer.weight, 0, heads, conv)
-
     def _whole(self, layer: DynamicGroupConv2d, name: str, raw: Tensor) -> Tensor:
         """The whole eval forward from the layer's input with torch kernel ``name``: what a
         torch kernel is timed as when the fused native forward is a candidate."""
         x = bn_relu(layer.norm, layer.act, raw)  # (B, C, H, W)
         sal = saliencies(layer.gate, x)  # (B, h, C)
         if name == "masked":
-            return self.kernel(layer, name, x, sal, sal, sal)  # (B, O, H', W')
+            return eval_kernel(layer, name, x, sal, sal, sal)  # (B, O, H', W')
         index, scale = G.select_channels(sal, layer.n_inactive)  # (B, h, K) each
-        return self.kernel(layer, name, x, sal, index, kept_scale(scale, layer.saliency))
+        return eval_kernel(layer, name, x, sal, index, kept_scale(scale, layer.saliency))
 
     def _row_offsets(
         self, layer: DynamicGroupConv2d, batch: int, device: torch.device
@@ -228,3 +264,74 @@ class DgcKernels(KernelChoice):
             offsets = G.row_offsets(batch, layer.heads, layer.in_channels, device)
             self._offsets[key] = offsets
         return offsets
+
+
+def full_width(
+    layer: DynamicGroupConv2d,
+    x: Tensor,
+    sal: Tensor,
+    conv: Conv,
+    name: str,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """The masked or folded formulation: every channel convolved, the pruned ones with
+    saliency 0 (no shape depends on the kept count); while a trace, torch.compile or a CUDA
+    graph records it, the kept count is read from the layer's buffer on the device."""
+    weight = layer.weight if weight is None else weight
+    if tracing() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        kept = deactivate_bottom(sal, layer.inactive_channels)  # n read on the device
+    else:  # eager: the host's n, one kthvalue where the device version sorts and gathers
+        kept = deactivate_bottom_k(sal, layer.n_inactive)
+    kept = kept_scale(kept, layer.saliency)
+    if name == "folded":
+        return FoldedGroupConv.apply(x, kept, weight, *conv)  # (B, O, H', W'), in order
+    y = GatedGroupConv.apply(x, kept, weight, *conv)  # (B, O, H', W'), head-major
+    return G.interleave(y, layer.heads)
+
+
+def formulations(layer: DynamicGroupConv2d, x: Tensor, n: int) -> tuple[str, ...]:
+    """The candidates: gathered where channels are pruned; folded where a weight per
+    sample stays small (``FOLDED_MAX_ELEMENTS``)."""
+    names: tuple[str, ...] = ("gathered",) if n > 0 else ()
+    names += ("masked",)
+    if x.shape[0] * layer.weight.numel() <= FOLDED_MAX_ELEMENTS:
+        names += ("folded",)
+    return names
+
+
+def default_formulation(layer: DynamicGroupConv2d, x: Tensor, names: tuple[str, ...]) -> str:
+    """Without timing (deterministic algorithms): the masked formulation on a GPU, where
+    per-sample gathers and narrow groups are slow; elsewhere the gathered one where at
+    most ``GATHER_MAX_KEPT`` of the channels are kept."""
+    if x.device.type != "cpu" or "gathered" not in names:
+        return "masked"
+    gather = layer.in_channels - layer.n_inactive <= GATHER_MAX_KEPT * layer.in_channels
+    return "gathered" if gather else "masked"
+
+
+def eval_kernel(
+    layer: DynamicGroupConv2d,
+    name: str,
+    x: Tensor,
+    sal: Tensor,
+    index: Tensor,
+    scale: Tensor,
+    offsets: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Run eval kernel ``name``; all return (B, O, H', W'), heads interleaved."""
+    t = traceable  # while tracing, scripted kernels keep the batch size dynamic
+    conv, k = (layer.stride, layer.padding, layer.dilation), layer.kernel_size
+    if name == "bmm":
+        return t(G.bmm_conv)(x, index, scale, layer.weight_rows(), layer.stride, offsets)
+    if name == "fold":
+        return t(G.fold_conv)(x, index, scale, layer.weight_rows(), k, conv, offsets)
+    if name == "unfold":
+        return t(G.unfold_conv)(x, index, scale, layer.weight_rows(True), k, conv, offsets)
+    if name == "direct":
+        shape = (layer.out_channels, k)
+        return native.direct_conv(x, index, scale, layer.weight_rows(), shape, conv)
+    n, heads = layer.n_inactive, layer.heads
+    if layer.saliency == "scale":
+        return t(masked_conv)(x, sal, layer.weight, n, heads, conv)
+    mask = kept_scale(deactivate_bottom_k(sal, n), "mask")  # (B, h, C) of 0/1
+    return t(masked_conv)(x, mask, layer.weight, 0, heads, conv)

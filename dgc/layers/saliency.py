@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch import nn
 
@@ -53,7 +54,10 @@ class SaliencyGate(nn.Module):
         # matmul/baddbmm, not einsum: at batch 1 the generator is all overhead, and einsum adds
         # its own on every call.
         hid = torch.matmul(self.fc1_weight, z.t()).relu()  # (h, r, B)
-        sal = torch.baddbmm(self.fc2_bias.unsqueeze(-1), self.fc2_weight, hid, alpha=scale)
+        if scale == 1.0:  # no alpha: its backward would scale both products' gradients
+            sal = torch.baddbmm(self.fc2_bias.unsqueeze(-1), self.fc2_weight, hid)
+        else:
+            sal = torch.baddbmm(self.fc2_bias.unsqueeze(-1), self.fc2_weight, hid, alpha=scale)
         return sal.relu().permute(2, 0, 1)  # (B, h, C), non-negative
 
 
@@ -61,11 +65,11 @@ def saliencies(gate: SaliencyGate, x: Tensor) -> Tensor:
     """The generators' saliencies (B, h, C) of x (B, C, H, W). Under autocast they and the
     selection stay float32: bf16 matmuls round differently and the bottom-k would then zero
     extra channels on ties the float32 network does not have (issue #8)."""
-    device, scale = x.device.type, 1.0 / (x.shape[2] * x.shape[3])
+    device = x.device.type
     if x.is_meta or not torch.is_autocast_enabled(device):
-        return gate(x.sum(dim=(2, 3)), scale)  # (B, h, C)
+        return gate(x.mean(dim=(2, 3)))  # (B, h, C)
     with torch.autocast(device, enabled=False):
-        return gate(x.float().sum(dim=(2, 3)), scale)  # (B, h, C), float32
+        return gate(x.float().mean(dim=(2, 3)))  # (B, h, C), float32
 
 
 def deactivate_bottom_k(saliency: Tensor, n_inactive: int) -> Tensor:
@@ -83,6 +87,26 @@ def deactivate_bottom_k(saliency: Tensor, n_inactive: int) -> Tensor:
         return saliency
     detached = saliency.detach()
     threshold = detached.kthvalue(n_inactive, dim=-1, keepdim=True).values  # (B, h, 1)
+    return saliency * (detached > threshold)  # (B, h, C)
+
+
+def deactivate_bottom(saliency: Tensor, n_inactive: Tensor) -> Tensor:
+    """``deactivate_bottom_k`` with n held in a tensor (the layer's ``inactive_channels``
+    buffer): the same channels zeroed, but nothing depends on n's value on the host, so the
+    shapes and the code are the same for every n (no host synchronisation, no recompilation
+    as the schedule moves, a step that a CUDA graph can capture).
+
+    The threshold is the n-th smallest saliency, read from the sorted saliencies with a -1
+    in front (for n = 0, which keeps every channel: saliencies are non-negative).
+
+    Args:
+        saliency: (B, h, C) non-negative saliencies.
+        n_inactive: a 0-dim integer tensor on the saliencies' device, 0 <= n < C.
+    """
+    detached = saliency.detach()
+    b, h, _ = detached.shape
+    lowest = F.pad(detached.sort(-1).values, (1, 0), value=-1.0)  # (B, h, C+1), ascending
+    threshold = lowest.gather(-1, n_inactive.view(1, 1, 1).expand(b, h, 1))  # (B, h, 1)
     return saliency * (detached > threshold)  # (B, h, C)
 
 
