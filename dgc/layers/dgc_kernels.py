@@ -58,6 +58,8 @@ GATHER_MAX_KEPT = 0.5
 #: the training formulations that convolve every channel (their shapes never depend on the
 #: kept count)
 FULL_WIDTH = ("masked", "folded")
+#: the gathered formulation's own kernels: pinning one of them pins that formulation
+GATHERED_KERNELS = ("fold", "direct")
 #: a training formulation is timed again when the kept fraction moves by this many parts
 FORMULATION_BUCKETS = 8
 #: the folded formulation makes a weight per sample: a candidate up to this many elements
@@ -101,6 +103,8 @@ class DgcKernels(KernelChoice):
         if layer.impl != "auto":  # "gather" keeps every channel at n = 0: the masked conv
             return "gathered" if layer.impl == "gather" and n > 0 else "masked"
         names = formulations(layer, x, n)
+        if self.prefer in GATHERED_KERNELS:  # a pin of the gathered conv's kernels: as "gather"
+            return "gathered" if n > 0 else "masked"
         bucket = -(-FORMULATION_BUCKETS * (c - n) // c)  # kept fraction, rounded up
         key = ("formulation", tuple(x.shape), x.dtype, x.device, bucket, n == 0)
         name = self.known(key, names)
