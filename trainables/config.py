@@ -175,7 +175,12 @@ class TrialConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True
     channels_last: bool = True
-    compile: bool = False
+    #: ``torch.compile`` the training step's model: True (or "default"), "reduce-overhead"
+    #: (also CUDA graphs: launch overhead removed; the batches have one shape, the last partial
+    #: one dropped) or "max-autotune". A DGC layer compiles once for every kept count.
+    #: Evaluation runs the eager model. Compilation is paid per trial: worth it where an epoch
+    #: takes much longer than compiling.
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
     threads: int | None = Field(None, ge=1)
     #: a checkpoint (``state.pt`` of a trial or of ``search train --out``) whose weights start
     #: this network where names and shapes match, e.g. a trained dense network of the family

@@ -18,6 +18,8 @@ EPOCH_TIME_S = "epoch_time_s"
 IMAGES_PER_S = "images_per_s"
 GATE_PROGRESS = "gate_progress"
 NODE_ID = "node_id"  # the Ray node that trained the trial
+#: a trial given a fraction of a GPU caps its memory at that fraction of the device's
+GPU_MEMORY_FRACTION = "gpu_memory_fraction"
 #: a deterministic failure (a non-finite loss), reported as the trial's last result instead of
 #: raised, so that Tune neither retries it (max_failures) nor reruns it on resume; its
 #: traceback travels as TRIAL_ERROR_TEXT.

@@ -92,6 +92,25 @@ def build_model(cfg: TrialConfig, num_classes: int, in_chans: int) -> nn.Module:
     )
 
 
+def cap_gpu_memory(device: torch.device, share: float | None) -> float | None:
+    """Cap this process's CUDA memory at ``share`` of the device (0 < share < 1), turn on
+    cuDNN's autotuning for the fixed-shape training loop; returns the cap, or None."""
+    if device.type != "cuda":
+        return None
+    torch.backends.cudnn.benchmark = True  # one batch shape: the last partial one is dropped
+    if share is None or not 0 < share < 1:
+        return None
+    torch.cuda.set_per_process_memory_fraction(share)  # "cuda": the device Ray assigned
+    return share
+
+
+def compiled(model: nn.Module, mode: bool | str) -> nn.Module:
+    """``model`` as the training step runs it: itself, or ``torch.compile``d in ``mode``."""
+    if mode is False:
+        return model
+    return torch.compile(model, mode=None if mode in (True, "default") else str(mode))  # type: ignore[return-value]
+
+
 def trial_cost(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, int]) -> dgc.Cost:
     """Analytic cost of the trial's model, built on the meta device (no weights allocated)."""
     with torch.device("meta"):
@@ -157,11 +176,17 @@ def run_trial(
     resume: dict[str, Any] | None = None,
     splits: Splits | None = None,
     threads: int | None = None,
+    gpu_share: float | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` to the end (from ``resume`` if given), reporting every epoch."""
+    """Train ``cfg`` to the end (from ``resume`` if given), reporting every epoch.
+
+    ``gpu_share``: the fraction of the GPU the trial was given (Ray's ``gpu`` resource); below
+    1 the trial caps its CUDA memory at that fraction, so that one trial's peak cannot take
+    its neighbours' memory, and reports the cap."""
     threads = cfg.threads or threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     device = pick_device(cfg.device)
+    share = cap_gpu_memory(device, gpu_share)
     torch.manual_seed(cfg.seed)
     pre = pretrain_epochs(cfg)
     if pre and splits is None and cfg.data.dataset != "imagenet":
@@ -184,7 +209,7 @@ def run_trial(
         init_weights_from(model, cfg.init_from)
     teacher = build_teacher(cfg, data, device, dense if not resume else resume.get("teacher"))
     start_epoch = restore(resume, model, optimizer) if resume else pre
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = compiled(model, cfg.compile)
     criterion = Criterion(cfg.optim, teacher, cfg.distill)
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -201,7 +226,7 @@ def run_trial(
         last = epoch + 1 == cfg.epochs
         if last and cfg.recalibrate_bn:
             recalibrate_bn(model, data.train.epoch(gen), cfg.recalibrate_bn)
-        val_acc, val_loss = evaluate(step_model, data.val.epoch(), cfg.bf16)
+        val_acc, val_loss = evaluate(model, data.val.epoch(), cfg.bf16)
         metrics = {
             M.EPOCH: epoch + 1,
             M.TRAIN_LOSS: stats.loss,
@@ -215,10 +240,12 @@ def run_trial(
         }
         if latency is not None:
             metrics[M.LATENCY_MS] = latency
+        if share is not None:
+            metrics[M.GPU_MEMORY_FRACTION] = share
         metrics.update(realised_cost(model, cost, data.input_size))
         if last:
             metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(
-                step_model, data.test.epoch(), cfg.bf16
+                model, data.test.epoch(), cfg.bf16
             )
         due = last or (epoch + 1) % cfg.checkpoint_every == 0
         state = checkpoint_state(model, optimizer, epoch + 1, stats, cfg) if due else None

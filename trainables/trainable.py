@@ -56,10 +56,11 @@ def train_dgc(config: dict[str, Any], splits: Splits | None = None) -> None:
         with checkpoint.as_directory() as d:
             resume = load_state(Path(d) / STATE_FILE)
     context = ray.get_runtime_context()
-    cpus = context.get_assigned_resources().get("CPU", 1.0)
+    assigned = context.get_assigned_resources()
+    cpus, gpus = assigned.get("CPU", 1.0), assigned.get("GPU")
     reporter = RayReporter(context.get_node_id())
     try:
-        run_trial(cfg, reporter, resume, splits, threads=max(1, int(cpus)))
+        run_trial(cfg, reporter, resume, splits, threads=max(1, int(cpus)), gpu_share=gpus)
     except NonFiniteLossError as err:  # the same on every retry: report it, do not raise
         error = {M.TRIAL_ERROR: f"{type(err).__name__}: {err}"}
         reporter.report({**error, M.TRIAL_ERROR_TEXT: traceback.format_exc()}, None)

@@ -193,3 +193,26 @@ def test_recalibrated_batchnorm_holds_the_plain_average_of_the_batches_statistic
     expected = torch.stack([x.mean((0, 2, 3)) for x, _ in batches[:2]]).mean(0)
     torch.testing.assert_close(model[0].running_mean, expected)
     assert model[0].momentum == 0.1  # restored
+
+
+def test_a_compiled_dgc_network_trains_through_the_pruning_ramp_without_recompiling():
+    # torch.compile as trial.compile uses it, with a backend that only counts the graphs: the
+    # kept count moves at every iteration of the ramp, and the graphs must not follow it.
+    graphs = []
+
+    def backend(gm, example_inputs):  # noqa: ANN001, ANN202
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
+    step_model = torch.compile(model, backend=backend)
+    sched = Schedule(OptimParams(lr=0.01), 6, 1, gate_fractions=(0.0, 1.0))
+    layer = dgc.dgc_layers(model)[-1]
+    counts = {dgc.inactive_channels(sched.progress(i), layer.in_channels, 0.25, sched.gate)
+              for i in range(6)}  # fmt: skip
+    stats = train_one_epoch(step_model, _digits_batches(6), make_optimizer(model, sched.optim),
+                            sched, 0)  # fmt: skip
+    assert len(counts) >= 4 and math.isfinite(stats.loss)  # the count moved at every step
+    assert len(graphs) <= 2
