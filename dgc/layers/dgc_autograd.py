@@ -238,6 +238,7 @@ def gathered_backward(
         g_xs, g_wg = _conv_backward(g_y, xs, wg, conv, b * heads, mask)
     if native_in:  # (B*h*K, HW) straight from the native kernel
         g_xs = native.igrad_planes(grad_out, index, rows, c, k, conv[1], conv[0], (h, w))
+    assert g_xs is not None  # the torch backward made it where the native kernel did not
     g_xs = g_xs.view(-1, h * w)  # (B*h*K, HW), grad of the scaled input
     grad_x = torch.zeros(b * c, h * w, dtype=dtype, device=x.device)
     grad_x.index_add_(0, x_rows, g_xs * s)
@@ -246,6 +247,7 @@ def gathered_backward(
         grad_rows = native.wgrad_weight(x, index, scale, grad_out, (o, k), conv)
         grad_w = _rows_to_weight(grad_rows, heads, weight_shape)
     else:  # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2)
+        assert g_wg is not None  # the torch backward made it (mask[1])
         g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)
         g_rows = g_rows.reshape(b * heads * kept, -1)
         grad_w = _weight_grad(g_rows, rows, w_rows, heads, weight_shape)

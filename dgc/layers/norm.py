@@ -4,6 +4,8 @@ in one native pass."""
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -14,16 +16,18 @@ from dgc.layers import native
 
 def eval_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """An eval BatchNorm2d (running statistics) as per-channel (scale, shift), both (C,)."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None  # the callers checked plain_eval_bn(bn)
+    scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.detach()
-    shift = -bn.running_mean * scale
+    shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias.detach()
     return scale, shift
 
 
-def plain_eval_bn(bn: nn.Module) -> bool:
+def plain_eval_bn(bn: nn.Module) -> TypeGuard[nn.BatchNorm2d]:
     """Whether ``bn`` is an eval BatchNorm2d with running statistics and no hooks, which may
     then be applied functionally or as its per-channel affine (``eval_affine``) inside a
     native call."""
@@ -60,7 +64,9 @@ def native_bn_relu_train(bn: nn.BatchNorm2d, x: Tensor) -> tuple[Tensor, Tensor]
     return y, sums  # (B, C, H, W), (B, C)
 
 
-def native_bn_relu_applies(bn: nn.Module, act: nn.Module, x: Tensor) -> bool:
+def native_bn_relu_applies(
+    bn: nn.Module, act: nn.Module, x: Tensor
+) -> TypeGuard[nn.BatchNorm2d]:
     """Whether ``native_bn_relu_train`` computes ``act(bn(x))``: a plain training BatchNorm2d
     and ReLU, and more than one value per channel (torch's BN then raises its own error). The
     caller checks hooks and that the step may run natively (``native.trains``)."""
@@ -94,8 +100,10 @@ class BatchNormReLU(torch.autograd.Function):
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
     """What ``nn.BatchNorm2d`` does to its buffers in a training forward: the momentum (or,
     for momentum None, cumulative) average of the batch mean and unbiased variance."""
+    count, running_mean, running_var = bn.num_batches_tracked, bn.running_mean, bn.running_var
+    assert count is not None and running_mean is not None and running_var is not None  # tracked
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.mul_(1.0 - f).add_(mean, alpha=f)
-        bn.running_var.mul_(1.0 - f).add_(var, alpha=f * n / max(n - 1, 1))
+        count.add_(1)
+        f = 1.0 / float(count) if bn.momentum is None else bn.momentum
+        running_mean.mul_(1.0 - f).add_(mean, alpha=f)
+        running_var.mul_(1.0 - f).add_(var, alpha=f * n / max(n - 1, 1))

@@ -172,6 +172,10 @@ class SelfGroupingConv2d(nn.Module):
         name: the layer's name in its network (errors, seeding).
     """
 
+    # Registered buffers (``nn.Module.__getattr__`` finds them; annotated for the type checker).
+    mask: Tensor
+    steps_done: Tensor
+
     def __init__(
         self,
         in_channels: int,

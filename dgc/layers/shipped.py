@@ -30,6 +30,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Generic
+from typing import TypeVar
+from typing import Unpack
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -42,20 +46,31 @@ from dgc.layers.saliency import SaliencyGate
 OP_NAME = "dgc::dynamic_group_conv_eval"
 CACHED_LAYERS = 512
 
+# The tensors an operator receives: the weight first, then the others (optional ones: None).
+Tensors = tuple[Tensor, Unpack[tuple[Tensor | None, ...]]]
+# The DGC operator's: weight, fc1, fc2, fc2 bias, then the BN's mean, var, weight and bias.
+DgcTensors = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None
+]
+# The group conv operator's: weight, then the BN's mean, var, weight and bias.
+GroupConvTensors = tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+T = TypeVar("T", bound=Tensors)
+M = TypeVar("M", bound=nn.Module)
 
-class _Layers:
+
+class _Layers(Generic[T, M]):
     """Eager layers by the storages of their tensors and their settings (LRU, thread-safe),
     built by ``rebuild(tensors, settings)``.
 
     A cached layer holds its tensors, so no other tensor can reuse their addresses while the
     entry lives; the weight's (first tensor's) shape, dtype and device are part of the key."""
 
-    def __init__(self, size: int, rebuild: Callable[[tuple, tuple], nn.Module]) -> None:
+    def __init__(self, size: int, rebuild: Callable[[T, tuple], M]) -> None:
         self.size, self._rebuild = size, rebuild
-        self._layers: OrderedDict[tuple, nn.Module] = OrderedDict()
+        self._layers: OrderedDict[tuple, M] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, tensors: tuple[Tensor | None, ...], settings: tuple) -> nn.Module:
+    def get(self, tensors: T, settings: tuple) -> M:
         weight = tensors[0]
         key = (*[None if t is None else t.data_ptr() for t in tensors], *settings)
         key = (*key, weight.shape, weight.dtype, weight.device)
@@ -73,7 +88,7 @@ class _Layers:
         return layer
 
 
-def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
+def _layer_around(tensors: DgcTensors, settings: tuple) -> DynamicGroupConv2d:
     """An eval DGC layer whose parameters and buffers are ``tensors`` themselves (not copies)."""
     weight, fc1, fc2, b2, mean, var, bn_w, bn_b = tensors
     n, stride, padding, dilation, mask, eps = settings
@@ -84,9 +99,10 @@ def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> Dynami
         saliency="mask" if mask else "scale", norm=mean is not None,
     )  # fmt: skip
     layer.gate = SaliencyGate(c, heads, hidden)
-    layer.gate._parameters.update(fc1_weight=fc1, fc2_weight=fc2, fc2_bias=b2)
-    layer._parameters["weight"] = weight
+    _tensors(layer.gate).update(fc1_weight=fc1, fc2_weight=fc2, fc2_bias=b2)
+    _tensors(layer)["weight"] = weight
     if mean is not None:
+        assert isinstance(layer.norm, nn.BatchNorm2d)  # norm=True above
         _bn_around(layer.norm, (mean, var, bn_w, bn_b), eps)
     layer.n_inactive = n
     layer.inactive_channels.fill_(n)
@@ -97,8 +113,14 @@ def _bn_around(bn: nn.BatchNorm2d, tensors: tuple[Tensor | None, ...], eps: floa
     """Make ``bn``'s statistics and affine parameters ``tensors`` (mean, var, weight, bias)."""
     mean, var, weight, bias = tensors
     bn._buffers.update(running_mean=mean, running_var=var)
-    bn._parameters.update(weight=weight, bias=bias)
+    _tensors(bn).update(weight=weight, bias=bias)
     bn.affine, bn.eps = weight is not None, eps
+
+
+def _tensors(module: nn.Module) -> dict[str, Tensor | None]:
+    """``module._parameters``, into which these layers put the program's tensors as they are:
+    plain tensors where torch declares ``nn.Parameter`` (no copy, no ``requires_grad``)."""
+    return cast("dict[str, Tensor | None]", module._parameters)
 
 
 _LAYERS = _Layers(CACHED_LAYERS, _layer_around)
@@ -162,14 +184,16 @@ GROUP_SCHEMA = (
 )
 
 
-def _group_conv_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> PreactGroupConv2d:
+def _group_conv_around(tensors: GroupConvTensors, settings: tuple) -> PreactGroupConv2d:
     """An eval ``PreactGroupConv2d`` whose parameters and buffers are ``tensors`` themselves."""
     weight, mean, var, bn_w, bn_b = tensors
     stride, padding, groups, eps = settings
     o, cg, k, _ = weight.shape
     module = PreactGroupConv2d(cg * groups, o, k, stride, padding, groups)
-    _bn_around(module[0], (mean, var, bn_w, bn_b), eps)
-    module[2]._parameters["weight"] = weight
+    bn = module[0]
+    assert isinstance(bn, nn.BatchNorm2d)  # PreactGroupConv2d's first module
+    _bn_around(bn, (mean, var, bn_w, bn_b), eps)
+    _tensors(module[2])["weight"] = weight
     return module.eval().to(weight.device)
 
 
