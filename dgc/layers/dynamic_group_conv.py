@@ -29,6 +29,7 @@ Differences from the reference code (all deliberate, none changes the maths):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -178,7 +179,7 @@ class DynamicGroupConv2d(nn.Module, FusesEpilogue):
         self.inactive_channels.fill_(n)
         self.n_inactive = int(n)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         if not self.inactive_channels.is_meta:
             self.n_inactive = int(self.inactive_channels)  # one sync per load, not per step

@@ -4,6 +4,7 @@ in one native pass."""
 
 from __future__ import annotations
 
+from typing import Any
 from typing import TypeGuard
 
 import torch
@@ -81,19 +82,23 @@ class BatchNormReLU(torch.autograd.Function):
     running statistics, are not differentiable. CPU float32 only (the caller checks)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         y, sums, mean, var = native.bn_relu_train(x, weight, bias, eps)
         ctx.save_for_backward(x, mean, torch.rsqrt(var + eps), weight, bias)
         ctx.mark_non_differentiable(mean, var)
         return y, sums, mean, var
 
     @staticmethod
-    def backward(ctx, grad_y, grad_sums, _grad_mean, _grad_var):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_y: Tensor, grad_sums: Tensor, _grad_mean: Tensor, _grad_var: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
         x, mean, invstd, weight, bias = ctx.saved_tensors
         args = (grad_y, grad_sums, x, mean, invstd, weight, bias)
-        grad_x, grad_w, grad_b = native.bn_relu_train_backward(*args)
-        grad_w = grad_w if ctx.needs_input_grad[1] else None
-        grad_b = grad_b if ctx.needs_input_grad[2] else None
+        grad_x, weight_grad, bias_grad = native.bn_relu_train_backward(*args)
+        grad_w = weight_grad if ctx.needs_input_grad[1] else None
+        grad_b = bias_grad if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
 

@@ -35,6 +35,7 @@ import functools
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -252,7 +253,7 @@ class SelfGroupingConv2d(nn.Module):
         self._steps_done, self._groups = step, None
         self._packed.clear()
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         if self.steps_done.device.type != "meta":
             self._steps_done, self._groups = int(self.steps_done), None

@@ -30,9 +30,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+from typing import Any
 from typing import Generic
 from typing import TypeVar
-from typing import Unpack
 from typing import cast
 
 import torch
@@ -46,15 +47,18 @@ from dgc.layers.saliency import SaliencyGate
 OP_NAME = "dgc::dynamic_group_conv_eval"
 CACHED_LAYERS = 512
 
-# The tensors an operator receives: the weight first, then the others (optional ones: None).
-Tensors = tuple[Tensor, Unpack[tuple[Tensor | None, ...]]]
-# The DGC operator's: weight, fc1, fc2, fc2 bias, then the BN's mean, var, weight and bias.
-DgcTensors = tuple[
-    Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None
-]
-# The group conv operator's: weight, then the BN's mean, var, weight and bias.
-GroupConvTensors = tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
-T = TypeVar("T", bound=Tensors)
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; the package supports 3.10
+    from typing import Unpack
+
+    # The tensors an operator receives: the weight first, then the others (optional: None).
+    Tensors = tuple[Tensor, Unpack[tuple[Tensor | None, ...]]]
+    # The DGC operator's: weight, fc1, fc2, fc2 bias, then the BN's mean, var, weight, bias.
+    DgcTensors = tuple[
+        Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None
+    ]
+    # The group conv operator's: weight, then the BN's mean, var, weight and bias.
+    GroupConvTensors = tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+T = TypeVar("T", bound="Tensors")
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -162,13 +166,15 @@ def dynamic_group_conv_eval(
 # wrappers run on every call, the operator cost 15 us a layer more than the eager layer, this
 # kernel 3-4 us (bench/dgc_profile.py shipped, DyResNet-20 at batch 1: 20 such layers in a
 # forward of 1.3-2 ms). No autograd formula: the programs that record it are eval programs.
-_LIB = torch.library.Library("dgc", "DEF")  # noqa: TOR901  (kept alive: it owns the registration)
+_LIB = torch.library.Library("dgc", "DEF")  # kept alive: it owns the registration
 _LIB.define(SCHEMA)
 _LIB.impl("dynamic_group_conv_eval", dynamic_group_conv_eval, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(OP_NAME, lib=_LIB)
-def _(x, weight, fc1_weight, fc2_weight, fc2_bias, *args):  # noqa: ANN001, ANN002, ANN202
+def _(
+    x: Tensor, weight: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor, *args: Any
+) -> Tensor:
     # The output's shape only: (B, O, H', W'). args: the BN's four tensors, n, conv, ...
     stride, padding, dilation = args[5]
     k = weight.shape[-1]
@@ -222,7 +228,7 @@ _LIB.impl("preact_group_conv_eval", preact_group_conv_eval, "CompositeExplicitAu
 
 
 @torch.library.register_fake("dgc::preact_group_conv_eval", lib=_LIB)
-def _(x, weight, *args):  # noqa: ANN001, ANN002, ANN202
+def _(x: Tensor, weight: Tensor, *args: Any) -> Tensor:
     # The output's shape only: (B, O, H', W'). args: the BN's four tensors, conv, eps.
     stride, padding, _ = args[4]
     k = weight.shape[-1]

@@ -224,7 +224,7 @@ class ImageNetStem(nn.Sequential):
     values agree to float rounding.
     """
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor) -> Tensor:
         # x: (B, 3, H, W)
         if x.device.type != "cpu" or x.dim() != 4 or self.training:
             return super().forward(x)  # (B, C, H/4, W/4)
