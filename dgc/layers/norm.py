@@ -65,9 +65,7 @@ def native_bn_relu_train(bn: nn.BatchNorm2d, x: Tensor) -> tuple[Tensor, Tensor]
     return y, sums  # (B, C, H, W), (B, C)
 
 
-def native_bn_relu_applies(
-    bn: nn.Module, act: nn.Module, x: Tensor
-) -> TypeGuard[nn.BatchNorm2d]:
+def native_bn_relu_applies(bn: nn.Module, act: nn.Module, x: Tensor) -> TypeGuard[nn.BatchNorm2d]:
     """Whether ``native_bn_relu_train`` computes ``act(bn(x))``: a plain training BatchNorm2d
     and ReLU, and more than one value per channel (torch's BN then raises its own error). The
     caller checks hooks and that the step may run natively (``native.trains``)."""
