@@ -135,14 +135,18 @@ class FoldedGroupConv(torch.autograd.Function):
     rebuilt in backward, not saved. args: (stride, padding, dilation)."""
 
     @staticmethod
-    def forward(ctx, x, sal, weight, stride, padding, dilation):  # type: ignore[override]
+    def forward(
+        ctx: Any, x: Tensor, sal: Tensor, weight: Tensor, stride: int, padding: int, dilation: int
+    ) -> Tensor:
         ctx.conv_args = (stride, padding, dilation)
         ctx.save_for_backward(x, sal, weight)
         w_eff = _folded_weight(weight, sal)  # (B, O, C, k, k)
         return _folded_conv(x, w_eff, ctx.conv_args)  # (B, O, H', W'), the layer's order
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_out: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None, None]:
         x, sal, weight = ctx.saved_tensors
         b, heads, c = sal.shape
         w_il = _interleaved(weight, heads)  # (O, C, k, k)
