@@ -136,7 +136,7 @@ def accuracy(a: argparse.Namespace) -> None:
 
 
 class _Quiet:
-    def report(self, metrics, state) -> None:  # noqa: ANN001
+    def report(self, metrics, state) -> None:
         pass
 
 

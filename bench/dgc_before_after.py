@@ -63,7 +63,7 @@ def timed(fns: dict, runs: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def train_step(model, lib, opt, x, y):  # noqa: ANN001, ANN201
+def train_step(model, lib, opt, x, y):
     loss = F.cross_entropy(model(x), y) + 1e-5 * lib.aux_loss(model)
     opt.zero_grad()
     loss.backward()

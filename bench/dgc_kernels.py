@@ -23,7 +23,7 @@ from dgc.layers import gathered as G
 from dgc.layers import native
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dgc_speed import round_robin  # noqa: E402
+from dgc_speed import round_robin
 
 SHAPES = [  # (batch, C, O, size, k, stride): layers of DyResNet-20, DyResNet-18, a downsample
     (1, 16, 16, 32, 3, 1),

@@ -62,11 +62,11 @@ from torch.profiler import profile as torch_profile
 import dgc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dgc_speed import build  # noqa: E402
-from dgc_speed import round_robin  # noqa: E402
-from dgc_speed import step  # noqa: E402
+from dgc_speed import build
+from dgc_speed import round_robin
+from dgc_speed import step
 
-from dgc.layers.dgc_kernels import DgcKernels  # noqa: E402
+from dgc.layers.dgc_kernels import DgcKernels
 
 FORWARDS = 5
 

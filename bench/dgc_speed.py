@@ -172,7 +172,7 @@ def train(a: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def step(model, opt, x, y, a: argparse.Namespace) -> None:  # noqa: ANN001
+def step(model, opt, x, y, a: argparse.Namespace) -> None:
     with torch.autocast(a.device, dtype=a.dtype, enabled=a.dtype != torch.float32):
         loss = F.cross_entropy(model(x), y[: x.shape[0]] % model_classes(model))
         loss = loss + 1e-5 * dgc.aux_loss(model).to(loss.device)

@@ -34,7 +34,7 @@ SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
 
 
 class _Quiet:
-    def report(self, metrics, state) -> None:  # noqa: ANN001
+    def report(self, metrics, state) -> None:
         pass
 
 

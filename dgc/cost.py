@@ -27,9 +27,13 @@ to cost a configuration without allocating or initialising any weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
+from typing import Protocol
+from typing import TypeGuard
+from typing import runtime_checkable
 
 import torch
 from torch import nn
@@ -41,6 +45,21 @@ RULES = ("dgc", "sgcnn")
 #: layer-name parts of the convolutions SG-CNN leaves unmasked (and unpruned)
 SG_UNMASKED = ("stem", "downsample")
 _NO_OP = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
+Hook = Callable[[nn.Module, tuple, torch.Tensor], None]
+
+
+@runtime_checkable
+class CountsMacs(Protocol):
+    """A layer that counts its own MACs per sample (SG-CNN's, DyNet's)."""
+
+    def cost_macs(self, in_hw: int, out_hw: int) -> float: ...
+
+
+@runtime_checkable
+class CountsParams(Protocol):
+    """A layer that counts its own parameters (SG-CNN's: the connections it keeps)."""
+
+    def cost_params(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -101,13 +120,13 @@ def _counted(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
 
 def _analytic(m: nn.Module) -> bool:
     """A layer that counts itself (``cost_macs``/``cost_params``), or a DGC layer."""
-    return isinstance(m, DynamicGroupConv2d) or hasattr(m, "cost_macs")
+    return isinstance(m, (DynamicGroupConv2d, CountsMacs))
 
 
-def _hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
+def _hook(name: str, rows: list[LayerCost]) -> Hook:
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0]
-        if hasattr(module, "cost_params"):
+        if isinstance(module, CountsParams):
             params = module.cost_params()
         else:
             params = sum(p.numel() for p in module.parameters())
@@ -120,7 +139,7 @@ def _hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
     return hook
 
 
-def _sg_hook(name: str, rows: list[LayerCost]):  # noqa: ANN202
+def _sg_hook(name: str, rows: list[LayerCost]) -> Hook:
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0]
         macs, params = _sg_cost(name, module, x, output)
@@ -133,29 +152,33 @@ def _sg_cost(name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple
     """SG-CNN's counter (docs/methods.md 2.4) for one module."""
     if isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return 0.0, 0
-    masked = isinstance(m, SelfGroupingConv2d) or (
-        isinstance(m, nn.Conv2d) and not any(part in name for part in SG_UNMASKED)
-    )
     macs = _macs(m, x, y)
     params = (
-        m.cost_params() if hasattr(m, "cost_params") else sum(p.numel() for p in m.parameters())
+        m.cost_params() if isinstance(m, CountsParams) else sum(p.numel() for p in m.parameters())
     )
-    if not masked:
+    if not _masked(m, name):
         return macs, params
     alive = _alive_filters(m)
     return macs + alive, params + 2 * alive
 
 
-def _alive_filters(m: nn.Module) -> int:
+def _masked(m: nn.Module, name: str) -> TypeGuard[SelfGroupingConv2d | nn.Conv2d]:
+    """A convolution SG-CNN masks: every SG layer, and the convs not named in SG_UNMASKED."""
+    return isinstance(m, SelfGroupingConv2d) or (
+        isinstance(m, nn.Conv2d) and not any(part in name for part in SG_UNMASKED)
+    )
+
+
+def _alive_filters(m: SelfGroupingConv2d | nn.Conv2d) -> int:
     if isinstance(m, SelfGroupingConv2d) and m.grouped and m.mask.device.type != "meta":
         return int((m.mask.sum(1) > 0).sum())
-    return int(m.out_channels)  # type: ignore[arg-type]
+    return int(m.out_channels)
 
 
 def _macs(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     if isinstance(m, DynamicGroupConv2d):
         return dgc_macs(m, x.shape[-2] * x.shape[-1], y.shape[-2] * y.shape[-1])
-    if hasattr(m, "cost_macs"):
+    if isinstance(m, CountsMacs):
         return m.cost_macs(x.shape[-2] * x.shape[-1], y.shape[-2] * y.shape[-1])
     if isinstance(m, nn.Conv2d):
         k = m.kernel_size[0] * m.kernel_size[1]

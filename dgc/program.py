@@ -148,12 +148,12 @@ def model_eval(x: Tensor, packed: list[Tensor], spec: str) -> Tensor:
 
 SCHEMA = "model_eval(Tensor x, Tensor[] packed, str spec) -> Tensor"
 # A plain kernel for every backend (CompositeExplicitAutograd), as dgc.layers.shipped's.
-_LIB = torch.library.Library("dgc", "FRAGMENT")  # noqa: TOR901  (kept alive: it owns the registration)
+_LIB = torch.library.Library("dgc", "FRAGMENT")  # kept alive: it owns the registration
 _LIB.define(SCHEMA)
 _LIB.impl("model_eval", model_eval, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(OP_NAME, lib=_LIB)
-def _(x, packed, spec):  # noqa: ANN001, ANN202
+def _(x: Tensor, packed: list[Tensor], spec: str) -> Tensor:
     out = json.loads(spec)["out"]
     return x.new_empty(x.shape[0], *out)  # (B, *out)

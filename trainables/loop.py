@@ -194,7 +194,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], c
     training batches of the network as it now is (training mode, no gradient); returns the
     batches used. The momentum averages otherwise still hold the earlier networks of the
     pruning ramp."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # noqa: SLF001 (torch's BatchNorms have no public base)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()

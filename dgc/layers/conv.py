@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from typing import Protocol
 
 from torch import nn
@@ -53,7 +54,9 @@ class ConvLayer(Protocol):
 
 def per_stage(field: str, value: StageValue, num_stages: int) -> tuple:
     """Expand a scalar to one value per stage, or check a per-stage list has the right length."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        raise TypeError(f"{field}={value!r} must be a number or one number per stage")
+    if isinstance(value, (int, float)):
         return (value,) * num_stages
     values = tuple(value)
     if len(values) != num_stages:
@@ -109,7 +112,7 @@ class OperatorSettings:
     coefficient: str = "sigmoid"
 
 
-def pop_options(kwargs: dict[str, object]) -> dict[str, object]:
+def pop_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Take the conv factory's keywords (``DgcOptions`` and the SG-CNN and DyNet settings) out
     of a recipe's keyword arguments."""
     names = (*DgcOptions.__dataclass_fields__, *OperatorSettings.__dataclass_fields__)

@@ -18,6 +18,8 @@ execute and keep for backward:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,7 +38,9 @@ class GatedGroupConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, sal, weight, stride, padding, dilation):  # type: ignore[override]
+    def forward(
+        ctx: Any, x: Tensor, sal: Tensor, weight: Tensor, stride: int, padding: int, dilation: int
+    ) -> Tensor:
         ctx.conv_args = (stride, padding, dilation, sal.shape[1])
         ctx.save_for_backward(x, sal, weight)
         same = x.dtype == sal.dtype
@@ -45,7 +49,9 @@ class GatedGroupConv(torch.autograd.Function):
         return F.conv2d(gated, weight, None, stride, padding, dilation, sal.shape[1])
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_out: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, sal, weight = ctx.saved_tensors
         stride, padding, dilation, heads = ctx.conv_args
         dtype = grad_out.dtype
@@ -62,6 +68,7 @@ class GatedGroupConv(torch.autograd.Function):
         del gated
         grad_x = grad_s = None
         if need_in:
+            assert g_in is not None  # asked of the convolution's backward (need_in)
             b, c, h, w = x.shape
             g_in = g_in.view(b, heads, c, h, w)  # (B, h, C, H, W)
             # Broadcast-multiply and reduce over contiguous axes: einsum would permute g_in
@@ -90,7 +97,18 @@ class GatheredGroupConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, weight, index, stride, padding, dilation, direct, native_bwd):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        scale: Tensor,
+        weight: Tensor,
+        index: Tensor,
+        stride: int,
+        padding: int,
+        dilation: int,
+        direct: bool,
+        native_bwd: bool,
+    ) -> Tensor:
         ctx.conv_args, ctx.weight_shape = (stride, padding, dilation), weight.shape
         ctx.native_backward = native_bwd
         rows = G.weight_rows(weight, index.shape[1])  # (h*C, O/h*k^2), reused in backward
@@ -101,7 +119,9 @@ class GatheredGroupConv(torch.autograd.Function):
         return G.fold_conv(x, index, scale, rows, weight.shape[-1], ctx.conv_args)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_out: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, None, None, None, None, None, None]:
         x, scale, rows, index = ctx.saved_tensors
         args = (ctx.conv_args, ctx.weight_shape, ctx.native_backward)
         grad_x, grad_scale, grad_w = gathered_backward(x, scale, rows, index, grad_out, *args)
@@ -115,14 +135,18 @@ class FoldedGroupConv(torch.autograd.Function):
     rebuilt in backward, not saved. args: (stride, padding, dilation)."""
 
     @staticmethod
-    def forward(ctx, x, sal, weight, stride, padding, dilation):  # type: ignore[override]
+    def forward(
+        ctx: Any, x: Tensor, sal: Tensor, weight: Tensor, stride: int, padding: int, dilation: int
+    ) -> Tensor:
         ctx.conv_args = (stride, padding, dilation)
         ctx.save_for_backward(x, sal, weight)
         w_eff = _folded_weight(weight, sal)  # (B, O, C, k, k)
         return _folded_conv(x, w_eff, ctx.conv_args)  # (B, O, H', W'), the layer's order
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_out: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, None, None, None]:
         x, sal, weight = ctx.saved_tensors
         b, heads, c = sal.shape
         w_il = _interleaved(weight, heads)  # (O, C, k, k)
@@ -238,6 +262,7 @@ def gathered_backward(
         g_xs, g_wg = _conv_backward(g_y, xs, wg, conv, b * heads, mask)
     if native_in:  # (B*h*K, HW) straight from the native kernel
         g_xs = native.igrad_planes(grad_out, index, rows, c, k, conv[1], conv[0], (h, w))
+    assert g_xs is not None  # the torch backward made it where the native kernel did not
     g_xs = g_xs.view(-1, h * w)  # (B*h*K, HW), grad of the scaled input
     grad_x = torch.zeros(b * c, h * w, dtype=dtype, device=x.device)
     grad_x.index_add_(0, x_rows, g_xs * s)
@@ -246,6 +271,7 @@ def gathered_backward(
         grad_rows = native.wgrad_weight(x, index, scale, grad_out, (o, k), conv)
         grad_w = _rows_to_weight(grad_rows, heads, weight_shape)
     else:  # (B*O, K, k, k) -> rows (B*h*K, O/h*k^2)
+        assert g_wg is not None  # the torch backward made it (mask[1])
         g_rows = g_wg.view(b, heads, o // heads, kept, k * k).transpose(2, 3)
         g_rows = g_rows.reshape(b * heads * kept, -1)
         grad_w = _weight_grad(g_rows, rows, w_rows, heads, weight_shape)

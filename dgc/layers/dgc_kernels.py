@@ -236,6 +236,7 @@ class DgcKernels(KernelChoice):
                 nm: functools.partial(eval_kernel, layer, nm, x, sal, index, scale) for nm in names
             }
         else:  # whole forwards: the native one skips the torch BN, gate and selection too
+            assert raw is not None  # a plan is made from it
             kernels = {nm: functools.partial(self._whole, layer, nm, raw) for nm in names}
             kernels["direct"] = functools.partial(native.FusedPlan(tuple(raw.shape), *plan), raw)
         return self.run(key, kernels, names[0])  # (B, O, H', W')

@@ -29,6 +29,7 @@ Differences from the reference code (all deliberate, none changes the maths):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,6 +100,10 @@ class DynamicGroupConv2d(nn.Module, FusesEpilogue):
     # hooks, eval mode, plain BNs, no grad, and its tensors views of the program's buffers,
     # rebuilt as a whole when those change; its eval calls then skip the per-call checks.
     sealed = False
+    # Registered buffers (``nn.Module.__getattr__`` finds them; annotated for the type checker).
+    inactive_channels: Tensor
+    eval_rows: Tensor
+    eval_taps: Tensor
 
     def __init__(
         self,
@@ -127,8 +132,8 @@ class DynamicGroupConv2d(nn.Module, FusesEpilogue):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.impl, self.saliency = dilation, impl, saliency
         self.heads, self.squeeze_rate, self.gate_factor = heads, squeeze_rate, gate_factor
-        self.norm = nn.BatchNorm2d(in_channels) if norm else nn.Identity()
-        self.act = nn.ReLU(inplace=True) if norm else nn.Identity()
+        self.norm: nn.Module = nn.BatchNorm2d(in_channels) if norm else nn.Identity()
+        self.act: nn.Module = nn.ReLU(inplace=True) if norm else nn.Identity()
         hidden = in_channels // effective_squeeze(in_channels, squeeze_rate)
         self.gate = SaliencyGate(in_channels, heads, hidden, gate_init)
         # Rows [i*O/h, (i+1)*O/h) are head i's dense kernel over all C input channels.
@@ -174,7 +179,7 @@ class DynamicGroupConv2d(nn.Module, FusesEpilogue):
         self.inactive_channels.fill_(n)
         self.n_inactive = int(n)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         if not self.inactive_channels.is_meta:
             self.n_inactive = int(self.inactive_channels)  # one sync per load, not per step
@@ -223,14 +228,13 @@ class DynamicGroupConv2d(nn.Module, FusesEpilogue):
         pools for the gate too) where the BN and ReLU are plain and nothing has hooks."""
         m = self._modules
         norm, act = m["norm"], m["act"]
-        if (
-            self.training
-            and native_bn_relu_applies(norm, act, x)
-            and not hooked(m["gate"], norm, act)
-            and native.trains(x, self.weight, self.dilation)
-        ):
-            z, sums = native_bn_relu_train(norm, x)  # (B, C, H, W), (B, C)
-            return z, self.gate(sums, 1.0 / (x.shape[2] * x.shape[3]))  # (B, h, C)
+        assert norm is not None and act is not None  # registered in __init__
+        if self.training and native_bn_relu_applies(norm, act, x):
+            gate = m["gate"]
+            assert gate is not None
+            if not hooked(gate, norm, act) and native.trains(x, self.weight, self.dilation):
+                z, sums = native_bn_relu_train(norm, x)  # (B, C, H, W), (B, C)
+                return z, self.gate(sums, 1.0 / (x.shape[2] * x.shape[3]))  # (B, h, C)
         z = bn_relu(norm, act, x)  # (B, C, H, W)
         return z, saliencies(self.gate, z)  # (B, h, C), float32 under autocast too
 

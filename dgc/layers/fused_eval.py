@@ -28,6 +28,18 @@ from dgc.layers.tracing import tracing
 if TYPE_CHECKING:
     from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 
+# ``native.FusedPlan``'s arguments after the shape: norm (scale, shift) or None, the gate's
+# (fc1, fc2, fc2 bias), n_inactive, mask, weight, conv (stride, padding, dilation), rows.
+PlanArgs = tuple[
+    tuple[Tensor, Tensor] | None,
+    tuple[Tensor, Tensor, Tensor],
+    int,
+    bool,
+    Tensor,
+    tuple[int, int, int],
+    Tensor,
+]
+
 
 class FusedEval:
     """A layer's native eval plans, one per (input shape, epilogue), each rebuilt when a
@@ -68,12 +80,16 @@ class FusedEval:
             return None
         return plan(x, residual)  # (B, O, H', W')
 
-    def plan_args(self, layer: DynamicGroupConv2d, x: Tensor) -> tuple | None:
+    def plan_args(self, layer: DynamicGroupConv2d, x: Tensor) -> PlanArgs | None:
         """``native.FusedPlan``'s arguments after the shape, or None where it cannot run."""
         if not native.supported(x, layer.weight, layer.dilation) or not fusable(layer, x):
             return None
         bn = layer.norm
-        norm = None if isinstance(bn, nn.Identity) else eval_affine(bn)
+        if isinstance(bn, nn.Identity):
+            norm = None
+        else:
+            assert isinstance(bn, nn.BatchNorm2d)  # fusable: a plain eval BN where not Identity
+            norm = eval_affine(bn)
         gate = (layer.gate.fc1_weight, layer.gate.fc2_weight, layer.gate.fc2_bias)
         conv = (layer.stride, layer.padding, layer.dilation)
         mask = layer.saliency == "mask"
@@ -97,16 +113,18 @@ class FusedEval:
         layer: DynamicGroupConv2d,
         key: tuple,
         x: Tensor,
-        bn: nn.BatchNorm2d | None = None,
+        bn: nn.Module | None = None,
         relu: bool = False,
     ) -> native.FusedPlan | None:
-        """The native plan for ``key``; ``bn``, ``relu``: its epilogue."""
+        """The native plan for ``key``; ``bn``, ``relu``: its epilogue, a plain eval
+        BatchNorm2d (``epilogue`` checked it, or the layer is sealed)."""
 
-        def sources() -> list[Tensor]:
+        def sources() -> list[Tensor | None]:
             # Read through the modules' dicts: nn.Module.__getattr__ costs about a
             # microsecond each, on every eval call.
             gate, norm = layer._modules["gate"], layer._modules["norm"]
-            tensors = [*layer._parameters.values(), *gate._parameters.values()]
+            assert gate is not None and norm is not None  # registered by the layer
+            tensors: list[Tensor | None] = [*layer._parameters.values(), *gate._parameters.values()]
             for m in (norm,) if bn is None else (norm, bn):
                 tensors += [*m._parameters.values(), *m._buffers.values()]
             return tensors
@@ -115,6 +133,7 @@ class FusedEval:
             args = self.plan_args(layer, x)
             if args is None:
                 return None
+            assert bn is None or isinstance(bn, nn.BatchNorm2d)
             epilogue = None if bn is None else (*eval_affine(bn), relu)
             return native.FusedPlan(tuple(x.shape), *args, epilogue=epilogue)
 
@@ -126,10 +145,12 @@ def fusable(layer: DynamicGroupConv2d, x: Tensor) -> bool:
     records (``dgc.layers.shipped``): no autocast, no hooks on the submodules it bypasses, and
     a plain eval BN-ReLU or none. Checked on every eager eval call."""
     m = layer._modules
-    if torch.is_autocast_enabled(x.device.type) or hooked(m["gate"], m["norm"], m["act"]):
+    gate, norm, act = m["gate"], m["norm"], m["act"]
+    assert gate is not None and norm is not None and act is not None  # registered by the layer
+    if torch.is_autocast_enabled(x.device.type) or hooked(gate, norm, act):
         return False
-    no_norm = isinstance(m["norm"], nn.Identity) and isinstance(m["act"], nn.Identity)
-    return no_norm or plain_eval_bn(m["norm"])
+    no_norm = isinstance(norm, nn.Identity) and isinstance(act, nn.Identity)
+    return no_norm or plain_eval_bn(norm)
 
 
 def _call_fusable(layer: DynamicGroupConv2d, x: Tensor) -> bool:

@@ -62,6 +62,7 @@ class PreactGroupConv2d(nn.Sequential):
                 return y
         elif not self.training and self.ship_op and tracing() and self._plain(x):
             bn, _, conv = self._modules.values()
+            assert isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d)  # _plain
             return record_group_conv_eval(bn, conv, x)  # (B, O, H', W'), one recorded operator
         return super().forward(x)  # (B, O, H', W')
 
@@ -76,7 +77,9 @@ class PreactGroupConv2d(nn.Sequential):
     def _forward_native(self, x: Tensor, out: Tensor | None = None) -> Tensor | None:
         if not self._call_plain(x):
             return None  # a trace records dgc's operator (forward), not a ctypes call
-        if not native.supported(x, self._modules["2"].weight, 1):
+        weight = self._modules["2"]._parameters["weight"]  # the conv's, without __getattr__
+        assert weight is not None
+        if not native.supported(x, weight, 1):
             return None  # not float32 on the CPU, a dispatch mode, or no library
         key = (tuple(x.shape), x.dtype, x.device)
         name = self.kernels.known(key, ("native", "torch"))
@@ -118,15 +121,18 @@ class PreactGroupConv2d(nn.Sequential):
         bn, _, conv = self._modules.values()
 
         def build() -> native.GroupConvPlan:
+            assert isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d)  # _plain
             with torch.no_grad():
                 rows = native.group_rows(conv.weight, conv.groups)
                 norm = eval_affine(bn)
-            geometry = (conv.stride[0], conv.padding[0], conv.groups)
+            padding = conv.padding
+            assert not isinstance(padding, str)  # _plain: (p, p)
+            geometry = (conv.stride[0], padding[0], conv.groups)
             k, o = conv.kernel_size[0], conv.out_channels
             return native.GroupConvPlan(tuple(x.shape), norm, rows, o, k, geometry)
 
-        def sources() -> list[Tensor]:
-            return [conv.weight, *bn._parameters.values(), *bn._buffers.values()]
+        def sources() -> list[Tensor | None]:
+            return [conv._parameters["weight"], *bn._parameters.values(), *bn._buffers.values()]
 
         plan = self.plans.get(key, sources, build, sealed=self.sealed)
         assert plan is not None

@@ -19,6 +19,8 @@ import time
 import warnings
 from collections.abc import Callable
 from collections.abc import Hashable
+from collections.abc import Mapping
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -27,6 +29,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from dgc.layers.tracing import tracing
 
 TIMED_RUNS = 3
+
+R = TypeVar("R")  # what the kernels return: a tensor, or a tuple of them (the backward's)
 
 
 class KernelChoice:
@@ -57,7 +61,7 @@ class KernelChoice:
         self.last = name
         return name
 
-    def run(self, key: Hashable, kernels: dict[str, Callable[[], Tensor]], default: str) -> Tensor:
+    def run(self, key: Hashable, kernels: Mapping[str, Callable[[], R]], default: str) -> R:
         """Run the kernel chosen for ``key``, choosing it first if the shape is new.
 
         While a trace or export records the forward, or a dispatch mode sees its operators
@@ -73,25 +77,29 @@ class KernelChoice:
         elif tracing() or is_in_torch_dispatch_mode():
             name = self._traceable_choice(key, kernels, default)
         else:
-            name = self.chosen.get(key)
-            if name is None:
+            chosen = self.chosen.get(key)
+            if chosen is None:
                 timed = self.measure and len(kernels) > 1
                 # Deterministic algorithms asked for: no timing, whose outcome varies by run.
                 timed = timed and not torch.are_deterministic_algorithms_enabled()
-                name = self._fastest(key, kernels) if timed else default
-                self.chosen[key] = name
+                chosen = self._fastest(key, kernels) if timed else default
+                self.chosen[key] = chosen
+            name = chosen
         self.last = name
         return kernels[name]()
 
-    def _traceable_choice(self, key: Hashable, kernels: dict, default: str) -> str:
+    def _traceable_choice(
+        self, key: Hashable, kernels: Mapping[str, Callable[[], object]], default: str
+    ) -> str:
         key = _concrete(key)  # a trace sees sizes as tensors; the eager keys hold ints
         timed = self.times.get(key, {}) if _hashable(key) else {}
         timed = {k: t for k, t in timed.items() if k in kernels}
         if timed:
             return min(timed, key=timed.__getitem__)
-        return self.last if self.last in kernels else default
+        last = self.last
+        return last if last is not None and last in kernels else default
 
-    def _fastest(self, key: Hashable, kernels: dict[str, Callable[[], Tensor]]) -> str:
+    def _fastest(self, key: Hashable, kernels: Mapping[str, Callable[[], object]]) -> str:
         times: dict[str, list[float]] = {name: [] for name in kernels}
         for name, kernel in kernels.items():  # warm-up (allocator, oneDNN/cuDNN plans)
             _timed(kernel)
@@ -115,7 +123,7 @@ def _concrete(key: object) -> object:
     return key
 
 
-def _timed(kernel: Callable[[], Tensor]) -> float:
+def _timed(kernel: Callable[[], object]) -> float:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     if cuda:
         torch.cuda.synchronize()  # time this kernel, not the work queued before it

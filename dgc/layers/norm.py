@@ -4,6 +4,9 @@ in one native pass."""
 
 from __future__ import annotations
 
+from typing import Any
+from typing import TypeGuard
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -14,16 +17,18 @@ from dgc.layers import native
 
 def eval_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """An eval BatchNorm2d (running statistics) as per-channel (scale, shift), both (C,)."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None  # the callers checked plain_eval_bn(bn)
+    scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.detach()
-    shift = -bn.running_mean * scale
+    shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias.detach()
     return scale, shift
 
 
-def plain_eval_bn(bn: nn.Module) -> bool:
+def plain_eval_bn(bn: nn.Module) -> TypeGuard[nn.BatchNorm2d]:
     """Whether ``bn`` is an eval BatchNorm2d with running statistics and no hooks, which may
     then be applied functionally or as its per-channel affine (``eval_affine``) inside a
     native call."""
@@ -60,7 +65,7 @@ def native_bn_relu_train(bn: nn.BatchNorm2d, x: Tensor) -> tuple[Tensor, Tensor]
     return y, sums  # (B, C, H, W), (B, C)
 
 
-def native_bn_relu_applies(bn: nn.Module, act: nn.Module, x: Tensor) -> bool:
+def native_bn_relu_applies(bn: nn.Module, act: nn.Module, x: Tensor) -> TypeGuard[nn.BatchNorm2d]:
     """Whether ``native_bn_relu_train`` computes ``act(bn(x))``: a plain training BatchNorm2d
     and ReLU, and more than one value per channel (torch's BN then raises its own error). The
     caller checks hooks and that the step may run natively (``native.trains``)."""
@@ -75,27 +80,33 @@ class BatchNormReLU(torch.autograd.Function):
     running statistics, are not differentiable. CPU float32 only (the caller checks)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         y, sums, mean, var = native.bn_relu_train(x, weight, bias, eps)
         ctx.save_for_backward(x, mean, torch.rsqrt(var + eps), weight, bias)
         ctx.mark_non_differentiable(mean, var)
         return y, sums, mean, var
 
     @staticmethod
-    def backward(ctx, grad_y, grad_sums, _grad_mean, _grad_var):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_y: Tensor, grad_sums: Tensor, _grad_mean: Tensor, _grad_var: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
         x, mean, invstd, weight, bias = ctx.saved_tensors
         args = (grad_y, grad_sums, x, mean, invstd, weight, bias)
-        grad_x, grad_w, grad_b = native.bn_relu_train_backward(*args)
-        grad_w = grad_w if ctx.needs_input_grad[1] else None
-        grad_b = grad_b if ctx.needs_input_grad[2] else None
+        grad_x, weight_grad, bias_grad = native.bn_relu_train_backward(*args)
+        grad_w = weight_grad if ctx.needs_input_grad[1] else None
+        grad_b = bias_grad if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
 
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
     """What ``nn.BatchNorm2d`` does to its buffers in a training forward: the momentum (or,
     for momentum None, cumulative) average of the batch mean and unbiased variance."""
+    count, running_mean, running_var = bn.num_batches_tracked, bn.running_mean, bn.running_var
+    assert count is not None and running_mean is not None and running_var is not None  # tracked
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.mul_(1.0 - f).add_(mean, alpha=f)
-        bn.running_var.mul_(1.0 - f).add_(var, alpha=f * n / max(n - 1, 1))
+        count.add_(1)
+        f = 1.0 / float(count) if bn.momentum is None else bn.momentum
+        running_mean.mul_(1.0 - f).add_(mean, alpha=f)
+        running_var.mul_(1.0 - f).add_(var, alpha=f * n / max(n - 1, 1))

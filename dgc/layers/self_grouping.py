@@ -35,6 +35,7 @@ import functools
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,10 @@ class SelfGroupingConv2d(nn.Module):
         name: the layer's name in its network (errors, seeding).
     """
 
+    # Registered buffers (``nn.Module.__getattr__`` finds them; annotated for the type checker).
+    mask: Tensor
+    steps_done: Tensor
+
     def __init__(
         self,
         in_channels: int,
@@ -248,7 +253,7 @@ class SelfGroupingConv2d(nn.Module):
         self._steps_done, self._groups = step, None
         self._packed.clear()
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         if self.steps_done.device.type != "meta":
             self._steps_done, self._groups = int(self.steps_done), None

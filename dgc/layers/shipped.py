@@ -30,6 +30,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Generic
+from typing import TypeVar
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -42,20 +47,34 @@ from dgc.layers.saliency import SaliencyGate
 OP_NAME = "dgc::dynamic_group_conv_eval"
 CACHED_LAYERS = 512
 
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; the package supports 3.10
+    from typing import Unpack
 
-class _Layers:
+    # The tensors an operator receives: the weight first, then the others (optional: None).
+    Tensors = tuple[Tensor, Unpack[tuple[Tensor | None, ...]]]
+    # The DGC operator's: weight, fc1, fc2, fc2 bias, then the BN's mean, var, weight, bias.
+    DgcTensors = tuple[
+        Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None
+    ]
+    # The group conv operator's: weight, then the BN's mean, var, weight and bias.
+    GroupConvTensors = tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+T = TypeVar("T", bound="Tensors")
+M = TypeVar("M", bound=nn.Module)
+
+
+class _Layers(Generic[T, M]):
     """Eager layers by the storages of their tensors and their settings (LRU, thread-safe),
     built by ``rebuild(tensors, settings)``.
 
     A cached layer holds its tensors, so no other tensor can reuse their addresses while the
     entry lives; the weight's (first tensor's) shape, dtype and device are part of the key."""
 
-    def __init__(self, size: int, rebuild: Callable[[tuple, tuple], nn.Module]) -> None:
+    def __init__(self, size: int, rebuild: Callable[[T, tuple], M]) -> None:
         self.size, self._rebuild = size, rebuild
-        self._layers: OrderedDict[tuple, nn.Module] = OrderedDict()
+        self._layers: OrderedDict[tuple, M] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, tensors: tuple[Tensor | None, ...], settings: tuple) -> nn.Module:
+    def get(self, tensors: T, settings: tuple) -> M:
         weight = tensors[0]
         key = (*[None if t is None else t.data_ptr() for t in tensors], *settings)
         key = (*key, weight.shape, weight.dtype, weight.device)
@@ -73,7 +92,7 @@ class _Layers:
         return layer
 
 
-def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> DynamicGroupConv2d:
+def _layer_around(tensors: DgcTensors, settings: tuple) -> DynamicGroupConv2d:
     """An eval DGC layer whose parameters and buffers are ``tensors`` themselves (not copies)."""
     weight, fc1, fc2, b2, mean, var, bn_w, bn_b = tensors
     n, stride, padding, dilation, mask, eps = settings
@@ -84,9 +103,10 @@ def _layer_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> Dynami
         saliency="mask" if mask else "scale", norm=mean is not None,
     )  # fmt: skip
     layer.gate = SaliencyGate(c, heads, hidden)
-    layer.gate._parameters.update(fc1_weight=fc1, fc2_weight=fc2, fc2_bias=b2)
-    layer._parameters["weight"] = weight
+    _tensors(layer.gate).update(fc1_weight=fc1, fc2_weight=fc2, fc2_bias=b2)
+    _tensors(layer)["weight"] = weight
     if mean is not None:
+        assert isinstance(layer.norm, nn.BatchNorm2d)  # norm=True above
         _bn_around(layer.norm, (mean, var, bn_w, bn_b), eps)
     layer.n_inactive = n
     layer.inactive_channels.fill_(n)
@@ -97,8 +117,14 @@ def _bn_around(bn: nn.BatchNorm2d, tensors: tuple[Tensor | None, ...], eps: floa
     """Make ``bn``'s statistics and affine parameters ``tensors`` (mean, var, weight, bias)."""
     mean, var, weight, bias = tensors
     bn._buffers.update(running_mean=mean, running_var=var)
-    bn._parameters.update(weight=weight, bias=bias)
+    _tensors(bn).update(weight=weight, bias=bias)
     bn.affine, bn.eps = weight is not None, eps
+
+
+def _tensors(module: nn.Module) -> dict[str, Tensor | None]:
+    """``module._parameters``, into which these layers put the program's tensors as they are:
+    plain tensors where torch declares ``nn.Parameter`` (no copy, no ``requires_grad``)."""
+    return cast("dict[str, Tensor | None]", module._parameters)
 
 
 _LAYERS = _Layers(CACHED_LAYERS, _layer_around)
@@ -140,13 +166,15 @@ def dynamic_group_conv_eval(
 # wrappers run on every call, the operator cost 15 us a layer more than the eager layer, this
 # kernel 3-4 us (bench/dgc_profile.py shipped, DyResNet-20 at batch 1: 20 such layers in a
 # forward of 1.3-2 ms). No autograd formula: the programs that record it are eval programs.
-_LIB = torch.library.Library("dgc", "DEF")  # noqa: TOR901  (kept alive: it owns the registration)
+_LIB = torch.library.Library("dgc", "DEF")  # kept alive: it owns the registration
 _LIB.define(SCHEMA)
 _LIB.impl("dynamic_group_conv_eval", dynamic_group_conv_eval, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(OP_NAME, lib=_LIB)
-def _(x, weight, fc1_weight, fc2_weight, fc2_bias, *args):  # noqa: ANN001, ANN002, ANN202
+def _(
+    x: Tensor, weight: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, fc2_bias: Tensor, *args: Any
+) -> Tensor:
     # The output's shape only: (B, O, H', W'). args: the BN's four tensors, n, conv, ...
     stride, padding, dilation = args[5]
     k = weight.shape[-1]
@@ -162,14 +190,16 @@ GROUP_SCHEMA = (
 )
 
 
-def _group_conv_around(tensors: tuple[Tensor | None, ...], settings: tuple) -> PreactGroupConv2d:
+def _group_conv_around(tensors: GroupConvTensors, settings: tuple) -> PreactGroupConv2d:
     """An eval ``PreactGroupConv2d`` whose parameters and buffers are ``tensors`` themselves."""
     weight, mean, var, bn_w, bn_b = tensors
     stride, padding, groups, eps = settings
     o, cg, k, _ = weight.shape
     module = PreactGroupConv2d(cg * groups, o, k, stride, padding, groups)
-    _bn_around(module[0], (mean, var, bn_w, bn_b), eps)
-    module[2]._parameters["weight"] = weight
+    bn = module[0]
+    assert isinstance(bn, nn.BatchNorm2d)  # PreactGroupConv2d's first module
+    _bn_around(bn, (mean, var, bn_w, bn_b), eps)
+    _tensors(module[2])["weight"] = weight
     return module.eval().to(weight.device)
 
 
@@ -198,7 +228,7 @@ _LIB.impl("preact_group_conv_eval", preact_group_conv_eval, "CompositeExplicitAu
 
 
 @torch.library.register_fake("dgc::preact_group_conv_eval", lib=_LIB)
-def _(x, weight, *args):  # noqa: ANN001, ANN002, ANN202
+def _(x: Tensor, weight: Tensor, *args: Any) -> Tensor:
     # The output's shape only: (B, O, H', W'). args: the BN's four tensors, conv, eps.
     stride, padding, _ = args[4]
     k = weight.shape[-1]

@@ -7,8 +7,8 @@ conv, "fully dense" 2x2 average-pool transitions (no conv, no compression), no m
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -138,7 +138,7 @@ class DenseNet(nn.Module):
         modules = list(self.features)
         i = 0
         while i < len(modules):
-            stage = list(itertools.takewhile(lambda m: isinstance(m, DenseLayer), modules[i:]))
+            stage = _dense_run(modules, i)
             if not stage:
                 x = _transition(modules[i], x)  # (B, C, H/2, W/2)
                 i += 1
@@ -167,6 +167,16 @@ class DenseNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _dense_run(modules: list[nn.Module], i: int) -> list[DenseLayer]:
+    """The dense layers from ``modules[i]`` up to the next transition (none if it is one)."""
+    stage = []
+    for m in modules[i:]:
+        if not isinstance(m, DenseLayer):
+            break
+        stage.append(m)
+    return stage
+
+
 def _transition(pool: nn.Module, x: Tensor) -> Tensor:
     """A transition in eval without grad (``_features_in_place``, which checked the hooks): the
     native 2x2 average pool, equal to torch's to the bit and 3-7x faster on a CPU
@@ -188,21 +198,21 @@ def _densenet(
     heads: StageValue = 4,
     gate_factor: StageValue = 0.25,
     squeeze_rate: StageValue = 16,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> DenseNet:
     options = pop_options(kwargs)
     conv = make_conv_factory(kind, len(stages), heads, gate_factor, squeeze_rate, **options)
-    return DenseNet(stages, growth, conv, stem_stride=stem_stride, **kwargs)  # type: ignore[arg-type]
+    return DenseNet(stages, growth, conv, stem_stride=stem_stride, **kwargs)
 
 
 @register_family("densenet86")
-def densenet86(kind: str, **kwargs: object) -> DenseNet:
+def densenet86(kind: str, **kwargs: Any) -> DenseNet:
     """CIFAR DenseNet-86 (stages 14-14-14, growth 8-16-32); DGC variant = DyDenseNet-86."""
     kwargs.setdefault("num_classes", 10)
     return _densenet(kind, (14, 14, 14), (8, 16, 32), 1, **kwargs)
 
 
 @register_family("densenet74")
-def densenet74(kind: str, **kwargs: object) -> DenseNet:
+def densenet74(kind: str, **kwargs: Any) -> DenseNet:
     """ImageNet DenseNet-74 (CondenseNet-74 topology, stages 4-6-8-10-8, growth 8-...-128)."""
     return _densenet(kind, (4, 6, 8, 10, 8), (8, 16, 32, 64, 128), 2, **kwargs)

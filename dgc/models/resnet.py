@@ -13,6 +13,7 @@ backbones).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ class BasicBlock(nn.Module):
             planes, planes, 3, 1, 1, stage=stage, preact=False, name=f"{name}.conv2"
         )
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample: nn.Module | None = None
+        self.downsample: nn.Sequential | None = None
         if stride != 1 or in_channels != planes:
             self.downsample = nn.Sequential(
                 conv_layer(
@@ -102,7 +103,7 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = conv(planes, planes, 3, stride, "conv2"), nn.BatchNorm2d(planes)
         self.conv3, self.bn3 = conv(planes, out, 1, 1, "conv3"), nn.BatchNorm2d(out)
         self.act = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
+        self.downsample: nn.Sequential | None = None
         if stride != 1 or in_channels != out:
             self.downsample = nn.Sequential(
                 conv(in_channels, out, 1, stride, "downsample.0", shortcut=True),
@@ -223,7 +224,7 @@ class ImageNetStem(nn.Sequential):
     values agree to float rounding.
     """
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor) -> Tensor:
         # x: (B, 3, H, W)
         if x.device.type != "cpu" or x.dim() != 4 or self.training:
             return super().forward(x)  # (B, C, H/4, W/4)
@@ -261,7 +262,7 @@ def _resnet(
     gate_factor: StageValue | None = None,
     squeeze_rate: StageValue = 16,
     width_mult: float = 1.0,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> ResNet:
     if gate_factor is None:
         # The paper's DyResNet-18 keeps 45%; a static group conv needs 1/G, so it defaults to 1/2.
@@ -271,7 +272,7 @@ def _resnet(
     widths = [max(1, round(w * width_mult)) for w in widths]
     options = pop_options(kwargs)
     conv = make_conv_factory(kind, len(layers), heads, gate_factor, squeeze_rate, **options)
-    return ResNet(layers, widths, conv, stem=stem, **kwargs)  # type: ignore[arg-type]
+    return ResNet(layers, widths, conv, stem=stem, **kwargs)
 
 
 IMAGENET_WIDTHS = (64, 128, 256, 512)
@@ -279,26 +280,26 @@ CIFAR_WIDTHS = (16, 32, 64)
 
 
 @register_family("resnet18")
-def resnet18(kind: str, **kwargs: object) -> ResNet:
+def resnet18(kind: str, **kwargs: Any) -> ResNet:
     """ImageNet ResNet-18; DGC variant as the paper's (heads 4, gate 0.45, squeeze 16)."""
     return _resnet(kind, (2, 2, 2, 2), IMAGENET_WIDTHS, "imagenet", 0.45, **kwargs)
 
 
 @register_family("resnet34")
-def resnet34(kind: str, **kwargs: object) -> ResNet:
+def resnet34(kind: str, **kwargs: Any) -> ResNet:
     """ImageNet ResNet-34."""
     return _resnet(kind, (3, 4, 6, 3), IMAGENET_WIDTHS, "imagenet", 0.45, **kwargs)
 
 
 @register_family("resnet50")
-def resnet50(kind: str, **kwargs: object) -> ResNet:
+def resnet50(kind: str, **kwargs: Any) -> ResNet:
     """ImageNet ResNet-50 (bottlenecks, torchvision v1.5): SG-CNN's ImageNet baseline,
     4.09 G MACs and 25.55 M parameters by its counter (``count_cost(rules="sgcnn")``)."""
     return _resnet(kind, (3, 4, 6, 3), IMAGENET_WIDTHS, "imagenet", 0.45, block="bottleneck",
                    **kwargs)  # fmt: skip
 
 
-def _cifar_resnet(kind: str, depth: int, **kwargs: object) -> ResNet:
+def _cifar_resnet(kind: str, depth: int, **kwargs: Any) -> ResNet:
     n = (depth - 2) // 6
     kwargs.setdefault("num_classes", 10)
     return _resnet(
@@ -306,30 +307,30 @@ def _cifar_resnet(kind: str, depth: int, **kwargs: object) -> ResNet:
         (n, n, n),
         kwargs.pop("widths", CIFAR_WIDTHS),
         "cifar",
-        0.5,  # type: ignore[arg-type]
+        0.5,
         **kwargs,
     )
 
 
 @register_family("resnet8")
-def resnet8(kind: str, **kwargs: object) -> ResNet:
+def resnet8(kind: str, **kwargs: Any) -> ResNet:
     """CIFAR-style ResNet-8 (one block per stage): the quick, small-data network."""
     return _cifar_resnet(kind, 8, **kwargs)
 
 
 @register_family("resnet20")
-def resnet20(kind: str, **kwargs: object) -> ResNet:
+def resnet20(kind: str, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-20 (16-32-64 widths, 1x1 projection shortcuts)."""
     return _cifar_resnet(kind, 20, **kwargs)
 
 
 @register_family("resnet32")
-def resnet32(kind: str, **kwargs: object) -> ResNet:
+def resnet32(kind: str, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-32."""
     return _cifar_resnet(kind, 32, **kwargs)
 
 
 @register_family("resnet56")
-def resnet56(kind: str, **kwargs: object) -> ResNet:
+def resnet56(kind: str, **kwargs: Any) -> ResNet:
     """CIFAR ResNet-56."""
     return _cifar_resnet(kind, 56, **kwargs)

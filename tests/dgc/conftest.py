@@ -23,9 +23,9 @@ def native_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
     assert that the native kernel ran rather than a silent fallback to torch's."""
     calls: collections.Counter = collections.Counter()
 
-    def counted(name: str, fn):  # noqa: ANN001, ANN202
+    def counted(name: str, fn):
         @functools.wraps(fn)
-        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
 

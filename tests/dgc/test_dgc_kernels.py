@@ -129,7 +129,7 @@ class LaunchCount(TorchDispatchMode):
         self.ops: collections.Counter = collections.Counter()
         self.syncs: collections.Counter = collections.Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in self.SYNC:
             self.syncs[name] += 1
@@ -175,7 +175,7 @@ def test_a_training_step_launches_few_kernels_and_never_waits_for_the_host(name,
 def test_a_compiled_layer_keeps_one_graph_as_the_kept_count_moves():
     graphs = []
 
-    def backend(gm, example_inputs):  # noqa: ANN001, ANN202
+    def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 

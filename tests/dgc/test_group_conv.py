@@ -80,7 +80,7 @@ def test_training_grad_hooks_and_autocast_run_the_torch_modules():
     m.kernels = KernelChoice(prefer="native")
     x = torch.randn(2, 32, 8, 8)
 
-    def native_ran(run) -> bool:  # noqa: ANN001
+    def native_ran(run) -> bool:
         m.kernels.last = None
         run()
         return m.kernels.last == "native"

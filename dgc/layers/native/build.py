@@ -175,7 +175,7 @@ def _unload(lib: ctypes.CDLL) -> None:
     try:
         import _ctypes
 
-        _ctypes.dlclose(lib._handle)  # type: ignore[attr-defined]
+        _ctypes.dlclose(lib._handle)  # type: ignore[attr-defined, unused-ignore]  # POSIX only
     except (ImportError, AttributeError, OSError):  # no dlclose here: a new process loads it
         pass
 
