@@ -381,13 +381,15 @@ class OptunaSearcher(Searcher):
 
     def _tell(self, number: int, result: dict) -> None:
         values = [result.get(o.metric) for o in self.exp.objectives]
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
         stopped = stopped_at(result, self.exp.trial.epochs)
+        told: list[float] | None = None
         if stopped is not None and all(v is not None for v in values):
-            state, told = TrialState.PRUNED, None
-        elif not result or any(not isinstance(v, (int, float)) for v in values):
-            state, told = TrialState.FAIL, None
+            state = TrialState.PRUNED
+        elif not result or len(numbers) < len(values):
+            state = TrialState.FAIL
         else:
-            state, told = TrialState.COMPLETE, [float(v) for v in values]
+            state, told = TrialState.COMPLETE, numbers
         trial = self.study.get_trials(deepcopy=False)[number]
         if trial.state == TrialState.FAIL and state != TrialState.FAIL:
             self._retold(trial, state, told, stopped)  # failed once, trained since

@@ -82,9 +82,9 @@ def no_traceback(text: str) -> None:
     assert "Traceback" not in text, text[-4000:]
 
 
-def study_of(folder: Path) -> optuna.Study:
+def study_of(folder: Path, suffix: str = "") -> optuna.Study:
     state = SearchState.load(folder)
-    return optuna.load_study(study_name=state.study_name, storage=state.optuna_storage)
+    return optuna.load_study(study_name=state.study_name + suffix, storage=state.optuna_storage)
 
 
 def states(study: optuna.Study) -> dict[str, int]:
@@ -212,7 +212,9 @@ def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(tmp_p
     client = mlflow.MlflowClient(uri)
     for k in kids:  # every epoch of every trial recorded
         assert {m.step for m in client.get_metric_history(k.info.run_id, "epoch")} == {1, 2, 3}
-    assert states(study_of(folder)) == {"COMPLETE": 5}  # trained means COMPLETE, none lost
+    assert states(study_of(folder)) == {"COMPLETE": 4}  # trained means COMPLETE, none lost
+    references = study_of(folder, ".references")
+    assert states(references) == {"COMPLETE": 1} and len(references.trials) == 1
 
 
 def _suggest_one_more(folder: Path) -> dict:
