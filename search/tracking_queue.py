@@ -196,15 +196,23 @@ class TrackingQueue:
 
     def close(self, timeout: float | None = None) -> int:
         """Flush (at most ``timeout`` seconds), stop the thread, keep what is unsent in
-        ``<folder>/tracking_pending.jsonl``. Returns the number of writes kept."""
-        sent = self.flush(timeout)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            unsent = list(self._ops)  # the write in flight, if any, is sent again later
-            self._ops.clear()
-        if self._thread is not None and sent:
-            self._thread.join(timeout=5)
+        ``<folder>/tracking_pending.jsonl`` (also when a signal cuts the wait short). Returns
+        the number of writes kept."""
+        sent = False
+        try:
+            sent = self.flush(timeout)
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+                unsent = list(self._ops)  # the write in flight, if any, is sent again later
+                self._ops.clear()
+            if self._thread is not None and sent:
+                self._thread.join(timeout=5)
+            kept = self._keep(unsent)
+        return kept
+
+    def _keep(self, unsent: list[dict[str, Any]]) -> int:
         if not unsent:
             return 0
         try:
