@@ -10,7 +10,6 @@ or the next free one when another search holds it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import tempfile
@@ -135,12 +134,6 @@ def check_local_fit(exp: ExperimentConfig, source: str, address: str | None = No
     if address or exp.ray.address or os.environ.get(RAY_ADDRESS_ENV):
         return
     r = exp.resources
-    for name, value in (("cpu", r.cpu), ("gpu", r.gpu)):
-        if value > 1 and not float(value).is_integer():
-            raise SearchConfigError(
-                f"{source}: resources.{name} = {value:g}: Ray takes a share of one {name} "
-                f"(at most 1) or whole {name}s; use {math.floor(value)} or {math.ceil(value)}"
-            )
     cpus = exp.ray.num_cpus or len(os.sched_getaffinity(0))
     where = f"ray.num_cpus = {cpus}" if exp.ray.num_cpus else f"this machine's {cpus} CPUs"
     if r.cpu > cpus:
