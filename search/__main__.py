@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from search.config import load_experiment
         from search.launch import launch
 
-        return launch(load_experiment(args.file, args.overrides), args.file, args.address)
+        exp = load_experiment(args.file, args.overrides)
+        return launch(exp, args.file, args.address, args.overrides)
     if args.command == "resume":
         from search.launch import resume
 
@@ -76,7 +78,21 @@ def dispatch(args: argparse.Namespace) -> int:
 QUIET_ENV = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Ray's "Unhandled error" tracebacks of trial tasks that a stop discarded: Tune recorded
+    # each trial's error already (in its MLflow run), and the stop says what happened.
+    "RAY_IGNORE_UNHANDLED_ERRORS": "1",
+    # MLflow prints a "View run ... at: URL" line to stdout as each run of an http tracking
+    # server ends, with the URL's password in clear; the tool prints its own redacted links.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
+#: loggers whose lines this tool says itself, in one line: a stop's summary, a trial's failure
+#: (with its text in MLflow), a stopped search's resume command
+QUIET_LOGGERS = (
+    "ray.tune.tune",  # "Stop signal received ...", "Resume experiment with: Tuner.restore(...)"
+    "ray.tune.execution.tune_controller",  # each trial error's traceback
+    "ray.tune.analysis.experiment_analysis",  # "Failed to fetch metrics" of unstarted trials
+    "ray.tune.result_grid",
+)
 
 
 MAX_MESSAGE = 4000
@@ -96,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())  # no password of a storage URL in any log line
-    for noisy in ("mlflow", "alembic", "ray", "urllib3", "filelock"):
+    for noisy in ("mlflow", "alembic", "ray", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # urllib3 warns at every retry of a request; the tracking queue says once that the
+    # tracking server is away, and once that it is back
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    for noisy in QUIET_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -109,6 +130,30 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the output went to a pipe that closed (`... | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt as err:  # before a search began, or in another command
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"stopped ({signal.Signals(signum).name}) before the command finished; run it "
+              "again to finish", file=sys.stderr)  # fmt: skip
+        return 128 + signum
+    except Exception as err:  # noqa: BLE001  (a bug or an unforeseen fault: one line, a file)
+        print(f"error: {_capped(_unexpected(err))}", file=sys.stderr)
+        return 1
+
+
+def _unexpected(err: Exception) -> str:
+    """One line for an unexpected error; its traceback goes to a file it names."""
+    import tempfile
+    import time
+    import traceback
+
+    from search.faults import describe
+
+    path = Path(tempfile.gettempdir()) / f"dgc-search-error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    try:
+        path.write_text(redact("".join(traceback.format_exception(err))), encoding="utf-8")
+    except OSError:
+        return describe(err)
+    return f"{describe(err)} (the traceback is in {path})"
 
 
 if __name__ == "__main__":

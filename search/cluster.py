@@ -1,12 +1,21 @@
 """The Ray cluster a search runs on: reachability and resource checks before anything is
-written, and joining or starting it."""
+written, and joining or starting it.
+
+Two searches on one machine each start their own local cluster unless told to share one
+(``ray start --head`` once, then ``--address 127.0.0.1:6379`` for both). Local clusters start
+one at a time (a machine-wide file lock), each with a free dashboard port: the configured one,
+or the next free one when another search holds it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
+
+import filelock
 
 from search import names as N
 from search.config import ExperimentConfig
@@ -31,13 +40,20 @@ def check_cluster_reachable(address: str | None) -> None:
             "or runs as a job: `ray job submit --address "
             f"{address} --working-dir . -- python -m search launch X.yaml` (docs/tracking.md)"
         )
-    hostport = address.removeprefix("ray://").rstrip("/")
+    if address.startswith("ray://"):
+        raise SearchConfigError(
+            f"ray address {address!r}: Ray Client (ray://) is not supported, since the search's "
+            "driver (its study, its tracking queue, Ctrl-C) must run on a node of the cluster; "
+            "run the command on the head node with --address HOST:PORT, or submit it as a job "
+            "(`ray job submit ... -- python -m search launch X.yaml`, docs/tracking.md)"
+        )
+    hostport = address.rstrip("/")
     host, _, port = hostport.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit():
         raise SearchConfigError(
             f"ray address {address!r} has no port; give HOST:PORT of the head node (the "
-            "--port of `ray start --head`, 6379 by default) or ray://HOST:10001"
+            "--port of `ray start --head`, 6379 by default)"
         )
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
@@ -66,16 +82,18 @@ def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
             address=target, job_config=named, configure_logging=False, log_to_driver=False
         )
     else:  # "local": a new cluster, not the last one `ray start` left on this machine
-        ctx = ray.init(
-            address="local",
-            num_cpus=exp.ray.num_cpus,
-            include_dashboard=exp.ray.dashboard,
-            dashboard_host="127.0.0.1",
-            dashboard_port=exp.ray.dashboard_port,
-            job_config=named,
-            configure_logging=False,
-            log_to_driver=False,
-        )
+        with filelock.FileLock(str(Path(tempfile.gettempdir()) / START_LOCK)):
+            port = free_port(exp.ray.dashboard_port) if exp.ray.dashboard else None
+            ctx = ray.init(
+                address="local",
+                num_cpus=exp.ray.num_cpus,
+                include_dashboard=exp.ray.dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port or exp.ray.dashboard_port,
+                job_config=named,
+                configure_logging=False,
+                log_to_driver=False,
+            )
     url = getattr(ctx, "dashboard_url", "") or ""
     if url:
         log.info(
@@ -83,6 +101,57 @@ def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
             "prints; see docs/tracking.md)",
             url.removeprefix("http://"),
         )
+
+
+#: held while a local cluster starts, so that two searches never pick the same free port
+START_LOCK = "dgc-search-ray-start.lock"
+
+
+def free_port(wanted: int, tries: int = 100) -> int:
+    """``wanted`` if nothing listens on it on 127.0.0.1, else the next port that is free."""
+    for port in range(wanted, min(wanted + tries, 65536)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port != wanted:
+            log.warning(
+                "dashboard port %d is taken (another search's dashboard?); this search's "
+                "dashboard is on port %d",
+                wanted,
+                port,
+            )
+        return port
+    return wanted  # Ray's own error names the port
+
+
+def check_local_fit(exp: ExperimentConfig, source: str, address: str | None = None) -> None:
+    """Refuse, without starting anything, a per-trial request larger than the local cluster
+    the file describes (``ray.num_cpus``, else this machine's CPUs; this machine's GPUs).
+    Joined clusters (also a job's, ``$RAY_ADDRESS``) are checked once joined
+    (``check_resources``)."""
+    if address or exp.ray.address or os.environ.get(RAY_ADDRESS_ENV):
+        return
+    r = exp.resources
+    cpus = exp.ray.num_cpus or len(os.sched_getaffinity(0))
+    where = f"ray.num_cpus = {cpus}" if exp.ray.num_cpus else f"this machine's {cpus} CPUs"
+    if r.cpu > cpus:
+        raise SearchConfigError(
+            f"{source}: resources.cpu = {r.cpu:g} per trial, but the local cluster this file "
+            f"starts has {cpus} ({where}); lower resources.cpu, raise ray.num_cpus, or run on "
+            "a larger cluster (ray.address, or --address)"
+        )
+    if r.gpu > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if r.gpu > gpus:
+            raise SearchConfigError(
+                f"{source}: resources.gpu = {r.gpu:g} per trial, but the local cluster this "
+                f"file starts has {gpus} GPU(s) (those this machine shows to CUDA); set "
+                "resources.gpu: 0, or run on a cluster with GPUs (ray.address, or --address)"
+            )
 
 
 def check_resources(exp: ExperimentConfig) -> None:

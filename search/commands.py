@@ -37,13 +37,20 @@ def validate_command(path: str, overrides: list[str]) -> int:
 def pareto_command(target: str, register: bool, tracking_uri: str | None = None) -> int:
     """Rank, tag and plot a search given its folder or its MLflow parent run id."""
     from search.launch import rank
+    from search.lock import SearchLock
     from search.mlflow_ui import front_link
+    from search.state import SearchState
     from search.state import open_search
+    from search.tracking_queue import TrackingQueue
 
     folder = Path(target) if Path(target).is_dir() else _folder_of_run(target, tracking_uri)
     folder = folder.resolve()
-    exp, state, tracking = open_search(folder)
-    print(rank(exp, state, tracking, register, folder))
+    SearchState.load(folder)  # a search folder (the lock must not create one)
+    with SearchLock(folder, f"run `python -m search pareto {folder}` again"):
+        exp, state, tracking = open_search(folder)
+        TrackingQueue(tracking, folder).start().close()  # writes a stopped search kept
+        text = rank(exp, state, tracking, register, folder)
+    print(text)
     print(f"\nplot: {folder / 'pareto.png'} and {folder / 'pareto.html'}")
     print(front_link(tracking.uri, tracking.experiment_id, state.parent_run_id))
     return 0

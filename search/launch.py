@@ -1,4 +1,10 @@
-"""``launch``/``resume``: run a search on Ray Tune with the Optuna searcher, tracked in MLflow."""
+"""``launch``/``resume``: run a search on Ray Tune with the Optuna searcher, tracked in MLflow.
+
+A search ends in one of three ways, each with one message: its Pareto front (exit 0; 1 if every
+trial failed or none trained); a stop by Ctrl-C (130) or SIGTERM (143), after which ``resume``
+continues it (``search.interrupt``); or a fault such as a full disk (1), with what happened and
+the command that continues. Nothing recorded is lost in any of them.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from search import names as N
 from search.actors import trial_class
 from search.cluster import check_cluster_reachable
@@ -18,13 +22,27 @@ from search.cluster import check_job_paths
 from search.cluster import check_resources
 from search.cluster import connect_ray
 from search.config import ExperimentConfig
+from search.edits import apply_edits
+from search.edits import launched_from
+from search.edits import resolved
+from search.endpoints import check_database_url
+from search.endpoints import check_tracking_server
+from search.faults import FaultWatch
+from search.faults import describe
+from search.faults import save_traceback
+from search.integrity import check_folder
+from search.integrity import check_parent_run
+from search.integrity import check_tracking_store
+from search.interrupt import DrainCallback
+from search.interrupt import DrainScheduler
+from search.interrupt import Stop
+from search.lock import SearchLock
 from search.mlflow_ui import front_link
 from search.overrides import SearchConfigError
 from search.preflight import Problem
 from search.preflight import run_preflight
 from search.pretrain import ensure_pretrained
 from search.pretrain import run_config
-from search.pretrain import with_init
 from search.redact import log_redacted_artifact
 from search.redact import redact
 from search.references import reference_trials
@@ -34,55 +52,82 @@ from search.searcher import StudyRef
 from search.state import RESOLVED_FILE
 from search.state import STATE_FILE
 from search.state import SearchState
+from search.state import load_search
 from search.state import new_state
-from search.state import open_search
-from search.study_links import RunFinder
+from search.state import write_resolved
 from search.study_links import annotate_studies
 from search.tracking import ConsoleProgress
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
+from search.tracking import default_tracking_uri
+from search.tracking_queue import TrackingQueue
+from search.tune_runs import FIRST
+from search.tune_runs import Parts
+from search.tune_runs import all_records
+from search.tune_runs import can_restore
+from search.tune_runs import next_segment
+from search.tune_runs import restore
+from search.tune_runs import segments
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
 
-TUNE_NAME = "tune"
+TUNE_NAME = FIRST
+#: how long a stopped command waits for the tracking store before keeping its writes on disk
+STOP_FLUSH_S = 30.0
 
 
-def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> int:
+def launch(
+    exp: ExperimentConfig,
+    source: str,
+    address: str | None = None,
+    overrides: list[str] | None = None,
+) -> int:
     """Validate, start (or join) Ray, run the search, rank and register. Returns an exit code."""
-    if any(o.metric == M.LATENCY_MS for o in exp.objectives):
-        trial = exp.trial.model_copy(update={"measure_latency": True})
-        exp = exp.model_copy(update={"trial": trial})
+    folder = exp.experiment_dir
+    exp = resolved(exp, folder)
     check_cluster_reachable(address or exp.ray.address)
-    report = run_preflight(exp, source)
+    report = run_preflight(exp, source, address=address)
     log.info("preflight: %s", report.summary(exp.budget.macs))
     for note in report.notes:
         log.warning("%s", note)
-    folder = exp.experiment_dir
-    if (folder / STATE_FILE).exists():
-        raise SearchConfigError(
-            f"{folder} already holds a search; continue it with `python -m "
-            f"search resume {folder}` or choose another name (nothing "
-            "recorded is overwritten)"
-        )
+    check_tracking_server(exp.mlflow.tracking_uri or default_tracking_uri(), "launch again")
+    stop = Stop()
+    stop.install()
+    try:
+        with SearchLock(folder, "launch again under another name, or resume that search"):
+            if (folder / STATE_FILE).exists():
+                raise SearchConfigError(
+                    f"{folder} already holds a search; continue it with `python -m "
+                    f"search resume {folder}` or choose another name (nothing "
+                    "recorded is overwritten)"
+                )
+            return _launch(exp, source, address, overrides or [], report.problem, stop)
+    finally:
+        stop.restore()
+
+
+def _launch(
+    exp: ExperimentConfig,
+    source: str,
+    address: str | None,
+    overrides: list[str],
+    problem: Problem,
+    stop: Stop,
+) -> int:
     # Everything that can fail before the first trial runs before anything is written.
+    folder = exp.experiment_dir
     connect_ray(exp, address)
+    stop.install()  # ray.init set its own SIGTERM handler
     check_job_paths(exp)
     check_resources(exp)
     trainable = _trainable(exp, source)
-    folder.mkdir(parents=True, exist_ok=True)
-    # Absolute storage_dir in the resolved file: resume and pareto may run from another folder.
-    exp = with_init(exp.model_copy(update={"storage_dir": str(folder.parent)}), folder)
-    (folder / RESOLVED_FILE).write_text(
-        yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
-    )
-    state = new_state(exp, report.problem, folder)
-    tracking = Tracking(state.tracking_uri, state.mlflow_experiment)
-    state.parent_run_id = tracking.start_parent(
-        exp.name, _parent_params(exp), {**_run_tags(source), N.SEARCH_DIR_TAG: str(folder)}
-    )
-    log_redacted_artifact(tracking.client, state.parent_run_id, folder / RESOLVED_FILE)
-    log_redacted_artifact(tracking.client, state.parent_run_id, source)
+    write_resolved(folder, exp)
+    state = new_state(exp, problem, folder, launched_from(exp, source, overrides, folder),
+                      overrides)  # fmt: skip
+    tracking = _start_tracking(exp, state, source, folder)
+    searcher = _searcher(exp, problem, state, stop)
+    searcher.study  # noqa: B018  (the study exists before search.json says there is a search)
     state.save(folder)
     log.info(
         "experiment folder: %s | MLflow: %s (experiment %r, parent run %s)",
@@ -91,77 +136,220 @@ def launch(exp: ExperimentConfig, source: str, address: str | None = None) -> in
         state.mlflow_experiment,
         state.parent_run_id,
     )
-    _pretrain(exp, folder, tracking, state, trainable)
-    searcher = _searcher(exp, report.problem, state)
-    tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
-    return _conclude(exp, state, tracking, searcher, _fit(tuner, tracking, state, folder), folder)
+    return _run(exp, state, tracking, folder, trainable, searcher, stop)
+
+
+def _start_tracking(
+    exp: ExperimentConfig, state: SearchState, source: str, folder: Path
+) -> Tracking:
+    """The MLflow experiment and the search's parent run (its id goes into ``state``)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracking = Tracking(state.tracking_uri, state.mlflow_experiment)
+        state.parent_run_id = tracking.start_parent(
+            exp.name, _parent_params(exp), {**_run_tags(source), N.SEARCH_DIR_TAG: str(folder)}
+        )
+        log_redacted_artifact(tracking.client, state.parent_run_id, folder / RESOLVED_FILE)
+        log_redacted_artifact(tracking.client, state.parent_run_id, source)
+    except MlflowException as err:
+        raise SearchConfigError(
+            f"the tracking store {redact(state.tracking_uri)} failed before the search began "
+            f"({redact(str(err)).splitlines()[0][:200]}); launch again once it answers "
+            "(nothing was trained)"
+        ) from err
+    return tracking
 
 
 def resume(folder: Path, address: str | None = None) -> int:
-    """Continue an interrupted search: finished trials stay, running ones restart from their
-    last checkpoint, the study goes on, and no MLflow run is created twice."""
-    from optuna.trial import TrialState
-    from ray import tune
-
+    """Continue a stopped search: finished trials stay, stopped ones continue from their last
+    checkpoint, a point suggested but never started is suggested again, the study goes on,
+    and no MLflow run is created twice. Damaged state is refused before anything runs."""
     folder = folder.resolve()  # Tune's restore takes a URI: a relative path has no scheme
-    exp, state, tracking = open_search(folder)
+    SearchState.load(folder)  # a search folder (the lock must not create one)
+    stop = Stop()
+    stop.install()
+    try:
+        with SearchLock(folder, f"run `python -m search resume {folder}` again"):
+            return _resume(folder, address, stop)
+    finally:
+        stop.restore()
+
+
+def _resume(folder: Path, address: str | None, stop: Stop) -> int:
+    exp, state = load_search(folder)  # again, under the lock
+    exp = apply_edits(exp, state, folder)
     check_cluster_reachable(address or exp.ray.address)
+    # The driver only: a missing folder is damage, which check_folder names with its remedy.
+    check_database_url(
+        state.optuna_storage, "optuna_storage", str(folder / STATE_FILE), sqlite_folder=False
+    )
+    check_tracking_server(state.tracking_uri, f"`python -m search resume {folder}`")
+    check_tracking_store(state, folder)
+    records = check_folder(folder, state)
+    tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
+    check_parent_run(tracking, state, folder)
     connect_ray(exp, address)
+    stop.install()  # ray.init set its own SIGTERM handler
+    check_job_paths(exp)
     check_resources(exp)
     trainable = _trainable(exp, str(folder / RESOLVED_FILE))
-    _pretrain(exp, folder, tracking, state, trainable)
-    searcher = _searcher(exp, _problem(state), state)
-    if tune.Tuner.can_restore(str(folder / TUNE_NAME)):
-        tuner = tune.Tuner.restore(
-            str(folder / TUNE_NAME),
-            trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-        )
-    elif not searcher.study.get_trials(states=[TrialState.COMPLETE]):
-        # The launch stopped before Tune saved anything: start Tune on the same study and run.
-        log.info(
-            "%s has no Tune state yet (the launch stopped before it began); starting it", folder
-        )
-        tuner = _build_tuner(exp, folder, searcher, tracking, trainable)
-    else:
+    searcher = _searcher(exp, _problem(state), state, stop)
+    _check_tune_state(searcher, records, folder)
+    again = searcher.reconcile({r.trial_id: (r.status, r.metrics) for r in records})
+    if again:
+        log.info("%d point(s) suggested before the stop, never started, are suggested again", again)
+    write_resolved(folder, exp)  # with the edits resume applied, if any
+    tracking.client.update_run(state.parent_run_id, status="RUNNING")
+    return _run(exp, state, tracking, folder, trainable, searcher, stop)
+
+
+def _check_tune_state(searcher: OptunaSearcher, records: list, folder: Path) -> None:
+    from optuna.trial import TrialState
+
+    if not records and searcher.study.get_trials(states=[TrialState.COMPLETE]):
         raise SearchConfigError(
             f"{folder / TUNE_NAME}: Tune's state is missing but the study has finished trials; "
             "the folder was damaged. Nothing is deleted: rank what exists with `python -m "
             f"search pareto {folder}`, or launch a new search under another name"
         )
-    tracking.client.update_run(state.parent_run_id, status="RUNNING")
-    return _conclude(exp, state, tracking, searcher, _fit(tuner, tracking, state, folder), folder)
 
 
-def _pretrain(
-    exp: ExperimentConfig, folder: Path, tracking: Tracking, state: SearchState, trainable: Any
-) -> None:
-    """The search's dense network (``pretrain``), trained once; the parent run is marked
-    FAILED (KILLED on Ctrl-C) if that stops, and the folder stays resumable."""
+def _run(
+    exp: ExperimentConfig,
+    state: SearchState,
+    tracking: Tracking,
+    folder: Path,
+    trainable: Any,
+    searcher: OptunaSearcher,
+    stop: Stop,
+) -> int:
+    """Train (pretraining, then the Tune runs), then conclude, or say how it stopped."""
+    writes = TrackingQueue(tracking, folder).start()
+    searcher.run_of = writes.run_of
     try:
-        ensure_pretrained(exp, folder, tracking, trainable)
-    except BaseException as err:
-        tracking.client.set_terminated(
-            state.parent_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        )
-        raise
-
-
-def _fit(tuner: Any, tracking: Tracking, state: SearchState, folder: Path) -> Any:
-    """``tuner.fit()``; if it raises, the parent run is marked FAILED (KILLED on Ctrl-C) rather
-    than left RUNNING, and the folder stays resumable."""
+        trained = _train(exp, folder, trainable, searcher, writes, stop)
+    except KeyboardInterrupt:  # a third signal, or one outside a Tune run
+        trained = False
+    except Exception as err:  # noqa: BLE001  (one message and the resume command, no traceback)
+        return _failed(err, state, writes, folder, stop)
+    if not trained or stop.requested:
+        return _stopped(state, writes, folder, stop)
     try:
-        return tuner.fit()
-    except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        tracking.client.set_terminated(state.parent_run_id, status)
-        log.error(
-            "the search stopped (%s); continue it with `python -m search resume %s`",
-            type(err).__name__,
+        writes.flush()
+        writes.close()
+        return _conclude(exp, state, tracking, searcher, all_records(folder), folder)
+    except KeyboardInterrupt:
+        kept = writes.close(timeout=0)
+        log.warning(
+            "stopped (%s) after training, before ranking%s; rank the search with `python -m "
+            "search pareto %s`",
+            stop.signal_name,
+            f" ({kept} MLflow write(s) kept for it)" if kept else "",
             folder,
         )
-        raise
+        return stop.exit_code
+
+
+def _train(
+    exp: ExperimentConfig,
+    folder: Path,
+    trainable: Any,
+    searcher: OptunaSearcher,
+    writes: TrackingQueue,
+    stop: Stop,
+) -> bool:
+    """The pretraining and the Tune runs; False if a stop ended them."""
+    if not ensure_pretrained(exp, folder, _parts(exp, writes, stop), trainable):
+        return False
+    runs = segments(folder)
+    if runs and can_restore(runs[-1]):
+        restore(runs[-1], trainable, _parts(exp, writes, stop, searcher)).fit()
+        if stop.requested:
+            return False
+    remaining = searcher.remaining()
+    if remaining > 0 and not searcher.gave_up:
+        name = runs[-1].name if runs and not can_restore(runs[-1]) else next_segment(folder)
+        if name != FIRST:
+            log.info("%d more trial(s) (num_trials was raised): Tune run %s", remaining, name)
+        parts = _parts(exp, writes, stop, searcher)
+        tuner = _build_tuner(exp, folder, parts, trainable, name, remaining)
+        tuner.fit()
+    return not stop.requested
+
+
+def _parts(
+    exp: ExperimentConfig,
+    writes: TrackingQueue,
+    stop: Stop,
+    searcher: OptunaSearcher | None = None,
+) -> Parts:
+    """A Tune run's scheduler and callbacks (the search's, or the pretraining's without a
+    searcher)."""
+    callbacks: list[Any] = [MlflowTrialLogger(writes), DrainCallback(stop), FaultWatch(stop)]
+    scheduler = None
+    if searcher is not None:
+        objectives = [(o.metric, o.direction) for o in exp.objectives]
+        total = exp.num_trials + len(reference_trials(exp))  # references come on top
+        callbacks.append(ConsoleProgress(total, objectives))
+        scheduler = _scheduler(exp, objectives)
+    return Parts(
+        scheduler=DrainScheduler(scheduler, stop),
+        callbacks=callbacks,
+        max_failures=exp.max_failures,
+        searcher=searcher,
+        concurrency=exp.concurrency,
+        stop=stop,
+    )
+
+
+def _stopped(state: SearchState, writes: TrackingQueue, folder: Path, stop: Stop) -> int:
+    """A stop (signal or fault): what was saved, the parent run KILLED (FAILED for a fault),
+    and the command that continues."""
+    records = all_records(folder)
+    done = sum(r.status in ("TERMINATED", "ERROR") for r in records)
+    unfinished = [r for r in records if r.status not in ("TERMINATED", "ERROR")]
+    paused = [r for r in unfinished if r.metrics.get(M.EPOCH)]  # trained some epochs
+    waiting = len(unfinished) - len(paused)
+    status = "FAILED" if stop.fault else "KILLED"
+    writes.put({"op": "parent_end", "run": state.parent_run_id, "status": status})
+    kept = writes.close(timeout=STOP_FLUSH_S)
+    epochs = ", ".join(str(r.metrics.get(M.EPOCH, 0)) for r in paused)
+    log.warning(
+        "\nsearch stopped (%s): %d trial(s) ended, %d to continue from their last "
+        "checkpoint%s, %d to start; everything is saved.%s\ncontinue with: python -m "
+        "search resume %s",
+        stop.fault or stop.signal_name,
+        done,
+        len(paused),
+        f" (epochs {epochs})" if paused else "",
+        waiting,
+        f" {kept} MLflow write(s) wait in {folder}/tracking_pending.jsonl; resume sends them."
+        if kept
+        else "",
+        folder,
+    )
+    return 1 if stop.fault else stop.exit_code
+
+
+def _failed(
+    err: Exception, state: SearchState, writes: TrackingQueue, folder: Path, stop: Stop
+) -> int:
+    """An error that ended the driver's run: one message, the traceback in a file."""
+    cause = describe(err)
+    writes.put({"op": "parent_end", "run": state.parent_run_id, "status": "FAILED"})
+    writes.close(timeout=5)
+    saved = save_traceback(err, folder)
+    first = "free space, then continue" if cause.startswith("the disk is full") else "continue"
+    log.error(
+        "\nthe search stopped: %s. Nothing recorded is lost%s; %s with: "
+        "python -m search resume %s",
+        cause,
+        f" (the traceback is in {saved})" if saved else "",
+        first,
+        folder,
+    )
+    return 1
 
 
 def rank(
@@ -189,10 +377,12 @@ def _study_ref(state: SearchState) -> StudyRef:
     return StudyRef(state.optuna_storage, state.study_name)
 
 
-def _searcher(exp: ExperimentConfig, problem: Problem, state: SearchState) -> OptunaSearcher:
-    """The search's searcher; it records each trial's MLflow run on its Optuna trial."""
-    runs = RunFinder(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
-    return OptunaSearcher(exp, problem, _study_ref(state), runs)
+def _searcher(
+    exp: ExperimentConfig, problem: Problem, state: SearchState, stop: Stop
+) -> OptunaSearcher:
+    """The search's searcher. It records each trial's MLflow run on its Optuna trial, as the
+    tracking queue knows it (``_run`` connects them): a lookup that never waits for MLflow."""
+    return OptunaSearcher(exp, problem, _study_ref(state), stop=stop)
 
 
 def _problem(state: SearchState) -> Problem:
@@ -219,26 +409,19 @@ def _trainable(exp: ExperimentConfig, source: str) -> Any:
 
 
 def _build_tuner(
-    exp: ExperimentConfig,
-    folder: Path,
-    searcher: OptunaSearcher,
-    tracking: Tracking,
-    trainable: Any,
+    exp: ExperimentConfig, folder: Path, parts: Parts, trainable: Any, name: str, num_samples: int
 ) -> Any:
     from ray import tune
 
-    objectives = [(o.metric, o.direction) for o in exp.objectives]
-    total = exp.num_trials + len(reference_trials(exp))  # references come on top
-    callbacks = [MlflowTrialLogger(tracking), ConsoleProgress(total, objectives)]
-    config = run_config(exp, folder, TUNE_NAME, callbacks)
     tune_config = tune.TuneConfig(
-        search_alg=searcher,
-        scheduler=_scheduler(exp, objectives),
-        num_samples=total,
-        max_concurrent_trials=exp.concurrency,
+        search_alg=parts.searcher,
+        scheduler=parts.scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=parts.concurrency,
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
     )
+    config = run_config(exp, folder, name, parts.callbacks)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=config)
 
 
@@ -265,9 +448,9 @@ def _conclude(
     results: Any,
     folder: Path,
 ) -> int:
-    orphans = searcher.fail_orphans()
-    if orphans:
-        log.info("marked %d Optuna trial(s) that never finished as FAIL", orphans)
+    failed_for_good = searcher.conclude()
+    if failed_for_good:
+        log.info("marked %d Optuna trial(s) that failed as FAIL", failed_for_good)
     failed = [r for r in results if r.error is not None or M.TRIAL_ERROR in (r.metrics or {})]
     for r in failed:
         reason = r.error if r.error is not None else r.metrics[M.TRIAL_ERROR]

@@ -159,8 +159,16 @@ def _enabling(p: Any) -> dict[str, Any]:
 MIN_FEASIBLE_SHARE = 0.05
 
 
-def run_preflight(exp: ExperimentConfig, source: str, samples: int = 32) -> Report:
-    """Raise SearchConfigError on the first problem; otherwise the MACs range report."""
+def run_preflight(
+    exp: ExperimentConfig, source: str, samples: int = 32, address: str | None = None
+) -> Report:
+    """Raise SearchConfigError on the first problem; otherwise the MACs range report.
+    ``address``: the cluster a launch joins (--address), if any."""
+    from search.cluster import check_local_fit
+    from search.endpoints import check_endpoints
+
+    check_local_fit(exp, source, address)
+    check_endpoints(exp, source)
     problem = problem_of(exp, source)
     for key, p in exp.space.params.items():  # each value alone first: errors name it
         for v in corner_values(p):

@@ -13,8 +13,8 @@ from typing import Any
 
 from search import names as N
 from search.config import ExperimentConfig
-from search.tracking import MlflowTrialLogger
-from search.tracking import Tracking
+from search.tune_runs import Parts
+from search.tune_runs import restore
 from trainables import metrics as M
 from trainables.runner import STATE_FILE
 from trainables.runner import dense_start_config
@@ -56,10 +56,9 @@ def run_config(exp: ExperimentConfig, folder: Path, name: str, callbacks: list) 
     )
 
 
-def ensure_pretrained(
-    exp: ExperimentConfig, folder: Path, tracking: Tracking, trainable: Any
-) -> None:
+def ensure_pretrained(exp: ExperimentConfig, folder: Path, parts: Parts, trainable: Any) -> bool:
     """Train (or finish training) the dense network unless ``<folder>/pretrain.pt`` exists.
+    Returns False if a stop ended the run first (its state is saved: resume continues it).
 
     Raises:
         RuntimeError: the pretraining failed (its MLflow run holds the error).
@@ -68,21 +67,24 @@ def ensure_pretrained(
 
     target = folder / WEIGHTS
     if exp.pretrain is None or target.is_file():
-        return
+        return True
     path = folder / TUNE_NAME
     log.info("pretraining %s for %d epochs", pretrain_config(exp)["model"]["name"],
              exp.pretrain.epochs)  # fmt: skip
     if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
-                                   resume_errored=True)  # fmt: skip
+        tuner = restore(path, trainable, parts)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=pretrain_config(exp),
-            run_config=run_config(exp, folder, TUNE_NAME, [MlflowTrialLogger(tracking)]),
+            tune_config=tune.TuneConfig(scheduler=parts.scheduler),
+            run_config=run_config(exp, folder, TUNE_NAME, parts.callbacks),
         )
     result = tuner.fit()[0]
-    if result.error is not None or result.checkpoint is None or M.TRIAL_ERROR in result.metrics:
+    if parts.stop is not None and parts.stop.requested:
+        return False
+    done = result.metrics.get(M.EPOCH) == exp.pretrain.epochs
+    if result.error is not None or result.checkpoint is None or not done:
         raise RuntimeError(
             f"pretraining the dense network failed ({str(result.error)[:300]}); see the MLflow "
             f"run pretrain-dense, then `python -m search resume {folder}`"
@@ -92,3 +94,4 @@ def ensure_pretrained(
         shutil.copyfile(Path(d) / STATE_FILE, tmp)
         tmp.replace(target)
     log.info("pretrained: %s (val_accuracy %.4f)", target, result.metrics.get("val_accuracy", 0))
+    return True

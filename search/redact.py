@@ -1,8 +1,10 @@
 """Credentials out of what the product writes or prints: URLs in logs and MLflow artifacts.
 
 A storage or tracking URL may carry a password (``postgresql://user:pw@host/db``) or a token in
-its query string. The files in the search folder keep them (resume reconnects with them; they
-are the user's own files); copies sent to MLflow and every log line get ``***`` instead.
+its query string. Nothing the product writes keeps it: the files of the search folder
+(``search.json``, the resolved experiment), the MLflow artifacts and every log line get ``***``
+instead. ``resume`` and ``pareto`` take the full URL from the environment (``STORAGE_ENV``,
+``TRACKING_ENV``) or from the user's own experiment file, whose redacted form must match.
 """
 
 from __future__ import annotations
@@ -44,3 +46,24 @@ class RedactingFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         return True
+
+
+#: environment variables that give the full URLs at resume (credentials are never stored)
+STORAGE_ENV = "DGC_SEARCH_OPTUNA_STORAGE"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def hides_credential(url: str) -> bool:
+    """Whether ``url`` is a stored URL whose password or token was replaced by ``***``."""
+    return "***" in url and redact(url) == url
+
+
+def with_credential(stored: str, candidates: list[str | None]) -> str | None:
+    """The URL to connect with for a ``stored`` (redacted) one: itself if it hides nothing,
+    else the first candidate that redacts to it; None if no candidate does."""
+    if not hides_credential(stored):
+        return stored
+    for url in candidates:
+        if url and url != stored and redact(url) == stored:
+            return url
+    return None

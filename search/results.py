@@ -14,6 +14,7 @@ import torch
 
 from dgc.program import ShippedModel
 from search import names as N
+from search.logged_model import log_model
 from search.mlflow_ui import publish_front
 from search.pareto import pareto_ranks
 from search.plots import fmt_metric
@@ -136,8 +137,9 @@ def _describe_version(tracking: Tracking, name: str, version: str, p: Point) -> 
         version,
         description=f"{p.name} (run {p.run_id}): {text}; "
         + ", ".join(f"{k}={v}" for k, v in settings.items())
-        + f". Load: `import dgc` (its operator), then "
-        f"`mlflow.pytorch.load_model('models:/{name}/{version}')`.",
+        + f". Load: `mlflow.pyfunc.load_model('models:/{name}/{version}')` as it is, or "
+        f"`import dgc` (its operator), then `mlflow.pytorch.load_model('models:/{name}/"
+        f"{version}')`.",
     )
 
 
@@ -172,15 +174,7 @@ def _log_model(
     # The eval model as one dgc operator: the loaded program runs the eager model's forward
     shipped = ShippedModel(model, meta["name"], kwargs, torch.from_numpy(example))
     with tracking_uri(tracking.uri), mlflow.start_run(run_id=p.run_id):
-        # Explicit requirements: MLflow's inference imports the model in a subprocess (seconds
-        # per model); a pt2 model needs only torch to load.
-        info = mlflow.pytorch.log_model(
-            shipped,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        info = log_model(shipped, signature, example)  # with dgc in its code/ folder
     _log_weights(tracking, p.run_id, model, meta)
     client.set_tag(p.run_id, N.MODEL_URI_TAG, info.model_uri)
     return info.model_uri

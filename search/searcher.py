@@ -18,10 +18,18 @@ Reference trials are not points of the space: they are told to a study of their 
 ``<study>.references``. In the searched study a trial without parameters would sit among the
 best of every objective it leads (the dense network's accuracy) and make parameter importance
 (PED-ANOVA, which optuna-dashboard draws) come out equal for every parameter.
+
+A trial stays RUNNING in the study until it ends in Tune: an interrupted or failed trial that
+``resume`` continues is told when it finishes, and only the end of a search FAILs what failed
+for good (``conclude``). ``reconcile`` squares the study with Tune's saved state at resume: a
+point suggested but never saved by Tune (the driver was killed in between) is suggested again,
+a trial that Tune saw finish but the study did not hear of is told. The searcher hands out
+``num_trials`` searched points and the references, no more (``remaining``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import warnings
@@ -35,8 +43,10 @@ from ray.tune.search import Searcher
 
 from search import names as N
 from search.config import ExperimentConfig
+from search.interrupt import Stop
 from search.preflight import Problem
 from search.preflight import cost_point
+from search.redact import redact
 from search.references import reference_trials
 from search.scheduler import stopped_at
 from spaces.convert import assemble
@@ -46,8 +56,13 @@ from trainables import metrics as M
 
 log = logging.getLogger(__name__)
 
-#: study user attribute prefix: reference label -> the Tune trial id it was issued as
+#: study user attribute prefix: reference label -> the Tune trial id it was issued as ("": not
+#: issued, or to be issued again)
 REFERENCE_KEY = "reference:"
+#: trial user attribute: suggested, but Tune never saved it; suggest it again (``reconcile``)
+REISSUE = "reissue"
+#: trial user attribute: the FAILed trial this one repeats (it failed once, then trained)
+RETRY_OF = "retry_of"
 #: the study of the reference trials: the searched study's name and this suffix
 REFERENCES_SUFFIX = ".references"
 # Per suggestion; validate refuses spaces with < 5% feasible points (0.95**100 < 1%).
@@ -132,22 +147,32 @@ class OptunaSearcher(Searcher):
         problem: Problem,
         ref: StudyRef,
         run_of: Callable[[str], str | None] | None = None,
+        stop: Stop | None = None,
     ) -> None:
-        """``run_of``: the MLflow run of a Ray trial id (recorded on its Optuna trial; it must
-        pickle, Tune saves the searcher with the experiment)."""
+        """``run_of``: the MLflow run of a Ray trial id (recorded on its Optuna trial);
+        ``stop``: the process's stop request (a stopping search suggests nothing)."""
         super().__init__()
         self.exp, self.problem, self.ref, self.run_of = exp, problem, ref, run_of
+        self.stop = stop
         self.live: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self.gave_up = False  # no new trainable point found (``suggest`` said FINISHED)
         self._study: optuna.Study | None = None
         self._references: optuna.Study | None = None
 
     def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the searcher into tuner.pkl; a restore is given a new one (tune_runs),
+        # so the copy keeps no credential, no connection and no link to this process.
         state = self.__dict__.copy()
-        state["_study"] = state["_references"] = None  # connections do not pickle; reopened
+        state["_study"] = state["_references"] = None  # connections do not pickle
+        state["stop"] = state["run_of"] = None
+        state["ref"] = StudyRef(redact(self.ref.storage), self.ref.name)
+        text = redact(json.dumps(self.exp.model_dump(mode="json")))
+        state["exp"] = ExperimentConfig.model_validate(json.loads(text))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"run_of": None, "_references": None, **state})  # older pickles
+        defaults = {"run_of": None, "_references": None, "stop": None, "gave_up": False}
+        self.__dict__.update({**defaults, **state})  # older pickles
 
     @property
     def study(self) -> optuna.Study:
@@ -169,6 +194,13 @@ class OptunaSearcher(Searcher):
         return True  # objectives come from the experiment, in exactly one place
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.stop is not None and self.stop.requested:
+            return None  # the search is stopping: nothing new
+        again = self._reissue(trial_id)
+        if again is not None:
+            return again
+        if self.remaining() <= 0:
+            return Searcher.FINISHED  # type: ignore[return-value]  # num_trials lowered at resume
         reference = self._next_reference(trial_id)
         if reference is not None:
             return reference
@@ -179,17 +211,57 @@ class OptunaSearcher(Searcher):
                 continue
             config = self._costed_config(trial)
             if config is not None:
-                config["tags"] = {N.OPTUNA_TRIAL_TAG: trial.number}
-                for key, value in _attrs(config, trial_id).items():
-                    trial.set_user_attr(key, value)
-                self.live[trial_id] = trial.number
-                return config
+                return self._issue(trial.number, trial_id, config)
         log.warning(
             "no new trainable point in %d samples (over the budget, unbuildable or already in "
             "the study); stopping the search",
             MAX_TRIES,
         )
-        return Searcher.FINISHED
+        self.gave_up = True
+        return Searcher.FINISHED  # type: ignore[return-value]
+
+    def _issue(self, number: int, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Hand study trial ``number`` to Tune as ``trial_id`` (recorded in the study first)."""
+        config["tags"] = {N.OPTUNA_TRIAL_TAG: number}
+        for key, value in _attrs(config, trial_id).items():
+            self._set_attr(number, key, value)
+        self.live[trial_id] = number
+        return config
+
+    def _reissue(self, trial_id: str) -> dict[str, Any] | None:
+        """A point ``reconcile`` found suggested but never saved by Tune, suggested again (one
+        stopped while it was sampled is completed by the sampler first)."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not t.user_attrs.get(REISSUE):
+                continue
+            self._set_attr(t.number, REISSUE, False)
+            trial = optuna.Trial(self.study, t._trial_id)  # noqa: SLF001 (the running trial)
+            suggest_point(trial, self.exp.space, self.problem.num_stages)
+            config = self._costed_config(trial)
+            if config is None:
+                continue  # told PRUNED (over the budget) or FAIL (cannot be built)
+            log.info("Optuna trial %d was suggested before the stop but never started; "
+                     "suggesting it again", t.number)  # fmt: skip
+            return self._issue(t.number, trial_id, config)
+        return None
+
+    def issued(self) -> int:
+        """Trials handed to Tune so far: sampled ones with a Ray trial id, and references."""
+        sampled = sum(1 for t in self.study.get_trials(deepcopy=False)
+                      if N.TRIAL_TAG in t.user_attrs and RETRY_OF not in t.user_attrs)  # fmt: skip
+        refs = sum(1 for k, v in self.study.user_attrs.items() if k.startswith(REFERENCE_KEY) and v)
+        return sampled + refs
+
+    def remaining(self) -> int:
+        """Trials still to hand to Tune: the experiment's total (``num_trials`` and the
+        references) less those issued, plus those to be suggested again."""
+        total = self.exp.num_trials + len(reference_trials(self.exp))
+        again = sum(
+            1
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get(REISSUE) and N.TRIAL_TAG in t.user_attrs
+        )
+        return total - self.issued() + again
 
     def _next_reference(self, trial_id: str) -> dict[str, Any] | None:
         """The next reference trial not yet issued (recorded in the study at once, so a resumed
@@ -197,7 +269,7 @@ class OptunaSearcher(Searcher):
         issued = self.study.user_attrs
         for ref in reference_trials(self.exp):
             key = REFERENCE_KEY + ref.label
-            if key not in issued:
+            if not issued.get(key):
                 self.study.set_user_attr(key, trial_id)
                 return {**ref.config, "tags": {N.REFERENCE_TAG: ref.label}}
         return None
@@ -215,12 +287,17 @@ class OptunaSearcher(Searcher):
         result = result or {}
         values = [result.get(o.metric) for o in self.exp.objectives]
         stopped = stopped_at(result, self.exp.trial.epochs)
+        earlier = self._told(trial_id)
+        if any(t.state != TrialState.FAIL for t in earlier) or (earlier and not result):
+            return  # told already (or failed again)
         config = next(r.config for r in reference_trials(self.exp) if r.label == label)
         attrs: dict[str, Any] = {
             N.REFERENCE_TAG: label,
             **_attrs({**config, "tags": {N.REFERENCE_TAG: label}}, trial_id),
             **self._run_attr(trial_id),
         }
+        if earlier:
+            attrs[RETRY_OF] = earlier[-1].number
         if stopped is not None:
             state, attrs[N.STOPPED_TAG] = TrialState.PRUNED, stopped
         elif result and all(isinstance(v, (int, float)) for v in values):
@@ -279,11 +356,13 @@ class OptunaSearcher(Searcher):
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        """Tell the study how a trial ended. A trial that raised stays RUNNING: ``resume``
+        runs it again from its last checkpoint, and ``conclude`` FAILs it at the end."""
+        if error:
+            return
         label = self._reference_of(trial_id)
         if label is not None:
-            told = self.references.trials + self.study.trials  # (older searches: the latter)
-            if not any(t.user_attrs.get(N.TRIAL_TAG) == trial_id for t in told):
-                self._tell_reference(label, trial_id, None if error else result)
+            self._tell_reference(label, trial_id, result)
             return
         number = self.live.pop(trial_id, None)
         if number is None:
@@ -292,16 +371,57 @@ class OptunaSearcher(Searcher):
             return
         for key, value in self._run_attr(trial_id).items():
             self._set_attr(number, key, value)
-        values = (
-            None if error or not result else [result.get(o.metric) for o in self.exp.objectives]
-        )
-        stopped = stopped_at(result or {}, self.exp.trial.epochs)
-        if values is not None and stopped is not None:
-            self._prune(number, stopped)
-        elif values is None or any(v is None for v in values):
-            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        self._tell(number, result or {})
+
+    def _told(self, trial_id: str) -> list[optuna.trial.FrozenTrial]:
+        """The reference trials told as ``trial_id`` (older searches kept them in the searched
+        study)."""
+        told = self.references.trials + self.study.trials
+        return [t for t in told if t.user_attrs.get(N.TRIAL_TAG) == trial_id and not t.params]
+
+    def _tell(self, number: int, result: dict) -> None:
+        values = [result.get(o.metric) for o in self.exp.objectives]
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
+        stopped = stopped_at(result, self.exp.trial.epochs)
+        told: list[float] | None = None
+        if stopped is not None and all(v is not None for v in values):
+            state = TrialState.PRUNED
+        elif not result or len(numbers) < len(values):
+            state = TrialState.FAIL
         else:
-            self.study.tell(number, [float(v) for v in values], skip_if_finished=True)
+            state, told = TrialState.COMPLETE, numbers
+        trial = self.study.get_trials(deepcopy=False)[number]
+        if trial.state == TrialState.FAIL and state != TrialState.FAIL:
+            self._retold(trial, state, told, stopped)  # failed once, trained since
+            return
+        if state == TrialState.PRUNED:
+            self._prune(number, stopped)  # type: ignore[arg-type]
+        else:
+            self.study.tell(number, told, state=state, skip_if_finished=True)
+
+    def _retold(
+        self,
+        failed: optuna.trial.FrozenTrial,
+        state: TrialState,
+        values: list[float] | None,
+        stopped: int | None,
+    ) -> None:
+        """A trial the study FAILed at the end of an earlier run that has trained since (a
+        resume ran it again): added as a new trial with its result, ``retry_of`` the old."""
+        if any(t.user_attrs.get(RETRY_OF) == failed.number for t in self.study.trials):
+            return  # told already
+        attrs = {**failed.user_attrs, RETRY_OF: failed.number}
+        if stopped is not None:
+            attrs[N.STOPPED_TAG] = stopped
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                values=values,
+                params=failed.params,
+                distributions=failed.distributions,
+                user_attrs=attrs,
+            )
+        )
 
     def _prune(self, number: int, epoch: int) -> None:
         """A trial the scheduler stopped: PRUNED, with the epoch it reached. Its rung values
@@ -332,17 +452,48 @@ class OptunaSearcher(Searcher):
         return {N.MLFLOW_RUN_ATTR: run_id} if run_id else {}
 
     def _number_of(self, trial_id: str) -> int | None:
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get(N.TRIAL_TAG) == trial_id:
+        """The study trial issued as ``trial_id`` (the first, not a ``retry_of`` copy)."""
+        for t in self.study.get_trials(deepcopy=False):
+            if t.user_attrs.get(N.TRIAL_TAG) == trial_id and RETRY_OF not in t.user_attrs:
                 return t.number
         return None
 
-    def fail_orphans(self) -> int:
-        """FAIL study trials still RUNNING (asked, but their Tune trial never ran to the end)."""
-        orphans = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        for t in orphans:
+    def reconcile(self, tune_trials: dict[str, tuple[str, dict]]) -> int:
+        """Square the study with Tune's saved state before a resume (``tune_trials``: Ray
+        trial id -> (status, last result) over every Tune run of the search). A point the study
+        handed out that Tune never saved is suggested again; one Tune saw finish is told.
+        Returns how many points are suggested again."""
+        again = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            known = tune_trials.get(t.user_attrs.get(N.TRIAL_TAG, ""))
+            if known is None:
+                self._set_attr(t.number, REISSUE, True)
+                again += 1
+            elif known[0] == "TERMINATED":
+                self._tell(t.number, known[1])
+        for key, trial_id in self.study.user_attrs.items():
+            if not key.startswith(REFERENCE_KEY) or not trial_id or self._told(trial_id):
+                continue
+            known = tune_trials.get(trial_id)
+            if known is None:
+                self.study.set_user_attr(key, "")  # issued, never saved by Tune: issue again
+                again += 1
+            elif known[0] == "TERMINATED":
+                self._tell_reference(key.removeprefix(REFERENCE_KEY), trial_id, known[1])
+        return again
+
+    def conclude(self) -> int:
+        """At the end of a search: FAIL what is still RUNNING in the study (trials that
+        failed for good) and record failed references. Returns how many."""
+        failed = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in failed:
             self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        return len(orphans)
+        refs = 0
+        for key, trial_id in self.study.user_attrs.items():
+            if key.startswith(REFERENCE_KEY) and trial_id and not self._told(trial_id):
+                self._tell_reference(key.removeprefix(REFERENCE_KEY), trial_id, None)
+                refs += 1
+        return len(failed) + refs
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

@@ -1,7 +1,8 @@
 """MLflow tracking from the driver: one parent run per search, one child run per trial.
 
-All writes happen in the driver process (a Tune ``Callback``), so a SQLite store never sees two
-writers and workers need no access to the tracking server. Child runs are found again by their
+All writes happen in the driver process (a Tune ``Callback`` puts them on a queue that a
+background thread sends, ``search.tracking_queue``), so workers need no access to the tracking
+server and a slow or absent server never holds up training. Child runs are found again by their
 ``ray_trial_id`` tag, so a resumed search never creates a run twice.
 """
 
@@ -14,10 +15,10 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
 from mlflow.entities import Param
 from mlflow.entities import RunStatus
 from ray.tune import Callback
@@ -28,6 +29,9 @@ from search.overrides import SearchConfigError
 from search.redact import redact
 from search.scheduler import stopped_at
 from trainables import metrics as M
+
+if TYPE_CHECKING:
+    from search.tracking_queue import TrackingQueue
 
 log = logging.getLogger(__name__)
 
@@ -131,109 +135,106 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class MlflowTrialLogger(Callback):
-    """Tune callback: child run per trial with params, per-epoch metrics, status, checkpoint."""
+    """Tune callback: a child run per trial with params, per-epoch metrics, status and
+    checkpoint, written by the tracking queue's thread (``search.tracking_queue``), never in
+    the training loop. A trial the run leaves unfinished (a stop) is tagged ``interrupted``."""
 
-    def __init__(self, tracking: Tracking) -> None:
-        self.spec = (tracking.uri, tracking.experiment_name, tracking.parent_run_id)
-        self._tracking: Tracking | None = tracking
-        self.runs: dict[str, str] = {}
-        self.static: dict[str, dict[str, float]] = {}  # run -> static metrics as logged
+    def __init__(self, writes: TrackingQueue) -> None:
+        self.writes: TrackingQueue | None = writes
+        self.started: set[str] = set()
+        self.ended: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles callbacks with the experiment; the client reconnects after a restore.
-        return {"spec": self.spec, "_tracking": None, "runs": {}, "static": {}}
+        # Tune pickles callbacks with the experiment; a restore is given a new logger.
+        return {"writes": None, "started": set(), "ended": set()}
 
-    @property
-    def tracking(self) -> Tracking:
-        if self._tracking is None:
-            self._tracking = Tracking(*self.spec)
-        return self._tracking
-
-    def _run_id(self, trial: Any) -> str:
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
-        run_id = self.tracking.find_child(trial.trial_id) or self._create(trial)
-        self.runs[trial.trial_id] = run_id
-        return run_id
-
-    def _create(self, trial: Any) -> str:
-        tags = trial.config.get("tags", {})
-        number, reference = tags.get(N.OPTUNA_TRIAL_TAG, ""), tags.get(N.REFERENCE_TAG)
-        pretrain = tags.get(N.PRETRAIN_TAG)
-        client = self.tracking.client
-        run = client.create_run(
-            self.tracking.experiment_id,
-            run_name=N.trial_label(tags),
-            tags={
-                "mlflow.parentRunId": self.tracking.parent_run_id,
-                N.TRIAL_TAG: trial.trial_id,
-                "ray_trial_dir": str(trial.path or ""),
-                **_kind_tags(number, reference, pretrain),
-                N.OPERATOR_TAG: _operator(trial.config),
-            },
-        )
-        params = flat_params(trial.config)
-        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        client.log_dict(run.info.run_id, trial.config, "trial_config.json")
-        return run.info.run_id
+    def _put(self, trial: Any, op: str, **fields: Any) -> None:
+        if self.writes is None:
+            return
+        if trial.trial_id not in self.started:  # first contact in this process
+            self.started.add(trial.trial_id)
+            self.writes.put(child_op(trial))
+        if op != "child":
+            self.writes.put({"op": op, "trial": trial.trial_id, **fields})
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.tracking.client.set_tag(self._run_id(trial), "status", "running")
+        self.started.discard(trial.trial_id)  # (re)started: its run is (re)opened
+        self.ended.discard(trial.trial_id)
+        self._put(trial, "tags", tags={N.STATUS_TAG: "running"})
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         ts, step = int(time.time() * 1000), int(result.get(M.EPOCH, 0))
-        run_id = self._run_id(trial)
-        keys = list(LOGGED_METRICS) + self._changed_static(run_id, result)
-        metrics = [
-            Metric(k, float(result[k]), ts, 0 if k in STATIC_METRICS else step)
-            for k in keys
+        curves = [
+            [k, float(result[k]), ts, step]
+            for k in LOGGED_METRICS
             if isinstance(result.get(k), (int, float))
         ]
-        self.tracking.client.log_batch(run_id, metrics=metrics)
-
-    def _changed_static(self, run_id: str, result: dict) -> list[str]:
-        """Static metrics not logged yet with their current value: all on a run's first result
-        (none on a resumed run's), and an SG-CNN model's realised MACs once it has them."""
-        seen = self.static.get(run_id)
-        if seen is None:  # first result this driver sees: a resumed run has them logged
-            seen = dict(self.tracking.client.get_run(run_id).data.metrics)
-        now = {k: float(v) for k, v in result.items()
-               if k in STATIC_METRICS and isinstance(v, (int, float))}  # fmt: skip
-        self.static[run_id] = {**{k: v for k, v in seen.items() if k in STATIC_METRICS}, **now}
-        return [k for k, v in now.items() if seen.get(k) != v]
+        static = {k: float(v) for k, v in result.items()
+                  if k in STATIC_METRICS and isinstance(v, (int, float))}  # fmt: skip
+        self._put(trial, "metrics", metrics=curves, static=static)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._run_id(trial)
+        self.ended.add(trial.trial_id)
         result = trial.last_result or {}
         if M.TRIAL_ERROR in result:  # a deterministic failure, reported rather than raised
-            self._failed(trial, run_id, result.get(M.TRIAL_ERROR_TEXT) or result[M.TRIAL_ERROR])
+            self._failed(trial, result.get(M.TRIAL_ERROR_TEXT) or result[M.TRIAL_ERROR])
             return
+        tags = {}
         if trial.checkpoint is not None:
-            self.tracking.client.set_tag(run_id, N.CHECKPOINT_TAG, trial.checkpoint.path)
+            tags[N.CHECKPOINT_TAG] = trial.checkpoint.path
         stopped = stopped_at(result, int(trial.config.get("epochs", 0)))
         if stopped is not None:  # keeps its per-epoch metrics; never ranked on the front
-            self.tracking.client.set_tag(run_id, N.STOPPED_TAG, str(stopped))
-        self.tracking.client.set_tag(run_id, "status", "finished" if stopped is None else "stopped")
-        self.tracking.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+            tags[N.STOPPED_TAG] = str(stopped)
+        tags[N.STATUS_TAG] = "finished" if stopped is None else "stopped"
+        self._put(trial, "tags", tags=tags)
+        self._put(trial, "end", status=RunStatus.to_string(RunStatus.FINISHED))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._failed(trial, self._run_id(trial), error_text(trial))
+        self.ended.add(trial.trial_id)
+        self._failed(trial, error_text(trial))
 
-    def _failed(self, trial: Any, run_id: str, text: str) -> None:
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Trials the run leaves unfinished (a stop): their runs end KILLED, tagged
+        ``interrupted``; ``resume`` reopens them."""
+        for trial in trials:
+            if trial.trial_id in self.started and trial.trial_id not in self.ended:
+                self._put(trial, "tags", tags={N.STATUS_TAG: "interrupted"})
+                self._put(trial, "end", status=RunStatus.to_string(RunStatus.KILLED))
+
+    def _failed(self, trial: Any, text: str) -> None:
         text = redact(text)
-        self.tracking.client.set_tag(run_id, "status", "failed")
         # The text itself: Ray's error file lives in a session folder that is deleted later.
-        self.tracking.client.log_text(run_id, text or "(no error text)", "error.txt")
-        self.tracking.client.set_tag(run_id, "error", error_line(text)[:500])
-        self.tracking.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        self._put(trial, "text", text=text or "(no error text)", file="error.txt")
+        tags = {N.STATUS_TAG: "failed", N.ERROR_TAG: error_line(text)[:500]}
+        self._put(trial, "tags", tags=tags)
+        self._put(trial, "end", status=RunStatus.to_string(RunStatus.FAILED))
         log.warning(
-            "trial %s failed: %s (full text: artifact error.txt of run %s)",
+            "trial %s failed: %s (full text: artifact error.txt of its MLflow run)",
             trial.trial_id,
             error_line(text)[:300],
-            run_id,
         )
+
+
+def child_op(trial: Any) -> dict[str, Any]:
+    """The queue operation that finds or creates a trial's child run (and reopens it)."""
+    tags = trial.config.get("tags", {})
+    number, reference = tags.get(N.OPTUNA_TRIAL_TAG, ""), tags.get(N.REFERENCE_TAG)
+    pretrain = tags.get(N.PRETRAIN_TAG)
+    return {
+        "op": "child",
+        "trial": trial.trial_id,
+        "name": N.trial_label(tags),
+        "tags": {
+            N.TRIAL_TAG: trial.trial_id,
+            "ray_trial_dir": str(trial.path or ""),
+            **_kind_tags(number, reference, pretrain),
+            N.OPERATOR_TAG: _operator(trial.config),
+        },
+        "params": flat_params(trial.config),
+        "config": trial.config,
+    }
 
 
 def _operator(config: dict[str, Any]) -> str:

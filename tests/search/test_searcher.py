@@ -21,7 +21,7 @@ def _searcher(tmp_path, *sets):
 
 
 def test_over_budget_points_never_reach_tune_but_teach_optuna(tmp_path):
-    s = _searcher(tmp_path, "budget.macs=500000")
+    s = _searcher(tmp_path, "budget.macs=500000", "num_trials=6")
     configs = [s.suggest(f"t{i}") for i in range(6)]
     for i, c in enumerate(configs):
         cfg = TrialConfig.model_validate(c)  # a complete, valid trial config
@@ -46,9 +46,66 @@ def test_results_and_failures_are_told(tmp_path):
     s.on_trial_complete("c", {"val_accuracy": 0.8, "macs": 300000})
     by_id = {t.user_attrs["ray_trial_id"]: t for t in s.study.trials}
     assert by_id["a"].values == [0.9, 400000] and by_id["c"].values == [0.8, 300000]
-    assert by_id["b"].state == optuna.trial.TrialState.FAIL  # failed, never a zero score
+    # A trial that raised stays RUNNING: resume runs it again from its checkpoint ...
+    assert by_id["b"].state == optuna.trial.TrialState.RUNNING
     s.suggest("d")
-    assert s.fail_orphans() == 1
+    assert s.conclude() == 2  # ... and the end of the search FAILs it (and d, never run)
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in s.study.trials}
+    assert by_id["b"].state == optuna.trial.TrialState.FAIL  # failed, never a zero score
+    # Resumed later, it trained: the study gets its result as a new trial, retry_of the old.
+    s.on_trial_complete("b", {"val_accuracy": 0.7, "macs": 350000})
+    (retry,) = [t for t in s.study.trials if t.user_attrs.get("retry_of") == by_id["b"].number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.values == [0.7, 350000]
+    assert retry.params == by_id["b"].params
+
+
+def test_the_searcher_issues_num_trials_and_no_more(tmp_path):
+    s = _searcher(tmp_path, "num_trials=3", "references={dense: true}")
+    issued = [s.suggest(f"t{i}") for i in range(4)]
+    assert Searcher.FINISHED not in issued and s.remaining() == 0
+    assert s.suggest("t4") is Searcher.FINISHED
+    s.exp = s.exp.model_copy(update={"num_trials": 5})  # raised at resume
+    assert s.remaining() == 2 and s.suggest("t5") is not Searcher.FINISHED
+
+
+def test_reconcile_suggests_again_what_tune_never_saved_and_tells_what_it_saw_end(tmp_path):
+    s = _searcher(tmp_path, "num_trials=4", "references={dense: true}", "trial.epochs=2")
+    configs = {t: s.suggest(t) for t in ("r", "a", "b", "c")}
+    s.on_trial_complete("r", {"epoch": 2, "val_accuracy": 0.9, "macs": 768394})
+    asked = s.study.ask().number  # asked, killed before it got a Ray trial id
+    # The driver was killed: Tune saved r (finished), a (finished, the study did not hear of
+    # it) and b (running); c and the last point it never saw.
+    again = OptunaSearcher(s.exp, s.problem, s.ref)
+    tune = {
+        "r": ("TERMINATED", {"epoch": 2, "val_accuracy": 0.9, "macs": 768394}),
+        "a": ("TERMINATED", {"epoch": 2, "val_accuracy": 0.6, "macs": 500000}),
+        "b": ("RUNNING", {"epoch": 1, "val_accuracy": 0.3, "macs": 400000}),
+    }
+    assert again.reconcile(tune) == 2
+    by_id = {t.user_attrs.get("ray_trial_id"): t for t in again.study.trials}
+    assert by_id["a"].state == optuna.trial.TrialState.COMPLETE and by_id["a"].values[0] == 0.6
+    assert by_id["b"].state == optuna.trial.TrialState.RUNNING  # Tune continues it
+    assert again.remaining() == 2  # c and the asked point: four sampled and one reference
+    first, second = again.suggest("c2"), again.suggest("x2")
+    assert first["model"] == configs["c"]["model"]  # the same point, under its new id
+    assert first["tags"]["optuna_trial"] == configs["c"]["tags"]["optuna_trial"]
+    assert second["tags"]["optuna_trial"] == asked  # completed by the sampler, then issued
+    assert again.suggest("y") is Searcher.FINISHED
+    assert len(again.references.trials) == 1  # told once
+
+
+def test_a_point_stopped_while_it_was_sampled_is_completed_and_suggested_again(tmp_path):
+    s = _searcher(tmp_path, "num_trials=2")
+    half = s.study.ask()
+    heads = half.suggest_categorical("model.heads", [1, 2, 4])  # the stop came before the rest
+    again = OptunaSearcher(s.exp, s.problem, s.ref)
+    assert again.reconcile({}) == 1
+    config = again.suggest("a")
+    assert config["tags"]["optuna_trial"] == half.number and config["model"]["heads"] == heads
+    (t,) = [t for t in again.study.trials if t.number == half.number]
+    assert {"model.squeeze_rate", "model.gate_factor[0]"} <= set(t.params)  # whole now
+    TrialConfig.model_validate(config)
+    assert again.remaining() == 1
 
 
 def test_warm_start_points_come_first(tmp_path):
@@ -72,12 +129,12 @@ def test_journal_file_storage(tmp_path):
 
 
 def test_a_resumed_searcher_does_not_propose_points_the_study_already_holds(tmp_path):
-    first = _searcher(tmp_path, "warm_start=[]")
+    first = _searcher(tmp_path, "warm_start=[]", "num_trials=8")
     for i in range(4):
         first.suggest(f"a{i}")
         first.on_trial_complete(f"a{i}", {"val_accuracy": 0.5, "macs": 400000})
     done = [t.params for t in first.study.trials]
-    again = _searcher(tmp_path, "warm_start=[]")  # as after `resume`: same seed, same study
+    again = _searcher(tmp_path, "warm_start=[]", "num_trials=8")  # as after `resume`
     for i in range(4):
         again.suggest(f"b{i}")
     fresh = [t.params for t in again.study.trials[len(done) :] if t.state.name == "RUNNING"]
@@ -104,6 +161,7 @@ def test_references_come_first_once_and_are_told_flagged_without_params(tmp_path
         "references={dense: true, static_group: [0.25, 0.5]}",
         "trial.epochs=4",
         "sampler={name: tpe, seed: 0, n_startup_trials: 2}",
+        "num_trials=20",
     )
     first = [s.suggest(t) for t in ("r1", "r2", "r3", "x")]
     assert [c["model"]["name"] for c in first] == ["resnet8", "gcresnet8", "gcresnet8", "dyresnet8"]
@@ -116,6 +174,7 @@ def test_references_come_first_once_and_are_told_flagged_without_params(tmp_path
     again.on_trial_complete("r2", {"epoch": 2, "val_accuracy": 0.5, "macs": 203000})  # stopped
     again.on_trial_complete("r3", error=True)
     again.on_trial_complete("r1", {"epoch": 4, "val_accuracy": 0.9, "macs": 768394})  # twice
+    assert again.conclude() == 3  # x and y, never told, and r3, which failed
     # Told to a study of their own: the searched study holds points of the space only.
     assert not any("reference" in t.user_attrs for t in again.study.trials)
     assert again.references.study_name == "s.references"
@@ -196,7 +255,12 @@ params:
 
 def test_an_operator_space_suggests_only_each_operators_own_settings_costed(tmp_path):
     (tmp_path / "ops.yaml").write_text(OPERATOR_SPACE)
-    s = _searcher(tmp_path, f"space={tmp_path / 'ops.yaml'}", "sampler={name: random, seed: 1}")
+    s = _searcher(
+        tmp_path,
+        f"space={tmp_path / 'ops.yaml'}",
+        "sampler={name: random, seed: 1}",
+        "num_trials=9",
+    )
     own = {"dyresnet8": "gate_factor", "sgresnet8": "compression", "dnresnet8": "kernels"}
     seen = set()
     for i in range(9):
