@@ -176,8 +176,10 @@ def main() -> None:
     )
     variants = ("dgc-gather", "dgc-masked", "reference", "dense")
     times = timing(variants, a)
-    print("| variant | median fwd+bwd (ms) | min (ms) | saved activations (MiB) "
-          "| peak RSS over steady state (MiB) |")
+    print(
+        "| variant | median fwd+bwd (ms) | min (ms) | saved activations (MiB) "
+        "| peak RSS over steady state (MiB) |"
+    )
     print("|---|---|---|---|---|")
     for v in variants:
         out = subprocess.run(

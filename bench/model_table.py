@@ -79,7 +79,7 @@ def main() -> None:
     )
     m, p = cost_row("resnet50", rules="sgcnn")
     lines.append(
-        f"| resnet50 | dense, `rules=\"sgcnn\"` | {m:,} | {p:,} | 4.09 G | 25.55 M | "
+        f'| resnet50 | dense, `rules="sgcnn"` | {m:,} | {p:,} | 4.09 G | 25.55 M | '
         "SG-CNN README, ImageNet ResNet-50 baseline (docs/methods.md 2.4, 2.5) |"
     )
     lines += [

@@ -67,8 +67,7 @@ def main() -> None:
     client = mlflow.MlflowClient(uri)
     experiment_id = client.get_experiment_by_name("smoke").experiment_id
     parent = client.search_runs([experiment_id], "tags.`dgc_search.kind` = 'search'")[0]
-    runs = client.search_runs([experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     in_search, bare = [], []
     for run in runs:
         in_search.append((run.info.end_time - run.info.start_time) / 1000)

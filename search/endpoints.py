@@ -109,7 +109,7 @@ def check_tracking_server(uri: str, then: str) -> None:
     path = parts.path.rstrip("/") + "/health"
     url = urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
     try:
-        urllib.request.urlopen(url, timeout=ANSWER_TIMEOUT_S).close()  # noqa: S310 (http only)
+        urllib.request.urlopen(url, timeout=ANSWER_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return  # it answers (perhaps asking for credentials): MLflow handles that
     except (OSError, ValueError) as err:

@@ -44,7 +44,7 @@ def tune_records(folder: Path) -> list[TrialRecord]:
     for path in segments(folder):
         try:
             out += records(path)
-        except Exception as err:  # noqa: BLE001  (Tune raises anything on a damaged file)
+        except Exception as err:
             raise SearchConfigError(
                 f"{path}: Tune's saved state cannot be read ({type(err).__name__}: "
                 f"{str(err).splitlines()[0][:200] if str(err) else ''}). {recovery(folder)}"
@@ -105,7 +105,7 @@ def _check_study_in(url: str, name: str, progressed: bool, folder: Path) -> None
 
     try:
         names = optuna.get_all_study_names(storage_of(url))
-    except Exception as err:  # noqa: BLE001  (any storage backend's error)
+    except Exception as err:
         raise SearchConfigError(
             f"{redact(url)}: the study storage cannot be read "
             f"({redact(str(err)).splitlines()[0][:200]}). {recovery(folder)}"
@@ -133,7 +133,7 @@ def check_weights(path: Path) -> None:
 
     try:
         torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (torch raises many kinds on a damaged file)
+    except Exception as err:
         raise SearchConfigError(
             f"{path}: the pretrained network is damaged ({str(err).splitlines()[0][:200]}); "
             "delete it: resume then takes it again from the pretraining run"

@@ -127,7 +127,7 @@ def _launch(
                       overrides)  # fmt: skip
     tracking = _start_tracking(exp, state, source, folder)
     searcher = _searcher(exp, problem, state, stop)
-    searcher.study  # noqa: B018  (the study exists before search.json says there is a search)
+    searcher.study
     state.save(folder)
     log.info(
         "experiment folder: %s | MLflow: %s (experiment %r, parent run %s)",
@@ -342,8 +342,7 @@ def _failed(
     saved = save_traceback(err, folder)
     first = "free space, then continue" if cause.startswith("the disk is full") else "continue"
     log.error(
-        "\nthe search stopped: %s. Nothing recorded is lost%s; %s with: "
-        "python -m search resume %s",
+        "\nthe search stopped: %s. Nothing recorded is lost%s; %s with: python -m search resume %s",
         cause,
         f" (the traceback is in {saved})" if saved else "",
         first,

@@ -33,7 +33,9 @@ def native_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
 
     for name in NATIVE_CALLS:
         monkeypatch.setattr(native, name, counted(name, getattr(native, name)))
-    monkeypatch.setattr(native.FusedPlan, "__call__", counted("fused_eval", native.FusedPlan.__call__))
+    monkeypatch.setattr(
+        native.FusedPlan, "__call__", counted("fused_eval", native.FusedPlan.__call__)
+    )
     monkeypatch.setattr(
         native.GroupConvPlan, "__call__", counted("group_conv_eval", native.GroupConvPlan.__call__)
     )

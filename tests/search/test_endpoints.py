@@ -43,6 +43,9 @@ def test_a_tracking_server_that_does_not_answer_is_named_at_once():
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(SearchConfigError, match=f"no MLflow tracking server answers at "
-                       f"http://u:\\*\\*\\*@127.0.0.1:{port}.*then resume"):
+    with pytest.raises(
+        SearchConfigError,
+        match=f"no MLflow tracking server answers at "
+        f"http://u:\\*\\*\\*@127.0.0.1:{port}.*then resume",
+    ):
         check_tracking_server(f"http://u:pw@127.0.0.1:{port}", "resume")  # fmt: skip

@@ -37,7 +37,9 @@ E2E = pytest.mark.e2e
 TINY = ["--set", "mlflow.register_models=false", "--set", "trial.epochs=2"]
 
 
-def cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "search", *args],
         capture_output=True,
@@ -269,9 +271,7 @@ def test_two_launches_at_once_make_one_search_and_two_searches_get_two_dashboard
 
 
 def epochs_done(folder: Path) -> int:
-    return sum(
-        len(p.read_text().splitlines()) for p in folder.glob("tune*/trial_*/result.json")
-    )
+    return sum(len(p.read_text().splitlines()) for p in folder.glob("tune*/trial_*/result.json"))
 
 
 @E2E
@@ -569,9 +569,7 @@ def test_a_storage_url_whose_driver_is_missing_is_refused_by_validate(tmp_path):
 
 
 @E2E
-def test_credentials_are_never_written_and_come_back_from_the_users_file(
-    tmp_path, cluster, server
-):
+def test_credentials_are_never_written_and_come_back_from_the_users_file(tmp_path, cluster, server):
     secret = "s3cret-pw"
     uri = server.uri.replace("http://", f"http://alice:{secret}@")
     experiment = tmp_path / "exp.yaml"

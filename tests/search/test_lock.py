@@ -22,8 +22,11 @@ def test_a_second_command_is_refused_naming_the_holder_and_a_killed_holder_frees
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == b"held"
-        with pytest.raises(SearchConfigError, match=rf"is in use by another command \(pid "
-                           rf"{holder.pid} on .*, since .*Wait for it to end, then again"):
+        with pytest.raises(
+            SearchConfigError,
+            match=rf"is in use by another command \(pid "
+            rf"{holder.pid} on .*, since .*Wait for it to end, then again",
+        ):
             with SearchLock(folder, "again"):
                 pass  # fmt: skip
     finally:

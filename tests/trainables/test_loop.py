@@ -200,7 +200,7 @@ def test_a_compiled_dgc_network_trains_through_the_pruning_ramp_without_recompil
     # kept count moves at every iteration of the ramp, and the graphs must not follow it.
     graphs = []
 
-    def backend(gm, example_inputs):  # noqa: ANN001, ANN202
+    def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
