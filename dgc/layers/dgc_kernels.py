@@ -60,7 +60,8 @@ GATHER_MAX_KEPT = 0.5
 FULL_WIDTH = ("masked", "folded")
 #: the gathered formulation's own kernels: pinning one of them pins that formulation
 GATHERED_KERNELS = ("fold", "direct")
-#: a training formulation is timed again when the kept fraction moves by this many parts
+#: training kernels (formulation, native forward and backward) are timed again when the kept
+#: fraction moves by one of this many parts
 FORMULATION_BUCKETS = 8
 #: the folded formulation makes a weight per sample: a candidate up to this many elements
 FOLDED_MAX_ELEMENTS = 1 << 26
@@ -99,14 +100,13 @@ class DgcKernels(KernelChoice):
         """The training formulation for this step: the layer's ``impl`` where it names one,
         else the fastest for the input shape and kept fraction (forward and backward timed
         once, ``FORMULATION_BUCKETS`` kept fractions apart), else the device's default."""
-        n, c = layer.n_inactive, layer.in_channels
+        n = layer.n_inactive
         if layer.impl != "auto":  # "gather" keeps every channel at n = 0: the masked conv
             return "gathered" if layer.impl == "gather" and n > 0 else "masked"
         names = formulations(layer, x, n)
         if self.prefer in GATHERED_KERNELS:  # a pin of the gathered conv's kernels: as "gather"
             return "gathered" if n > 0 else "masked"
-        bucket = -(-FORMULATION_BUCKETS * (c - n) // c)  # kept fraction, rounded up
-        key = ("formulation", tuple(x.shape), x.dtype, x.device, bucket, n == 0)
+        key = ("formulation", tuple(x.shape), x.dtype, x.device, kept_bucket(layer), n == 0)
         name = self.known(key, names)
         if name is None:
             kernels = {
@@ -164,7 +164,7 @@ class DgcKernels(KernelChoice):
         """Whether the training forward convolves with the native kernel rather than the
         batch-folded grouped conv: timed against it once per input shape (the caller checked
         ``native.trains``). conv: the convolution as run."""
-        key = ("train", tuple(x.shape), x.dtype, layer.n_inactive)
+        key = ("train", tuple(x.shape), x.dtype, kept_bucket(layer))
         name = self.known(key, ("fold", "direct"))
         if name is None:
             k = layer.kernel_size
@@ -189,7 +189,7 @@ class DgcKernels(KernelChoice):
         size 1 or 3; the caller checked ``native.trains``)."""
         if layer.kernel_size not in (1, 3):
             return False
-        key = ("backward", tuple(x.shape), x.dtype, layer.n_inactive)
+        key = ("backward", tuple(x.shape), x.dtype, kept_bucket(layer))
         name = self.known(key, ("fold", "direct"))  # the forward's names: one pin
         if name is None:
             k, (stride, padding, _) = layer.kernel_size, conv
@@ -292,6 +292,14 @@ def full_width(
         return FoldedGroupConv.apply(x, kept, weight, *conv)  # (B, O, H', W'), in order
     y = GatedGroupConv.apply(x, kept, weight, *conv)  # (B, O, H', W'), head-major
     return G.interleave(y, layer.heads)
+
+
+def kept_bucket(layer: DynamicGroupConv2d) -> int:
+    """The kept fraction in ``FORMULATION_BUCKETS`` parts, rounded up: training kernels are
+    timed once per part (the ramp changes the kept count at nearly every step; the kernels'
+    relative speed changes with it slowly)."""
+    c = layer.in_channels
+    return -(-FORMULATION_BUCKETS * (c - layer.n_inactive) // c)
 
 
 def formulations(layer: DynamicGroupConv2d, x: Tensor, n: int) -> tuple[str, ...]:
