@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import dgc
+from dgc.layers.dgc_kernels import DgcKernels
 
 # (family, image size, batches); the issue's configurations.
 INFER_CASES = [("resnet18", 224, (1, 8)), ("densenet86", 32, (1, 64)), ("resnet20", 32, (1, 64))]
@@ -51,10 +52,20 @@ TRAIN_CASES = [("resnet18", 224, (8,)), ("densenet86", 32, (64,)), ("resnet20", 
 
 
 def build(
-    name: str, gate: float | None, device: str, dtype: torch.dtype, size: int = 32
+    name: str,
+    gate: float | None,
+    device: str,
+    dtype: torch.dtype,
+    size: int = 32,
+    measure: bool = True,
 ) -> torch.nn.Module:
+    """``name`` fully pruned, on ``device``, BN calibrated; ``measure=False``: its DGC layers
+    take their kernels untimed (a smoke run's)."""
     kwargs = {} if gate is None else {"gate_factor": gate}
     model = dgc.create_model(name, **kwargs)
+    if not measure:
+        for layer in dgc.dgc_layers(model):
+            layer.kernels = DgcKernels(measure=False)
     dgc.set_progress(model, 1.0)  # fully pruned: the network that is deployed
     model = model.to(device=device, dtype=dtype)
     calibrate_bn(model, size, device, dtype)
