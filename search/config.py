@@ -189,6 +189,13 @@ class ExperimentConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _teacher_known(self) -> ExperimentConfig:
+        why = self.trial.teacher_missing(search_pretrains=self.pretrain is not None)
+        if why is not None:
+            raise ValueError(f"trial.{why}")
+        return self
+
     @property
     def experiment_dir(self) -> Path:
         return (Path(self.storage_dir).expanduser() / self.name).resolve()

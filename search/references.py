@@ -40,4 +40,7 @@ def _with_model(exp: ExperimentConfig, name: str, gate_factor: float | None) -> 
     config = exp.trial.model_dump(mode="json")
     config["model"] = exp.trial.model.variant(name, gate_factor).model_dump(mode="json")
     config["init_from"] = None  # the baselines train from scratch, by the trial recipe
+    d = exp.trial.distill
+    if d.weight > 0 and d.teacher is None and exp.trial.init_from:
+        config["distill"]["teacher"] = exp.trial.init_from  # the search's teacher teaches them
     return config

@@ -214,16 +214,19 @@ class TrialConfig(_Strict):
             raise ValueError("pretrain_epochs and init_from both choose the start; give one")
         return self
 
-    @model_validator(mode="after")
-    def _teacher_known(self) -> TrialConfig:
+    def teacher_missing(self, search_pretrains: bool = False) -> str | None:
+        """Why ``distill`` has no teacher to learn from, or None. ``search_pretrains``: the
+        search's ``pretrain:`` trains one (it becomes every trial's ``init_from``)."""
         d = self.distill
-        if d.weight > 0 and d.teacher is None and not (self.pretrain_epochs or self.init_from):
-            raise ValueError(
-                f"distill.weight={d.weight} needs a teacher: set distill.teacher to a checkpoint "
-                "of the family's dense network, or pretrain_epochs (the trial's own dense "
-                "network teaches), or init_from / the search's pretrain: (that network teaches)"
-            )
-        return self
+        if d.weight == 0 or d.teacher or self.pretrain_epochs or self.init_from:
+            return None
+        if search_pretrains:
+            return None
+        return (
+            f"distill.weight={d.weight} needs a teacher: set distill.teacher to a checkpoint "
+            "of the family's dense network, or pretrain_epochs (the trial's own dense "
+            "network teaches), or init_from / the search's pretrain: (that network teaches)"
+        )
 
     @model_validator(mode="after")
     def _ramp_within_run(self) -> TrialConfig:

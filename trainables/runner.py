@@ -285,7 +285,7 @@ def build_teacher(
     path = d.teacher or cfg.init_from
     weights = state if state is not None else load_state(path) if path else None
     if weights is None:
-        raise ValueError("distill: no teacher to load (checked when the config is validated)")
+        raise ValueError(cfg.teacher_missing() or "distill: no teacher to load")
     teacher.load_state_dict(weights.get("model", weights))
     return teacher.to(device).eval().requires_grad_(False)
 

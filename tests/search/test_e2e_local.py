@@ -246,6 +246,8 @@ def test_pretrained_dense_network_is_trained_once_and_survives_resume(ray_2cpu, 
             "num_trials=2",
             "trial.epochs=1",
             "pretrain={epochs: 2}",
+            "trial.distill={weight: 0.5}",  # the pretrained network also teaches
+            "references={dense: false, static_group: [0.5]}",
             "mlflow.register_models=false",
         ],
     )
@@ -258,9 +260,14 @@ def test_pretrained_dense_network_is_trained_once_and_survives_resume(ray_2cpu, 
     assert len(pre) == 1 and pre[0].info.run_name == "pretrain-dense"
     assert pre[0].data.params["model.name"] == "resnet8" and pre[0].data.metrics["epoch"] == 2
     assert "pareto" not in pre[0].data.tags  # the starting point, never a candidate
-    trials = [k for k in kids if "pretrain" not in k.data.tags]
+    trials = [k for k in kids if "pretrain" not in k.data.tags and "reference" not in k.data.tags]
     assert len(trials) == 2
     assert all(k.data.params["init_from"] == str(weights) for k in trials)
+    assert all(k.data.params["distill.teacher"] == "None" for k in trials)  # init_from teaches
+    refs = {k.data.params["model.name"]: k for k in kids if "reference" in k.data.tags}
+    assert refs["gcresnet8"].data.params["init_from"] == "None"  # the baseline starts fresh
+    # ... and learns from the same teacher as the trials
+    assert all(r.data.params["distill.teacher"] == str(weights) for r in refs.values())
 
     # The driver died after the pretraining finished but before its weights were copied out:
     # resume takes them from the finished Tune run, trains nothing again.

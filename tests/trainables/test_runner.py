@@ -220,4 +220,4 @@ def test_a_teacher_checkpoint_teaches_and_distillation_without_one_is_refused(tm
     run_trial(cfg, out)
     assert "teacher" not in out.states[-1]  # its file is where it was
     with pytest.raises(ValueError, match=r"distill.weight=0.5 needs a teacher"):
-        _cfg(distill={"weight": 0.5})
+        run_trial(_cfg(distill={"weight": 0.5}), Collect())  # refused before any epoch
