@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
@@ -110,7 +111,10 @@ def storage_of(url: str) -> str | optuna.storages.BaseStorage:
 
 def open_study(exp: ExperimentConfig, ref: StudyRef) -> optuna.Study:
     """Create or load the study; warm-start points are enqueued only into a new study."""
-    directions = ["maximize" if o.direction == "max" else "minimize" for o in exp.objectives]
+    directions = [
+        StudyDirection.MAXIMIZE if o.direction == "max" else StudyDirection.MINIMIZE
+        for o in exp.objectives
+    ]
     study = optuna.create_study(
         storage=storage_of(ref.storage),
         study_name=ref.name,
@@ -194,6 +198,8 @@ class OptunaSearcher(Searcher):
         return True  # objectives come from the experiment, in exactly one place
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        # Searcher.FINISHED (a str) ends the search, as Ray documents; Ray's annotation of
+        # suggest (Optional[Dict]) leaves it out, hence the ignores on its returns
         if self.stop is not None and self.stop.requested:
             return None  # the search is stopping: nothing new
         again = self._reissue(trial_id)
@@ -298,16 +304,17 @@ class OptunaSearcher(Searcher):
         }
         if earlier:
             attrs[RETRY_OF] = earlier[-1].number
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
         if stopped is not None:
             state, attrs[N.STOPPED_TAG] = TrialState.PRUNED, stopped
-        elif result and all(isinstance(v, (int, float)) for v in values):
+        elif result and len(numbers) == len(values):
             state = TrialState.COMPLETE
         else:
             state = TrialState.FAIL
         self.references.add_trial(
             optuna.trial.create_trial(
                 state=state,
-                values=[float(v) for v in values] if state == TrialState.COMPLETE else None,
+                values=numbers if state == TrialState.COMPLETE else None,
                 params={},
                 distributions={},
                 user_attrs=attrs,
@@ -394,8 +401,8 @@ class OptunaSearcher(Searcher):
         if trial.state == TrialState.FAIL and state != TrialState.FAIL:
             self._retold(trial, state, told, stopped)  # failed once, trained since
             return
-        if state == TrialState.PRUNED:
-            self._prune(number, stopped)  # type: ignore[arg-type]
+        if state == TrialState.PRUNED and stopped is not None:  # PRUNED: stopped is set
+            self._prune(number, stopped)
         else:
             self.study.tell(number, told, state=state, skip_if_finished=True)
 

@@ -53,6 +53,12 @@ class SearchState(BaseModel):
     experiment_file: str | None = None
     overrides: list[str] = Field(default_factory=list)
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``input_size`` as the (C, H, W) the model builders take."""
+        c, h, w = self.input_size
+        return c, h, w
+
     def save(self, folder: Path) -> None:
         write_atomic(folder / STATE_FILE, redact(json.dumps(self.model_dump(), indent=2)))
 
