@@ -16,11 +16,14 @@ MAX_SEED = 2**32 - 1
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every config model of trainables/ and search/: an unknown key is refused
+    (a misspelt setting never passes silently) and an assignment is validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelParams(_Strict):
+class ModelParams(StrictModel):
     """The network: a registered ``dgc`` name and its architecture settings.
 
     DGC (``dy...``): ``heads``, ``gate_factor``, ``squeeze_rate``; static group (``gc...``):
@@ -57,7 +60,7 @@ class ModelParams(_Strict):
                            kwargs=kwargs)  # fmt: skip
 
 
-class DataParams(_Strict):
+class DataParams(StrictModel):
     """Where the images come from and how they are split and batched.
 
     The validation split is carved from the training set with ``split_seed`` (the same for
@@ -86,7 +89,7 @@ class DataParams(_Strict):
         return self
 
 
-class OptimParams(_Strict):
+class OptimParams(StrictModel):
     """SGD with Nesterov momentum and a per-iteration schedule, the paper's recipe by default."""
 
     lr: float = Field(0.1, gt=0)
@@ -115,7 +118,7 @@ class OptimParams(_Strict):
         return self
 
 
-class DistillParams(_Strict):
+class DistillParams(StrictModel):
     """Distillation from a dense teacher of the trial's family: the loss is ``(1 - weight) *
     cross-entropy + weight * T^2 * KL(teacher || student)`` at temperature ``T`` (Hinton et
     al. 2015), the teacher's logits computed on the same augmented batch, in eval mode and
@@ -131,7 +134,7 @@ class DistillParams(_Strict):
     teacher: str | None = None
 
 
-class GateScheduleParams(_Strict):
+class GateScheduleParams(StrictModel):
     """Breakpoints of DGC's deactivation ramp: nothing pruned up to ``warmup_end``, the target
     sparsity reached at ``ramp_end``, fine-tuning after. In ``unit`` of the run (``fraction``,
     the paper's 1/12 and 3/4 by default) or of ``epochs`` (e.g. ``{warmup_end: 0.5, ramp_end:
@@ -162,7 +165,7 @@ class GateScheduleParams(_Strict):
         return self.warmup_end / epochs, self.ramp_end / epochs
 
 
-class TrialConfig(_Strict):
+class TrialConfig(StrictModel):
     """One trial, completely: model, data, optimiser, schedule length, seed and runtime."""
 
     model: ModelParams = Field(default_factory=ModelParams)
