@@ -480,7 +480,7 @@ def _conclude(
         log.error(
             "no trial trained: every point the sampler drew was over the budget, could not be "
             "built or is already in the study (see the FAILed and PRUNED Optuna trials' "
-            "user attributes over_budget, invalid, duplicate_of)"
+            f"user attributes {N.OVER_BUDGET_ATTR}, {N.INVALID_ATTR}, {N.DUPLICATE_OF_ATTR})"
         )
         return 1
     return 0

@@ -326,10 +326,10 @@ class OptunaSearcher(Searcher):
         replaying its draws) is not trained again: FAIL, with ``duplicate_of``."""
         held = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
         for t in self.study.get_trials(deepcopy=False, states=held):
-            if t.number != trial.number and t.params == trial.params and "macs" in t.user_attrs:
-                if t.user_attrs.get("over_budget"):
+            if t.number != trial.number and t.params == trial.params and M.MACS in t.user_attrs:
+                if t.user_attrs.get(N.OVER_BUDGET_ATTR):
                     continue  # its twin is costed and refused again below
-                trial.set_user_attr("duplicate_of", t.number)
+                trial.set_user_attr(N.DUPLICATE_OF_ATTR, t.number)
                 self.study.tell(trial, state=TrialState.FAIL)
                 return True
         return False
@@ -339,7 +339,7 @@ class OptunaSearcher(Searcher):
         try:
             config, cost = cost_point(self.exp, self.problem, values)
         except (ValueError, TypeError) as err:  # ValidationError is a ValueError
-            trial.set_user_attr("invalid", str(err).splitlines()[0])
+            trial.set_user_attr(N.INVALID_ATTR, str(err).splitlines()[0])
             self.study.tell(trial, state=TrialState.FAIL)
             log.info("Optuna trial %d cannot be built (%s); not trained", trial.number, err)
             return None
@@ -351,7 +351,7 @@ class OptunaSearcher(Searcher):
         trial.set_constraint("macs_over_budget", cost.macs - budget)
         if cost.macs <= budget:
             return config
-        trial.set_user_attr("over_budget", True)
+        trial.set_user_attr(N.OVER_BUDGET_ATTR, True)
         self.study.tell(trial, state=TrialState.PRUNED)
         log.info(
             "Optuna trial %d: %.2f M MACs is over the budget; not trained",
