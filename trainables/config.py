@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Literal
 
@@ -9,6 +10,9 @@ from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import model_validator
+
+if TYPE_CHECKING:  # dgc (and torch) load where a run is built, not with its config
+    from dgc.layers.schedule import GateSchedule
 
 #: numpy's and Optuna's seeds are 32-bit unsigned
 MAX_SEED = 2**32 - 1
@@ -135,13 +139,18 @@ class DistillParams(StrictModel):
 
 
 class GateScheduleParams(StrictModel):
-    """Breakpoints of DGC's deactivation ramp: nothing pruned up to ``warmup_end``, the target
-    sparsity reached at ``ramp_end``, fine-tuning after. In ``unit`` of the run (``fraction``,
-    the paper's 1/12 and 3/4 by default) or of ``epochs`` (e.g. ``{warmup_end: 0.5, ramp_end:
-    2, unit: epochs}`` finishes pruning after epoch 2 of any run length)."""
+    """Breakpoints of DGC's deactivation ramp as the experiment file gives them: nothing pruned
+    up to ``warmup_end``, the target sparsity reached at ``ramp_end``, fine-tuning after. In
+    ``unit`` of the run (``fraction``, the paper's 1/12 and 3/4 by default) or of ``epochs``
+    (e.g. ``{warmup_end: 0.5, ramp_end: 2, unit: epochs}`` finishes pruning after epoch 2 of
+    any run length). ``resolve`` turns them into the one model of the ramp,
+    ``dgc.GateSchedule``; the paper's own expression runs only with the defaults exactly
+    (``GateSchedule.is_paper``): 0.0833 is not 1/12."""
 
+    # dgc.layers.schedule's WARMUP_END and RAMP_END, the paper's (written out: this module
+    # loads without torch; tests/trainables/test_config.py checks that they agree)
     warmup_end: float = Field(1.0 / 12.0, ge=0, allow_inf_nan=False)
-    ramp_end: float = Field(0.75, ge=0, allow_inf_nan=False)
+    ramp_end: float = Field(3.0 / 4.0, ge=0, allow_inf_nan=False)
     unit: Literal["fraction", "epochs"] = "fraction"
 
     @model_validator(mode="after")
@@ -158,11 +167,13 @@ class GateScheduleParams(StrictModel):
             )
         return self
 
-    def fractions(self, epochs: int) -> tuple[float, float]:
-        """(warmup_end, ramp_end) as fractions of a run of ``epochs`` epochs."""
+    def resolve(self, epochs: int) -> GateSchedule:
+        """The ramp of a run of ``epochs`` epochs, its breakpoints as fractions of the run."""
+        from dgc.layers.schedule import GateSchedule
+
         if self.unit == "fraction":
-            return self.warmup_end, self.ramp_end
-        return self.warmup_end / epochs, self.ramp_end / epochs
+            return GateSchedule(self.warmup_end, self.ramp_end)
+        return GateSchedule(self.warmup_end / epochs, self.ramp_end / epochs)
 
 
 class TrialConfig(StrictModel):

@@ -202,7 +202,7 @@ def run_trial(
     optimizer = make_optimizer(model, cfg.optim)
     own = cfg.epochs - pre  # the epochs this network trains; its schedules span them
     schedule = Schedule(
-        cfg.optim, len(data.train), own, cfg.data.dataset, cfg.gate_schedule.fractions(own)
+        cfg.optim, len(data.train), own, cfg.data.dataset, cfg.gate_schedule.resolve(own)
     )
     dense: dict[str, Any] | None = None  # the trial's own pretrained dense network
     if pre and not resume:
