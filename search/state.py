@@ -21,7 +21,6 @@ from pydantic import ValidationError
 
 from search.config import ExperimentConfig
 from search.overrides import SearchConfigError
-from search.overrides import safe_yaml
 from search.preflight import Problem
 from search.redact import STORAGE_ENV
 from search.redact import TRACKING_ENV
@@ -30,6 +29,7 @@ from search.redact import with_credential
 from search.tracking import Tracking
 from search.tracking import default_tracking_uri
 from spaces.errors import format_validation_error
+from spaces.yaml_file import safe_yaml
 
 STATE_FILE = "search.json"
 RESOLVED_FILE = "experiment.resolved.yaml"

@@ -10,6 +10,9 @@ import yaml
 from search.__main__ import main
 from spaces.convert import apply_to_trial
 from tests.conftest import REPO
+from tests.helpers import alias_bomb
+from tests.helpers import write_cifar
+from tests.helpers import write_imagefolder
 
 GOOD = {
     "name": "t",
@@ -294,17 +297,19 @@ def test_yaml_tags_in_set_are_refused(tmp_path, capsys):
 
 
 def test_an_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path, capsys):
-    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [
-        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
-        f"*a{i - 1}, *a{i - 1}, *a{i - 1}]"
-        for i in range(1, 9)
-    ]  # 10**9 values once expanded
     path = tmp_path / "bomb.yaml"
-    path.write_text("\n".join(lines) + "\nname: t\n")
+    path.write_text(alias_bomb() + "name: t\n")  # 10**9 values once expanded
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "expands to more than 100000 values" in err and len(err) < 1000
+
+
+def test_an_alias_bomb_in_the_space_file_is_refused_naming_that_file(tmp_path, capsys):
+    space = tmp_path / "bomb_space.yaml"
+    space.write_text(alias_bomb() + "params: {}\n")
+    assert main(["validate", _write(tmp_path, {**GOOD, "space": str(space)})]) == 2
+    err = capsys.readouterr().err
+    assert f"space: {space}: expands to more than 100000 values" in err and len(err) < 1000
 
 
 @pytest.mark.parametrize("resource", ["resources.gpu=1", "resources.cpu=64"])
@@ -329,9 +334,7 @@ def test_a_resource_request_the_local_cluster_cannot_meet_is_refused_and_nothing
 
 
 def test_validate_reads_the_data_and_names_a_truncated_cifar_batch(tmp_path, capsys):
-    from tests.trainables.test_data import _write_cifar
-
-    _write_cifar(tmp_path, 20, 10)
+    write_cifar(tmp_path, 20, 10)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_4"
     batch.write_bytes(batch.read_bytes()[:500])  # an interrupted download
     doc = _with(trial__data={"dataset": "cifar10", "datadir": str(tmp_path), "val_size": 10})
@@ -355,10 +358,8 @@ def test_a_damaged_search_folder_is_a_message_not_a_traceback(tmp_path, capsys, 
 
 
 def test_launch_names_a_non_image_behind_an_image_suffix_and_writes_nothing(tmp_path):
-    from tests.trainables.test_data import _write_imagefolder
-
     data = tmp_path / "data"
-    _write_imagefolder(data)
+    write_imagefolder(data)
     (data / "train" / "dog" / "zz_notes.jpg").write_text("a text file, not a JPEG\n")
     doc = _with(
         trial__data={"dataset": "imagefolder", "datadir": str(data), "val_size": 2},
