@@ -1,5 +1,6 @@
-"""Helpers that tests of more than one package share: small datasets on disk in the layouts
-trainables/data.py reads, and hostile YAML. (Package-only helpers live in tests/<pkg>/helpers.py.)"""
+"""Helpers that tests of more than one package share: the checkout's root, small datasets on
+disk in the layouts trainables/data.py reads, and hostile YAML. (Helpers of one package's tests
+live in tests/<pkg>/helpers.py.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout the tests run from
 
 
 def write_cifar(root: Path, n: int, classes: int, cifar100: bool = False) -> None:

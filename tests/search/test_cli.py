@@ -9,7 +9,7 @@ import yaml
 
 from search.__main__ import main
 from spaces.convert import apply_to_trial
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.helpers import alias_bomb
 from tests.helpers import write_cifar
 from tests.helpers import write_imagefolder

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from search.config import load_experiment
 from search.preflight import scheduler_notes
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 MO_ASHA = REPO / "experiments" / "digits_mo_asha.yaml"  # rungs at epochs 2 and 6 of 12
 
