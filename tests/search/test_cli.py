@@ -28,6 +28,22 @@ def _write(tmp_path, doc) -> str:
     return str(path)
 
 
+def _launch_in_a_new_process(cwd, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    """``launch *args`` as a user runs it, in a new Python from ``cwd``; its stdout ends with
+    ``RC <exit code> RAY <whether Ray was started>``."""
+    code = (
+        "import sys, ray; from search.__main__ import main; rc = main(['launch', *sys.argv[1:]]);"
+        " print('RC', rc, 'RAY', ray.is_initialized())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def _with(**changes):
     """GOOD with changes; ``a__b`` stands for the dotted key ``a.b``."""
     return apply_to_trial(GOOD, {k.replace("__", "."): v for k, v in changes.items()})
@@ -210,17 +226,7 @@ def test_bad_experiment_files_are_rejected_with_their_message(tmp_path, capsys, 
 
 def test_launch_of_a_bad_file_fails_before_any_cluster_starts(tmp_path):
     path = _write(tmp_path, _with(budget={"macs": 1000}))
-    code = (
-        "import sys, ray; from search.__main__ import main; rc = main(['launch', sys.argv[1]]);"
-        " print('RC', rc, 'RAY', ray.is_initialized())"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, path],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    out = _launch_in_a_new_process(tmp_path, path, timeout=120)
     assert "RC 2 RAY False" in out.stdout, out.stdout + out.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -259,19 +265,8 @@ def test_launch_with_an_address_nobody_listens_on_fails_fast_and_writes_nothing(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = _write(tmp_path, GOOD)
-    code = (
-        "import sys, ray; from search.__main__ import main; "
-        "rc = main(['launch', sys.argv[1], '--address', sys.argv[2]]); "
-        "print('RC', rc, 'RAY', ray.is_initialized())"
-    )
     start = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-c", code, path, f"127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    out = _launch_in_a_new_process(tmp_path, path, "--address", f"127.0.0.1:{port}", timeout=120)
     assert time.monotonic() - start < 30  # ray.init alone waits for minutes
     assert "RC 2 RAY False" in out.stdout, out.stdout + out.stderr
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in out.stderr
@@ -317,17 +312,7 @@ def test_a_resource_request_the_local_cluster_cannot_meet_is_refused_and_nothing
     tmp_path, resource
 ):
     path = _write(tmp_path, GOOD)
-    code = (
-        "import sys; from search.__main__ import main; "
-        "print('RC', main(['launch', sys.argv[1], '--set', sys.argv[2]]))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, path, resource],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-    )
+    out = _launch_in_a_new_process(tmp_path, path, "--set", resource)
     assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
     assert "per trial, but the local cluster this file starts has" in out.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
@@ -366,16 +351,7 @@ def test_launch_names_a_non_image_behind_an_image_suffix_and_writes_nothing(tmp_
         ray={"dashboard": False, "num_cpus": 1},
     )
     path = _write(tmp_path, doc)
-    code = (
-        "import sys; from search.__main__ import main; print('RC', main(['launch', sys.argv[1]]))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, path],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-    )
+    out = _launch_in_a_new_process(tmp_path, path)
     assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
     assert f"{path}: trial.data: 1 unreadable image file(s)" in out.stderr
     assert "zz_notes.jpg: not a readable image" in out.stderr and "Traceback" not in out.stderr
