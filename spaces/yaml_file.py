@@ -23,7 +23,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise ConfigError(f"{p}: no such file")
     size = p.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise ConfigError(f"{p}: {size} bytes; a {what} file is at most {MAX_FILE_BYTES} bytes")
+        raise ConfigError(f"{p}: {size} bytes; {what} files are at most {MAX_FILE_BYTES} bytes")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:

@@ -15,5 +15,7 @@ def test_a_space_file_is_read_through_the_bounded_loader(tmp_path):
         load_space(bomb)
     big = tmp_path / "big.yaml"
     big.write_text("#" * (MAX_FILE_BYTES + 1))
-    with pytest.raises(SpaceError, match=f"^{big}: {MAX_FILE_BYTES + 1} bytes; a space file"):
+    with pytest.raises(
+        SpaceError, match=f"^{big}: {MAX_FILE_BYTES + 1} bytes; space files are at most"
+    ):
         load_space(big)

@@ -24,7 +24,7 @@ def test_an_alias_bomb_is_refused_quickly_naming_the_file(tmp_path):
 def test_an_oversize_file_is_refused_before_it_is_parsed(tmp_path):
     path = tmp_path / "big.yaml"
     path.write_text("a: [" + "1, " * (MAX_FILE_BYTES // 3) + "1]\n")
-    with pytest.raises(ConfigError, match=f"a space file is at most {MAX_FILE_BYTES} bytes") as e:
+    with pytest.raises(ConfigError, match=f"space files are at most {MAX_FILE_BYTES} bytes") as e:
         read_yaml(path, "space")
     assert str(e.value).startswith(f"{path}: ")
 
