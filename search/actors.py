@@ -24,7 +24,7 @@ def trial_class(fn: Callable[..., Any]) -> type:
 
     base: Any = wrap_function(fn)
 
-    class SearchTrial(base):  # type: ignore[misc, valid-type]
+    class SearchTrial(base):
         def __repr__(self) -> str:
             return actor_repr(self.config, self.trial_id)
 

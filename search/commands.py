@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
+from typing import TypeGuard
 
 import torch
 
@@ -17,6 +19,16 @@ from search.tracking import existing_store
 from search.tracking import tracking_uri as using_uri
 
 log = logging.getLogger(__name__)
+
+
+class _ShipsOp(Protocol):
+    """A dgc layer that a trace records as one registered operator while ``ship_op``."""
+
+    ship_op: bool
+
+
+def _ships_op(module: torch.nn.Module) -> TypeGuard[_ShipsOp]:
+    return hasattr(module, "ship_op")
 
 
 def validate_command(path: str, overrides: list[str]) -> int:
@@ -242,7 +254,7 @@ def _write_export_files(
         shipped = dgc.ShippedModel(model, meta["name"], create_kwargs(meta), example)
         torch.jit.trace(shipped, example, check_trace=False).save(str(out / "model.ts"))
         # the DGC layers and the DenseNets' BN-ReLU-group convs
-        layers = [m for m in model.modules() if hasattr(m, "ship_op")]
+        layers = [m for m in model.modules() if _ships_op(m)]
         try:  # plain torch operators: the kernels timed fastest at batch 1 are recorded
             for layer in layers:
                 layer.ship_op = False

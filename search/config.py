@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 from typing import Literal
 
-from pydantic import BaseModel
-from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import ValidationError
 from pydantic import field_validator
@@ -24,14 +22,11 @@ from spaces.load import resolve_space_path
 from spaces.schema import SearchSpace
 from trainables import metrics as M
 from trainables.config import MAX_SEED
+from trainables.config import StrictModel
 from trainables.config import TrialConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Objective(_Strict):
+class Objective(StrictModel):
     metric: str
     mode: Literal["max", "min"] | None = None
 
@@ -47,36 +42,36 @@ class Objective(_Strict):
         return self.mode or M.OBJECTIVES[self.metric]
 
 
-class SamplerConfig(_Strict):
+class SamplerConfig(StrictModel):
     name: Literal["tpe", "nsgaii", "random"] = "tpe"
     seed: int | None = Field(0, ge=0, le=MAX_SEED)
     population_size: int | None = Field(None, ge=2)
     n_startup_trials: int | None = Field(None, ge=0)
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     address: str | None = None
     dashboard: bool = True
     dashboard_port: int = 8265
     num_cpus: int | None = Field(None, ge=1)
 
 
-class MlflowConfig(_Strict):
+class MlflowConfig(StrictModel):
     tracking_uri: str | None = None
     experiment: str | None = None
     register_models: bool = True
 
 
-class Budget(_Strict):
+class Budget(StrictModel):
     macs: float | None = Field(None, gt=0)
 
 
-class References(_Strict):
+class References(StrictModel):
     """Reference trials trained next to the searched ones, by the same recipe, ranked on the
     same front: the dense network of the model's family and its static group convolution at
     each gate factor in ``static_group``. They show what the searched networks must beat."""
@@ -93,14 +88,14 @@ class References(_Strict):
         return v
 
 
-class Pretrain(_Strict):
+class Pretrain(StrictModel):
     """Train the dense network of the searched model's family once, for ``epochs`` epochs by
     the trial recipe, and start every searched trial from it (``trial.init_from``)."""
 
     epochs: int = Field(ge=1)
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(StrictModel):
     """Early stopping across trials: ``mo-asha`` (multi-objective asynchronous successive
     halving, search/scheduler.py). Rungs at epochs grace_period * reduction_factor**k below
     ``trial.epochs``; about 1 in reduction_factor trials goes on at each rung."""
@@ -113,7 +108,7 @@ class SchedulerConfig(_Strict):
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: "$" let a newline through
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     """A search: fixed trial settings, the space, objectives, sampler, resources, tracking."""
 
     name: str

@@ -365,8 +365,8 @@ def rank(
         folder,  # where it is now: the folder may have been moved since launch
         exp.name if register else None,
         state.num_classes,
-        tuple(state.input_size),
-    )  # type: ignore[arg-type]
+        state.input_shape,
+    )
     link = front_link(tracking.uri, tracking.experiment_id, state.parent_run_id)
     annotate_studies(tracking, _study_ref(state), exp.name, text, link)
     return text
@@ -385,7 +385,7 @@ def _searcher(
 
 
 def _problem(state: SearchState) -> Problem:
-    return Problem(state.num_classes, tuple(state.input_size), state.num_stages)  # type: ignore[arg-type]
+    return Problem(state.num_classes, state.input_shape, state.num_stages)
 
 
 def _trainable(exp: ExperimentConfig, source: str) -> Any:
@@ -480,7 +480,7 @@ def _conclude(
         log.error(
             "no trial trained: every point the sampler drew was over the budget, could not be "
             "built or is already in the study (see the FAILed and PRUNED Optuna trials' "
-            "user attributes over_budget, invalid, duplicate_of)"
+            f"user attributes {N.OVER_BUDGET_ATTR}, {N.INVALID_ATTR}, {N.DUPLICATE_OF_ATTR})"
         )
         return 1
     return 0

@@ -21,6 +21,10 @@ PRETRAIN_TAG = "pretrain"  # trial-config tag, child run tag: the search's pretr
 OPERATOR_TAG = "operator"  # child run tag: the model's operator kind (dgc.model_kind)
 LABEL_ATTR = "label"  # Optuna user attribute: the trial's label (trial_label)
 MLFLOW_RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's MLflow child run
+# Optuna user attributes of the points the searcher costs and never hands to Tune:
+OVER_BUDGET_ATTR = "over_budget"  # PRUNED: its MACs are over budget.macs (True)
+INVALID_ATTR = "invalid"  # FAIL: it cannot be built (the first line of the error)
+DUPLICATE_OF_ATTR = "duplicate_of"  # FAIL: the number of the study's trial at the same point
 JOB_NAME_KEY = "job_name"  # Ray job metadata: the name the dashboard's Jobs page shows
 
 

@@ -214,7 +214,7 @@ def scheduler_notes(exp: ExperimentConfig) -> tuple[str, ...]:
     if s is None:
         return ()
     rungs = rung_epochs(s.grace_period, s.reduction_factor, exp.trial.epochs)
-    ramp_end = exp.trial.gate_schedule.fractions(exp.trial.epochs)[1] * exp.trial.epochs
+    ramp_end = exp.trial.gate_schedule.resolve(exp.trial.epochs).ramp_end * exp.trial.epochs
     text = f"{s.name} compares trials at epochs {rungs} of {exp.trial.epochs}"
     if rungs[0] >= ramp_end:
         return (f"{text}; the gate ramp ends at epoch {ramp_end:g}, by the first rung",)

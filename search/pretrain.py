@@ -93,5 +93,5 @@ def ensure_pretrained(exp: ExperimentConfig, folder: Path, parts: Parts, trainab
         tmp = target.with_suffix(".tmp")
         shutil.copyfile(Path(d) / STATE_FILE, tmp)
         tmp.replace(target)
-    log.info("pretrained: %s (val_accuracy %.4f)", target, result.metrics.get("val_accuracy", 0))
+    log.info("pretrained: %s (val_accuracy %.4f)", target, result.metrics.get(M.VAL_ACCURACY, 0))
     return True

@@ -124,9 +124,10 @@ class MoAshaScheduler(FIFOScheduler):
         if trial.trial_id in self.stopped:  # decided before a restart, not yet carried out
             return TrialScheduler.STOP
         epoch, values = result.get(M.EPOCH), [result.get(m) for m, _ in self.objectives]
-        if epoch is None or any(not isinstance(v, (int, float)) for v in values):
+        numbers = tuple(float(v) for v in values if isinstance(v, (int, float)))
+        if epoch is None or len(numbers) < len(values):
             return TrialScheduler.CONTINUE  # e.g. a trial reporting its own failure
-        action = self._decide(trial.trial_id, int(epoch), tuple(float(v) for v in values))
+        action = self._decide(trial.trial_id, int(epoch), numbers)
         if action == TrialScheduler.STOP:
             log.info(
                 "MO-ASHA: trial %s stopped at epoch %d (rung %d of %d)",

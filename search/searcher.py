@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
@@ -110,7 +111,10 @@ def storage_of(url: str) -> str | optuna.storages.BaseStorage:
 
 def open_study(exp: ExperimentConfig, ref: StudyRef) -> optuna.Study:
     """Create or load the study; warm-start points are enqueued only into a new study."""
-    directions = ["maximize" if o.direction == "max" else "minimize" for o in exp.objectives]
+    directions = [
+        StudyDirection.MAXIMIZE if o.direction == "max" else StudyDirection.MINIMIZE
+        for o in exp.objectives
+    ]
     study = optuna.create_study(
         storage=storage_of(ref.storage),
         study_name=ref.name,
@@ -194,6 +198,8 @@ class OptunaSearcher(Searcher):
         return True  # objectives come from the experiment, in exactly one place
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        # Searcher.FINISHED (a str) ends the search, as Ray documents; Ray's annotation of
+        # suggest (Optional[Dict]) leaves it out, hence the ignores on its returns
         if self.stop is not None and self.stop.requested:
             return None  # the search is stopping: nothing new
         again = self._reissue(trial_id)
@@ -298,16 +304,17 @@ class OptunaSearcher(Searcher):
         }
         if earlier:
             attrs[RETRY_OF] = earlier[-1].number
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
         if stopped is not None:
             state, attrs[N.STOPPED_TAG] = TrialState.PRUNED, stopped
-        elif result and all(isinstance(v, (int, float)) for v in values):
+        elif result and len(numbers) == len(values):
             state = TrialState.COMPLETE
         else:
             state = TrialState.FAIL
         self.references.add_trial(
             optuna.trial.create_trial(
                 state=state,
-                values=[float(v) for v in values] if state == TrialState.COMPLETE else None,
+                values=numbers if state == TrialState.COMPLETE else None,
                 params={},
                 distributions={},
                 user_attrs=attrs,
@@ -319,10 +326,10 @@ class OptunaSearcher(Searcher):
         replaying its draws) is not trained again: FAIL, with ``duplicate_of``."""
         held = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
         for t in self.study.get_trials(deepcopy=False, states=held):
-            if t.number != trial.number and t.params == trial.params and "macs" in t.user_attrs:
-                if t.user_attrs.get("over_budget"):
+            if t.number != trial.number and t.params == trial.params and M.MACS in t.user_attrs:
+                if t.user_attrs.get(N.OVER_BUDGET_ATTR):
                     continue  # its twin is costed and refused again below
-                trial.set_user_attr("duplicate_of", t.number)
+                trial.set_user_attr(N.DUPLICATE_OF_ATTR, t.number)
                 self.study.tell(trial, state=TrialState.FAIL)
                 return True
         return False
@@ -332,7 +339,7 @@ class OptunaSearcher(Searcher):
         try:
             config, cost = cost_point(self.exp, self.problem, values)
         except (ValueError, TypeError) as err:  # ValidationError is a ValueError
-            trial.set_user_attr("invalid", str(err).splitlines()[0])
+            trial.set_user_attr(N.INVALID_ATTR, str(err).splitlines()[0])
             self.study.tell(trial, state=TrialState.FAIL)
             log.info("Optuna trial %d cannot be built (%s); not trained", trial.number, err)
             return None
@@ -344,7 +351,7 @@ class OptunaSearcher(Searcher):
         trial.set_constraint("macs_over_budget", cost.macs - budget)
         if cost.macs <= budget:
             return config
-        trial.set_user_attr("over_budget", True)
+        trial.set_user_attr(N.OVER_BUDGET_ATTR, True)
         self.study.tell(trial, state=TrialState.PRUNED)
         log.info(
             "Optuna trial %d: %.2f M MACs is over the budget; not trained",
@@ -394,8 +401,8 @@ class OptunaSearcher(Searcher):
         if trial.state == TrialState.FAIL and state != TrialState.FAIL:
             self._retold(trial, state, told, stopped)  # failed once, trained since
             return
-        if state == TrialState.PRUNED:
-            self._prune(number, stopped)  # type: ignore[arg-type]
+        if state == TrialState.PRUNED and stopped is not None:  # PRUNED: stopped is set
+            self._prune(number, stopped)
         else:
             self.study.tell(number, told, state=state, skip_if_finished=True)
 

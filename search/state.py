@@ -21,7 +21,6 @@ from pydantic import ValidationError
 
 from search.config import ExperimentConfig
 from search.overrides import SearchConfigError
-from search.overrides import safe_yaml
 from search.preflight import Problem
 from search.redact import STORAGE_ENV
 from search.redact import TRACKING_ENV
@@ -30,6 +29,7 @@ from search.redact import with_credential
 from search.tracking import Tracking
 from search.tracking import default_tracking_uri
 from spaces.errors import format_validation_error
+from spaces.yaml_file import read_yaml
 
 STATE_FILE = "search.json"
 RESOLVED_FILE = "experiment.resolved.yaml"
@@ -52,6 +52,12 @@ class SearchState(BaseModel):
     #: resume compares the file as it is now with the search as launched
     experiment_file: str | None = None
     overrides: list[str] = Field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``input_size`` as the (C, H, W) the model builders take."""
+        c, h, w = self.input_size
+        return c, h, w
 
     def save(self, folder: Path) -> None:
         write_atomic(folder / STATE_FILE, redact(json.dumps(self.model_dump(), indent=2)))
@@ -101,9 +107,7 @@ def write_resolved(folder: Path, exp: ExperimentConfig) -> None:
 def read_resolved(folder: Path) -> ExperimentConfig:
     path = folder / RESOLVED_FILE
     try:
-        return ExperimentConfig.model_validate(
-            safe_yaml(path.read_text(encoding="utf-8"), str(path))
-        )
+        return ExperimentConfig.model_validate(read_yaml(path, "resolved experiment"))
     except (OSError, ValueError) as err:  # missing, not UTF-8, not YAML, or invalid
         raise SearchConfigError(
             f"{path}: damaged resolved experiment ({str(err)[:300]}); launch writes it and "
@@ -139,8 +143,8 @@ def _user_values(state: SearchState) -> dict[str, Any]:
     if not state.experiment_file:
         return {}
     try:
-        doc = safe_yaml(Path(state.experiment_file).read_text(encoding="utf-8"), "")
-    except (OSError, ValueError):
+        doc = read_yaml(state.experiment_file, "experiment")
+    except ValueError:  # gone, unreadable, or not YAML
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -52,8 +52,12 @@ class TrialRecord:
 
 def segments(folder: Path) -> list[Path]:
     """The search's Tune run folders, oldest first."""
-    found = [p for p in folder.glob("tune*") if p.is_dir() and _SEGMENT.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(_SEGMENT.fullmatch(p.name).group(1) or 1))  # type: ignore[union-attr]
+    found = {
+        p: int(m.group(1) or 1)
+        for p in folder.glob("tune*")
+        if p.is_dir() and (m := _SEGMENT.fullmatch(p.name))
+    }
+    return sorted(found, key=found.__getitem__)
 
 
 def next_segment(folder: Path) -> str:

@@ -1,8 +1,14 @@
-"""Turn pydantic validation errors into one line per problem: file, field path, value, fix."""
+"""The configuration error of spaces/ and search/, and pydantic validation errors turned
+into one line per problem: file, field path, value, fix."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names file, field, value and fix."""
+
 
 _FIXES = {
     "extra_forbidden": "remove it or check its spelling",

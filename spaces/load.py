@@ -6,14 +6,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from spaces.errors import ConfigError
 from spaces.errors import format_validation_error
 from spaces.schema import SearchSpace
+from spaces.yaml_file import read_yaml
 
 
-class SpaceError(ValueError):
+class SpaceError(ConfigError):
     """An invalid search space; the message names file, field, value and the rule."""
 
 
@@ -45,9 +46,10 @@ def parse_space(doc: Any, source: str) -> SearchSpace:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    p = Path(path)
+    """The space in the file at ``path``, read as experiment files are (spaces.yaml_file:
+    size and alias limits, no tags that build objects)."""
     try:
-        doc = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise SpaceError(f"{p}: cannot read the space: {err}") from err
-    return parse_space(doc, str(p))
+        doc = read_yaml(path, "space")
+    except ConfigError as err:
+        raise SpaceError(str(err)) from err
+    return parse_space(doc, str(path))

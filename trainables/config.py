@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Literal
 
@@ -10,17 +11,23 @@ from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import model_validator
 
+if TYPE_CHECKING:  # dgc (and torch) load where a run is built, not with its config
+    from dgc.layers.schedule import GateSchedule
+
 #: numpy's and Optuna's seeds are 32-bit unsigned
 MAX_SEED = 2**32 - 1
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every config model of trainables/ and search/: an unknown key is refused
+    (a misspelt setting never passes silently) and an assignment is validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelParams(_Strict):
+class ModelParams(StrictModel):
     """The network: a registered ``dgc`` name and its architecture settings.
 
     DGC (``dy...``): ``heads``, ``gate_factor``, ``squeeze_rate``; static group (``gc...``):
@@ -57,7 +64,7 @@ class ModelParams(_Strict):
                            kwargs=kwargs)  # fmt: skip
 
 
-class DataParams(_Strict):
+class DataParams(StrictModel):
     """Where the images come from and how they are split and batched.
 
     The validation split is carved from the training set with ``split_seed`` (the same for
@@ -86,7 +93,7 @@ class DataParams(_Strict):
         return self
 
 
-class OptimParams(_Strict):
+class OptimParams(StrictModel):
     """SGD with Nesterov momentum and a per-iteration schedule, the paper's recipe by default."""
 
     lr: float = Field(0.1, gt=0)
@@ -115,7 +122,7 @@ class OptimParams(_Strict):
         return self
 
 
-class DistillParams(_Strict):
+class DistillParams(StrictModel):
     """Distillation from a dense teacher of the trial's family: the loss is ``(1 - weight) *
     cross-entropy + weight * T^2 * KL(teacher || student)`` at temperature ``T`` (Hinton et
     al. 2015), the teacher's logits computed on the same augmented batch, in eval mode and
@@ -131,14 +138,19 @@ class DistillParams(_Strict):
     teacher: str | None = None
 
 
-class GateScheduleParams(_Strict):
-    """Breakpoints of DGC's deactivation ramp: nothing pruned up to ``warmup_end``, the target
-    sparsity reached at ``ramp_end``, fine-tuning after. In ``unit`` of the run (``fraction``,
-    the paper's 1/12 and 3/4 by default) or of ``epochs`` (e.g. ``{warmup_end: 0.5, ramp_end:
-    2, unit: epochs}`` finishes pruning after epoch 2 of any run length)."""
+class GateScheduleParams(StrictModel):
+    """Breakpoints of DGC's deactivation ramp as the experiment file gives them: nothing pruned
+    up to ``warmup_end``, the target sparsity reached at ``ramp_end``, fine-tuning after. In
+    ``unit`` of the run (``fraction``, the paper's 1/12 and 3/4 by default) or of ``epochs``
+    (e.g. ``{warmup_end: 0.5, ramp_end: 2, unit: epochs}`` finishes pruning after epoch 2 of
+    any run length). ``resolve`` turns them into the one model of the ramp,
+    ``dgc.GateSchedule``; the paper's own expression runs only with the defaults exactly
+    (``GateSchedule.is_paper``): 0.0833 is not 1/12."""
 
+    # dgc.layers.schedule's WARMUP_END and RAMP_END, the paper's (written out: this module
+    # loads without torch; tests/trainables/test_config.py checks that they agree)
     warmup_end: float = Field(1.0 / 12.0, ge=0, allow_inf_nan=False)
-    ramp_end: float = Field(0.75, ge=0, allow_inf_nan=False)
+    ramp_end: float = Field(3.0 / 4.0, ge=0, allow_inf_nan=False)
     unit: Literal["fraction", "epochs"] = "fraction"
 
     @model_validator(mode="after")
@@ -155,14 +167,16 @@ class GateScheduleParams(_Strict):
             )
         return self
 
-    def fractions(self, epochs: int) -> tuple[float, float]:
-        """(warmup_end, ramp_end) as fractions of a run of ``epochs`` epochs."""
+    def resolve(self, epochs: int) -> GateSchedule:
+        """The ramp of a run of ``epochs`` epochs, its breakpoints as fractions of the run."""
+        from dgc.layers.schedule import GateSchedule
+
         if self.unit == "fraction":
-            return self.warmup_end, self.ramp_end
-        return self.warmup_end / epochs, self.ramp_end / epochs
+            return GateSchedule(self.warmup_end, self.ramp_end)
+        return GateSchedule(self.warmup_end / epochs, self.ramp_end / epochs)
 
 
-class TrialConfig(_Strict):
+class TrialConfig(StrictModel):
     """One trial, completely: model, data, optimiser, schedule length, seed and runtime."""
 
     model: ModelParams = Field(default_factory=ModelParams)

@@ -17,12 +17,17 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
 from torch import Tensor
 
 from trainables.config import DataParams
+
+if TYPE_CHECKING:  # PIL and torchvision are imported where images are decoded
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +219,7 @@ def _decode_folder(folder: Path, classes: list[str], size: int | None) -> Split:
             continue
         size = size or im.width
         if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
         images.append(
             torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             .view(size, size, 3)
@@ -225,7 +230,7 @@ def _decode_folder(folder: Path, classes: list[str], size: int | None) -> Split:
     return Split(torch.stack(images), torch.tensor([i for _, i in files]))
 
 
-def _open_rgb(path: Path) -> "Image.Image":  # noqa: F821 (PIL is imported lazily)
+def _open_rgb(path: Path) -> Image.Image:
     """The image at ``path`` as RGB, decoded now.
 
     Raises:
@@ -404,7 +409,7 @@ class FolderLoader:
 
     def __init__(
         self,
-        dataset: torch.utils.data.Dataset,
+        dataset: torch.utils.data.Subset | ImageFolder,
         batch_size: int,
         train: bool,
         workers: int,
@@ -419,12 +424,12 @@ class FolderLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self) -> int:
-        n = len(self.dataset)  # type: ignore[arg-type]
+        n = len(self.dataset)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     @property
     def num_images(self) -> int:
-        return len(self) * self.batch_size if self.train else len(self.dataset)  # type: ignore[arg-type]
+        return len(self) * self.batch_size if self.train else len(self.dataset)
 
     def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         loader = torch.utils.data.DataLoader(
@@ -525,10 +530,8 @@ def describe(params: DataParams) -> tuple[int, tuple[int, int, int]]:
         return len(classes), (3, 224, 224)
     if not ((root / "test").is_dir() or (root / "val").is_dir()):
         raise DatasetError(f"{root}: no test/ (or val/) folder; expected {_LAYOUTS['imagefolder']}")
-    return len(classes), (
-        3,
-        *(2 * [params.image_size or _first_image_size(root / "train", classes)]),
-    )
+    side = params.image_size or _first_image_size(root / "train", classes)
+    return len(classes), (3, side, side)
 
 
 def _first_image_size(folder: Path, classes: list[str]) -> int:

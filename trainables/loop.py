@@ -15,6 +15,7 @@ from torch import nn
 
 import dgc
 from dgc.layers.schedule import PAPER
+from dgc.layers.schedule import GateSchedule
 from trainables.config import DistillParams
 from trainables.config import OptimParams
 
@@ -31,8 +32,8 @@ class Schedule:
     iters_per_epoch: int
     epochs: int
     dataset: str = "cifar10"  # only picks the default multistep milestones
-    #: the deactivation ramp's (warmup_end, ramp_end) as fractions of the run
-    gate_fractions: tuple[float, float] = (PAPER.warmup_end, PAPER.ramp_end)
+    #: the deactivation ramp (``GateScheduleParams.resolve``; the paper's by default)
+    gate: GateSchedule = PAPER
 
     @property
     def total(self) -> int:
@@ -40,7 +41,7 @@ class Schedule:
 
     def lr(self, it: int) -> float:
         o, t = self.optim, it / self.total
-        ramp_end = self.gate_fractions[1]
+        ramp_end = self.gate.ramp_end
         if o.finetune_lr is not None and t >= ramp_end and ramp_end < 1:
             # the low-lr fine-tune of the pruned network: a cosine from finetune_lr * lr
             done = (t - ramp_end) / (1 - ramp_end)
@@ -66,12 +67,6 @@ class Schedule:
     def progress(self, it: int) -> float:
         """Fraction of iterations done before step ``it``, as the authors compute it."""
         return it / self.total
-
-    @property
-    def gate(self) -> dgc.GateSchedule:
-        """The deactivation ramp's breakpoints for this run (paper's by default)."""
-        warmup_end, ramp_end = self.gate_fractions
-        return dgc.GateSchedule(warmup_end, ramp_end)
 
 
 @dataclass(frozen=True)

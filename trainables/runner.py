@@ -108,6 +108,8 @@ def compiled(model: nn.Module, mode: bool | str) -> nn.Module:
     """``model`` as the training step runs it: itself, or ``torch.compile``d in ``mode``."""
     if mode is False:
         return model
+    # torch.compile's stubs type its result as a callable; for a module it is an nn.Module
+    # (OptimizedModule)
     return torch.compile(model, mode=None if mode in (True, "default") else str(mode))  # type: ignore[return-value]
 
 
@@ -126,7 +128,7 @@ def realised_cost(
     layers = dgc.sg_layers(model)
     if not layers:
         return {}
-    out = {M.TARGET_MACS: target.macs}
+    out: dict[str, float] = {M.TARGET_MACS: target.macs}
     if all(layer.grouped for layer in layers):
         realised = dgc.count_cost(model, input_size)
         out |= {M.MACS: realised.macs, M.PARAMS: realised.params}
@@ -200,7 +202,7 @@ def run_trial(
     optimizer = make_optimizer(model, cfg.optim)
     own = cfg.epochs - pre  # the epochs this network trains; its schedules span them
     schedule = Schedule(
-        cfg.optim, len(data.train), own, cfg.data.dataset, cfg.gate_schedule.fractions(own)
+        cfg.optim, len(data.train), own, cfg.data.dataset, cfg.gate_schedule.resolve(own)
     )
     dense: dict[str, Any] | None = None  # the trial's own pretrained dense network
     if pre and not resume:

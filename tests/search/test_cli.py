@@ -9,7 +9,10 @@ import yaml
 
 from search.__main__ import main
 from spaces.convert import apply_to_trial
-from tests.conftest import REPO
+from tests.helpers import REPO
+from tests.helpers import alias_bomb
+from tests.helpers import write_cifar
+from tests.helpers import write_imagefolder
 
 GOOD = {
     "name": "t",
@@ -23,6 +26,22 @@ def _write(tmp_path, doc) -> str:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(doc))
     return str(path)
+
+
+def _launch_in_a_new_process(cwd, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    """``launch *args`` as a user runs it, in a new Python from ``cwd``; its stdout ends with
+    ``RC <exit code> RAY <whether Ray was started>``."""
+    code = (
+        "import sys, ray; from search.__main__ import main; rc = main(['launch', *sys.argv[1:]]);"
+        " print('RC', rc, 'RAY', ray.is_initialized())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def _with(**changes):
@@ -207,17 +226,7 @@ def test_bad_experiment_files_are_rejected_with_their_message(tmp_path, capsys, 
 
 def test_launch_of_a_bad_file_fails_before_any_cluster_starts(tmp_path):
     path = _write(tmp_path, _with(budget={"macs": 1000}))
-    code = (
-        "import sys, ray; from search.__main__ import main; rc = main(['launch', sys.argv[1]]);"
-        " print('RC', rc, 'RAY', ray.is_initialized())"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, path],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    out = _launch_in_a_new_process(tmp_path, path, timeout=120)
     assert "RC 2 RAY False" in out.stdout, out.stdout + out.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -256,19 +265,8 @@ def test_launch_with_an_address_nobody_listens_on_fails_fast_and_writes_nothing(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = _write(tmp_path, GOOD)
-    code = (
-        "import sys, ray; from search.__main__ import main; "
-        "rc = main(['launch', sys.argv[1], '--address', sys.argv[2]]); "
-        "print('RC', rc, 'RAY', ray.is_initialized())"
-    )
     start = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-c", code, path, f"127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    out = _launch_in_a_new_process(tmp_path, path, "--address", f"127.0.0.1:{port}", timeout=120)
     assert time.monotonic() - start < 30  # ray.init alone waits for minutes
     assert "RC 2 RAY False" in out.stdout, out.stdout + out.stderr
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in out.stderr
@@ -294,17 +292,19 @@ def test_yaml_tags_in_set_are_refused(tmp_path, capsys):
 
 
 def test_an_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path, capsys):
-    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [
-        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
-        f"*a{i - 1}, *a{i - 1}, *a{i - 1}]"
-        for i in range(1, 9)
-    ]  # 10**9 values once expanded
     path = tmp_path / "bomb.yaml"
-    path.write_text("\n".join(lines) + "\nname: t\n")
+    path.write_text(alias_bomb() + "name: t\n")  # 10**9 values once expanded
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "expands to more than 100000 values" in err and len(err) < 1000
+
+
+def test_an_alias_bomb_in_the_space_file_is_refused_naming_that_file(tmp_path, capsys):
+    space = tmp_path / "bomb_space.yaml"
+    space.write_text(alias_bomb() + "params: {}\n")
+    assert main(["validate", _write(tmp_path, {**GOOD, "space": str(space)})]) == 2
+    err = capsys.readouterr().err
+    assert f"space: {space}: expands to more than 100000 values" in err and len(err) < 1000
 
 
 @pytest.mark.parametrize("resource", ["resources.gpu=1", "resources.cpu=64"])
@@ -312,26 +312,14 @@ def test_a_resource_request_the_local_cluster_cannot_meet_is_refused_and_nothing
     tmp_path, resource
 ):
     path = _write(tmp_path, GOOD)
-    code = (
-        "import sys; from search.__main__ import main; "
-        "print('RC', main(['launch', sys.argv[1], '--set', sys.argv[2]]))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, path, resource],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-    )
+    out = _launch_in_a_new_process(tmp_path, path, "--set", resource)
     assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
     assert "per trial, but the local cluster this file starts has" in out.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_validate_reads_the_data_and_names_a_truncated_cifar_batch(tmp_path, capsys):
-    from tests.trainables.test_data import _write_cifar
-
-    _write_cifar(tmp_path, 20, 10)
+    write_cifar(tmp_path, 20, 10)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_4"
     batch.write_bytes(batch.read_bytes()[:500])  # an interrupted download
     doc = _with(trial__data={"dataset": "cifar10", "datadir": str(tmp_path), "val_size": 10})
@@ -355,26 +343,15 @@ def test_a_damaged_search_folder_is_a_message_not_a_traceback(tmp_path, capsys, 
 
 
 def test_launch_names_a_non_image_behind_an_image_suffix_and_writes_nothing(tmp_path):
-    from tests.trainables.test_data import _write_imagefolder
-
     data = tmp_path / "data"
-    _write_imagefolder(data)
+    write_imagefolder(data)
     (data / "train" / "dog" / "zz_notes.jpg").write_text("a text file, not a JPEG\n")
     doc = _with(
         trial__data={"dataset": "imagefolder", "datadir": str(data), "val_size": 2},
         ray={"dashboard": False, "num_cpus": 1},
     )
     path = _write(tmp_path, doc)
-    code = (
-        "import sys; from search.__main__ import main; print('RC', main(['launch', sys.argv[1]]))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, path],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-    )
+    out = _launch_in_a_new_process(tmp_path, path)
     assert "RC 2" in out.stdout, out.stdout + out.stderr[-3000:]
     assert f"{path}: trial.data: 1 unreadable image file(s)" in out.stderr
     assert "zz_notes.jpg: not a readable image" in out.stderr and "Traceback" not in out.stderr

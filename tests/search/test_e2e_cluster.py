@@ -20,7 +20,7 @@ from search.config import load_experiment
 from search.launch import launch
 from search.state import SearchState
 from search.tracking import tracking_uri
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.search.helpers import brute_force_front
 from tests.search.helpers import children
 

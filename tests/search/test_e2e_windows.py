@@ -33,7 +33,7 @@ from typing import Any
 import mlflow
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.e2e
 NAME = "webwatch"  # the search, its Ray job and its MLflow experiment

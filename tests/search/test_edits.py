@@ -11,7 +11,7 @@ from search.edits import resolved
 from search.overrides import SearchConfigError
 from search.preflight import Problem
 from search.state import new_state
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _launched(tmp_path):

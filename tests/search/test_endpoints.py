@@ -12,7 +12,7 @@ from search.endpoints import check_database_url
 from search.endpoints import check_endpoints
 from search.endpoints import check_tracking_server
 from search.overrides import SearchConfigError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SMOKE = REPO / "experiments" / "smoke.yaml"
 

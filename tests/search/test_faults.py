@@ -29,7 +29,7 @@ import yaml
 from search.state import SearchState
 from search.tracking import tracking_uri
 from search.tune_runs import all_records
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.search.helpers import children
 
 SMOKE = REPO / "experiments" / "smoke.yaml"

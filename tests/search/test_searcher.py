@@ -9,7 +9,7 @@ from search.config import load_experiment
 from search.preflight import run_preflight
 from search.searcher import OptunaSearcher
 from search.searcher import StudyRef
-from tests.conftest import REPO
+from tests.helpers import REPO
 from trainables.config import TrialConfig
 
 

@@ -12,7 +12,7 @@ from search.state import SearchState
 from search.state import load_search
 from search.state import new_state
 from search.state import write_resolved
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SMOKE = REPO / "experiments" / "smoke.yaml"
 URL = "postgresql://admin:pw-123@db.example/optuna"

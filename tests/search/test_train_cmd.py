@@ -7,7 +7,7 @@ import json
 import yaml
 
 from search.__main__ import main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+import dgc
+from dgc.layers.schedule import PAPER
 from trainables.config import TrialConfig
 
 
@@ -31,3 +33,16 @@ def test_types_are_coerced_and_checked():
         TrialConfig.model_validate({"epochs": "three"})
     with pytest.raises(ValidationError, match="data.datadir"):
         TrialConfig.model_validate({"data": {"dataset": "cifar10"}})
+
+
+def test_the_default_gate_schedule_is_the_papers_and_0_0833_is_not():
+    # the paper's expression runs only with 1/12 and 3/4 exactly (docs/search.md says so)
+    assert TrialConfig().gate_schedule.resolve(30) == dgc.GateSchedule() == PAPER
+    assert TrialConfig().gate_schedule.resolve(30).is_paper
+    near = TrialConfig(gate_schedule={"warmup_end": 0.0833, "ramp_end": 0.75})
+    assert not near.gate_schedule.resolve(30).is_paper
+
+
+def test_a_gate_schedule_in_epochs_resolves_to_fractions_of_the_run():
+    cfg = TrialConfig(epochs=8, gate_schedule={"warmup_end": 1, "ramp_end": 4, "unit": "epochs"})
+    assert cfg.gate_schedule.resolve(8) == dgc.GateSchedule(0.125, 0.5)

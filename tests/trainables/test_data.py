@@ -2,46 +2,20 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import write_cifar
+from tests.helpers import write_imagefolder
 from trainables import data as D
 from trainables.config import DataParams
 
 
-def _write_cifar(root: Path, n: int, classes: int, cifar100: bool = False) -> None:
-    rng = np.random.default_rng(0)
-    key = b"fine_labels" if cifar100 else b"labels"
-    names = (
-        ["train", "test"] if cifar100 else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    )
-    folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
-    folder.mkdir(parents=True)
-    for name in names:
-        batch = {
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            key: rng.integers(0, classes, n).tolist(),
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-
-
-def _write_imagefolder(root: Path, per_class: int = 6, size: int = 12) -> None:
-    rng = np.random.default_rng(1)
-    for split in ("train", "test"):
-        for c, suffix in (("cat", ".png"), ("dog", ".jpg")):
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(root / split / c / f"{i}{suffix}")
-
-
 def test_cifar10_python_layout(tmp_path):
-    _write_cifar(tmp_path, 20, 10)
+    write_cifar(tmp_path, 20, 10)
     s = D.load_splits(DataParams(dataset="cifar10", datadir=str(tmp_path), val_size=10))
     assert (len(s.train), len(s.val), len(s.test)) == (90, 10, 20)
     assert s.train.images.dtype == torch.uint8 and s.train.images.shape[1:] == (3, 32, 32)
@@ -49,13 +23,13 @@ def test_cifar10_python_layout(tmp_path):
 
 
 def test_cifar100_python_layout(tmp_path):
-    _write_cifar(tmp_path, 30, 100, cifar100=True)
+    write_cifar(tmp_path, 30, 100, cifar100=True)
     s = D.load_splits(DataParams(dataset="cifar100", datadir=str(tmp_path), val_size=0.2))
     assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (24, 6, 30, 100)
 
 
 def test_imagefolder_layout_png_and_jpeg_and_cache_reuse(tmp_path, monkeypatch):
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     params = DataParams(
         dataset="imagefolder", datadir=str(tmp_path), val_size=2, cache_dir=str(tmp_path / "cache")
     )
@@ -94,7 +68,7 @@ def _load_in_child(args: tuple[str, str, str]) -> int:
 
 
 def test_cache_survives_two_concurrent_writers(tmp_path):
-    _write_imagefolder(tmp_path, per_class=40)
+    write_imagefolder(tmp_path, per_class=40)
     cache, decodes = str(tmp_path / "cache"), tmp_path / "decodes.log"
     with mp.get_context("spawn").Pool(2) as pool:
         sums = pool.map(_load_in_child, [(str(tmp_path), cache, str(decodes))] * 2, chunksize=1)
@@ -130,7 +104,7 @@ def test_missing_dataset_names_path_and_layout(tmp_path, dataset, expect):
 
 
 def test_malformed_cifar_batch_is_reported(tmp_path):
-    _write_cifar(tmp_path, 4, 10)
+    write_cifar(tmp_path, 4, 10)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(D.DatasetError, match="data_batch_3: not a CIFAR python batch"):
         D.load_splits(DataParams(dataset="cifar10", datadir=str(tmp_path)))
@@ -187,7 +161,7 @@ class _Payload:
 
 
 def test_cifar_batch_that_would_run_code_is_refused_and_named(tmp_path):
-    _write_cifar(tmp_path, 4, 10)
+    write_cifar(tmp_path, 4, 10)
     marker = tmp_path / "pwned"
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     bad.write_bytes(pickle.dumps({b"data": _Payload(str(marker)), b"labels": [0]}))
@@ -197,7 +171,7 @@ def test_cifar_batch_that_would_run_code_is_refused_and_named(tmp_path):
 
 
 def test_cifar_batch_in_the_official_python2_numpy1_spelling_loads(tmp_path):
-    _write_cifar(tmp_path, 4, 10)
+    write_cifar(tmp_path, 4, 10)
     folder = tmp_path / "cifar-10-batches-py"
     batch = {b"data": np.arange(4 * 3072, dtype=np.uint8).reshape(4, 3072), b"labels": [1, 2, 3, 4]}
     raw = pickle.dumps(batch, protocol=2).replace(
@@ -211,7 +185,7 @@ def test_cifar_batch_in_the_official_python2_numpy1_spelling_loads(tmp_path):
 
 
 def test_count_training_images_names_empty_files(tmp_path):
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     params = DataParams(dataset="imagefolder", datadir=str(tmp_path))
     assert D.count_training_images(params) == 12
     (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"")
@@ -220,7 +194,7 @@ def test_count_training_images_names_empty_files(tmp_path):
 
 
 def test_a_file_with_an_image_suffix_that_is_not_an_image_is_named(tmp_path):
-    _write_imagefolder(tmp_path)
+    write_imagefolder(tmp_path)
     (tmp_path / "train" / "dog" / "zz_notes.jpg").write_text("not an image, a text file\n")
     (tmp_path / "train" / "dog" / "zz_cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
     params = DataParams(dataset="imagefolder", datadir=str(tmp_path), val_size=2)

@@ -79,7 +79,7 @@ def test_custom_gate_schedule_reaches_target_at_its_breakpoint_and_eval_sees_it(
     gate = TrialConfig(
         epochs=3, gate_schedule={"warmup_end": 0.25, "ramp_end": 1, "unit": "epochs"}
     )
-    sched = Schedule(OptimParams(lr=0.01), 8, 3, gate_fractions=gate.gate_schedule.fractions(3))
+    sched = Schedule(OptimParams(lr=0.01), 8, 3, gate=gate.gate_schedule.resolve(3))
     batches = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))) for _ in range(8)]
     train_one_epoch(model, batches, make_optimizer(model, sched.optim), sched, 0)
     # iterations 0..7 of 24: warm-up while it/24 <= 1/12 (it <= 2), then linear to it=8
@@ -127,8 +127,8 @@ def test_bad_gate_schedules_are_refused(gate, match):
 
 def test_finetune_lr_restarts_low_at_the_ramp_end_and_decays_to_zero():
     optim = OptimParams(lr=0.1, finetune_lr=0.2)
-    sched = Schedule(optim, 10, 10, gate_fractions=(0.1, 0.5))  # the ramp ends at it=50
-    plain = Schedule(OptimParams(lr=0.1), 10, 10, gate_fractions=(0.1, 0.5))
+    sched = Schedule(optim, 10, 10, gate=dgc.GateSchedule(0.1, 0.5))  # the ramp ends at it=50
+    plain = Schedule(OptimParams(lr=0.1), 10, 10, gate=dgc.GateSchedule(0.1, 0.5))
     assert [sched.lr(i) for i in range(50)] == [plain.lr(i) for i in range(50)]
     assert sched.lr(50) == pytest.approx(0.02)  # 0.2 * lr, then cosine over the last 50
     assert sched.lr(75) == pytest.approx(0.01)
@@ -208,7 +208,7 @@ def test_a_compiled_dgc_network_trains_through_the_pruning_ramp_without_recompil
     torch.manual_seed(0)
     model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
     step_model = torch.compile(model, backend=backend)
-    sched = Schedule(OptimParams(lr=0.01), 6, 1, gate_fractions=(0.0, 1.0))
+    sched = Schedule(OptimParams(lr=0.01), 6, 1, gate=dgc.GateSchedule(0.0, 1.0))
     layer = dgc.dgc_layers(model)[-1]
     counts = {dgc.inactive_channels(sched.progress(i), layer.in_channels, 0.25, sched.gate)
               for i in range(6)}  # fmt: skip
