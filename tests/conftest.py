@@ -1,20 +1,35 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
 @pytest.fixture(scope="session")
 def ray_2cpu():
-    """A real local Ray cluster with 2 CPUs (no dashboard), shared by the tests that need one."""
+    """A real local Ray cluster with 2 CPUs (no dashboard), shared by the tests that need one.
+
+    Its workers (the trials) take each shape's default DGC kernel untimed
+    (``DGC_KERNEL_TIMING=0``): a digits trial of a few hundred steps spends about half its
+    time timing kernels otherwise. The timing is tested in tests/dgc; this process keeps it.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(  # "local": its own cluster, not one a `ray start` left on the machine
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        before = os.environ.get("DGC_KERNEL_TIMING")
+        os.environ["DGC_KERNEL_TIMING"] = "0"  # the raylet, and so every worker, inherits it
+        try:
+            ray.init(  # "local": its own cluster, not one a `ray start` left on the machine
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        finally:
+            if before is None:
+                os.environ.pop("DGC_KERNEL_TIMING")
+            else:
+                os.environ["DGC_KERNEL_TIMING"] = before
     yield ray
     ray.shutdown()

@@ -73,7 +73,7 @@ class DgcKernels(KernelChoice):
     them. ``KernelChoice``'s arguments pin or exclude kernels, e.g. ``prefer="direct"``."""
 
     def __init__(
-        self, measure: bool = True, prefer: str | None = None, exclude: tuple[str, ...] = ()
+        self, measure: bool | None = None, prefer: str | None = None, exclude: tuple[str, ...] = ()
     ) -> None:
         super().__init__(measure, prefer, exclude)
         self._offsets: dict[tuple, tuple[Tensor, Tensor]] = {}

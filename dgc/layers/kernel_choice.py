@@ -14,6 +14,7 @@ The cache belongs to the layer (no global state).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import warnings
@@ -37,15 +38,18 @@ class KernelChoice:
     """Remembers, per input shape, which of a set of equivalent kernels is fastest.
 
     Args:
-        measure: time the candidates (False: always take the default).
+        measure: time the candidates (False: always take the default). None: unless the
+            environment says ``DGC_KERNEL_TIMING=0`` (read when the choice is made).
         prefer: run this kernel wherever it is a candidate (pins the choice, e.g. for
             reproducible outputs or tests).
         exclude: kernels never run (e.g. ``("direct",)``: the torch kernels only).
     """
 
     def __init__(
-        self, measure: bool = True, prefer: str | None = None, exclude: tuple[str, ...] = ()
+        self, measure: bool | None = None, prefer: str | None = None, exclude: tuple[str, ...] = ()
     ) -> None:
+        if measure is None:
+            measure = os.environ.get("DGC_KERNEL_TIMING", "1") != "0"
         self.measure, self.prefer, self.exclude = measure, prefer, tuple(exclude)
         self.chosen: dict[Hashable, str] = {}
         self.times: dict[Hashable, dict[str, float]] = {}  # median seconds per candidate

@@ -140,7 +140,7 @@ class LaunchCount(TorchDispatchMode):
 
 def _step_launches(name: str, prefer: str | None = None) -> LaunchCount:
     """One training step (forward, cross-entropy + lasso, backward, SGD with momentum as on
-    CUDA) at batch 16 on the device-agnostic path: under a dispatch mode the native kernels
+    CUDA) at batch 4 on the device-agnostic path: under a dispatch mode the native kernels
     step aside, as they do on every device but the CPU."""
     torch.manual_seed(0)
     model = dgc.create_model(name, **({"gate_factor": 0.25} if name.startswith("dy") else {}))
@@ -148,7 +148,7 @@ def _step_launches(name: str, prefer: str | None = None) -> LaunchCount:
     for layer in dgc.dgc_layers(model):
         layer.kernels = DgcKernels(prefer=prefer)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))  # counts do not depend on sizes
 
     def step() -> None:
         loss = F.cross_entropy(model(x), y) + 1e-5 * dgc.aux_loss(model)
