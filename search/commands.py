@@ -11,7 +11,9 @@ from typing import TypeGuard
 import torch
 
 from search import names as N
+from search.budget import describe_budget
 from search.config import load_experiment
+from search.hypervolume import describe_reference
 from search.overrides import SearchConfigError
 from search.preflight import run_preflight
 from search.tracking import default_tracking_uri
@@ -41,6 +43,9 @@ def validate_command(path: str, overrides: list[str]) -> int:
         f"{', '.join(f'{o.metric} ({o.direction})' for o in exp.objectives)}"
     )
     print(report.summary(exp.budget.macs))
+    print(describe_reference(exp, report))
+    for line in describe_budget(exp):
+        print(line)
     for note in report.notes:
         print(f"note: {note}")
     return 0

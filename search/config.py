@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,98 @@ class SamplerConfig(StrictModel):
     seed: int | None = Field(0, ge=0, le=MAX_SEED)
     population_size: int | None = Field(None, ge=2)
     n_startup_trials: int | None = Field(None, ge=0)
+    #: TPE only (None: Optuna's default): ``multivariate`` models the parameters jointly;
+    #: ``group`` splits the space into the groups of parameters that appear together (a
+    #: conditional space), needs ``multivariate``; ``constant_liar`` makes points drawn while
+    #: others train avoid those (on by default for multi-objective TPE in Optuna 5)
+    multivariate: bool | None = None
+    group: bool | None = None
+    constant_liar: bool | None = None
+
+    @model_validator(mode="after")
+    def _tpe_only(self) -> SamplerConfig:
+        tpe = ("multivariate", "group", "constant_liar", "n_startup_trials")
+        set_ = [k for k in tpe if getattr(self, k) is not None]
+        if self.name != "tpe" and set_:
+            raise ValueError(
+                f"{', '.join(set_)} apply to name: tpe only, but name={self.name!r}; remove "
+                "them or use tpe"
+            )
+        if self.group and self.multivariate is False:
+            raise ValueError(
+                "group=true needs multivariate TPE, but multivariate=false; remove one"
+            )
+        return self
+
+
+class HypervolumeConfig(StrictModel):
+    """The reference point of the search's hypervolume (``search.hypervolume``): per objective
+    metric, the worst value that still counts. Unset metrics take their bound: accuracy 0,
+    MACs the budget (or the most MACs validation saw in the space); other objectives have no
+    bound and must be set here for the hypervolume to be logged."""
+
+    reference: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("reference")
+    @classmethod
+    def _known(cls, v: dict[str, float]) -> dict[str, float]:
+        for metric, value in v.items():
+            if metric not in M.OBJECTIVES:
+                raise ValueError(
+                    f"reference.{metric}: unknown objective metric; choose from "
+                    f"{sorted(M.OBJECTIVES)}"
+                )
+            if not math.isfinite(value):
+                raise ValueError(f"reference.{metric}={value} must be a finite number")
+            if metric == M.VAL_ACCURACY and not 0 <= value < 1:
+                raise ValueError(
+                    f"reference.{metric}={value} must be in [0, 1) (an accuracy); e.g. 0.0"
+                )
+            if metric != M.VAL_ACCURACY and value <= 0:
+                raise ValueError(
+                    f"reference.{metric}={value} must be above 0 (a cost no network beats "
+                    "cannot bound the front); e.g. the budget"
+                )
+        return v
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?"
+                       r"(?:(\d+(?:\.\d+)?)s)?")  # fmt: skip
+
+
+def duration_s(text: str) -> float:
+    """Seconds of ``"8h"``, ``"90m"``, ``"1h30m"``, ``"45s"``, ``"2d"`` (ValueError otherwise)."""
+    match = _DURATION.fullmatch(text.strip().replace(" ", ""))
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(
+            f'time={text!r} is not a duration; write it as e.g. "8h", "90m", "1h30m", "45s" or "2d"'
+        )
+    d, h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    seconds = ((d * 24 + h) * 60 + m) * 60 + s
+    if seconds <= 0:
+        raise ValueError(f"time={text!r} must be longer than 0 seconds")
+    return seconds
+
+
+class StopConfig(StrictModel):
+    """Budgets that end a search besides ``num_trials``: trial epochs (every trial's epochs,
+    references included) and wall-clock time (of every launch and resume together). The first
+    spent ends the search: no trial starts, running ones stop at the end of their current epoch
+    (resumable, if the budget is raised), and the front is ranked."""
+
+    epochs: int | None = Field(None, ge=1)
+    time: str | None = None
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None:
+            duration_s(v)
+        return v
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.time is None else duration_s(self.time)
 
 
 class Resources(StrictModel):
@@ -121,6 +214,8 @@ class ExperimentConfig(StrictModel):
     budget: Budget = Field(default_factory=Budget)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     num_trials: int = Field(20, ge=1)
+    stop: StopConfig = Field(default_factory=StopConfig)
+    hypervolume: HypervolumeConfig = Field(default_factory=HypervolumeConfig)
     concurrency: int | None = Field(None, ge=1)
     resources: Resources = Field(default_factory=Resources)
     scheduler: SchedulerConfig | None = None
@@ -189,6 +284,17 @@ class ExperimentConfig(StrictModel):
         why = self.trial.teacher_missing(search_pretrains=self.pretrain is not None)
         if why is not None:
             raise ValueError(f"trial.{why}")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_of_objectives(self) -> ExperimentConfig:
+        metrics = [o.metric for o in self.objectives]
+        extra = sorted(set(self.hypervolume.reference) - set(metrics))
+        if extra:
+            raise ValueError(
+                f"hypervolume.reference sets {extra}, which are not objectives ({metrics}); "
+                "remove them"
+            )
         return self
 
     @property

@@ -2,9 +2,11 @@
 launched (``experiment.resolved.yaml``).
 
 Changes that keep the trials comparable are applied, and said: ``num_trials`` (more trials, or
-fewer: none beyond it is started), ``max_failures``, ``mlflow.register_models`` and the Ray
-settings (``ray.*``, used to join or start the cluster). Any other change (the space, the
-recipe, the objectives, the sampler, the budget, the resources, ...) would mix two searches in
+fewer: none beyond it is started), the compute budgets ``stop.epochs`` and ``stop.time`` (a
+raised one continues the trials a spent one paused), ``max_failures``,
+``mlflow.register_models`` and the Ray settings (``ray.*``, used to join or start the cluster).
+Any other change (the space, the recipe, the objectives, the sampler, the MACs budget, the
+resources, ...) would mix two searches in
 one study and one front: ``resume`` refuses it and says how to undo it or launch the edited
 file as a new search.
 """
@@ -27,7 +29,7 @@ from trainables import metrics as M
 log = logging.getLogger(__name__)
 
 #: dotted keys (or their prefixes) that a resume applies
-SAFE = ("num_trials", "max_failures", "mlflow.register_models", "ray.")
+SAFE = ("num_trials", "stop.", "max_failures", "mlflow.register_models", "ray.")
 #: keys that do not describe the search (the folder is given to resume)
 IGNORED = ("storage_dir",)
 
@@ -80,8 +82,9 @@ def apply_edits(exp: ExperimentConfig, state: SearchState, folder: Path) -> Expe
             + "; ".join(_change(k, before, after) for k in refused[:6])
             + (f" (and {len(refused) - 6} more)" if len(refused) > 6 else "")
             + ". Such changes would mix two searches in one study and one front, so resume "
-            "refuses them; it applies only num_trials, max_failures, mlflow.register_models "
-            "and ray.*. Undo these edits to resume, or launch the edited file as a new search: "
+            "refuses them; it applies only num_trials, stop.*, max_failures, "
+            "mlflow.register_models and ray.*. Undo these edits to resume, or launch the "
+            "edited file as a new search: "
             f"`python -m search launch {source} --set name={exp.name}-2`"
         )
     if not changed:

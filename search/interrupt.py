@@ -53,12 +53,19 @@ class Stop:
         self.signum: int | None = None
         self.count = 0
         self.fault: str | None = None  # a search-level fault that stopped the run (disk full)
+        self.budget: str | None = None  # a budget that was spent (search.budget): a drain
         self._end_tune: Callable[[], None] | None = None
         self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
-        """A signal arrived, or a fault asked the run to end: start nothing new."""
+        """A signal arrived, a fault asked the run to end or a budget is spent: start nothing
+        new."""
+        return self.interrupted or self.budget is not None
+
+    @property
+    def interrupted(self) -> bool:
+        """A signal or a fault stopped the search (a spent budget ends it instead)."""
         return self.signum is not None or self.fault is not None
 
     @property
@@ -98,6 +105,16 @@ class Stop:
         if self._end_tune is not None:
             end, self._end_tune = self._end_tune, None
             end()
+
+    def spend(self, reason: str) -> None:
+        """A budget is spent: drain (as a first Ctrl-C does), then the search ends."""
+        if self.budget is None:
+            self.budget = reason
+            log.warning(
+                "%s is spent: no trial starts; running trials stop at the end of their epoch "
+                "(resumable if the budget is raised)",
+                reason,
+            )
 
     def fail(self, reason: str) -> None:
         """A fault every trial would meet (a full disk): stop the run now."""

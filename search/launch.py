@@ -17,6 +17,8 @@ from typing import Any
 
 from search import names as N
 from search.actors import trial_class
+from search.budget import Budget
+from search.budget import BudgetCallback
 from search.cluster import check_cluster_reachable
 from search.cluster import check_job_paths
 from search.cluster import check_resources
@@ -30,6 +32,8 @@ from search.endpoints import check_tracking_server
 from search.faults import FaultWatch
 from search.faults import describe
 from search.faults import save_traceback
+from search.hypervolume import describe_reference
+from search.hypervolume import reference_point
 from search.integrity import check_folder
 from search.integrity import check_parent_run
 from search.integrity import check_tracking_store
@@ -40,6 +44,7 @@ from search.lock import SearchLock
 from search.mlflow_ui import front_link
 from search.overrides import SearchConfigError
 from search.preflight import Problem
+from search.preflight import Report
 from search.preflight import run_preflight
 from search.pretrain import ensure_pretrained
 from search.pretrain import run_config
@@ -68,6 +73,8 @@ from search.tune_runs import can_restore
 from search.tune_runs import next_segment
 from search.tune_runs import restore
 from search.tune_runs import segments
+from search.watch import Ledger
+from search.watch import WatchCallback
 from trainables import metrics as M
 
 log = logging.getLogger(__name__)
@@ -89,6 +96,7 @@ def launch(
     check_cluster_reachable(address or exp.ray.address)
     report = run_preflight(exp, source, address=address)
     log.info("preflight: %s", report.summary(exp.budget.macs))
+    log.info("%s", describe_reference(exp, report))
     for note in report.notes:
         log.warning("%s", note)
     check_tracking_server(exp.mlflow.tracking_uri or default_tracking_uri(), "launch again")
@@ -102,7 +110,7 @@ def launch(
                     f"search resume {folder}` or choose another name (nothing "
                     "recorded is overwritten)"
                 )
-            return _launch(exp, source, address, overrides or [], report.problem, stop)
+            return _launch(exp, source, address, overrides or [], report, stop)
     finally:
         stop.restore()
 
@@ -112,11 +120,11 @@ def _launch(
     source: str,
     address: str | None,
     overrides: list[str],
-    problem: Problem,
+    report: Report,
     stop: Stop,
 ) -> int:
     # Everything that can fail before the first trial runs before anything is written.
-    folder = exp.experiment_dir
+    folder, problem = exp.experiment_dir, report.problem
     connect_ray(exp, address)
     stop.install()  # ray.init set its own SIGTERM handler
     check_job_paths(exp)
@@ -125,6 +133,7 @@ def _launch(
     write_resolved(folder, exp)
     state = new_state(exp, problem, folder, launched_from(exp, source, overrides, folder),
                       overrides)  # fmt: skip
+    state.reference_point = reference_point(exp, report)
     tracking = _start_tracking(exp, state, source, folder)
     searcher = _searcher(exp, problem, state, stop)
     searcher.study
@@ -148,7 +157,9 @@ def _start_tracking(
     try:
         tracking = Tracking(state.tracking_uri, state.mlflow_experiment)
         state.parent_run_id = tracking.start_parent(
-            exp.name, _parent_params(exp), {**_run_tags(source), N.SEARCH_DIR_TAG: str(folder)}
+            exp.name,
+            _parent_params(exp, state),
+            {**_run_tags(source), N.SEARCH_DIR_TAG: str(folder)},
         )
         log_redacted_artifact(tracking.client, state.parent_run_id, folder / RESOLVED_FILE)
         log_redacted_artifact(tracking.client, state.parent_run_id, source)
@@ -233,7 +244,7 @@ def _run(
         trained = False
     except Exception as err:  # noqa: BLE001  (one message and the resume command, no traceback)
         return _failed(err, state, writes, folder, stop)
-    if not trained or stop.requested:
+    if not trained or stop.interrupted:
         return _stopped(state, writes, folder, stop)
     try:
         writes.flush()
@@ -259,23 +270,39 @@ def _train(
     writes: TrackingQueue,
     stop: Stop,
 ) -> bool:
-    """The pretraining and the Tune runs; False if a stop ended them."""
+    """The pretraining and the Tune runs; False if a signal or a fault ended them (a spent
+    budget ends them too, and the search is ranked)."""
     if not ensure_pretrained(exp, folder, _parts(exp, writes, stop), trainable):
         return False
+    budget = Budget(exp.stop, _ledger(exp, folder), folder)
+    spent = budget.spent()
+    if spent is not None:
+        log.info("%s is spent already; raise it in the experiment file to continue", spent)
+        stop.spend(spent)
+        return True
     runs = segments(folder)
     if runs and can_restore(runs[-1]):
-        restore(runs[-1], trainable, _parts(exp, writes, stop, searcher)).fit()
+        restore(runs[-1], trainable, _parts(exp, writes, stop, searcher, budget)).fit()
         if stop.requested:
-            return False
+            return not stop.interrupted
     remaining = searcher.remaining()
     if remaining > 0 and not searcher.gave_up:
         name = runs[-1].name if runs and not can_restore(runs[-1]) else next_segment(folder)
         if name != FIRST:
             log.info("%d more trial(s) (num_trials was raised): Tune run %s", remaining, name)
-        parts = _parts(exp, writes, stop, searcher)
+        parts = _parts(exp, writes, stop, searcher, budget)
         tuner = _build_tuner(exp, folder, parts, trainable, name, remaining)
         tuner.fit()
-    return not stop.requested
+    budget.save(force=True)
+    return not stop.interrupted
+
+
+def _ledger(exp: ExperimentConfig, folder: Path) -> Ledger:
+    """What the search spent and found so far (its earlier Tune runs), with its reference
+    point (search.json)."""
+    objectives = [(o.metric, o.direction) for o in exp.objectives]
+    reference = SearchState.load(folder).reference_point
+    return Ledger(objectives, reference, exp.trial.epochs).seed(all_records(folder))
 
 
 def _parts(
@@ -283,15 +310,23 @@ def _parts(
     writes: TrackingQueue,
     stop: Stop,
     searcher: OptunaSearcher | None = None,
+    budget: Budget | None = None,
 ) -> Parts:
-    """A Tune run's scheduler and callbacks (the search's, or the pretraining's without a
-    searcher)."""
-    callbacks: list[Any] = [MlflowTrialLogger(writes), DrainCallback(stop), FaultWatch(stop)]
+    """A Tune run's scheduler and callbacks (the search's, with its budget and ledger, or the
+    pretraining's without a searcher)."""
+    callbacks: list[Any] = [MlflowTrialLogger(writes, stop), DrainCallback(stop), FaultWatch(stop)]
     scheduler = None
     if searcher is not None:
         objectives = [(o.metric, o.direction) for o in exp.objectives]
         total = exp.num_trials + len(reference_trials(exp))  # references come on top
-        callbacks.append(ConsoleProgress(total, objectives))
+        ledger = budget.ledger if budget is not None else None
+        if budget is not None:  # the ledger's keeper first: the others read it
+            parent = writes.tracking.parent_run_id or ""
+            callbacks += [
+                WatchCallback(budget.ledger, writes, parent),
+                BudgetCallback(budget, stop),
+            ]
+        callbacks.append(ConsoleProgress(total, objectives, ledger))
         scheduler = _scheduler(exp, objectives)
     return Parts(
         scheduler=DrainScheduler(scheduler, stop),
@@ -447,9 +482,19 @@ def _conclude(
     results: Any,
     folder: Path,
 ) -> int:
-    failed_for_good = searcher.conclude()
+    paused = [r for r in results if r.status not in ("TERMINATED", "ERROR")]
+    failed_for_good = searcher.conclude(keep={r.trial_id for r in paused})
     if failed_for_good:
         log.info("marked %d Optuna trial(s) that failed as FAIL", failed_for_good)
+    if paused:  # a spent budget stopped them: they continue if it is raised
+        log.info(
+            "%d trial(s) paused when the budget was spent (epochs %s); raise stop.epochs or "
+            "stop.time in %s and resume to continue them",
+            len(paused),
+            ", ".join(str(r.metrics.get(M.EPOCH, 0)) for r in paused),
+            state.experiment_file or "the experiment file",
+        )
+        results = [r for r in results if r not in paused]
     failed = [r for r in results if r.error is not None or M.TRIAL_ERROR in (r.metrics or {})]
     for r in failed:
         reason = r.error if r.error is not None else r.metrics[M.TRIAL_ERROR]
@@ -486,7 +531,7 @@ def _conclude(
     return 0
 
 
-def _parent_params(exp: ExperimentConfig) -> dict[str, Any]:
+def _parent_params(exp: ExperimentConfig, state: SearchState) -> dict[str, Any]:
     import optuna
     import ray
     import torch
@@ -499,6 +544,11 @@ def _parent_params(exp: ExperimentConfig) -> dict[str, Any]:
         "sampler": exp.sampler.name,
         "objectives": json.dumps([o.model_dump() for o in exp.objectives]),
         "budget_macs": exp.budget.macs,
+        "hypervolume_reference": json.dumps(
+            None
+            if state.reference_point is None
+            else dict(zip((o.metric for o in exp.objectives), state.reference_point))
+        ),
         "torch": torch.__version__,
         "ray": ray.__version__,
         "optuna": optuna.__version__,

@@ -83,8 +83,11 @@ def write_plots(
     space_keys: list[str],
     out: Path,
     title: str,
+    progress: list[tuple[int, float]] | None = None,
 ) -> list[Path]:
-    """``pareto.png`` and ``pareto.html`` of the first objective against the second."""
+    """``pareto.png`` and ``pareto.html`` of the first objective against the second, and
+    beside it, given ``progress`` ((epochs spent, hypervolume) after each trial that ended),
+    the front's hypervolume against the compute spent."""
     (ym, _), (xm, _) = objectives[0], objectives[min(1, len(objectives) - 1)]
     groups = {
         "trials": [p for p in points if p.stopped is None and p.rank != 1 and not p.reference],
@@ -93,22 +96,39 @@ def write_plots(
         "references": [p for p in points if p.reference and p.stopped is None],
     }
     png, html = out / "pareto.png", out / "pareto.html"
-    _png(groups, xm, ym, title, png)
-    _html(groups, xm, ym, title, space_keys, html)
+    _png(groups, xm, ym, title, png, progress or [])
+    _html(groups, xm, ym, title, space_keys, html, progress or [])
     return [png, html]
+
+
+#: the hypervolume panel's title and axes
+PROGRESS_TITLE = "hypervolume of the searched front against compute"
+PROGRESS_X = "trial epochs spent"
+PROGRESS_Y = "hypervolume (share of the reference box)"
 
 
 def _xy(points: list[Any], xm: str, ym: str) -> tuple[list[float], list[float]]:
     return [scaled(xm, p.metrics[xm]) for p in points], [scaled(ym, p.metrics[ym]) for p in points]
 
 
-def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path) -> None:
+def _png(
+    groups: dict[str, list[Any]],
+    xm: str,
+    ym: str,
+    title: str,
+    path: Path,
+    progress: list[tuple[int, float]],
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if progress:
+        fig, (ax, hv) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(7, 5))
+        _progress_png(hv, progress)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     kinds = _kinds(groups)
     for kind in kinds:
         members = [p for p in groups["trials"] if operator(p) == kind]
@@ -147,6 +167,15 @@ def _png(groups: dict[str, list[Any]], xm: str, ym: str, title: str, path: Path)
     plt.close(fig)
 
 
+def _progress_png(ax: Any, progress: list[tuple[int, float]]) -> None:
+    xs, ys = zip(*progress)
+    ax.step(xs, ys, where="post", c="C2", lw=1.4)
+    ax.scatter(xs, ys, c="C2", s=18, zorder=3)
+    ax.set(xlabel=PROGRESS_X, ylabel=PROGRESS_Y, title=PROGRESS_TITLE)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+
 def _kinds(groups: dict[str, list[Any]]) -> list[str]:
     """The operators of the searched trials and front points, in ``OPERATORS`` order."""
     seen = {operator(p) for key in ("trials", "front") for p in groups[key] if not p.reference}
@@ -160,8 +189,10 @@ def _html(
     title: str,
     space_keys: list[str],
     path: Path,
+    progress: list[tuple[int, float]],
 ) -> None:
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     style = {
         "trials": ("trials", {"color": "grey"}, "markers"),
@@ -196,8 +227,33 @@ def _html(
                 hovertemplate="%{text}<br>(%{x:.3g}, %{y:.3g})<extra></extra>",
             )
         )
-    fig = go.Figure(traces)
-    fig.update_layout(title=title, xaxis_title=label(xm), yaxis_title=label(ym))
+    if not progress:
+        fig = go.Figure(traces)
+        fig.update_layout(title=title, xaxis_title=label(xm), yaxis_title=label(ym))
+        fig.write_html(path, include_plotlyjs=True)
+        return
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.1,
+                        subplot_titles=("", PROGRESS_TITLE))  # fmt: skip
+    for trace in traces:
+        fig.add_trace(trace, row=1, col=1)
+    epochs, volumes = zip(*progress)
+    fig.add_trace(
+        go.Scatter(
+            x=epochs,
+            y=volumes,
+            mode="lines+markers",
+            line={"shape": "hv", "color": "seagreen"},
+            name="front hypervolume",
+            hovertemplate="%{x} epochs: hypervolume %{y:.4f}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    fig.update_xaxes(title_text=label(xm), row=1, col=1)
+    fig.update_yaxes(title_text=label(ym), row=1, col=1)
+    fig.update_xaxes(title_text=PROGRESS_X, row=1, col=2)
+    fig.update_yaxes(title_text=PROGRESS_Y, rangemode="tozero", row=1, col=2)
+    fig.update_layout(title=title)
     fig.write_html(path, include_plotlyjs=True)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from dgc.program import ShippedModel
 from search import names as N
+from search.hypervolume import HYPERVOLUME_BY_EPOCHS
 from search.logged_model import log_model
 from search.mlflow_ui import publish_front
 from search.pareto import pareto_ranks
@@ -235,6 +236,16 @@ def table(
     return "\n".join(rows)
 
 
+def hypervolume_progress(tracking: Tracking) -> list[tuple[int, float]]:
+    """(epochs spent, hypervolume) after each trial that ended, as the parent run logged it
+    (the last value at each step: a resumed search may log a step again)."""
+    if tracking.parent_run_id is None:
+        return []
+    history = tracking.client.get_metric_history(tracking.parent_run_id, HYPERVOLUME_BY_EPOCHS)
+    latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+    return sorted(latest.items())
+
+
 def finalize(
     tracking: Tracking,
     objectives: list[tuple[str, str]],
@@ -258,7 +269,9 @@ def finalize(
     title = heading(points, name)
     text = title + "\n\n" + table(points, objectives, space_keys, registered_name)
     (out / "pareto.md").write_text(text + "\n")
-    files = [out / "pareto.md", *write_plots(points, objectives, space_keys, out, title)]
+    progress = hypervolume_progress(tracking)
+    plots = write_plots(points, objectives, space_keys, out, title, progress)
+    files = [out / "pareto.md", *plots]
     for f in files:
         tracking.client.log_artifact(tracking.parent_run_id, str(f))
     linked = table(points, objectives, space_keys, registered_name, tracking.experiment_id)

@@ -82,8 +82,11 @@ def make_sampler(exp: ExperimentConfig, offset: int = 0) -> optuna.samplers.Base
     kwargs: dict[str, Any] = {"seed": None if s.seed is None else (s.seed + offset) % 2**32}
     if s.name == "nsgaii" and s.population_size:
         kwargs["population_size"] = s.population_size
-    if s.name == "tpe" and s.n_startup_trials is not None:
-        kwargs["n_startup_trials"] = s.n_startup_trials
+    if s.name == "tpe":
+        options = ("n_startup_trials", "multivariate", "group", "constant_liar")
+        kwargs.update({k: getattr(s, k) for k in options if getattr(s, k) is not None})
+        if s.group and s.multivariate is None:
+            kwargs["multivariate"] = True  # group needs it (Optuna's default may change)
     return SAMPLERS[s.name](**kwargs)
 
 
@@ -489,14 +492,18 @@ class OptunaSearcher(Searcher):
                 self._tell_reference(key.removeprefix(REFERENCE_KEY), trial_id, known[1])
         return again
 
-    def conclude(self) -> int:
+    def conclude(self, keep: set[str] | None = None) -> int:
         """At the end of a search: FAIL what is still RUNNING in the study (trials that
-        failed for good) and record failed references. Returns how many."""
-        failed = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        failed for good), but the Ray trials in ``keep`` (paused by a spent budget: a raised
+        budget continues them), and record failed references. Returns how many."""
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        failed = [t for t in running if t.user_attrs.get(N.TRIAL_TAG) not in (keep or set())]
         for t in failed:
             self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         refs = 0
         for key, trial_id in self.study.user_attrs.items():
+            if trial_id in (keep or set()):
+                continue
             if key.startswith(REFERENCE_KEY) and trial_id and not self._told(trial_id):
                 self._tell_reference(key.removeprefix(REFERENCE_KEY), trial_id, None)
                 refs += 1

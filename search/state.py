@@ -52,6 +52,9 @@ class SearchState(BaseModel):
     #: resume compares the file as it is now with the search as launched
     experiment_file: str | None = None
     overrides: list[str] = Field(default_factory=list)
+    #: the hypervolume's reference point, one value per objective, fixed at launch (None: an
+    #: objective has no bound and the experiment gives none; no hypervolume is logged)
+    reference_point: list[float] | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

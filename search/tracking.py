@@ -31,7 +31,9 @@ from search.scheduler import stopped_at
 from trainables import metrics as M
 
 if TYPE_CHECKING:
+    from search.interrupt import Stop
     from search.tracking_queue import TrackingQueue
+    from search.watch import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +141,15 @@ class MlflowTrialLogger(Callback):
     checkpoint, written by the tracking queue's thread (``search.tracking_queue``), never in
     the training loop. A trial the run leaves unfinished (a stop) is tagged ``interrupted``."""
 
-    def __init__(self, writes: TrackingQueue) -> None:
+    def __init__(self, writes: TrackingQueue, stop: Stop | None = None) -> None:
         self.writes: TrackingQueue | None = writes
+        self.stop = stop
         self.started: set[str] = set()
         self.ended: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment; a restore is given a new logger.
-        return {"writes": None, "started": set(), "ended": set()}
+        return {"writes": None, "started": set(), "ended": set(), "stop": None}
 
     def _put(self, trial: Any, op: str, **fields: Any) -> None:
         if self.writes is None:
@@ -197,10 +200,11 @@ class MlflowTrialLogger(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Trials the run leaves unfinished (a stop): their runs end KILLED, tagged
-        ``interrupted``; ``resume`` reopens them."""
+        ``interrupted`` (``paused`` by a spent budget); ``resume`` reopens them."""
+        spent = self.stop is not None and not self.stop.interrupted and self.stop.budget
         for trial in trials:
             if trial.trial_id in self.started and trial.trial_id not in self.ended:
-                self._put(trial, "tags", tags={N.STATUS_TAG: "interrupted"})
+                self._put(trial, "tags", tags={N.STATUS_TAG: "paused" if spent else "interrupted"})
                 self._put(trial, "end", status=RunStatus.to_string(RunStatus.KILLED))
 
     def _failed(self, trial: Any, text: str) -> None:
@@ -273,10 +277,14 @@ def _short(v: object) -> str:
 class ConsoleProgress(Callback):
     """One line per finished trial (the driver's log, which the Ray dashboard's Jobs page shows
     for a submitted job): the count, the trial's label and Tune id (as its Ray actor's repr),
-    its objectives, the trials still running and the front so far."""
+    its objectives, the trials still running, the front so far and, with a ledger
+    (``search.watch``, kept by a callback listed before this one), the front's hypervolume and
+    the epochs spent."""
 
-    def __init__(self, total: int, objectives: list[tuple[str, str]]) -> None:
-        self.total, self.objectives = total, objectives
+    def __init__(
+        self, total: int, objectives: list[tuple[str, str]], ledger: Ledger | None = None
+    ) -> None:
+        self.total, self.objectives, self.ledger = total, objectives, ledger
         self.done: list[tuple[float, ...]] = []
         self.failed = self.stopped = 0
 
@@ -301,11 +309,19 @@ class ConsoleProgress(Callback):
         ranks = pareto_ranks(self.done, [d for _, d in self.objectives])
         front = sorted(p for p, k in zip(self.done, ranks) if k == 1)
         log.info(
-            "[%d/%d] %s done: %s | %d running | front so far (%d): %s",
+            "[%d/%d] %s done: %s | %d running | front so far (%d): %s%s",
             self._count(), self.total, actor_repr(trial.config, trial.trial_id), shown,
             _running(trials, trial), len(front),
-            " ".join("(" + ", ".join(_short(v) for v in p) + ")" for p in front),
+            " ".join("(" + ", ".join(_short(v) for v in p) + ")" for p in front), self._spent(),
         )  # fmt: skip
+
+    def _spent(self) -> str:
+        """`` | hypervolume 0.6123 | 48 epochs spent`` (empty without a ledger)."""
+        if self.ledger is None:
+            return ""
+        volume = self.ledger.hypervolume()
+        shown = "" if volume is None else f" | hypervolume {volume:.4f}"
+        return f"{shown} | {self.ledger.epochs_spent} epochs spent"
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._failed(trial, error_line(error_text(trial)))

@@ -67,6 +67,10 @@ class RunWriter:
         if kind == "parent_end":
             self.tracking.client.set_terminated(op["run"], op["status"])
             return
+        if kind == "parent_metrics":  # the search's own curves (its front's hypervolume)
+            metrics = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in op["metrics"]]
+            self.tracking.client.log_batch(op["run"], metrics=metrics)
+            return
         run_id = self._run(op)
         if run_id is None:
             log.warning("no MLflow run of trial %s to record %s in; skipped", op["trial"], kind)

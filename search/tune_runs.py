@@ -48,6 +48,7 @@ class TrialRecord:
     metrics: dict[str, Any] = field(default_factory=dict)  # its last result
     path: str = ""
     error: str | None = None  # the error's last line, for an ERROR trial
+    tags: dict[str, Any] = field(default_factory=dict)  # its config's tags (reference, ...)
 
 
 def segments(folder: Path) -> list[Path]:
@@ -88,7 +89,12 @@ def records(path: Path) -> list[TrialRecord]:
             error = _last_line(trial.error_file) or "the trial raised (no error text saved)"
         out.append(
             TrialRecord(
-                trial.trial_id, trial.status, dict(trial.last_result or {}), trial.path or "", error
+                trial.trial_id,
+                trial.status,
+                dict(trial.last_result or {}),
+                trial.path or "",
+                error,
+                dict((trial.config or {}).get("tags", {})),
             )
         )
     return out

@@ -59,6 +59,7 @@ def test_small_search_end_to_end(ray_2cpu, tmp_path):
 
     tagged = {k.info.run_id for k in kids if k.data.tags["pareto"] == "true"}
     assert tagged == brute_force_front(kids)
+    _check_hypervolume(client, parent, kids)
 
     x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
     versions = client.search_model_versions("name = 'smoke'")
@@ -113,6 +114,47 @@ def test_small_search_end_to_end(ray_2cpu, tmp_path):
                 k.data.metrics["val_accuracy"],
                 k.data.metrics["macs"],
             ]
+
+
+def _check_hypervolume(client, parent, kids):
+    """The parent run's hypervolume after each trial equals an independent computation over
+    the child runs as they ended (searched trials only; references are yardsticks)."""
+    import json
+
+    reference = json.loads(parent.data.params["hypervolume_reference"])
+    ref_acc, ref_macs = reference["val_accuracy"], reference["macs"]
+    assert ref_acc == 0.0 and ref_macs > 0
+
+    def area(points):  # a literal sweep over the 2-D front, independent of moocore
+        inside = sorted((m, a) for a, m in points if a > ref_acc and m < ref_macs)
+        total, best = 0.0, ref_acc
+        for i, (m, a) in enumerate(inside):
+            best = max(best, a)
+            right = inside[i + 1][0] if i + 1 < len(inside) else ref_macs
+            total += (right - m) * (best - ref_acc)
+        return total / (ref_macs * (1 - ref_acc))
+
+    history = {
+        name: sorted(client.get_metric_history(parent.info.run_id, name), key=lambda m: m.step)
+        for name in ("hypervolume", "epochs_spent", "hypervolume_by_epochs")
+    }
+
+    def last_result_ms(k):  # when the trial reported its last epoch, then ended
+        return max(m.timestamp for m in client.get_metric_history(k.info.run_id, "val_accuracy"))
+
+    ended = sorted(kids, key=last_result_ms)  # (end_time moves when a front model is logged)
+    assert [m.step for m in history["hypervolume"]] == list(range(1, len(kids) + 1))
+    spent = [m.value for m in history["epochs_spent"]]  # ended trials' and those in flight
+    assert spent == sorted(spent) and spent[-1] == 14  # 7 trials of 2 epochs
+    assert all(2 * i <= s <= 2 * i + 2 for i, s in enumerate(spent, 1))  # 1 other in flight
+    by_epochs = history["hypervolume_by_epochs"]
+    assert [m.step for m in by_epochs] == spent
+    assert [m.value for m in by_epochs] == [m.value for m in history["hypervolume"]]
+    for i, logged in enumerate(history["hypervolume"]):
+        searched = [k for k in ended[: i + 1] if "reference" not in k.data.tags]
+        points = [(k.data.metrics["val_accuracy"], k.data.metrics["macs"]) for k in searched]
+        assert logged.value == pytest.approx(area(points), rel=1e-9)
+    assert history["hypervolume"][-1].value > 0
 
 
 def _check_export(uri, source, out, x):
