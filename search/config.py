@@ -62,7 +62,7 @@ class SamplerConfig(StrictModel):
         set_ = [k for k in tpe if getattr(self, k) is not None]
         if self.name != "tpe" and set_:
             raise ValueError(
-                f"{', '.join(set_)} apply to name: tpe only, but name={self.name!r}; remove "
+                f"{', '.join(set_)} only apply to name: tpe, but name={self.name!r}; remove "
                 "them or use tpe"
             )
         if self.group and self.multivariate is False:

@@ -213,6 +213,27 @@ BAD = [
         ),
         "trial.optim.learning_rate",
     ),
+    (
+        "time budget that is not a duration",
+        _with(stop={"epochs": 40, "time": "8 hours"}),
+        "stop.time = '8 hours': time='8 hours' is not a duration; write it as e.g. \"8h\"",
+    ),
+    ("epoch budget of 0", _with(stop={"epochs": 0}), "stop.epochs = 0"),
+    (
+        "hypervolume reference of a metric that is not an objective",
+        _with(hypervolume={"reference": {"latency_ms": 5}}),
+        "hypervolume.reference sets ['latency_ms'], which are not objectives",
+    ),
+    (
+        "hypervolume reference above the best accuracy",
+        _with(hypervolume={"reference": {"val_accuracy": 1.2}}),
+        "reference.val_accuracy=1.2 must be in [0, 1)",
+    ),
+    (
+        "TPE options on another sampler",
+        _with(sampler={"name": "random", "group": True}),
+        "group only apply to name: tpe, but name='random'",
+    ),
 ]
 
 
@@ -236,7 +257,11 @@ def test_validate_good_files_and_set_overrides(tmp_path, capsys):
     assert "M MACs" in capsys.readouterr().out
     path = _write(tmp_path, GOOD)
     assert main(["validate", path, "--set", "budget.macs=500000"]) == 0
-    assert "over the budget" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "over the budget" in out
+    assert "hypervolume reference point (the worst point that counts): val_accuracy 0, " in out
+    assert main(["validate", path, "--set", "stop={epochs: 30}"]) == 0
+    assert "stop.epochs=30 buys about" in capsys.readouterr().out
     assert main(["validate", path, "--set", "trial.epochz=3"]) == 2
     assert "trial.epochz = 3: unknown key" in capsys.readouterr().err
 
