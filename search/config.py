@@ -287,6 +287,16 @@ class ExperimentConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _budget_fits_a_trial(self) -> ExperimentConfig:
+        n, epochs = self.stop.epochs, self.trial.epochs
+        if n is not None and n < epochs:
+            raise ValueError(
+                f"stop.epochs={n} is below trial.epochs={epochs}: no trial could finish, so "
+                f"the search would have no front; give at least {epochs} (one full trial)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _reference_of_objectives(self) -> ExperimentConfig:
         metrics = [o.metric for o in self.objectives]
         extra = sorted(set(self.hypervolume.reference) - set(metrics))

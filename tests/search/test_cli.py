@@ -220,6 +220,11 @@ BAD = [
     ),
     ("epoch budget of 0", _with(stop={"epochs": 0}), "stop.epochs = 0"),
     (
+        "epoch budget below one trial",
+        _with(stop={"epochs": 3}, trial__epochs=4),
+        "stop.epochs=3 is below trial.epochs=4: no trial could finish",
+    ),
+    (
         "hypervolume reference of a metric that is not an objective",
         _with(hypervolume={"reference": {"latency_ms": 5}}),
         "hypervolume.reference sets ['latency_ms'], which are not objectives",
