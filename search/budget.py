@@ -51,16 +51,13 @@ class Budget:
         return self.before_s + time.monotonic() - self.started
 
     def spent(self) -> str | None:
-        """What is spent (``"the epoch budget (stop.epochs=40): 41 epochs trained"``), if a
-        budget is."""
+        """The budget that is spent (``"stop.epochs=40 (41 trial epochs trained)"``), if one
+        is."""
         epochs, limit_s = self.limits.epochs, self.limits.seconds
         if epochs is not None and self.ledger.epochs_spent >= epochs:
-            return (
-                f"the epoch budget (stop.epochs={epochs}): {self.ledger.epochs_spent} trial "
-                "epochs trained"
-            )
+            return f"stop.epochs={epochs} ({self.ledger.epochs_spent} trial epochs trained)"
         if limit_s is not None and self.seconds >= limit_s:
-            return f"the time budget (stop.time={self.limits.time}): {self.seconds / 3600:.2f} h"
+            return f"stop.time={self.limits.time} ({self.seconds / 3600:.2f} h of trials running)"
         return None
 
     def save(self, force: bool = False) -> None:

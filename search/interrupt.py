@@ -111,8 +111,8 @@ class Stop:
         if self.budget is None:
             self.budget = reason
             log.warning(
-                "%s is spent: no trial starts; running trials stop at the end of their epoch "
-                "(resumable if the budget is raised)",
+                "budget spent: %s; no trial starts, running trials stop at the end of their "
+                "epoch (resumable if the budget is raised), then the front is ranked",
                 reason,
             )
 

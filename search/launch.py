@@ -277,7 +277,7 @@ def _train(
     budget = Budget(exp.stop, _ledger(exp, folder), folder)
     spent = budget.spent()
     if spent is not None:
-        log.info("%s is spent already; raise it in the experiment file to continue", spent)
+        log.info("budget spent already: %s; raise it in the experiment file to go on", spent)
         stop.spend(spent)
         return True
     runs = segments(folder)

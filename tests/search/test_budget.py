@@ -30,22 +30,22 @@ def test_the_epoch_budget_counts_every_trials_epochs_and_the_time_budget_every_c
     budget = Budget(StopConfig(epochs=7), ledger, tmp_path)
     assert budget.spent() is None
     ledger.trained("c", {"epoch": 1})
-    assert budget.spent() == "the epoch budget (stop.epochs=7): 7 trial epochs trained"
+    assert budget.spent() == "stop.epochs=7 (7 trial epochs trained)"
     (tmp_path / "spent.json").write_text('{"seconds": 3599.5}')
     timed = Budget(StopConfig(time="1h"), ledger, tmp_path)
     assert timed.spent() is None or timed.seconds >= 3600
     timed.before_s = 3600.0
-    assert timed.spent() is not None and timed.spent().startswith("the time budget (stop.time=1h)")
+    assert timed.spent() is not None and timed.spent().startswith("stop.time=1h (1.00 h")
     timed.save(force=True)
     assert Budget(StopConfig(), ledger, tmp_path).before_s >= 3600.0
 
 
 def test_a_spent_budget_drains_but_is_no_interruption():
     stop = Stop()
-    stop.spend("the epoch budget")
+    stop.spend("stop.epochs=5")
     assert stop.requested and stop.draining and not stop.interrupted
-    stop.spend("the time budget")  # the first reason stays
-    assert stop.budget == "the epoch budget"
+    stop.spend("stop.time=1h")  # the first reason stays
+    assert stop.budget == "stop.epochs=5"
 
 
 def test_validate_says_what_the_budget_buys():
