@@ -249,7 +249,8 @@ def _run(
     try:
         writes.flush()
         writes.close()
-        return _conclude(exp, state, tracking, searcher, all_records(folder), folder)
+        records = all_records(folder)
+        return _conclude(exp, state, tracking, searcher, records, folder, stop.budget is not None)
     except KeyboardInterrupt:
         kept = writes.close(timeout=0)
         log.warning(
@@ -278,7 +279,7 @@ def _train(
     spent = budget.spent()
     if spent is not None:
         log.info("budget spent already: %s; raise it in the experiment file to go on", spent)
-        stop.spend(spent)
+        stop.budget = spent  # nothing runs: no drain to announce
         return True
     runs = segments(folder)
     if runs and can_restore(runs[-1]):
@@ -481,8 +482,11 @@ def _conclude(
     searcher: OptunaSearcher,
     results: Any,
     folder: Path,
+    budget_spent: bool = False,
 ) -> int:
-    paused = [r for r in results if r.status not in ("TERMINATED", "ERROR")]
+    """Rank the front and say how the search went (``budget_spent``: a spent budget ended it,
+    and the trials it paused stay as they are, to continue if it is raised)."""
+    paused = [r for r in results if budget_spent and r.status not in ("TERMINATED", "ERROR")]
     failed_for_good = searcher.conclude(keep={r.trial_id for r in paused})
     if failed_for_good:
         log.info("marked %d Optuna trial(s) that failed as FAIL", failed_for_good)
