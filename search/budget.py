@@ -4,10 +4,12 @@
 The epochs are those every trial trained, references included (``search.watch.Ledger``, seeded
 from Tune's records, so a resumed search goes on counting); the time is the wall-clock time of
 every launch and resume of the search together, kept in ``<folder>/spent.json``. Once either is
-spent, ``BudgetCallback`` asks the search to stop like a first Ctrl-C does (``Stop.spend``): no
-trial starts, each running one stops at the end of its current epoch, paused and resumable
-(raise the budget and ``resume``), and the search ranks its front and ends (exit 0). A search
-spends at most its epoch budget plus the epochs of the trials in flight when it is reached.
+spent (checked by ``DrainScheduler`` on every result, so the result that spends it pauses its
+own trial, and by ``BudgetCallback`` as time passes), the search stops like a first Ctrl-C
+does (``Stop.spend``): no trial starts, each running one stops at the end of its current epoch,
+paused and resumable (raise the budget and ``resume``), and the search ranks its front and ends
+(exit 0). A search spends at most its epoch budget plus one epoch of each other trial in flight
+when it is reached.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 from typing import Any
 
 from ray.tune import Callback
@@ -31,6 +32,9 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.schedulers import TrialScheduler
 
 from trainables import metrics as M
+
+if TYPE_CHECKING:
+    from search.budget import Budget
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +147,18 @@ class DrainScheduler(TrialScheduler):
     no trial and pauses each running one on its first result that carries a checkpoint
     before its last epoch (a last result finishes the trial instead)."""
 
-    def __init__(self, inner: TrialScheduler | None, stop: Stop) -> None:
+    def __init__(
+        self, inner: TrialScheduler | None, stop: Stop, budget: Budget | None = None
+    ) -> None:
+        """``budget``: the search's budgets, checked on every result before the decision, so
+        the result that spends one pauses its own trial (callbacks see results only after)."""
         super().__init__()
         self.inner = inner if inner is not None else FIFOScheduler()
-        self.stop = stop
+        self.stop, self.budget = stop, budget
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"inner": self.inner, "stop": None}  # Tune pickles it; a restore gets a new one
+        # Tune pickles it; a restore gets a new one
+        return {"inner": self.inner, "stop": None, "budget": None}
 
     @property
     def metric(self) -> Any:
@@ -170,6 +179,11 @@ class DrainScheduler(TrialScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = self.inner.on_trial_result(tune_controller, trial, result)
+        if self.budget is not None and self.stop is not None and not self.stop.requested:
+            self.budget.ledger.trained(trial.trial_id, result)
+            spent = self.budget.spent()
+            if spent is not None:
+                self.stop.spend(spent)
         if decision != TrialScheduler.CONTINUE or self.stop is None or not self.stop.draining:
             return decision
         last = result.get(M.EPOCH, 0) >= trial.config.get("epochs", float("inf"))

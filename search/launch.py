@@ -330,7 +330,7 @@ def _parts(
         callbacks.append(ConsoleProgress(total, objectives, ledger))
         scheduler = _scheduler(exp, objectives)
     return Parts(
-        scheduler=DrainScheduler(scheduler, stop),
+        scheduler=DrainScheduler(scheduler, stop, budget),
         callbacks=callbacks,
         max_failures=exp.max_failures,
         searcher=searcher,

@@ -63,15 +63,18 @@ def _spent(folder):
 
 @pytest.mark.e2e
 def test_an_epoch_budget_stops_the_search_and_resume_keeps_to_it(ray_2cpu, tmp_path):
-    """2 trials at a time, 2 epochs each, 20 trials allowed, 5 epochs of budget: the search
-    stops with at most 5 + 2 epochs spent (the budget and the trials in flight), ranks its
-    front and exits 0; resume spends nothing more; a raised budget continues the paused trials."""
+    """2 trials at a time, 3 epochs each, 20 trials allowed, 4 epochs of budget: the result
+    that spends the budget (an epoch 2) pauses its own trial; the other trial in flight trains
+    at most one more epoch. So the search stops with at most 4 + 1 epochs spent and at least
+    one trial paused, ranks its front and exits 0; resume with the same budget trains nothing;
+    a raised budget continues the paused trials to their last epoch."""
     from search.launch import launch
     from search.launch import resume
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     doc = yaml.safe_load(SMOKE.read_text())
-    doc.update(name="budget", num_trials=20, stop={"epochs": 5}, storage_dir=str(tmp_path))
+    doc.update(name="budget", num_trials=20, stop={"epochs": 4}, storage_dir=str(tmp_path))
+    doc["trial"]["epochs"] = 3
     doc["mlflow"] = {"tracking_uri": uri, "register_models": False}
     source = tmp_path / "budget.yaml"
     source.write_text(yaml.safe_dump(doc))
@@ -79,11 +82,12 @@ def test_an_epoch_budget_stops_the_search_and_resume_keeps_to_it(ray_2cpu, tmp_p
 
     assert launch(load_experiment(source), str(source)) == 0
     first = _spent(folder)
-    assert 5 <= first <= 5 + 2
+    assert 4 <= first <= 4 + 1
     records = all_records(folder)
-    paused = {r.trial_id for r in records if r.status not in ("TERMINATED", "ERROR")}
+    paused = {r.trial_id for r in records if r.status == "PAUSED"}
+    assert paused and all(r.status in ("TERMINATED", "PAUSED") for r in records)
     parent, kids = children(uri, "budget")
-    assert parent.info.status == "FINISHED" and len(kids) == len(records) < 20
+    assert parent.info.status == "FINISHED" and len(kids) == len(records) <= 3
     for k in kids:
         assert k.data.tags["status"] == ("paused" if k.data.tags["ray_trial_id"] in paused
                                          else "finished")  # fmt: skip
@@ -94,8 +98,9 @@ def test_an_epoch_budget_stops_the_search_and_resume_keeps_to_it(ray_2cpu, tmp_p
     assert resume(folder) == 0  # the same budget: spent already, nothing trains
     assert _spent(folder) == first
 
-    source.write_text(yaml.safe_dump({**doc, "stop": {"epochs": first + 2}}))
+    more = sum(3 - r.metrics["epoch"] for r in records if r.trial_id in paused)
+    source.write_text(yaml.safe_dump({**doc, "stop": {"epochs": first + more}}))
     assert resume(folder) == 0
-    assert first + 2 <= _spent(folder) <= first + 2 + 2
     again = {r.trial_id: r for r in all_records(folder)}
-    assert all(again[t].status == "TERMINATED" or again[t].metrics["epoch"] > 1 for t in paused)
+    assert all(again[t].status == "TERMINATED" and again[t].metrics["epoch"] == 3 for t in paused)
+    assert first + more <= _spent(folder) <= first + more + 1
