@@ -30,6 +30,9 @@ IDEAL = {M.VAL_ACCURACY: 1.0, M.VAL_LOSS: 0.0, M.MACS: 0.0, M.PARAMS: 0.0, M.LAT
 HYPERVOLUME = "hypervolume"
 EPOCHS_SPENT = "epochs_spent"
 HYPERVOLUME_BY_EPOCHS = "hypervolume_by_epochs"
+#: metric of the parent run when the search ends: the epochs it trained in all, the trials'
+#: (references included) and the search's pretraining of the dense network
+COMPUTE_EPOCHS = "compute_epochs"
 
 
 def reference_point(exp: ExperimentConfig, report: Report) -> list[float] | None:

@@ -32,6 +32,7 @@ from search.endpoints import check_tracking_server
 from search.faults import FaultWatch
 from search.faults import describe
 from search.faults import save_traceback
+from search.hypervolume import COMPUTE_EPOCHS
 from search.hypervolume import describe_reference
 from search.hypervolume import reference_point
 from search.integrity import check_folder
@@ -504,6 +505,9 @@ def _conclude(
         reason = r.error if r.error is not None else r.metrics[M.TRIAL_ERROR]
         log.warning("trial at %s failed: %s", r.path, str(reason).splitlines()[0][:300])
     text = rank(exp, state, tracking, exp.mlflow.register_models, folder)
+    pretrained = exp.pretrain.epochs if exp.pretrain is not None else 0
+    compute = _ledger(exp, folder).epochs_spent + pretrained
+    tracking.client.log_metric(state.parent_run_id, COMPUTE_EPOCHS, compute)
     tracking.client.set_terminated(
         state.parent_run_id, "FAILED" if len(failed) == len(results) else "FINISHED"
     )

@@ -297,7 +297,9 @@ def test_pretrained_dense_network_is_trained_once_and_survives_resume(ray_2cpu, 
     folder = tmp_path / "smoke"
     weights = folder / "pretrain.pt"
     first = weights.read_bytes()
-    _, kids = children(uri, "smoke")
+    parent, kids = children(uri, "smoke")
+    # the search's compute: 2 pretraining epochs, 1 epoch for each of 2 trials and 1 reference
+    assert parent.data.metrics["compute_epochs"] == 2 + 3
     pre = [k for k in kids if "pretrain" in k.data.tags]
     assert len(pre) == 1 and pre[0].info.run_name == "pretrain-dense"
     assert pre[0].data.params["model.name"] == "resnet8" and pre[0].data.metrics["epoch"] == 2
