@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import sys
 import tempfile
 import time
@@ -14,11 +15,14 @@ from pathlib import Path
 
 from dgc.layers.native import build
 
+log = logging.getLogger("dgc.layers.native")
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dgc.layers.native", description=__doc__)
     ap.add_argument("--check", action="store_true", help="strict build and ABI check")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.check:
         ap.print_help()
         return 0
@@ -27,17 +31,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = build.build(strict=True, directory=Path(tmp))
         except RuntimeError as err:
-            print(f"native build failed: {err}", file=sys.stderr)
+            log.error("native build failed: %s", err)
             return 1
         seconds = time.perf_counter() - start
         lib = build.load(path)
         if lib is None:
             mismatch = build.abi_mismatch(ctypes.CDLL(str(path)))
-            print(f"native ABI mismatch: {mismatch}", file=sys.stderr)
+            log.error("native ABI mismatch: %s", mismatch)
             return 1
     names = ", ".join(build.ABI.functions)
-    print(f"native library built with {' '.join(build.FLAGS + build.STRICT_FLAGS)} in "
-          f"{seconds:.1f} s; ABI {build.ABI.version}: {names}")  # fmt: skip
+    flags = " ".join(build.FLAGS + build.STRICT_FLAGS)
+    log.info("native library built with %s in %.1f s; ABI %s: %s", flags, seconds,
+             build.ABI.version, names)  # fmt: skip
     return 0
 
 
