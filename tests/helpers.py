@@ -49,3 +49,18 @@ def alias_bomb(levels: int = 8) -> str:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
     return "\n".join(lines) + "\n"
+
+
+def graph_counter() -> tuple[list, object]:
+    """A ``torch.compile`` backend that records each graph it is given and runs it as traced:
+    (the graphs, the backend). Resets dynamo first, so earlier compiles do not count."""
+    import torch
+
+    graphs: list = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return graphs, backend

@@ -19,6 +19,7 @@ from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 from dgc.layers.saliency import deactivate_bottom
 from dgc.layers.saliency import deactivate_bottom_k
 from tests.dgc.helpers import oracle_forward
+from tests.helpers import graph_counter
 
 FORMULATIONS = ("gathered", "masked", "folded")
 LAYERS = [  # (kwargs, inactive channels)
@@ -173,13 +174,7 @@ def test_a_training_step_launches_few_kernels_and_never_waits_for_the_host(name,
 
 
 def test_a_compiled_layer_keeps_one_graph_as_the_kept_count_moves():
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
+    graphs, backend = graph_counter()
     torch.manual_seed(0)
     layer = DynamicGroupConv2d(32, 32, 3, padding=1, heads=4, gate_factor=0.25).train()
     eager = DynamicGroupConv2d(32, 32, 3, padding=1, heads=4, gate_factor=0.25).train()

@@ -7,6 +7,7 @@ import torch
 
 import dgc
 from dgc.layers.dgc_kernels import DgcKernels
+from tests.helpers import graph_counter
 from trainables.config import DistillParams
 from trainables.config import OptimParams
 from trainables.config import TrialConfig
@@ -198,13 +199,7 @@ def test_recalibrated_batchnorm_holds_the_plain_average_of_the_batches_statistic
 def test_a_compiled_dgc_network_trains_through_the_pruning_ramp_without_recompiling():
     # torch.compile as trial.compile uses it, with a backend that only counts the graphs: the
     # kept count moves at every iteration of the ramp, and the graphs must not follow it.
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
+    graphs, backend = graph_counter()
     torch.manual_seed(0)
     model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25)
     step_model = torch.compile(model, backend=backend)
