@@ -157,14 +157,7 @@ def layer_step(
     layer = DynamicGroupConv2d(c, o, k, stride, k // 2, heads=4, gate_factor=0.25).to(device)
     layer.train().set_inactive(layer.target_inactive)
     layer.kernels = DgcKernels(measure=device == "cuda", prefer=formulation)
-    xg = x.clone().requires_grad_()
-
-    def step() -> None:
-        with autocast(device, dtype):
-            y = layer(xg)
-        y.float().sum().backward()
-
-    return step
+    return forward_backward(layer, x, device, dtype)
 
 
 def dense_step(
@@ -175,11 +168,18 @@ def dense_step(
         torch.nn.ReLU(),
         torch.nn.Conv2d(c, o, k, stride, k // 2, bias=False),
     ).to(device)
+    return forward_backward(conv, x, device, dtype)
+
+
+def forward_backward(
+    module: torch.nn.Module, x: torch.Tensor, device: str, dtype: torch.dtype
+) -> Callable[[], None]:
+    """One timed call: ``module``'s forward under autocast and its backward, on a copy of x."""
     xg = x.clone().requires_grad_()
 
     def step() -> None:
         with autocast(device, dtype):
-            y = conv(xg)
+            y = module(xg)
         y.float().sum().backward()
 
     return step

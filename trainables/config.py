@@ -232,9 +232,7 @@ class TrialConfig(StrictModel):
         """Why ``distill`` has no teacher to learn from, or None. ``search_pretrains``: the
         search's ``pretrain:`` trains one (it becomes every trial's ``init_from``)."""
         d = self.distill
-        if d.weight == 0 or d.teacher or self.pretrain_epochs or self.init_from:
-            return None
-        if search_pretrains:
+        if d.weight == 0 or d.teacher or self.pretrain_epochs or self.init_from or search_pretrains:
             return None
         return (
             f"distill.weight={d.weight} needs a teacher: set distill.teacher to a checkpoint "
