@@ -291,7 +291,7 @@ def unchecked(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def cost_of(name: str, gate: float | None, size: int) -> int:
-    with torch.device("meta"):
+    with dgc.on_meta():
         model = dgc.create_model(name, **({} if gate is None else {"gate_factor": gate}))
     return dgc.count_cost(model, (3, size, size)).macs
 

@@ -37,7 +37,7 @@ def input_size(name: str) -> tuple[int, int, int]:
 
 
 def cost_row(name: str, rules: str = "dgc", **kwargs: object) -> tuple[int, int]:
-    with torch.device("meta"):
+    with dgc.on_meta():
         model = dgc.create_model(name, **kwargs)
     cost = dgc.count_cost(model, input_size(name), rules=rules)
     return cost.macs, cost.params

@@ -1,9 +1,10 @@
 """dgc: Dynamic Group Convolution, SG-CNN and DyNet layers, networks and cost accounting
 (depends on torch only).
 
-Front doors: ``create_model(name, **kwargs)``, ``list_models()``, ``count_cost(model, size)``,
-``set_progress(model, p)``, ``aux_loss(model)``, and ``ShippedModel`` (the eval model as one
-operator, for ``torch.export``: what search logs to MLflow).
+Front doors: ``create_model(name, **kwargs)``, ``list_models()``, ``count_cost(model, size)``
+(of a model built under ``on_meta()``: no weights), ``set_progress(model, p)``,
+``aux_loss(model)``, and ``ShippedModel`` (the eval model as one operator, for
+``torch.export``: what search logs to MLflow).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dgc import models as _models  # noqa: F401  (registers the recipes)
 from dgc.cost import Cost
 from dgc.cost import count_cost
+from dgc.cost import on_meta
 from dgc.layers import DynamicGroupConv2d
 from dgc.layers import DynamicKernelConv2d
 from dgc.layers import GateSchedule
@@ -45,6 +47,7 @@ __all__ = [
     "kernel_choices",
     "list_models",
     "load_dense_weights",
+    "on_meta",
     "model_kind",
     "num_stages",
     "set_kernel_choices",

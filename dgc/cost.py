@@ -21,14 +21,16 @@ without their BN. A dense network counts as SG-CNN's unpruned baseline: ResNet-5
 4.09 G MACs and 25.55 M parameters.
 
 MACs are accumulated as floats and truncated once at the end, as the authors' counter does, so
-fractional gate factors give the same totals. Build the model under ``torch.device("meta")``
-to cost a configuration without allocating or initialising any weight.
+fractional gate factors give the same totals. Build the model under ``on_meta()`` to cost a
+configuration without allocating or initialising any weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Protocol
@@ -37,6 +39,7 @@ from typing import runtime_checkable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 from dgc.layers.self_grouping import SelfGroupingConv2d
@@ -98,13 +101,37 @@ def count_cost(model: nn.Module, input_size: Sequence[int], rules: str = "dgc") 
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _Unmeasured():
             model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
     return Cost(int(sum(r.macs for r in rows)), sum(r.params for r in rows), rows)
+
+
+@contextmanager
+def on_meta() -> Iterator[None]:
+    """Build models to cost under this: on the meta device (no weight allocated), with the
+    random fills skipped (a meta tensor has no values, and torch's meta ``normal_`` takes
+    milliseconds a call: most of a DGC network's build time)."""
+    with torch.device("meta"), _Unmeasured():
+        yield
+
+
+class _Unmeasured(TorchDispatchMode):
+    """Passes every operator through, except ``normal_`` on a meta tensor (returned as is).
+
+    While it is active no DGC layer times its kernels or settles a choice
+    (``KernelChoice.run``): the counting forward is one zero sample, often on the meta
+    device, whose timings would cost more than the count (a search's preflight costs dozens
+    of points) and mean nothing.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten.normal_.default and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def _counted(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

@@ -73,9 +73,9 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 def num_stages(name: str) -> int:
     """Number of stages of a registered model (per-stage settings take this many values)."""
-    import torch
+    from dgc.cost import on_meta
 
-    with torch.device("meta"):
+    with on_meta():
         model = create_model(name)
     return int(getattr(model, "num_stages"))
 

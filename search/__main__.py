@@ -110,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for handler in logging.getLogger().handlers:
+    import ray  # noqa: F401  (installs its handler on the "ray" logger, which does not propagate)
+
+    from search.faults import FullDiskFilter
+
+    for handler in logging.getLogger().handlers + logging.getLogger("ray").handlers:
         handler.addFilter(RedactingFilter())  # no password of a storage URL in any log line
+        handler.addFilter(FullDiskFilter())  # a full disk is said once, without a traceback
     for noisy in ("mlflow", "alembic", "ray", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # urllib3 warns at every retry of a request; the tracking queue says once that the

@@ -186,7 +186,7 @@ def build_from_meta(meta: dict, path: Path) -> torch.nn.Module:
         return dgc.create_model(meta["name"], **create_kwargs(meta))
 
     try:
-        with torch.device("meta"):
+        with dgc.on_meta():
             params = sum(p.numel() for p in build().parameters())
     except (TypeError, ValueError) as err:
         raise SearchConfigError(f"{path}: cannot build {meta['name']}: {err}") from err

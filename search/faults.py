@@ -8,6 +8,7 @@ error that says so ends the run, as a SIGTERM would: everything Tune saved stays
 from __future__ import annotations
 
 import errno
+import logging
 import traceback
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,19 @@ def save_traceback(err: BaseException, folder: Path) -> Path | None:
     except OSError:
         return None
     return path
+
+
+class FullDiskFilter(logging.Filter):
+    """A handler filter that turns a record whose exception is a full disk into one line
+    (Tune's "Saving experiment state ... failed with exception" comes with a traceback):
+    the search says once, as it stops, what happened and how to go on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if err is not None and (cause := describe(err)).startswith("the disk is full"):
+            record.msg, record.args = f"{record.getMessage().rstrip(': ')}: {cause}", None
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 class FaultWatch(Callback):

@@ -249,13 +249,11 @@ def _check_references(exp: ExperimentConfig, problem: Problem, source: str) -> N
 
 def _check_pretrain(exp: ExperimentConfig, source: str) -> None:
     """The searched model can start from its family's dense network (same tensor shapes)."""
-    import torch
-
     if exp.pretrain is None:
         return
     name = exp.trial.model.name
     try:
-        with torch.device("meta"):
+        with dgc.on_meta():
             dense = dgc.create_model(dgc.variant_of(name, "dense")).state_dict()
             own = dgc.create_model(name, **exp.trial.model.arch_kwargs()).state_dict()
     except (ValueError, TypeError) as err:

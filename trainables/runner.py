@@ -115,7 +115,7 @@ def compiled(model: nn.Module, mode: bool | str) -> nn.Module:
 
 def trial_cost(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, int]) -> dgc.Cost:
     """Analytic cost of the trial's model, built on the meta device (no weights allocated)."""
-    with torch.device("meta"):
+    with dgc.on_meta():
         model = build_model(cfg, num_classes, input_size[0])
     return dgc.count_cost(model, input_size)
 

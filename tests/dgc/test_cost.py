@@ -89,13 +89,24 @@ def test_macs_fall_with_gate_factor_and_heads_only_change_gate_cost():
     assert h4.macs > h2.macs and h4.params > h2.params
 
 
-def test_cost_on_meta_device_matches_and_params_equal_model_parameters():
-    with torch.device("meta"):
-        meta = dgc.create_model("dydensenet86", num_classes=100)
-    cost = dgc.count_cost(meta, (3, 32, 32))
+@pytest.mark.parametrize("meta", [dgc.on_meta, lambda: torch.device("meta")])
+def test_cost_on_meta_device_matches_and_params_equal_model_parameters(meta):
+    with meta():
+        model = dgc.create_model("dydensenet86", num_classes=100)
+    assert all(p.is_meta for p in model.parameters())
+    cost = dgc.count_cost(model, (3, 32, 32))
     assert (cost.macs, cost.params) == (71_109_208, 4_336_900)
     real = dgc.create_model("dyresnet20")
     assert dgc.count_cost(real, (3, 32, 32)).params == sum(p.numel() for p in real.parameters())
+
+
+def test_counting_neither_times_nor_settles_a_kernel_choice():
+    model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1).eval()
+    dgc.count_cost(model, (1, 8, 8))
+    assert not any(layer.kernels.chosen or layer.kernels.times for layer in dgc.dgc_layers(model))
+    with torch.no_grad():
+        model(torch.zeros(2, 1, 8, 8))  # an eager forward still chooses
+    assert all(layer.kernels.chosen for layer in dgc.dgc_layers(model))
 
 
 def test_unknown_parametrised_leaf_is_an_error():

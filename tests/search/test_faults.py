@@ -598,3 +598,36 @@ def test_credentials_are_never_written_and_come_back_from_the_users_file(tmp_pat
     assert lost.returncode == 2 and "lacks its credential, which is never stored" in lost.stderr
     env = {"MLFLOW_TRACKING_URI": uri}
     assert cli("pareto", str(folder), "--no-register", cwd=tmp_path, env=env).returncode == 0
+
+
+# 10. One line for a full disk in a log record ----------------------------------------------
+
+
+def test_a_log_record_of_a_full_disk_loses_its_traceback_and_others_keep_theirs():
+    import errno
+    import io
+    import logging
+
+    from search.faults import FullDiskFilter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(FullDiskFilter())
+    logger = logging.getLogger("tests.full_disk")
+    logger.addHandler(handler)
+    try:
+        for err in (OSError(errno.ENOSPC, "No space left on device"), ValueError("other")):
+            try:
+                raise RuntimeError("saving failed") from err
+            except RuntimeError:
+                logger.error(
+                    "Saving experiment state to 'x' failed with exception: ", exc_info=True
+                )
+    finally:
+        logger.removeHandler(handler)
+    full, other = stream.getvalue().split("Saving experiment state")[1:]
+    assert full.strip() == (
+        "to 'x' failed with exception: the disk is full "
+        "(OSError: [Errno 28] No space left on device)"
+    )
+    assert "Traceback" in other and "ValueError: other" in other
