@@ -54,6 +54,7 @@ def validate_command(path: str, overrides: list[str]) -> int:
 def pareto_command(target: str, register: bool, tracking_uri: str | None = None) -> int:
     """Rank, tag and plot a search given its folder or its MLflow parent run id."""
     from search.launch import rank
+    from search.launch import replay
     from search.lock import SearchLock
     from search.mlflow_ui import front_link
     from search.state import SearchState
@@ -65,7 +66,9 @@ def pareto_command(target: str, register: bool, tracking_uri: str | None = None)
     SearchState.load(folder)  # a search folder (the lock must not create one)
     with SearchLock(folder, f"run `python -m search pareto {folder}` again"):
         exp, state, tracking = open_search(folder)
-        TrackingQueue(tracking, folder).start().close()  # writes a stopped search kept
+        writes = TrackingQueue(tracking, folder).start()  # first what a stopped search kept
+        replay(tracking, writes, folder)
+        writes.close()
         text = rank(exp, state, tracking, register, folder)
     print(text)
     print(f"\nplot: {folder / 'pareto.png'} and {folder / 'pareto.html'}")

@@ -52,6 +52,7 @@ from search.pretrain import run_config
 from search.redact import log_redacted_artifact
 from search.redact import redact
 from search.references import reference_trials
+from search.replay import replay_ended
 from search.scheduler import stopped_at
 from search.searcher import OptunaSearcher
 from search.searcher import StudyRef
@@ -238,6 +239,7 @@ def _run(
 ) -> int:
     """Train (pretraining, then the Tune runs), then conclude, or say how it stopped."""
     writes = TrackingQueue(tracking, folder).start()
+    replay(tracking, writes, folder)
     searcher.run_of = writes.run_of
     try:
         trained = _train(exp, folder, trainable, searcher, writes, stop)
@@ -262,6 +264,17 @@ def _run(
             folder,
         )
         return stop.exit_code
+
+
+def replay(tracking: Tracking, writes: TrackingQueue, folder: Path) -> None:
+    """Queue again the MLflow writes a hard stop lost of trials Tune saved as finished."""
+    replayed = replay_ended(tracking, writes, all_records(folder))
+    if replayed:
+        log.info(
+            "%d trial(s) had finished in Tune when a hard stop lost their MLflow writes; their "
+            "runs are completed from the trial folders",
+            replayed,
+        )
 
 
 def _train(

@@ -156,12 +156,6 @@ def server(tmp_path_factory):
 
 
 @E2E
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent (1 of 5 runs, 2026-12-07, full suite): after the SIGKILL and SIGTERM "
-    "resumes, the final resume left one child run not FINISHED (tests/search/test_faults.py:212); "
-    "issue #27 stays open until it is found",
-)
 def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(tmp_path, cluster):
     sets = ["--set", "num_trials=4", "--set", "references={dense: true}", *TINY,
             "--set", "trial.epochs=3"]  # fmt: skip
