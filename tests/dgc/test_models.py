@@ -125,14 +125,15 @@ def _run(name: str, **kw) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tenso
 
 
 @pytest.mark.parametrize("name", ["dyresnet8", "dydensenet86"])
-def test_design_switches_at_the_paper_defaults_are_bit_identical(name):
+def test_design_switches_at_the_paper_defaults_are_bit_identical(name, monkeypatch):
+    # Untimed kernel choices (each shape's default) in both instances: timed choices depend on
+    # the machine's load, and the kernels round differently.
+    monkeypatch.setenv("DGC_KERNEL_TIMING", "0")
     base = _run(name)
     paper = _run(name, gate_shortcut=True, saliency="scale", double_norm=True)
     assert torch.equal(base[0], paper[0])
     assert all(torch.equal(a, b) for a, b in zip(base[1], paper[1]))
-    # Eval picks its kernel per shape by measured time where "fold" is no candidate (1x1
-    # layers), and the kernels round differently: two instances agree to rounding.
-    torch.testing.assert_close(base[2], paper[2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(base[2], paper[2])
 
 
 @pytest.mark.parametrize(
