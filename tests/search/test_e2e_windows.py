@@ -35,7 +35,7 @@ import pytest
 
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("windows")]  # one search serves all
 NAME = "webwatch"  # the search, its Ray job and its MLflow experiment
 CHROMIUM_ARGS = [
     "--no-sandbox",

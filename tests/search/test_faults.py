@@ -34,6 +34,7 @@ from tests.search.helpers import children
 
 SMOKE = REPO / "experiments" / "smoke.yaml"
 E2E = pytest.mark.e2e
+FINISHED = pytest.mark.xdist_group("finished")  # the tests of one finished search: one worker
 TINY = ["--set", "mlflow.register_models=false", "--set", "trial.epochs=2"]
 
 
@@ -157,8 +158,7 @@ def server(tmp_path_factory):
 
 @E2E
 def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(tmp_path, cluster):
-    sets = ["--set", "num_trials=4", "--set", "references={dense: true}", *TINY,
-            "--set", "trial.epochs=3"]  # fmt: skip
+    sets = ["--set", "num_trials=4", "--set", "references={dense: true}", *TINY]
     folder = tmp_path / "runs" / "smoke"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Ctrl-C on the local cluster a launch starts (the user's default).
@@ -213,7 +213,7 @@ def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(tmp_p
     assert lost["tags"]["optuna_trial"] in {int(k.data.tags.get("optuna_trial", -1)) for k in kids}
     client = mlflow.MlflowClient(uri)
     for k in kids:  # every epoch of every trial recorded
-        assert {m.step for m in client.get_metric_history(k.info.run_id, "epoch")} == {1, 2, 3}
+        assert {m.step for m in client.get_metric_history(k.info.run_id, "epoch")} == {1, 2}
     assert states(study_of(folder)) == {"COMPLETE": 4}  # trained means COMPLETE, none lost
     references = study_of(folder, ".references")
     assert states(references) == {"COMPLETE": 1} and len(references.trials) == 1
@@ -282,7 +282,7 @@ def test_a_tracking_server_away_longer_than_mlflows_retries_loses_nothing(
     # (here about 2 s for a refused connection) takes seconds, not minutes.
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # fmt: skip
-    sets = ["--set", "num_trials=3", "--set", "trial.epochs=3", "--set",
+    sets = ["--set", "num_trials=3", "--set", "trial.epochs=2", "--set",
             "mlflow.register_models=false", "--set", f"mlflow.tracking_uri={server.uri}",
             "--set", "name=outage"]  # fmt: skip
     folder = tmp_path / "runs" / "outage"
@@ -292,7 +292,7 @@ def test_a_tracking_server_away_longer_than_mlflows_retries_loses_nothing(
     wait_for(log, "[1/3]", proc)
     server.stop()
     down, before = time.time(), epochs_done(folder)
-    while time.time() - down < 20 or epochs_done(folder) <= before:  # training goes on
+    while time.time() - down < 8 or epochs_done(folder) <= before:  # training goes on
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.time() - down < 300, "no epoch trained while the server was away"
         time.sleep(1)
@@ -307,7 +307,7 @@ def test_a_tracking_server_away_longer_than_mlflows_retries_loses_nothing(
     for k in kids:
         assert k.info.status == "FINISHED"
         history = [m.step for m in client.get_metric_history(k.info.run_id, "val_accuracy")]
-        assert sorted(history) == [1, 2, 3]  # every epoch, once
+        assert sorted(history) == [1, 2]  # every epoch, once
     assert states(study_of(folder)) == {"COMPLETE": 3}
 
 
@@ -341,7 +341,7 @@ def fill(disk: Path) -> Path:
 
 @E2E
 def test_a_full_disk_stops_with_one_message_and_resume_completes(tmp_path, cluster, small_disk):
-    sets = ["--set", "num_trials=3", "--set", "trial.epochs=3", "--set",
+    sets = ["--set", "num_trials=3", "--set", "trial.epochs=2", "--set",
             "mlflow.register_models=false", "--set", f"storage_dir={small_disk}",
             "--set", "name=full"]  # fmt: skip
     log = tmp_path / "launch.log"
@@ -417,6 +417,7 @@ def _edit_state(folder: Path, **fields: object) -> None:
 # 5. Damaged state ---------------------------------------------------------------------------
 
 
+@FINISHED
 @E2E
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_state_is_refused_before_anything_runs(tmp_path, finished, damage):
@@ -458,6 +459,7 @@ print("DGC", sys.modules["dgc"].__file__)
 """
 
 
+@FINISHED
 @E2E
 def test_a_logged_model_declares_dgc_and_loads_without_import_dgc(tmp_path, finished):
     uri = f"sqlite:///{finished / 'mlflow.db'}"
@@ -488,6 +490,7 @@ def test_a_logged_model_declares_dgc_and_loads_without_import_dgc(tmp_path, fini
 # 6. An edited experiment --------------------------------------------------------------------
 
 
+@FINISHED
 @E2E
 def test_an_edited_experiment_is_compared_at_resume(tmp_path, finished, cluster):
     experiment, folder = finished / "exp.yaml", finished / "runs" / "done"
