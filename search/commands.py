@@ -53,8 +53,8 @@ def validate_command(path: str, overrides: list[str]) -> int:
 
 def pareto_command(target: str, register: bool, tracking_uri: str | None = None) -> int:
     """Rank, tag and plot a search given its folder or its MLflow parent run id."""
-    from search.launch import rank
-    from search.launch import replay
+    from search.conclude import rank
+    from search.conclude import replay
     from search.lock import SearchLock
     from search.mlflow_ui import front_link
     from search.state import SearchState

@@ -1,9 +1,9 @@
 """``launch``/``resume``: run a search on Ray Tune with the Optuna searcher, tracked in MLflow.
 
-A search ends in one of three ways, each with one message: its Pareto front (exit 0; 1 if every
-trial failed or none trained); a stop by Ctrl-C (130) or SIGTERM (143), after which ``resume``
-continues it (``search.interrupt``); or a fault such as a full disk (1), with what happened and
-the command that continues. Nothing recorded is lost in any of them.
+A search ends in one of three ways, each with one message (``search.conclude``): its Pareto
+front (exit 0; 1 if every trial failed or none trained); a stop by Ctrl-C (130) or SIGTERM
+(143), after which ``resume`` continues it (``search.interrupt``); or a fault such as a full disk
+(1), with what happened and the command that continues. Nothing recorded is lost in any of them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ from search.cluster import check_cluster_reachable
 from search.cluster import check_job_paths
 from search.cluster import check_resources
 from search.cluster import connect_ray
+from search.conclude import conclude
+from search.conclude import ledger
+from search.conclude import replay
+from search.conclude import report_failure
+from search.conclude import report_stop
+from search.conclude import study_ref
 from search.config import ExperimentConfig
 from search.edits import apply_edits
 from search.edits import launched_from
@@ -30,9 +36,6 @@ from search.edits import resolved
 from search.endpoints import check_database_url
 from search.endpoints import check_tracking_server
 from search.faults import FaultWatch
-from search.faults import describe
-from search.faults import save_traceback
-from search.hypervolume import COMPUTE_EPOCHS
 from search.hypervolume import describe_reference
 from search.hypervolume import reference_point
 from search.integrity import check_folder
@@ -42,7 +45,6 @@ from search.interrupt import DrainCallback
 from search.interrupt import DrainScheduler
 from search.interrupt import Stop
 from search.lock import SearchLock
-from search.mlflow_ui import front_link
 from search.overrides import SearchConfigError
 from search.preflight import Problem
 from search.preflight import Report
@@ -52,17 +54,13 @@ from search.pretrain import run_config
 from search.redact import log_redacted_artifact
 from search.redact import redact
 from search.references import reference_trials
-from search.replay import replay_ended
-from search.scheduler import stopped_at
 from search.searcher import OptunaSearcher
-from search.searcher import StudyRef
 from search.state import RESOLVED_FILE
 from search.state import STATE_FILE
 from search.state import SearchState
 from search.state import load_search
 from search.state import new_state
 from search.state import write_resolved
-from search.study_links import annotate_studies
 from search.tracking import ConsoleProgress
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
@@ -75,15 +73,11 @@ from search.tune_runs import can_restore
 from search.tune_runs import next_segment
 from search.tune_runs import restore
 from search.tune_runs import segments
-from search.watch import Ledger
 from search.watch import WatchCallback
-from trainables import metrics as M
 
 log = logging.getLogger(__name__)
 
 TUNE_NAME = FIRST
-#: how long a stopped command waits for the tracking store before keeping its writes on disk
-STOP_FLUSH_S = 30.0
 
 
 def launch(
@@ -246,14 +240,14 @@ def _run(
     except KeyboardInterrupt:  # a third signal, or one outside a Tune run
         trained = False
     except Exception as err:  # noqa: BLE001  (one message and the resume command, no traceback)
-        return _failed(err, state, writes, folder, stop)
+        return report_failure(err, state, writes, folder, stop)
     if not trained or stop.interrupted:
-        return _stopped(state, writes, folder, stop)
+        return report_stop(state, writes, folder, stop)
     try:
         writes.flush()
         writes.close()
         records = all_records(folder)
-        return _conclude(exp, state, tracking, searcher, records, folder, stop.budget is not None)
+        return conclude(exp, state, tracking, searcher, records, folder, stop.budget is not None)
     except KeyboardInterrupt:
         kept = writes.close(timeout=0)
         log.warning(
@@ -264,17 +258,6 @@ def _run(
             folder,
         )
         return stop.exit_code
-
-
-def replay(tracking: Tracking, writes: TrackingQueue, folder: Path) -> None:
-    """Queue again the MLflow writes a hard stop lost of trials Tune saved as finished."""
-    replayed = replay_ended(tracking, writes, all_records(folder))
-    if replayed:
-        log.info(
-            "%d trial(s) had finished in Tune when a hard stop lost their MLflow writes; their "
-            "runs are completed from the trial folders",
-            replayed,
-        )
 
 
 def _train(
@@ -289,7 +272,7 @@ def _train(
     budget ends them too, and the search is ranked)."""
     if not ensure_pretrained(exp, folder, _parts(exp, writes, stop), trainable):
         return False
-    budget = Budget(exp.stop, _ledger(exp, folder), folder)
+    budget = Budget(exp.stop, ledger(exp, folder), folder)
     spent = budget.spent()
     if spent is not None:
         log.info("budget spent already: %s; raise it in the experiment file to go on", spent)
@@ -310,14 +293,6 @@ def _train(
         tuner.fit()
     budget.save(force=True)
     return not stop.interrupted
-
-
-def _ledger(exp: ExperimentConfig, folder: Path) -> Ledger:
-    """What the search spent and found so far (its earlier Tune runs), with its reference
-    point (search.json)."""
-    objectives = [(o.metric, o.direction) for o in exp.objectives]
-    reference = SearchState.load(folder).reference_point
-    return Ledger(objectives, reference, exp.trial.epochs).seed(all_records(folder))
 
 
 def _parts(
@@ -353,85 +328,12 @@ def _parts(
     )
 
 
-def _stopped(state: SearchState, writes: TrackingQueue, folder: Path, stop: Stop) -> int:
-    """A stop (signal or fault): what was saved, the parent run KILLED (FAILED for a fault),
-    and the command that continues."""
-    records = all_records(folder)
-    done = sum(r.status in ("TERMINATED", "ERROR") for r in records)
-    unfinished = [r for r in records if r.status not in ("TERMINATED", "ERROR")]
-    paused = [r for r in unfinished if r.metrics.get(M.EPOCH)]  # trained some epochs
-    waiting = len(unfinished) - len(paused)
-    status = "FAILED" if stop.fault else "KILLED"
-    writes.put({"op": "parent_end", "run": state.parent_run_id, "status": status})
-    kept = writes.close(timeout=STOP_FLUSH_S)
-    epochs = ", ".join(str(r.metrics.get(M.EPOCH, 0)) for r in paused)
-    log.warning(
-        "\nsearch stopped (%s): %d trial(s) ended, %d to continue from their last "
-        "checkpoint%s, %d to start; everything is saved.%s\ncontinue with: python -m "
-        "search resume %s",
-        stop.fault or stop.signal_name,
-        done,
-        len(paused),
-        f" (epochs {epochs})" if paused else "",
-        waiting,
-        f" {kept} MLflow write(s) wait in {folder}/tracking_pending.jsonl; resume sends them."
-        if kept
-        else "",
-        folder,
-    )
-    return 1 if stop.fault else stop.exit_code
-
-
-def _failed(
-    err: Exception, state: SearchState, writes: TrackingQueue, folder: Path, stop: Stop
-) -> int:
-    """An error that ended the driver's run: one message, the traceback in a file."""
-    cause = describe(err)
-    writes.put({"op": "parent_end", "run": state.parent_run_id, "status": "FAILED"})
-    writes.close(timeout=5)
-    saved = save_traceback(err, folder)
-    first = "free space, then continue" if cause.startswith("the disk is full") else "continue"
-    log.error(
-        "\nthe search stopped: %s. Nothing recorded is lost%s; %s with: python -m search resume %s",
-        cause,
-        f" (the traceback is in {saved})" if saved else "",
-        first,
-        folder,
-    )
-    return 1
-
-
-def rank(
-    exp: ExperimentConfig, state: SearchState, tracking: Tracking, register: bool, folder: Path
-) -> str:
-    """Pareto tags, (registered models,) plot and table of a search; returns the table."""
-    from search.results import finalize
-
-    objectives = [(o.metric, o.direction) for o in exp.objectives]
-    text = finalize(
-        tracking,
-        objectives,
-        list(exp.space.params),
-        folder,  # where it is now: the folder may have been moved since launch
-        exp.name if register else None,
-        state.num_classes,
-        state.input_shape,
-    )
-    link = front_link(tracking.uri, tracking.experiment_id, state.parent_run_id)
-    annotate_studies(tracking, _study_ref(state), exp.name, text, link)
-    return text
-
-
-def _study_ref(state: SearchState) -> StudyRef:
-    return StudyRef(state.optuna_storage, state.study_name)
-
-
 def _searcher(
     exp: ExperimentConfig, problem: Problem, state: SearchState, stop: Stop
 ) -> OptunaSearcher:
     """The search's searcher. It records each trial's MLflow run on its Optuna trial, as the
     tracking queue knows it (``_run`` connects them): a lookup that never waits for MLflow."""
-    return OptunaSearcher(exp, problem, _study_ref(state), stop=stop)
+    return OptunaSearcher(exp, problem, study_ref(state), stop=stop)
 
 
 def _problem(state: SearchState) -> Problem:
@@ -487,69 +389,6 @@ def _scheduler(exp: ExperimentConfig, objectives: list[tuple[str, str]]) -> Any:
 
 def _trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
-
-
-def _conclude(
-    exp: ExperimentConfig,
-    state: SearchState,
-    tracking: Tracking,
-    searcher: OptunaSearcher,
-    results: Any,
-    folder: Path,
-    budget_spent: bool = False,
-) -> int:
-    """Rank the front and say how the search went (``budget_spent``: a spent budget ended it,
-    and the trials it paused stay as they are, to continue if it is raised)."""
-    paused = [r for r in results if budget_spent and r.status not in ("TERMINATED", "ERROR")]
-    failed_for_good = searcher.conclude(keep={r.trial_id for r in paused})
-    if failed_for_good:
-        log.info("marked %d Optuna trial(s) that failed as FAIL", failed_for_good)
-    if paused:  # a spent budget stopped them: they continue if it is raised
-        log.info(
-            "%d trial(s) paused when the budget was spent (epochs %s); raise stop.epochs or "
-            "stop.time in %s and resume to continue them",
-            len(paused),
-            ", ".join(str(r.metrics.get(M.EPOCH, 0)) for r in paused),
-            state.experiment_file or "the experiment file",
-        )
-        results = [r for r in results if r not in paused]
-    failed = [r for r in results if r.error is not None or M.TRIAL_ERROR in (r.metrics or {})]
-    for r in failed:
-        reason = r.error if r.error is not None else r.metrics[M.TRIAL_ERROR]
-        log.warning("trial at %s failed: %s", r.path, str(reason).splitlines()[0][:300])
-    text = rank(exp, state, tracking, exp.mlflow.register_models, folder)
-    pretrained = exp.pretrain.epochs if exp.pretrain is not None else 0
-    compute = _ledger(exp, folder).epochs_spent + pretrained
-    tracking.client.log_metric(state.parent_run_id, COMPUTE_EPOCHS, compute)
-    tracking.client.set_terminated(
-        state.parent_run_id, "FAILED" if len(failed) == len(results) else "FINISHED"
-    )
-    stopped = sum(
-        stopped_at(r.metrics or {}, exp.trial.epochs) is not None
-        for r in results
-        if r.error is None
-    )
-    log.info(
-        "\nPareto front of %s (%d finished, %d stopped early, %d failed):\n%s\n\nplot: %s\n%s",
-        exp.name,
-        len(results) - len(failed) - stopped,
-        stopped,
-        len(failed),
-        text,
-        folder / "pareto.png",
-        front_link(tracking.uri, tracking.experiment_id, state.parent_run_id),
-    )
-    if results and len(failed) == len(results):
-        log.error("every trial failed")
-        return 1
-    if not results:
-        log.error(
-            "no trial trained: every point the sampler drew was over the budget, could not be "
-            "built or is already in the study (see the FAILed and PRUNED Optuna trials' "
-            f"user attributes {N.OVER_BUDGET_ATTR}, {N.INVALID_ATTR}, {N.DUPLICATE_OF_ATTR})"
-        )
-        return 1
-    return 0
 
 
 def _parent_params(exp: ExperimentConfig, state: SearchState) -> dict[str, Any]:
