@@ -5,6 +5,18 @@ import os
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """Under xdist (``-n 2``, the README's command) each worker's torch takes one thread: two
+    workers of two threads each, beside the trials of their Ray clusters, slowed the CPU-bound
+    tests several times over. (Ray's trials set their own thread counts.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_2cpu():
     """A real local Ray cluster with 2 CPUs (no dashboard), shared by the tests that need one.

@@ -1,5 +1,7 @@
-"""Searches that need their own processes: a driver killed mid-way and resumed, a two-node Ray
-cluster joined with --address, and a real `mlflow server` as the tracking server."""
+"""Searches that need their own processes: a driver killed mid-way (with the local cluster it
+started) and resumed, in the README's form (``resume runs/<name>``), under MO-ASHA; a two-node
+Ray cluster joined with --address; a real `mlflow server` as the tracking server. (A resume
+killed in turn: tests/search/test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -30,54 +32,6 @@ SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "search", *args]
-
-
-def _finished(uri: str) -> int:
-    try:
-        return sum(k.info.status == "FINISHED" for k in children(uri, "smoke")[1])
-    except Exception:  # noqa: BLE001 (store not created yet)
-        return 0
-
-
-def test_resume_after_driver_sigkill_completes_exactly_the_requested_trials(tmp_path):
-    # The README's form: default storage_dir (runs/), `resume runs/<name>` as a relative path.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [
-        "--set",
-        f"mlflow.tracking_uri={uri}",
-        "--set",
-        "num_trials=4",
-        "--set",
-        "trial.epochs=2",
-    ]
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(
-            _cli("launch", SMOKE, *sets),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=tmp_path,
-        )
-        deadline = time.time() + 400
-        while _finished(uri) < 1 and time.time() < deadline and driver.poll() is None:
-            time.sleep(1)
-        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local cluster it started
-        driver.wait()
-    before = _finished(uri)
-    assert 1 <= before < 4
-    out = subprocess.run(
-        _cli("resume", "runs/smoke"), capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    _, kids = children(uri, "smoke")
-    ids = [k.data.tags["ray_trial_id"] for k in kids]
-    assert len(kids) == 4 and len(set(ids)) == 4, ids  # nothing lost, nothing duplicated
-    assert all(k.info.status == "FINISHED" for k in kids)
-    state = SearchState.load(tmp_path / "runs" / "smoke")
-    study = optuna.load_study(study_name="smoke", storage=state.optuna_storage)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(t.user_attrs["ray_trial_id"] for t in done) == sorted(ids)
 
 
 def _ended(uri: str, name: str) -> int:
