@@ -1,6 +1,17 @@
 from __future__ import annotations
 
+import os
+
 import mlflow
+
+#: for the tests' `mlflow server`s: MLflow 3's server starts about eight job worker processes
+#: (Huey consumers, each importing MLflow) that a search never uses; on two cores they slowed
+#: every server start. MLflow's documented switch turns them off.
+NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def server_env() -> dict[str, str]:
+    return {**os.environ, **NO_SERVER_JOBS}
 
 
 def children(uri: str, experiment: str) -> tuple[object, list]:

@@ -25,6 +25,7 @@ from search.tracking import tracking_uri
 from tests.helpers import REPO
 from tests.search.helpers import brute_force_front
 from tests.search.helpers import children
+from tests.search.helpers import server_env
 
 pytestmark = pytest.mark.e2e
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
@@ -187,6 +188,7 @@ def test_search_logs_to_a_real_mlflow_server(ray_2cpu, tmp_path):
         stdout=open(tmp_path / "server.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=server_env(),
     )
     uri = f"http://127.0.0.1:{port}"
     try:

@@ -34,6 +34,7 @@ import mlflow
 import pytest
 
 from tests.helpers import REPO
+from tests.search.helpers import NO_SERVER_JOBS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("windows")]  # one search serves all
 NAME = "webwatch"  # the search, its Ray job and its MLflow experiment
@@ -133,7 +134,7 @@ def windows() -> Iterator[dict[str, Any]]:
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mport),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts")],
-        root / "mlflow.log", env, root,
+        root / "mlflow.log", {**env, **NO_SERVER_JOBS}, root,
     )  # fmt: skip
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", (200, 401), "Ray", root / "ray.log")

@@ -31,6 +31,7 @@ from search.tracking import tracking_uri
 from search.tune_runs import all_records
 from tests.helpers import REPO
 from tests.search.helpers import children
+from tests.search.helpers import server_env
 
 SMOKE = REPO / "experiments" / "smoke.yaml"
 E2E = pytest.mark.e2e
@@ -129,6 +130,7 @@ class MlflowServer:
             stdout=open(self.folder / "server.log", "a"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=server_env(),
         )  # fmt: skip
         deadline = time.time() + 180
         while time.time() < deadline:
