@@ -60,6 +60,7 @@ def pareto_command(target: str, register: bool, tracking_uri: str | None = None)
     from search.state import SearchState
     from search.state import open_search
     from search.tracking_queue import TrackingQueue
+    from search.tune_runs import all_records
 
     folder = Path(target) if Path(target).is_dir() else _folder_of_run(target, tracking_uri)
     folder = folder.resolve()
@@ -67,7 +68,7 @@ def pareto_command(target: str, register: bool, tracking_uri: str | None = None)
     with SearchLock(folder, f"run `python -m search pareto {folder}` again"):
         exp, state, tracking = open_search(folder)
         writes = TrackingQueue(tracking, folder).start()  # first what a stopped search kept
-        replay(tracking, writes, folder)
+        replay(tracking, writes, all_records(folder))
         writes.close()
         text = rank(exp, state, tracking, register, folder)
     print(text)

@@ -23,6 +23,7 @@ from search.state import SearchState
 from search.study_links import annotate_studies
 from search.tracking import Tracking
 from search.tracking_queue import TrackingQueue
+from search.tune_runs import TrialRecord
 from search.tune_runs import all_records
 from search.watch import Ledger
 from trainables import metrics as M
@@ -33,9 +34,9 @@ log = logging.getLogger(__name__)
 STOP_FLUSH_S = 30.0
 
 
-def replay(tracking: Tracking, writes: TrackingQueue, folder: Path) -> None:
+def replay(tracking: Tracking, writes: TrackingQueue, records: list[TrialRecord]) -> None:
     """Queue again the MLflow writes a hard stop lost of trials Tune saved as finished."""
-    replayed = replay_ended(tracking, writes, all_records(folder))
+    replayed = replay_ended(tracking, writes, records)
     if replayed:
         log.info(
             "%d trial(s) had finished in Tune when a hard stop lost their MLflow writes; their "

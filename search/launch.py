@@ -68,6 +68,7 @@ from search.tracking import default_tracking_uri
 from search.tracking_queue import TrackingQueue
 from search.tune_runs import FIRST
 from search.tune_runs import Parts
+from search.tune_runs import TrialRecord
 from search.tune_runs import all_records
 from search.tune_runs import can_restore
 from search.tune_runs import next_segment
@@ -141,7 +142,7 @@ def _launch(
         state.mlflow_experiment,
         state.parent_run_id,
     )
-    return _run(exp, state, tracking, folder, trainable, searcher, stop)
+    return _run(exp, state, tracking, folder, trainable, searcher, stop, [])
 
 
 def _start_tracking(
@@ -208,7 +209,7 @@ def _resume(folder: Path, address: str | None, stop: Stop) -> int:
         log.info("%d point(s) suggested before the stop, never started, are suggested again", again)
     write_resolved(folder, exp)  # with the edits resume applied, if any
     tracking.client.update_run(state.parent_run_id, status="RUNNING")
-    return _run(exp, state, tracking, folder, trainable, searcher, stop)
+    return _run(exp, state, tracking, folder, trainable, searcher, stop, records)
 
 
 def _check_tune_state(searcher: OptunaSearcher, records: list, folder: Path) -> None:
@@ -230,10 +231,12 @@ def _run(
     trainable: Any,
     searcher: OptunaSearcher,
     stop: Stop,
+    records: list[TrialRecord],
 ) -> int:
-    """Train (pretraining, then the Tune runs), then conclude, or say how it stopped."""
+    """Train (pretraining, then the Tune runs), then conclude, or say how it stopped.
+    ``records``: the trials as Tune saved them before this command (none at launch)."""
     writes = TrackingQueue(tracking, folder).start()
-    replay(tracking, writes, folder)
+    replay(tracking, writes, records)
     searcher.run_of = writes.run_of
     try:
         trained = _train(exp, folder, trainable, searcher, writes, stop)

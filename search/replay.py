@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search import names as N
 from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
 from search.tracking_queue import TrackingQueue
@@ -42,21 +43,24 @@ class SavedTrial:
 
 def replay_ended(tracking: Tracking, writes: TrackingQueue, records: list[TrialRecord]) -> int:
     """Queue the lost writes of every trial Tune saved as finished (TERMINATED) whose MLflow
-    run is missing or still RUNNING; returns how many trials were replayed."""
+    run is missing or still RUNNING; returns how many trials were replayed. One query finds
+    the runs; only an open run's epochs are read."""
+    ended = [r for r in records if r.status == "TERMINATED"]
+    if not ended:
+        return 0
+    runs = {run.data.tags.get(N.TRIAL_TAG): run for run in tracking.children()}
     logger = MlflowTrialLogger(writes)
     replayed = 0
-    for record in records:
-        if record.status != "TERMINATED":
-            continue
-        run_id = tracking.find_child(record.trial_id)
-        if run_id is not None and tracking.client.get_run(run_id).info.status != "RUNNING":
+    for record in ended:
+        run = runs.get(record.trial_id)
+        if run is not None and run.info.status != "RUNNING":
             continue
         trial = saved_trial(record)
         if trial is None:
             continue
         logged = set()
-        if run_id is not None:
-            history = tracking.client.get_metric_history(run_id, M.EPOCH)
+        if run is not None:
+            history = tracking.client.get_metric_history(run.info.run_id, M.EPOCH)
             logged = {m.step for m in history}
         for result in results_of(Path(record.path)):
             if int(result.get(M.EPOCH, 0)) not in logged:
