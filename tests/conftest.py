@@ -28,9 +28,8 @@ def ray_2cpu():
     import ray
 
     if not ray.is_initialized():
-        before = os.environ.get("DGC_KERNEL_TIMING")
-        os.environ["DGC_KERNEL_TIMING"] = "0"  # the raylet, and so every worker, inherits it
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DGC_KERNEL_TIMING", "0")  # the raylet, and so every worker, inherits it
             ray.init(  # "local": its own cluster, not one a `ray start` left on the machine
                 address="local",
                 num_cpus=2,
@@ -38,10 +37,5 @@ def ray_2cpu():
                 log_to_driver=False,
                 configure_logging=False,
             )
-        finally:
-            if before is None:
-                os.environ.pop("DGC_KERNEL_TIMING")
-            else:
-                os.environ["DGC_KERNEL_TIMING"] = before
     yield ray
     ray.shutdown()

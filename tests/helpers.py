@@ -4,7 +4,11 @@ live in tests/<pkg>/helpers.py.)"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,20 @@ def alias_bomb(levels: int = 8) -> str:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def logged_through(log_filter: logging.Filter) -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger whose records pass ``log_filter`` into a string: (the logger, what it wrote)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(log_filter)
+    logger = logging.getLogger(f"tests.{type(log_filter).__name__}")
+    logger.addHandler(handler)
+    try:
+        yield logger, stream
+    finally:
+        logger.removeHandler(handler)
 
 
 def graph_counter() -> tuple[list, object]:

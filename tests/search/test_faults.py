@@ -30,6 +30,7 @@ from search.state import SearchState
 from search.tracking import tracking_uri
 from search.tune_runs import all_records
 from tests.helpers import REPO
+from tests.helpers import logged_through
 from tests.search.helpers import children
 from tests.search.helpers import server_env
 
@@ -604,17 +605,10 @@ def test_credentials_are_never_written_and_come_back_from_the_users_file(tmp_pat
 
 def test_a_log_record_of_a_full_disk_loses_its_traceback_and_others_keep_theirs():
     import errno
-    import io
-    import logging
 
     from search.faults import FullDiskFilter
 
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(FullDiskFilter())
-    logger = logging.getLogger("tests.full_disk")
-    logger.addHandler(handler)
-    try:
+    with logged_through(FullDiskFilter()) as (logger, stream):
         for err in (OSError(errno.ENOSPC, "No space left on device"), ValueError("other")):
             try:
                 raise RuntimeError("saving failed") from err
@@ -622,8 +616,6 @@ def test_a_log_record_of_a_full_disk_loses_its_traceback_and_others_keep_theirs(
                 logger.error(
                     "Saving experiment state to 'x' failed with exception: ", exc_info=True
                 )
-    finally:
-        logger.removeHandler(handler)
     full, other = stream.getvalue().split("Saving experiment state")[1:]
     assert full.strip() == (
         "to 'x' failed with exception: the disk is full "

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import logging
-
 import mlflow
 import pytest
 
 from search.redact import RedactingFilter
 from search.redact import log_redacted_artifact
 from search.redact import redact
+from tests.helpers import logged_through
 
 
 @pytest.mark.parametrize(
@@ -46,13 +44,6 @@ def test_artifact_sent_to_mlflow_is_redacted_and_local_file_kept(tmp_path):
 
 
 def test_log_lines_are_redacted():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(RedactingFilter())
-    logger = logging.getLogger("test_redact")
-    logger.addHandler(handler)
-    try:
+    with logged_through(RedactingFilter()) as (logger, stream):
         logger.warning("cannot reach %s", "postgresql://user:s3cret@db/optuna")
-    finally:
-        logger.removeHandler(handler)
     assert stream.getvalue().strip() == "cannot reach postgresql://user:***@db/optuna"
