@@ -4,7 +4,7 @@ import os
 
 import mlflow
 
-#: for the tests' `mlflow server`s: MLflow 3's server starts about eight job worker processes
+#: for the tests' `mlflow server`s: MLflow 3's server starts seven job worker processes
 #: (Huey consumers, each importing MLflow) that a search never uses; on two cores they slowed
 #: every server start. MLflow's documented switch turns them off.
 NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
