@@ -74,10 +74,10 @@ def make_layer(cin, cout, k, stride, heads, gate, seed=0, **kw):
     return layer
 
 
-def calibrated(name: str, size: int = 16) -> torch.nn.Module:
+def calibrated(name: str, size: int = 16, progress: float = 1.0) -> torch.nn.Module:
     torch.manual_seed(0)
     model = dgc.create_model(name, num_classes=10)
-    dgc.set_progress(model, 1.0)
+    dgc.set_progress(model, progress)
     for bn in model.modules():  # one batch's statistics: the defaults overflow 86 layers deep
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.momentum = None

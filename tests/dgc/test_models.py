@@ -247,6 +247,7 @@ def _trained_once(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = dgc.create_model(name, num_classes=10, in_chans=1)
     dgc.set_progress(model, 1.0)
+    dgc.set_kernel_patience(model, 0)  # each shape timed and settled at its first call
     model(torch.randn(4, 1, 8, 8)).sum().backward()
     with torch.no_grad():
         model.eval()(torch.randn(2, 1, 8, 8))
@@ -272,7 +273,10 @@ def test_densenet_transitions_pool_natively_in_eval_without_grad_only(monkeypatc
 
 @pytest.mark.parametrize("kind", ["", "gc", "dy", "sg", "dn"])
 def test_densenet_eval_writes_features_in_place_with_the_concatenations_outputs(kind):
-    model = calibrated(f"{kind}densenet86")
+    # DGC with every channel kept: the two paths round differently (about 1e-7), and with 40
+    # layers' bottom-k some saliency lies that close to its threshold for about one input in
+    # two (measured), keeping another channel in each path (both right, outputs apart)
+    model = calibrated(f"{kind}densenet86", progress=0.0 if kind == "dy" else 1.0)
     for batch in (1, 3):  # at batch 3 every layer reads a channel slice of its stage's tensor
         x = torch.randn(batch, 3, 16, 16)
         with torch.no_grad():
