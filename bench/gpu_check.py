@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 import time
@@ -40,6 +41,10 @@ import dgc_speed
 import dgc
 from dgc.layers.dgc_kernels import DgcKernels
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+
+# Every shape timed at its first call (not once it recurs): the warm-up settles the kernels,
+# so the timed runs see the steady state (dgc.layers.kernel_choice).
+os.environ.setdefault("DGC_KERNEL_TIMING", "first")
 
 FORMULATIONS = ("gathered", "masked", "folded")
 # (C, O, k, stride, H) of the DGC layers of ResNet-20 (3x3 blocks, 1x1 downsamples) and

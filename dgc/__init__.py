@@ -23,6 +23,7 @@ from dgc.ops import dgc_layers
 from dgc.ops import kernel_choices
 from dgc.ops import load_dense_weights
 from dgc.ops import set_kernel_choices
+from dgc.ops import set_kernel_patience
 from dgc.ops import set_progress
 from dgc.ops import sg_layers
 from dgc.program import ShippedModel
@@ -51,6 +52,7 @@ __all__ = [
     "model_kind",
     "num_stages",
     "set_kernel_choices",
+    "set_kernel_patience",
     "set_progress",
     "sg_layers",
     "variant_of",

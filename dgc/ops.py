@@ -35,6 +35,15 @@ def set_kernel_choices(model: nn.Module, choices: dict[str, dict]) -> None:
         choice.chosen.update(choices.get(name, {}))
 
 
+def set_kernel_patience(model: nn.Module, patience: int | None) -> None:
+    """Calls of a new input shape for which ``model``'s layers run their default kernel before
+    they time the candidates (``KernelChoice``): 0 times at the first call, so that a warm-up
+    settles every shape (a latency probe); None: until the shape has recurred as often as
+    timing it costs (the default)."""
+    for _, choice in _choices(model):
+        choice.patience = patience
+
+
 def _choices(model: nn.Module) -> list[tuple[str, KernelChoice]]:
     return [
         (f"{name}.{attr}" if name else attr, value)

@@ -22,8 +22,8 @@ def ray_2cpu():
     """A real local Ray cluster with 2 CPUs (no dashboard), shared by the tests that need one.
 
     Its workers (the trials) take each shape's default DGC kernel untimed
-    (``DGC_KERNEL_TIMING=0``): a digits trial of a few hundred steps spends about half its
-    time timing kernels otherwise. The timing is tested in tests/dgc; this process keeps it.
+    (``DGC_KERNEL_TIMING=0``): timing them adds about a third to a digits trial of a few
+    epochs (docs/benchmarks.md 6.8). The timing is tested in tests/dgc; this process keeps it.
     """
     import ray
 

@@ -73,9 +73,13 @@ class DgcKernels(KernelChoice):
     them. ``KernelChoice``'s arguments pin or exclude kernels, e.g. ``prefer="direct"``."""
 
     def __init__(
-        self, measure: bool | None = None, prefer: str | None = None, exclude: tuple[str, ...] = ()
+        self,
+        measure: bool | None = None,
+        prefer: str | None = None,
+        exclude: tuple[str, ...] = (),
+        patience: int | None = None,
     ) -> None:
-        super().__init__(measure, prefer, exclude)
+        super().__init__(measure, prefer, exclude, patience)
         self._offsets: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     # -- training -------------------------------------------------------------------------

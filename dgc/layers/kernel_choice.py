@@ -4,8 +4,13 @@ The fastest way to run a DGC layer's kept-channel convolution depends on its sha
 channels, resolution, kernel size) and on the machine: on the CPU the native direct conv on
 most layers, a batch-folded grouped conv on wide early layers at larger batches, a batched
 matmul on some 1x1 layers, and the full-width masked conv where most channels are kept. Like
-``torch.backends.cudnn.benchmark``, the first forward at a new input shape times each
-candidate a few times and keeps the fastest; later forwards at that shape run it directly.
+``torch.backends.cudnn.benchmark``, each candidate is timed a few times at a new input shape
+and the fastest kept; later forwards at that shape run it directly. Unlike cuDNN's benchmark,
+a shape is timed only once it recurs: its default kernel runs until it has run as often as
+timing would cost (one warm-up and ``TIMED_RUNS`` runs of each candidate), the ski-rental
+rule, so that a shape seen only a few times (a step of the gate ramp, an epoch's last partial
+batch, a short trial) never pays for its timing, and no shape costs more than about twice the
+better of timing it at first sight and never timing it.
 The kernels round differently, so two instances may differ in the last bits; under
 ``torch.use_deterministic_algorithms(True)`` nothing is timed and each shape takes its
 default kernel, and ``dgc.kernel_choices`` carries a run's choices in its checkpoint.
@@ -39,20 +44,32 @@ class KernelChoice:
 
     Args:
         measure: time the candidates (False: always take the default). None: unless the
-            environment says ``DGC_KERNEL_TIMING=0`` (read when the choice is made).
+            environment says ``DGC_KERNEL_TIMING=0`` (read when the choice is made;
+            ``DGC_KERNEL_TIMING=first`` makes the default patience 0).
         prefer: run this kernel wherever it is a candidate (pins the choice, e.g. for
             reproducible outputs or tests).
         exclude: kernels never run (e.g. ``("direct",)``: the torch kernels only).
+        patience: calls of a new key that run its default before the candidates are timed;
+            None: ``patience(number of candidates)``, 0: time at the first call.
     """
 
     def __init__(
-        self, measure: bool | None = None, prefer: str | None = None, exclude: tuple[str, ...] = ()
+        self,
+        measure: bool | None = None,
+        prefer: str | None = None,
+        exclude: tuple[str, ...] = (),
+        patience: int | None = None,
     ) -> None:
+        timing = os.environ.get("DGC_KERNEL_TIMING", "1")
         if measure is None:
-            measure = os.environ.get("DGC_KERNEL_TIMING", "1") != "0"
+            measure = timing != "0"
+        if patience is None and timing == "first":  # the benchmarks: warm-ups settle shapes
+            patience = 0
         self.measure, self.prefer, self.exclude = measure, prefer, tuple(exclude)
+        self.patience = patience
         self.chosen: dict[Hashable, str] = {}
         self.times: dict[Hashable, dict[str, float]] = {}  # median seconds per candidate
+        self.seen: dict[Hashable, int] = {}  # calls of the keys not settled yet
         self.last: str | None = None
 
     def known(self, key: Hashable, names: tuple[str, ...]) -> str | None:
@@ -81,16 +98,28 @@ class KernelChoice:
         elif tracing() or is_in_torch_dispatch_mode():
             name = self._traceable_choice(key, kernels, default)
         else:
-            chosen = self.chosen.get(key)
-            if chosen is None:
-                timed = self.measure and len(kernels) > 1
-                # Deterministic algorithms asked for: no timing, whose outcome varies by run.
-                timed = timed and not torch.are_deterministic_algorithms_enabled()
-                chosen = self._fastest(key, kernels) if timed else default
-                self.chosen[key] = chosen
-            name = chosen
+            name = self.chosen.get(key) or self._settle(key, kernels, default)
         self.last = name
         return kernels[name]()
+
+    def _settle(
+        self, key: Hashable, kernels: Mapping[str, Callable[[], object]], default: str
+    ) -> str:
+        """The kernel for a call at a key not settled yet: ``default`` until the key has been
+        called ``patience`` times, then the fastest (kept from then on)."""
+        timed = self.measure and len(kernels) > 1
+        # Deterministic algorithms asked for: no timing, whose outcome varies by run.
+        if not timed or torch.are_deterministic_algorithms_enabled():
+            self.chosen[key] = default
+            return default
+        wait = patience(len(kernels)) if self.patience is None else self.patience
+        calls = self.seen.get(key, 0)
+        if calls < wait:
+            self.seen[key] = calls + 1
+            return default
+        self.seen.pop(key, None)
+        self.chosen[key] = self._fastest(key, kernels)
+        return self.chosen[key]
 
     def _traceable_choice(
         self, key: Hashable, kernels: Mapping[str, Callable[[], object]], default: str
@@ -114,6 +143,13 @@ class KernelChoice:
         if _hashable(key):
             self.times[key] = medians
         return min(medians, key=medians.__getitem__)
+
+
+def patience(candidates: int) -> int:
+    """Calls of a new key that run the default kernel before its candidates are timed: what
+    the timing costs (one warm-up and ``TIMED_RUNS`` runs of each), counted in calls of the
+    default, taken as about as fast as the others."""
+    return (1 + TIMED_RUNS) * candidates
 
 
 def _concrete(key: object) -> object:

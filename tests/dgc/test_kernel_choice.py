@@ -1,4 +1,4 @@
-"""KernelChoice: times once per shape, caches, never times while a trace records."""
+"""KernelChoice: times a shape once it recurs, caches, never times while a trace records."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from dgc.layers.kernel_choice import TIMED_RUNS
 from dgc.layers.kernel_choice import KernelChoice
+from dgc.layers.kernel_choice import patience
 
 
 def _kernels(calls, slow_s=0.01):
@@ -24,12 +25,36 @@ def _kernels(calls, slow_s=0.01):
 
 
 def test_choice_is_the_fastest_and_is_made_once_per_key():
-    choice, calls = KernelChoice(), {"slow": 0, "fast": 0}
+    choice, calls = KernelChoice(patience=0), {"slow": 0, "fast": 0}
     assert choice.run("a", _kernels(calls), default="slow").item() == 1.0
     assert calls == {"slow": 1 + TIMED_RUNS, "fast": 2 + TIMED_RUNS}  # warm-up + timed + run
     choice.run("a", _kernels(calls), default="slow")
     assert calls == {"slow": 1 + TIMED_RUNS, "fast": 3 + TIMED_RUNS}  # cached: no timing
     assert choice.chosen == {"a": "fast"}
+
+
+def test_a_key_is_timed_only_once_its_default_ran_as_often_as_timing_costs():
+    choice, calls = KernelChoice(), {"slow": 0, "fast": 0}
+    wait = patience(2)
+    assert wait == 2 * (1 + TIMED_RUNS)  # a warm-up and the timed runs of both kernels
+    for _ in range(wait):  # a shape seen this often or less never pays for timing
+        assert choice.run("a", _kernels(calls, slow_s=0.001), default="slow").item() == 0.0
+    assert calls == {"slow": wait, "fast": 0} and choice.chosen == {}
+    choice.run("b", _kernels(calls, slow_s=0.001), default="slow")  # keys count apart
+    assert choice.seen == {"a": wait, "b": 1}
+    assert choice.run("a", _kernels(calls, slow_s=0.001), default="slow").item() == 1.0
+    assert choice.chosen == {"a": "fast"} and set(choice.seen) == {"b"}
+
+
+def test_the_environment_turns_timing_off_or_to_the_first_call(monkeypatch):
+    monkeypatch.setenv("DGC_KERNEL_TIMING", "first")  # what the benchmarks ask for
+    choice, calls = KernelChoice(), {"slow": 0, "fast": 0}
+    assert choice.run("a", _kernels(calls), default="slow").item() == 1.0
+    assert choice.chosen == {"a": "fast"}
+    monkeypatch.setenv("DGC_KERNEL_TIMING", "0")
+    choice = KernelChoice()
+    assert choice.run("a", _kernels(calls), default="slow").item() == 0.0
+    assert choice.chosen == {"a": "slow"} and not choice.times
 
 
 def test_no_measurement_takes_the_default_and_prefer_pins():
@@ -40,7 +65,7 @@ def test_no_measurement_takes_the_default_and_prefer_pins():
 
 
 def test_a_trace_records_one_kernel_and_no_timing_runs():
-    choice, calls = KernelChoice(), {"slow": 0, "fast": 0}
+    choice, calls = KernelChoice(patience=0), {"slow": 0, "fast": 0}
     choice.run((2, 3), _kernels(calls), default="slow")  # eager: chooses "fast" for (2, 3)
     before = dict(calls)
 
@@ -57,7 +82,7 @@ def test_a_trace_records_one_kernel_and_no_timing_runs():
 def test_a_trace_takes_the_fastest_recordable_kernel_when_eager_chose_another():
     # Eager chose "native" (say, a ctypes kernel a trace cannot record); the trace of the same
     # shape offers only the torch kernels and must take the fastest of those, not the default.
-    choice, calls = KernelChoice(), {"slow": 0, "fast": 0, "native": 0}
+    choice, calls = KernelChoice(patience=0), {"slow": 0, "fast": 0, "native": 0}
 
     def torch_kernels():
         kernels = _kernels(calls, slow_s=0.02)
@@ -103,7 +128,7 @@ def test_a_dispatch_mode_sees_one_kernel_run_and_nothing_is_settled():
     # FlopCounterMode counts the operators that run: timing runs would be counted too.
     from torch.utils.flop_counter import FlopCounterMode
 
-    choice, calls = KernelChoice(), {"slow": 0, "fast": 0}
+    choice, calls = KernelChoice(patience=0), {"slow": 0, "fast": 0}
     with FlopCounterMode(display=False):
         choice.run("a", _kernels(calls), default="slow")
     assert calls == {"slow": 1, "fast": 0} and choice.chosen == {}

@@ -206,6 +206,7 @@ def test_fused_input_gradient_equals_the_plane_gradients_summed(
 @needs_library
 def test_a_training_layer_times_the_native_backward_once_per_shape():
     layer = make_layer(16, 16, 3, 1, 4, 0.25).train()
+    layer.kernels.patience = 0  # timed at the first call (the default waits for a recurrence)
     x = torch.randn(2, 16, 8, 8)
     layer(x).sum().backward()
     keys = [key for key in layer.kernels.chosen if key[0] == "backward"]
@@ -321,11 +322,13 @@ def _settled_direct() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 
 def _prefer(model: torch.nn.Module, prefer: str | None) -> None:
     for layer in dgc.dgc_layers(model):
-        layer.kernels = DgcKernels(prefer=prefer)
+        layer.kernels = DgcKernels(prefer=prefer, patience=0)  # None: timed at the first call
 
 
 @needs_library
-def test_network_with_direct_kernels_equals_fold_and_ships_them_in_a_trace(native_calls):
+def test_network_with_direct_kernels_equals_fold_and_ships_them_in_a_trace(
+    native_calls, monkeypatch
+):
     # A trace cannot record the ctypes call: it records each DGC layer as dgc's operator,
     # which runs the eager forward (native kernel included), at any batch.
     model = _pruned_model("fold")
@@ -340,6 +343,9 @@ def test_network_with_direct_kernels_equals_fold_and_ships_them_in_a_trace(nativ
         assert native_calls["fused_eval"] == len(dgc.dgc_layers(model))
         native_calls.clear()
         _prefer(model, None)  # measured choice
+        # the operator's own layers time each shape at its first call (by default, once the
+        # shape recurs)
+        monkeypatch.setenv("DGC_KERNEL_TIMING", "first")
         traced = torch.jit.trace(model, x[:1], check_trace=False)
         graph = str(traced.inlined_graph)
         assert graph.count("dgc::dynamic_group_conv_eval") == len(dgc.dgc_layers(model))
@@ -361,6 +367,7 @@ def test_without_a_compiler_the_layer_keeps_its_torch_kernels(tmp_path):
         "assert native.library() is None\n"
         "m = dgc.create_model('dyresnet8', num_classes=5, in_chans=1).eval()\n"
         "dgc.set_progress(m, 1.0)\n"
+        "dgc.set_kernel_patience(m, 0)\n"
         "with torch.no_grad(): m(torch.randn(2, 1, 12, 12))\n"
         "names = {n for l in dgc.dgc_layers(m) for n in l.kernels.chosen.values()}\n"
         "assert names and 'direct' not in names, names\n"
