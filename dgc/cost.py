@@ -39,10 +39,11 @@ from typing import runtime_checkable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 from dgc.layers.self_grouping import SelfGroupingConv2d
+from dgc.layers.tracing import costing
 
 RULES = ("dgc", "sgcnn")
 #: layer-name parts of the convolutions SG-CNN leaves unmasked (and unpruned)
@@ -101,7 +102,7 @@ def count_cost(model: nn.Module, input_size: Sequence[int], rules: str = "dgc") 
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), _Unmeasured():
+        with torch.no_grad(), costing():
             model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
@@ -115,23 +116,28 @@ def on_meta() -> Iterator[None]:
     """Build models to cost under this: on the meta device (no weight allocated), with the
     random fills skipped (a meta tensor has no values, and torch's meta ``normal_`` takes
     milliseconds a call: most of a DGC network's build time)."""
-    with torch.device("meta"), _Unmeasured():
+    with torch.device("meta"), costing(), _MetaFillsSkipped():
         yield
 
 
-class _Unmeasured(TorchDispatchMode):
-    """Passes every operator through, except ``normal_`` on a meta tensor (returned as is).
+class _MetaFillsSkipped(TorchFunctionMode):
+    """Passes every torch function through, except a random fill of a meta tensor (returned
+    as it is). A function mode: a dispatch mode's first call imports torch's compiler."""
 
-    While it is active no DGC layer times its kernels or settles a choice
-    (``KernelChoice.run``): the counting forward is one zero sample, often on the meta
-    device, whose timings would cost more than the count (a search's preflight costs dozens
-    of points) and mean nothing.
-    """
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in _FILLS:
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func is torch.ops.aten.normal_.default and args[0].is_meta:
-            return args[0]
-        return func(*args, **(kwargs or {}))
+
+#: random fills: tensor methods and the ``nn.init`` functions that hand themselves to a mode
+_FILLS = frozenset(
+    (torch.Tensor.normal_, torch.Tensor.uniform_, nn.init.normal_, nn.init.uniform_)
+    + (nn.init.trunc_normal_, nn.init.kaiming_normal_, nn.init.kaiming_uniform_)
+)
 
 
 def _counted(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

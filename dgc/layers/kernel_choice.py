@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from dgc.layers.tracing import is_costing
 from dgc.layers.tracing import tracing
 
 TIMED_RUNS = 3
@@ -85,8 +86,9 @@ class KernelChoice:
     def run(self, key: Hashable, kernels: Mapping[str, Callable[[], R]], default: str) -> R:
         """Run the kernel chosen for ``key``, choosing it first if the shape is new.
 
-        While a trace or export records the forward, or a dispatch mode sees its operators
-        (``FlopCounterMode``), nothing is timed and nothing settled (the timing runs would be
+        While a trace or export records the forward, a dispatch mode sees its operators
+        (``FlopCounterMode``) or dgc counts a cost (``costing``), nothing is timed and nothing
+        settled (the timing runs would be
         recorded or counted too): the fastest of these kernels as timed for that shape in
         eager mode (an eager-only kernel such as the native one cannot be recorded or seen),
         else the last one run, else ``default``.
@@ -95,7 +97,7 @@ class KernelChoice:
         default = default if default in kernels else next(iter(kernels))
         if self.prefer in kernels:
             name = self.prefer
-        elif tracing() or is_in_torch_dispatch_mode():
+        elif tracing() or is_costing() or is_in_torch_dispatch_mode():
             name = self._traceable_choice(key, kernels, default)
         else:
             name = self.chosen.get(key) or self._settle(key, kernels, default)

@@ -1,11 +1,15 @@
 """Tracing concerns: whether a forward is being recorded (TorchScript trace, ``torch.export``,
-``torch.compile``), the scripted kernels a TorchScript trace records as calls, and the dgc
-operators an eval layer records instead of its kernels (``dgc.layers.shipped``)."""
+``torch.compile``) or only costed (``dgc.count_cost``), the scripted kernels a TorchScript
+trace records as calls, and the dgc operators an eval layer records instead of its kernels
+(``dgc.layers.shipped``)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,9 +20,31 @@ if TYPE_CHECKING:
     from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 
 
+_COSTING: ContextVar[bool] = ContextVar("dgc_costing", default=False)
+
+
 def tracing() -> bool:
     """True while TorchScript tracing, torch.export or torch.compile records the forward."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+@contextmanager
+def costing() -> Iterator[None]:
+    """While dgc counts a model's cost (``dgc.count_cost``) or builds one to cost
+    (``dgc.on_meta``): no layer times its kernels or settles a choice, and the native kernels
+    stand aside; the counting forward is one zero sample, often on the meta device, whose
+    timings would cost more than the count and mean nothing. (A flag, not a torch dispatch
+    mode: torch imports its compiler, about 2 s, at a dispatch mode's first call.)"""
+    token = _COSTING.set(True)
+    try:
+        yield
+    finally:
+        _COSTING.reset(token)
+
+
+def is_costing() -> bool:
+    """True inside ``costing()``."""
+    return _COSTING.get()
 
 
 def traceable(fn: Callable) -> Callable:

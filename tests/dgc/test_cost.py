@@ -112,6 +112,20 @@ def test_counting_neither_times_nor_settles_a_kernel_choice():
     assert all(layer.kernels.chosen or layer.kernels.seen for layer in layers)
 
 
+def test_building_and_counting_a_model_to_cost_do_not_import_torchs_compiler():
+    # A torch dispatch mode imports torch._dynamo at its first call: about 2 s in every process
+    # that costs a point (validate, launch, the searcher), for a count that takes milliseconds.
+    code = (
+        "import sys, dgc\n"
+        "with dgc.on_meta(): m = dgc.create_model('dyresnet20')\n"
+        "assert all(p.is_meta for p in m.parameters())\n"
+        "assert dgc.count_cost(dgc.create_model('dyresnet8'), (3, 32, 32)).macs > 0\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_unknown_parametrised_leaf_is_an_error():
     with pytest.raises(TypeError, match="no MAC counting rule for PReLU"):
         dgc.count_cost(nn.Sequential(nn.Conv2d(1, 2, 1), nn.PReLU()), (1, 4, 4))

@@ -21,6 +21,7 @@ from dgc.layers.native.plans import channel_slice
 from dgc.layers.native.plans import group_rows
 from dgc.layers.native.plans import out_size
 from dgc.layers.native.plans import ptr
+from dgc.layers.tracing import is_costing
 from dgc.layers.tracing import tracing
 
 __all__ = [
@@ -47,9 +48,9 @@ __all__ = [
 def supported(x: Tensor, weight: Tensor, dilation: int) -> bool:
     """Whether a native kernel may run this call: float32 CPU tensors, dilation 1, a library,
     and no torch dispatch mode active (``FlopCounterMode``, ``torch.export``'s fake tensors:
-    a mode sees torch's operators, never a ctypes call)."""
+    a mode sees torch's operators, never a ctypes call), nor a cost count."""
     ok = x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-    ok = ok and dilation == 1 and not is_in_torch_dispatch_mode()
+    ok = ok and dilation == 1 and not (is_in_torch_dispatch_mode() or is_costing())
     return ok and library() is not None
 
 
@@ -63,9 +64,9 @@ def trains(x: Tensor, weight: Tensor, dilation: int) -> bool:
 
 def pool_supported(x: Tensor) -> bool:
     """Whether ``avg_pool2`` may run on x: a contiguous 4-d float32 CPU tensor, no dispatch
-    mode, a library."""
+    mode, no cost count, a library."""
     ok = x.dim() == 4 and x.is_contiguous() and x.device.type == "cpu"
-    ok = ok and x.dtype == torch.float32 and not is_in_torch_dispatch_mode()
+    ok = ok and x.dtype == torch.float32 and not (is_in_torch_dispatch_mode() or is_costing())
     return ok and library() is not None
 
 
