@@ -8,6 +8,8 @@ import contextlib
 import io
 import logging
 import pickle
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +84,8 @@ def graph_counter() -> tuple[list, object]:
 
     torch._dynamo.reset()
     return graphs, backend
+
+
+def python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter (this one's), its output captured as text."""
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -10,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dgc
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
+from tests.helpers import python
 
 
 def test_cifar100_dydensenet86_reproduces_the_authors_logged_totals():
@@ -122,7 +120,7 @@ def test_building_and_counting_a_model_to_cost_do_not_import_torchs_compiler():
         "assert dgc.count_cost(dgc.create_model('dyresnet8'), (3, 32, 32)).macs > 0\n"
         "assert 'torch._dynamo' not in sys.modules\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = python(code)
     assert done.returncode == 0, done.stderr
 
 
@@ -136,7 +134,7 @@ def test_importing_dgc_loads_no_framework():
         "import sys, dgc; bad = [m for m in ('ray', 'optuna', 'mlflow', 'yaml', 'pydantic') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = python(code)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -19,6 +19,7 @@ from tests.dgc.helpers import SHAPES
 from tests.dgc.helpers import make_layer
 from tests.dgc.helpers import needs_library
 from tests.dgc.helpers import oracle_forward
+from tests.helpers import python
 
 
 @needs_library
@@ -377,7 +378,7 @@ def test_without_a_compiler_the_layer_keeps_its_torch_kernels(tmp_path):
         "assert all(l.kernels.last != 'direct' for l in dgc.dgc_layers(m))\n"
     )
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "DGC_NATIVE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    done = python(code, env)
     assert done.returncode == 0, done.stderr
     assert "native kernels unavailable" in done.stderr
     assert "no-such-cc" in done.stderr
@@ -435,7 +436,7 @@ def test_a_compiler_without_openmp_gets_the_portable_build(tmp_path):
         "torch.testing.assert_close(native.direct_conv(x, index, scale, p, (8, 3), (1, 1, 1)), ref)\n"
     )
     env = {**os.environ, "CC": str(fake), "DGC_NATIVE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    done = python(code, env)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "cache").glob("*.so"))) == 1
 

@@ -7,12 +7,12 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from dgc.layers.native import build
 from tests.dgc.helpers import needs_library
+from tests.helpers import python
 
 HEADER = """
 /* a comment with DGC_API int not_a_function(int x); inside */
@@ -80,7 +80,7 @@ def test_a_stale_library_under_the_builds_name_is_rebuilt(tmp_path):
         "assert lib is not None and lib.dgc_abi_version() == build.ABI.version\n"
     )
     env = {**os.environ, "DGC_NATIVE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    done = python(code, env)
     assert done.returncode == 0, done.stderr
     assert "unavailable" not in done.stderr
 
@@ -94,7 +94,7 @@ def test_a_library_that_cannot_match_the_header_leaves_the_torch_kernels_with_on
         "build.ABI = dataclasses.replace(build.ABI, version=build.ABI.version + 1000)\n"
         "assert build.library() is None and build.library() is None\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = python(code)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("native kernels unavailable") == 1
     assert "ABI version" in done.stderr or "does not match dgc_native.h" in done.stderr

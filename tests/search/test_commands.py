@@ -4,8 +4,6 @@ written atomically."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -18,6 +16,7 @@ from search.commands import read_model_meta
 from search.commands import write_export
 from search.overrides import SearchConfigError
 from tests.dgc.helpers import calibrated
+from tests.helpers import python
 
 META = {
     "name": "dyresnet8",
@@ -131,7 +130,7 @@ import dgc
 torch.testing.assert_close(torch.jit.load({str(out / "model.ts")!r})(x), portable)
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = python(script)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
