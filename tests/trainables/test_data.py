@@ -8,10 +8,28 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import python
 from tests.helpers import write_cifar
 from tests.helpers import write_imagefolder
 from trainables import data as D
 from trainables.config import DataParams
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    flat, target = D._digits()
+    assert np.array_equal(flat, bunch.data) and np.array_equal(target, bunch.target)
+    code = (
+        "import sys\n"
+        "from trainables.data import load_digits_arrays\n"
+        "train, test, classes = load_digits_arrays()\n"
+        "assert (len(train.labels), len(test.labels), classes) == (1438, 359, 10)\n"
+        "assert 'sklearn' not in sys.modules\n"
+    )
+    done = python(code)
+    assert done.returncode == 0, done.stderr
 
 
 def test_cifar10_python_layout(tmp_path):
