@@ -62,7 +62,7 @@ def _spent(folder):
 
 
 @pytest.mark.e2e
-def test_an_epoch_budget_stops_the_search_and_resume_keeps_to_it(ray_2cpu, tmp_path):
+def test_an_epoch_budget_stops_the_search_and_resume_keeps_to_it(ray_2cpu, tmp_path, mlflow_db):
     """2 trials at a time, 3 epochs each, 20 trials allowed, 4 epochs of budget: the result
     that spends the budget (an epoch 2) pauses its own trial; the other trial in flight trains
     at most one more epoch. So the search stops with at most 4 + 1 epochs spent and at least
@@ -71,7 +71,7 @@ def test_an_epoch_budget_stops_the_search_and_resume_keeps_to_it(ray_2cpu, tmp_p
     from search.launch import launch
     from search.launch import resume
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     doc = yaml.safe_load(SMOKE.read_text())
     doc.update(name="budget", num_trials=20, stop={"epochs": 4}, storage_dir=str(tmp_path))
     doc["trial"]["epochs"] = 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,8 +43,8 @@ def _ended(uri: str, name: str) -> int:
         return 0
 
 
-def test_mo_asha_search_stops_trials_and_resumes_after_driver_sigkill(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_mo_asha_search_stops_trials_and_resumes_after_driver_sigkill(tmp_path, mlflow_db):
+    uri = mlflow_db
     sets = [
         "--set",
         f"mlflow.tracking_uri={uri}",
@@ -124,14 +125,14 @@ def test_mo_asha_search_stops_trials_and_resumes_after_driver_sigkill(tmp_path):
     assert "stopped early" in out.stdout + out.stderr
 
 
-def test_search_through_address_on_a_two_node_cluster(tmp_path):
+def test_search_through_address_on_a_two_node_cluster(tmp_path, mlflow_db):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = mlflow_db
         out = subprocess.run(
             _cli(
                 "launch",
@@ -168,8 +169,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_search_logs_to_a_real_mlflow_server(ray_2cpu, tmp_path):
+def test_search_logs_to_a_real_mlflow_server(ray_2cpu, tmp_path, empty_store):
     port = _free_port()
+    shutil.copyfile(empty_store, tmp_path / "server.db")
     server = subprocess.Popen(
         [
             sys.executable,

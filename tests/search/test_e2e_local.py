@@ -23,8 +23,8 @@ pytestmark = pytest.mark.e2e
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
 
-def test_small_search_end_to_end(ray_2cpu, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_small_search_end_to_end(ray_2cpu, tmp_path, mlflow_db):
+    uri = mlflow_db
     exp = load_experiment(
         REPO / "experiments" / "smoke.yaml",
         [
@@ -176,10 +176,10 @@ def _check_export(uri, source, out, x):
         torch.testing.assert_close(model(torch.from_numpy(x)), scripted(torch.from_numpy(x)))
 
 
-def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys, monkeypatch):
+def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys, monkeypatch, mlflow_db):
     from search.commands import pareto_command
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     monkeypatch.chdir(tmp_path)  # a relative storage_dir, resolved here at launch
     exp = load_experiment(
         SMOKE, ["storage_dir=runs", f"mlflow.tracking_uri={uri}", "num_trials=3", "trial.epochs=1"]
@@ -213,8 +213,10 @@ def test_pareto_by_parent_run_id_is_idempotent(ray_2cpu, tmp_path, capsys, monke
     assert f"plot: {moved / 'pareto.png'}" in capsys.readouterr().out
 
 
-def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray_2cpu, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(
+    ray_2cpu, tmp_path, mlflow_db
+):
+    uri = mlflow_db
     exp = load_experiment(
         REPO / "experiments" / "smoke.yaml",
         [
@@ -252,10 +254,10 @@ def test_a_search_whose_every_trial_fails_exits_nonzero_and_records_failures(ray
     assert len(optuna.load_study(study_name="smoke", storage=state.optuna_storage).trials) == 2
 
 
-def test_resume_when_tune_never_saved_its_state(ray_2cpu, tmp_path):
+def test_resume_when_tune_never_saved_its_state(ray_2cpu, tmp_path, mlflow_db):
     from search.launch import resume
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     exp = load_experiment(
         SMOKE,
         [f"storage_dir={tmp_path}", f"mlflow.tracking_uri={uri}", "num_trials=2", "trial.epochs=1"],
@@ -276,10 +278,12 @@ def test_resume_when_tune_never_saved_its_state(ray_2cpu, tmp_path):
     assert parent.info.status == "FINISHED"
 
 
-def test_pretrained_dense_network_is_trained_once_and_survives_resume(ray_2cpu, tmp_path):
+def test_pretrained_dense_network_is_trained_once_and_survives_resume(
+    ray_2cpu, tmp_path, mlflow_db
+):
     from search.launch import resume
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     exp = load_experiment(
         SMOKE,
         [
@@ -342,11 +346,13 @@ def test_the_search_pretraining_config_is_a_valid_dense_trial():
     assert cfg.tags == {"pretrain": "resnet8"} and cfg.gate_schedule.unit == "fraction"
 
 
-def test_a_search_over_operators_puts_dgc_sg_cnn_and_dynet_on_one_front(ray_2cpu, tmp_path):
+def test_a_search_over_operators_puts_dgc_sg_cnn_and_dynet_on_one_front(
+    ray_2cpu, tmp_path, mlflow_db
+):
     """The shipped operator experiment: its three warm-start points are one DGC, one SG-CNN and
     one DyNet network, plus the dense reference."""
     path = REPO / "experiments" / "digits_operators.yaml"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     exp = load_experiment(
         path,
         [
@@ -382,10 +388,10 @@ def test_a_search_over_operators_puts_dgc_sg_cnn_and_dynet_on_one_front(ray_2cpu
     assert params["sgresnet8"] == {"model.name", "model.compression", "model.sg_groups"}
 
 
-def test_a_search_that_trains_nothing_exits_nonzero(ray_2cpu, tmp_path):
+def test_a_search_that_trains_nothing_exits_nonzero(ray_2cpu, tmp_path, mlflow_db):
     """Two searches share one Optuna study (``optuna_storage``) over a one-point space: the
     second finds its only point trained, trains nothing, says so and exits 1."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     sets = [
         f"mlflow.tracking_uri={uri}",
         f"optuna_storage=sqlite:///{tmp_path / 'shared.db'}",

@@ -110,7 +110,7 @@ def _stop(proc: subprocess.Popen, first: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def windows() -> Iterator[dict[str, Any]]:
+def windows(empty_store: Path) -> Iterator[dict[str, Any]]:
     """A `ray start` head with its dashboard and token login, a `mlflow server`, and a search of
     one sampled trial and the dense reference (1 epoch) submitted with `ray job submit`."""
     chromium = _chromium()
@@ -130,6 +130,7 @@ def windows() -> Iterator[dict[str, Any]]:
          "--temp-dir", str(root / "ray"), "--disable-usage-stats"],
         root / "ray.log", env, root,
     )  # fmt: skip
+    shutil.copyfile(empty_store, root / "mlflow.db")
     server = _start(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mport),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",

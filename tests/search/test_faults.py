@@ -149,8 +149,9 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, empty_store):
     s = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    shutil.copyfile(empty_store, s.folder / "server.db")
     s.start()
     yield s
     s.stop()
@@ -160,10 +161,12 @@ def server(tmp_path_factory):
 
 
 @E2E
-def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(tmp_path, cluster):
+def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(
+    tmp_path, cluster, mlflow_db
+):
     sets = ["--set", "num_trials=4", "--set", "references={dense: true}", *TINY]
     folder = tmp_path / "runs" / "smoke"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     # Ctrl-C on the local cluster a launch starts (the user's default).
     log = tmp_path / "launch.log"
     proc = start("launch", str(SMOKE), *sets, cwd=tmp_path, log=log)
@@ -240,7 +243,9 @@ def _suggest_one_more(folder: Path) -> dict:
 
 
 @E2E
-def test_two_launches_at_once_make_one_search_and_two_searches_get_two_dashboards(tmp_path):
+def test_two_launches_at_once_make_one_search_and_two_searches_get_two_dashboards(
+    tmp_path, mlflow_db
+):
     one = ["--set", "num_trials=1", "--set", "trial.epochs=1", "--set",
            "mlflow.register_models=false", "--set", "ray={dashboard: true, num_cpus: 1}",
            "--set", "concurrency=1"]  # fmt: skip
@@ -258,7 +263,7 @@ def test_two_launches_at_once_make_one_search_and_two_searches_get_two_dashboard
     assert "is in use by another command (pid" in refused
     no_traceback(refused)
     assert results["b"][0] == 0, results["b"][1][-3000:]
-    parent, kids = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")  # one parent
+    parent, kids = children(mlflow_db, "smoke")  # one parent
     assert len(kids) == 1 and [p.name for p in (tmp_path / "runs" / "smoke").glob("tune*")] == [
         "tune"
     ]
@@ -343,7 +348,9 @@ def fill(disk: Path) -> Path:
 
 
 @E2E
-def test_a_full_disk_stops_with_one_message_and_resume_completes(tmp_path, cluster, small_disk):
+def test_a_full_disk_stops_with_one_message_and_resume_completes(
+    tmp_path, cluster, small_disk, mlflow_db
+):
     sets = ["--set", "num_trials=3", "--set", "trial.epochs=2", "--set",
             "mlflow.register_models=false", "--set", f"storage_dir={small_disk}",
             "--set", "name=full"]  # fmt: skip
@@ -360,7 +367,7 @@ def test_a_full_disk_stops_with_one_message_and_resume_completes(tmp_path, clust
     balloon.unlink()
     done = cli("resume", str(small_disk / "full"), "--address", cluster, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    _, kids = children(f"sqlite:///{tmp_path / 'mlflow.db'}", "full")
+    _, kids = children(mlflow_db, "full")
     assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
     assert states(study_of(small_disk / "full")) == {"COMPLETE": 3}
 

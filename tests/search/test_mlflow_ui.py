@@ -12,8 +12,10 @@ from search.mlflow_ui import publish_front
 from search.tracking import Tracking
 
 
-def test_the_saved_view_lists_the_search_front_flat_sorted_by_macs_with_its_columns(tmp_path):
-    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")
+def test_the_saved_view_lists_the_search_front_flat_sorted_by_macs_with_its_columns(
+    tmp_path, mlflow_db
+):
+    tracking = Tracking(mlflow_db, "smoke")
     parent = tracking.start_parent("smoke", {}, {})
     table = "| trial | macs |\n|---|---|\n" + "| [trial-1](#/x) | 0.5 M |\n" * 400  # > 8000
     publish_front(tracking, "smoke", "smoke: 400 of 400", table, ["val_accuracy", "macs"], ["k"])

@@ -30,8 +30,8 @@ def test_redact_urls(text, expected):
     assert redact(text) == expected
 
 
-def test_artifact_sent_to_mlflow_is_redacted_and_local_file_kept(tmp_path):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_artifact_sent_to_mlflow_is_redacted_and_local_file_kept(tmp_path, mlflow_db):
+    client = mlflow.MlflowClient(mlflow_db)
     exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(exp)
     src = tmp_path / "exp.yaml"

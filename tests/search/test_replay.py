@@ -36,8 +36,8 @@ def _history(tracking: Tracking, run_id: str) -> list[int]:
     return sorted(m.step for m in tracking.client.get_metric_history(run_id, "val_accuracy"))
 
 
-def test_a_finished_trial_whose_writes_were_lost_gets_its_run_once(tmp_path):
-    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "x")
+def test_a_finished_trial_whose_writes_were_lost_gets_its_run_once(tmp_path, mlflow_db):
+    tracking = Tracking(mlflow_db, "x")
     tracking.start_parent("x", {}, {})
     lost = _trial_folder(tmp_path / "tune", "aaaa", 3)  # no run at all
     half = _trial_folder(tmp_path / "tune", "bbbb", 3)  # its run open after epoch 1

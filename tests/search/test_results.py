@@ -64,11 +64,11 @@ def test_the_mlflow_table_links_each_run_and_registered_version():
     assert rows[3].endswith("| - |")  # not registered: nothing to link
 
 
-def test_a_registered_version_carries_only_the_settings_its_network_has(tmp_path):
+def test_a_registered_version_carries_only_the_settings_its_network_has(tmp_path, mlflow_db):
     from search.results import _describe_version
     from search.tracking import Tracking
 
-    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")
+    tracking = Tracking(mlflow_db, "smoke")
     tracking.client.create_registered_model("smoke")
     version = tracking.client.create_model_version("smoke", str(tmp_path)).version
     dense = _ranked("ref-dense", 0.99, 768394, 1)
@@ -116,7 +116,7 @@ def test_the_plots_mark_references_and_stopped_trials(tmp_path):
         assert text in page, text
 
 
-def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
+def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path, mlflow_db):
     """The Pareto models are logged as MLflow's pt2 (torch.export) of dgc.ShippedModel, the
     network as one dgc operator: a process that imports dgc loads and runs them; one that
     does not is told which operator is missing."""
@@ -129,7 +129,7 @@ def test_a_logged_dgc_model_loads_in_a_fresh_process_after_import_dgc(tmp_path):
 
     import dgc
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     torch.manual_seed(0)
     model = dgc.create_model("dyresnet8", num_classes=10, in_chans=1, gate_factor=0.25).eval()
     dgc.set_progress(model, 1.0)

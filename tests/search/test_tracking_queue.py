@@ -25,8 +25,8 @@ def _metrics(trial: str, epoch: int) -> dict:
             1000 + epoch, epoch]], "static": {"macs": 123.0}}  # fmt: skip
 
 
-def test_writes_a_stopped_command_kept_are_sent_by_the_next(tmp_path):
-    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "x")
+def test_writes_a_stopped_command_kept_are_sent_by_the_next(tmp_path, mlflow_db):
+    tracking = Tracking(mlflow_db, "x")
     tracking.start_parent("x", {}, {})
     stopped = TrackingQueue(tracking, tmp_path)  # its thread never ran: nothing was sent
     for op in (_child("a", 0), _metrics("a", 1), _metrics("a", 2)):
@@ -45,8 +45,8 @@ def test_writes_a_stopped_command_kept_are_sent_by_the_next(tmp_path):
     assert later.run_of("a") == run.info.run_id
 
 
-def test_a_point_suggested_again_goes_on_in_its_run(tmp_path):
-    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "x")
+def test_a_point_suggested_again_goes_on_in_its_run(tmp_path, mlflow_db):
+    tracking = Tracking(mlflow_db, "x")
     tracking.start_parent("x", {}, {})
     queue = TrackingQueue(tracking, tmp_path).start()
     queue.put(_child("old-id", 7))
