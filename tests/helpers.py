@@ -86,6 +86,9 @@ def graph_counter() -> tuple[list, object]:
     return graphs, backend
 
 
-def python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def python(
+    code: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """``code`` run by a fresh interpreter (this one's), its output captured as text."""
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = [sys.executable, "-c", code]
+    return subprocess.run(run, env=env, cwd=cwd, capture_output=True, text=True)

@@ -19,13 +19,23 @@ def untimed_kernels():
         yield
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own folder: what a search makes relative to the working folder
+    (MLflow's default artifact root ./mlruns, next to a SQLite store it creates) lands there,
+    not in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow SQLite store, made by MLflow once per test process (in a process of its
     own, so no engine of this one holds it open). A new store runs MLflow's sixty-odd schema
-    migrations, about 2 s of CPU in every test that made its own."""
+    migrations, about 2 s of CPU in every test that made its own. Made in its own folder: its
+    Default experiment keeps its artifacts in ./mlruns of the folder the store was made in."""
     path = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
-    done = python(f"import mlflow; mlflow.MlflowClient('sqlite:///{path}').search_experiments()")
+    made = f"import mlflow; mlflow.MlflowClient('sqlite:///{path}').search_experiments()"
+    done = python(made, cwd=path.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     return path
 

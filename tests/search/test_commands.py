@@ -58,7 +58,7 @@ def _logged_run(tmp_path: Path, meta: dict) -> tuple[str, str]:
     torch.manual_seed(0)
     model = dgc.create_model(META["name"], num_classes=10, in_chans=1, **META["kwargs"])
     dgc.set_progress(model, 1.0)
-    folder = tmp_path / "dgc"
+    folder = tmp_path / "logged"  # not "dgc": a folder of that name would shadow the package
     folder.mkdir()
     torch.save(model.state_dict(), folder / "weights.pt")
     (folder / "model_meta.json").write_text(json.dumps(meta))
