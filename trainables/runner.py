@@ -122,11 +122,9 @@ def trial_cost(cfg: TrialConfig, num_classes: int, input_size: tuple[int, int, i
     the CPU, where a DyResNet-20 takes about 50 ms against 150 ms on the meta device (whose
     Python meta kernels cost more than the arithmetic); larger ones on the meta device (no
     weights allocated). The global random state is left as it was."""
-    if input_size[1] * input_size[2] > CPU_COSTED_PIXELS:
-        with dgc.on_meta():
-            model = build_model(cfg, num_classes, input_size[0])
-        return dgc.count_cost(model, input_size)
-    with torch.random.fork_rng(devices=[]):  # the weights' initialisation draws from it
+    on_cpu = input_size[1] * input_size[2] <= CPU_COSTED_PIXELS
+    # on the CPU the weights' initialisation draws from the global generator: forked
+    with torch.random.fork_rng(devices=[]) if on_cpu else dgc.on_meta():
         model = build_model(cfg, num_classes, input_size[0])
     return dgc.count_cost(model, input_size)
 

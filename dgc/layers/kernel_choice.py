@@ -88,10 +88,9 @@ class KernelChoice:
 
         While a trace or export records the forward, a dispatch mode sees its operators
         (``FlopCounterMode``) or dgc counts a cost (``costing``), nothing is timed and nothing
-        settled (the timing runs would be
-        recorded or counted too): the fastest of these kernels as timed for that shape in
-        eager mode (an eager-only kernel such as the native one cannot be recorded or seen),
-        else the last one run, else ``default``.
+        settled (the timing runs would be recorded or counted too): the fastest of these
+        kernels as timed for that shape in eager mode (an eager-only kernel such as the native
+        one cannot be recorded or seen), else the last one run, else ``default``.
         """
         kernels = {k: f for k, f in kernels.items() if k not in self.exclude}
         default = default if default in kernels else next(iter(kernels))
