@@ -109,6 +109,29 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        return dispatch(args)
+    except SearchConfigError as err:
+        print(f"error: {_capped(redact(str(err)))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the output went to a pipe that closed (`... | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt as err:  # before a search began, or in another command
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"stopped ({signal.Signals(signum).name}) before the command finished; run it "
+              "again to finish", file=sys.stderr)  # fmt: skip
+        return 128 + signum
+    except Exception as err:  # noqa: BLE001  (a bug or an unforeseen fault: one line, a file)
+        print(f"error: {_capped(_unexpected(err))}", file=sys.stderr)
+        return 1
+
+
+def configure_logging() -> None:
+    """The CLI's log output: plain messages, credentials redacted and a full disk said in one
+    line on every handler (``search.cluster`` routes Ray's records to them once Ray runs),
+    the chatty libraries at warnings."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import ray  # noqa: F401  (installs its handler on the "ray" logger, which does not propagate)
 
@@ -127,22 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return dispatch(args)
-    except SearchConfigError as err:
-        print(f"error: {_capped(redact(str(err)))}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # the output went to a pipe that closed (`... | head`)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt as err:  # before a search began, or in another command
-        signum = getattr(err, "signum", signal.SIGINT)
-        print(f"stopped ({signal.Signals(signum).name}) before the command finished; run it "
-              "again to finish", file=sys.stderr)  # fmt: skip
-        return 128 + signum
-    except Exception as err:  # noqa: BLE001  (a bug or an unforeseen fault: one line, a file)
-        print(f"error: {_capped(_unexpected(err))}", file=sys.stderr)
-        return 1
 
 
 def _unexpected(err: Exception) -> str:

@@ -94,6 +94,10 @@ def connect_ray(exp: ExperimentConfig, address: str | None) -> None:
                 configure_logging=False,
                 log_to_driver=False,
             )
+    # ray.init(configure_logging=False) clears the "ray" logger's handlers and leaves it not
+    # propagating: Ray's warnings would reach only Python's last-resort handler, past the
+    # filters that redact credentials and shorten a full disk's traceback (search.__main__)
+    logging.getLogger("ray").propagate = True
     url = getattr(ctx, "dashboard_url", "") or ""
     if url:
         log.info(

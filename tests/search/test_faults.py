@@ -31,6 +31,7 @@ from search.tracking import tracking_uri
 from search.tune_runs import all_records
 from tests.helpers import REPO
 from tests.helpers import logged_through
+from tests.helpers import python
 from tests.search.helpers import children
 from tests.search.helpers import server_env
 
@@ -629,3 +630,31 @@ def test_a_log_record_of_a_full_disk_loses_its_traceback_and_others_keep_theirs(
         "(OSError: [Errno 28] No space left on device)"
     )
     assert "Traceback" in other and "ValueError: other" in other
+
+
+def test_rays_records_pass_the_clis_filters_once_ray_runs(cluster):
+    """``ray.init`` clears the "ray" logger's handlers: Tune's full-disk record (and any
+    credential in a Ray line) must still reach the CLI's filtered handlers, not Python's
+    last-resort one."""
+    code = f"""
+import errno, logging
+from search.__main__ import configure_logging
+from search.cluster import connect_ray
+from search.config import load_experiment
+configure_logging()
+connect_ray(load_experiment({str(SMOKE)!r}), {cluster!r})
+try:
+    raise OSError(errno.ENOSPC, "No space left on device")
+except OSError:
+    logging.getLogger("ray.tune.execution.experiment_state").error(
+        "Saving experiment state to storage at 'sqlite://u:secret@h/x' failed with exception: ",
+        exc_info=True)
+"""
+    out = python(code, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stderr.splitlines() if "Saving experiment state" in x)
+    assert line == (
+        "Saving experiment state to storage at 'sqlite://u:***@h/x' failed with exception: "
+        "the disk is full (OSError: [Errno 28] No space left on device)"
+    )
+    assert "Traceback" not in out.stderr
