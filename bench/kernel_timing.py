@@ -5,10 +5,10 @@ call (as ``torch.backends.cudnn.benchmark``) and timed once the shape recurs (th
 
 Trains two digits trials with ``trainables.runner.run_trial`` (no Ray, no MLflow), each under
 the three ``DGC_KERNEL_TIMING`` settings in turn, round-robin in one process, one thread as a
-search trial with ``resources: {cpu: 1}`` has: the smoke search's trial (DyResNet-8, 2 epochs,
-batch 128, the paper's ramp) and the quickstart's DGC trial (6 epochs, batch 64, its early
-ramp, without the dense warm start). Prints each run's seconds and validation accuracy, the
-median per setting, and its ratio to the default.
+search trial with ``resources: {cpu: 1}`` has: the smoke search's trial on all of digits'
+training split (DyResNet-8, 2 epochs, batch 128, the paper's ramp) and the quickstart's DGC
+trial (6 epochs, batch 64, its early ramp, without the dense warm start). Prints each run's
+seconds and validation accuracy, the median per setting, and its ratio to the default.
 """
 
 from __future__ import annotations
