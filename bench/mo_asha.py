@@ -1,15 +1,23 @@
-"""Hypervolume of the found front against epochs trained: full training vs MO-ASHA.
+"""MO-ASHA against full training at the same compute: the front's hypervolume against epochs.
 
-    python bench/mo_asha.py [--seeds 0 1 2] [--trials 16] [--out bench/out/mo_asha]
+    python bench/mo_asha.py [--setups digits operators] [--seeds 0 1 2 3 4]
+                            [--out bench/out/mo_asha]
 
-Runs experiments/digits_mo_asha.yaml (dyresnet8 on digits, the quickstart space, 12 epochs,
-rungs at epochs 2 and 6) once per seed with the scheduler and once without it (``scheduler:
-null``), round-robin in one process on one local Ray cluster, same sampler, seed and trial count.
-Every epoch a trial finishes is an event (its MLflow ``epoch`` metric timestamp); after each
-event, the hypervolume of the front of the trials that have run to their last epoch so far
-(validation accuracy vs MACs, reference point 0 % accuracy and REF_MACS) is computed with
-Optuna's hypervolume (the one behind ``optuna.visualization.plot_hypervolume_history``).
-Writes a JSON of the curves and docs/img/mo_asha_hypervolume.png.
+For each setup and seed, round-robin in one process on one local Ray cluster:
+
+- **full**: the setup's ``--trials`` trials trained to their last epoch, no scheduler;
+- **MO-ASHA**: the setup's MO-ASHA scheduler with the budget full training spent
+  (``stop.epochs`` = trials x epochs), and as many trials as that budget allows
+  (``num_trials`` = the budget: never the limit).
+
+Same sampler and seed, no reference trials, one fixed hypervolume reference point per setup.
+The curve is the search's own: the parent MLflow run's ``hypervolume_by_epochs`` (the front's
+hypervolume, validation accuracy against MACs, after every trial that ends, at step = epochs
+spent by all trials; ``search/watch.py``). Setups: ``digits`` is
+experiments/digits_mo_asha.yaml (the quickstart space over DyResNet-8, 16 trials of 12 epochs,
+rungs at epochs 2 and 6); ``operators`` is experiments/digits_operators.yaml (DGC, SG-CNN and
+DyNet ResNet-8s, 12 trials of 6 epochs) with MO-ASHA at epoch 2, reduction factor 3. Writes a
+JSON of the curves and docs/img/mo_asha_hypervolume.png.
 """
 
 from __future__ import annotations
@@ -19,80 +27,105 @@ import datetime
 import json
 import logging
 import platform
+import statistics
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import mlflow
-import numpy as np
 import optuna
 import ray
 import torch
-from optuna._hypervolume import compute_hypervolume
 
+from search import names as N
 from search.config import load_experiment
+from search.hypervolume import HYPERVOLUME_BY_EPOCHS
 from search.launch import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENT = ROOT / "experiments" / "digits_mo_asha.yaml"
-REF_MACS = 0.8e6  # above every point of the space (dense dyresnet8 is 0.79 M)
+EXPERIMENTS = ROOT / "experiments"
+#: setup: (experiment file, trials of full training, overrides of both modes, MO-ASHA's)
+SETUPS: dict[str, tuple[Path, int, list[str], list[str]]] = {
+    "digits": (
+        EXPERIMENTS / "digits_mo_asha.yaml",
+        16,
+        ["hypervolume.reference={macs: 800000}"],  # above every point (dense is 0.79 M)
+        [],  # the file's: grace period 2, reduction factor 3
+    ),
+    "operators": (
+        EXPERIMENTS / "digits_operators.yaml",
+        12,
+        ["references=null", "hypervolume.reference={macs: 800000}"],
+        ["scheduler={name: mo-asha, grace_period: 2, reduction_factor: 3}"],
+    ),
+}
 
 
-def run_search(seed: int, mode: str, trials: int, out: Path) -> str:
-    name = f"hv-{mode}-s{seed}-{datetime.datetime.now():%H%M%S}"  # a rerun is a new search
+def run_search(setup: str, seed: int, mode: str, out: Path) -> str:
+    """One search of ``setup`` (``mode`` full or mo-asha); returns its name."""
+    path, trials, both, asha = SETUPS[setup]
+    name = f"{setup}-{mode}-s{seed}-{datetime.datetime.now():%H%M%S}"  # a rerun: a new search
     sets = [
         f"name={name}",
         f"storage_dir={out / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
         "mlflow.register_models=false",
-        f"num_trials={trials}",
         f"sampler.seed={seed}",
         f"trial.seed={seed}",
+        *both,
     ]
     if mode == "full":
-        sets.append("scheduler=null")
-    elif mode != "mo-asha":  # mo-asha-rf<N>
-        sets.append(f"scheduler.reduction_factor={mode.removeprefix('mo-asha-rf')}")
-    exp = load_experiment(EXPERIMENT, sets)
-    if launch(exp, str(EXPERIMENT)) != 0:
+        sets += [f"num_trials={trials}", "scheduler=null"]
+    else:
+        budget = trials * load_experiment(path).trial.epochs
+        sets += [f"num_trials={budget}", f"stop={{epochs: {budget}}}", *asha]
+    if launch(load_experiment(path, sets), str(path)) != 0:
         raise SystemExit(f"{name} failed")
     return name
 
 
-def curve(uri: str, name: str, epochs: int) -> dict:
-    """(epochs trained so far, hypervolume) after every epoch event of the search."""
+def curve(uri: str, name: str) -> dict[str, Any]:
+    """The search's hypervolume after every trial that ended, against the epochs spent, and
+    how many trials it started and its scheduler stopped."""
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    runs = [
-        r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags
-    ]
-    events = []  # (time, run id, epoch)
-    finals = {}
-    for r in runs:
-        for m in client.get_metric_history(r.info.run_id, "epoch"):
-            events.append((m.timestamp, r.info.run_id, int(m.value)))
-        if r.data.metrics.get("epoch") == epochs and "stopped_at_epoch" not in r.data.tags:
-            finals[r.info.run_id] = (-r.data.metrics["val_accuracy"], r.data.metrics["macs"])
-    events.sort()
-    xs, hvs, done = [], [], []
-    for i, (_, run_id, epoch) in enumerate(events, start=1):
-        if epoch == epochs and run_id in finals:
-            done.append(finals[run_id])
-        xs.append(i)
-        hvs.append(hypervolume(done))
-    stopped = sum("stopped_at_epoch" in r.data.tags for r in runs)
-    return {"epochs": xs, "hypervolume": hvs, "trials": len(runs), "stopped": stopped}
+    parent = parent_run(client, name)
+    runs = client.search_runs([parent.info.experiment_id])
+    history = client.get_metric_history(parent.info.run_id, HYPERVOLUME_BY_EPOCHS)
+    points = sorted((m.step, m.value) for m in history)
+    kids = [r for r in runs if r.info.run_id != parent.info.run_id]
+    return {
+        "epochs": [s for s, _ in points],
+        "hypervolume": [v for _, v in points],
+        "trials": len(kids),
+        "stopped": sum(N.STOPPED_TAG in r.data.tags for r in kids),
+    }
 
 
-def hypervolume(points: list[tuple[float, float]]) -> float:
-    """Of (-accuracy, MACs) points, both minimised, against (0, REF_MACS); in accuracy x M MACs."""
-    if not points:
-        return 0.0
-    loss = np.array([(a, m / 1e6) for a, m in points])
-    return float(compute_hypervolume(loss, np.array([0.0, REF_MACS / 1e6])))
+def run_meta(command: str) -> dict[str, Any]:
+    """Where and how a bench of searches ran: date, machine, versions, command, commit."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "optuna": optuna.__version__,
+        "command": command,
+        "commit": commit,
+    }
 
 
-def summary(full: dict, asha: dict) -> dict:
-    """Epochs and hypervolume of both, and where MO-ASHA reached full training's final one."""
+def parent_run(client: mlflow.MlflowClient, name: str) -> Any:
+    """The parent MLflow run of the search ``name`` (its experiment's "search" run)."""
+    experiment = client.get_experiment_by_name(name)
+    where = f"tags.`{N.KIND_TAG}` = 'search'"
+    return client.search_runs([experiment.experiment_id], where)[0]
+
+
+def summary(full: dict[str, Any], asha: dict[str, Any]) -> dict[str, Any]:
+    """Both searches' epochs and final hypervolume, and the epochs MO-ASHA took to reach full
+    training's final hypervolume (None: never)."""
     target = full["hypervolume"][-1]
     reach = next((x for x, h in zip(asha["epochs"], asha["hypervolume"]) if h >= target), None)
     return {
@@ -100,35 +133,38 @@ def summary(full: dict, asha: dict) -> dict:
         "full_hv": target,
         "asha_epochs": asha["epochs"][-1],
         "asha_hv": asha["hypervolume"][-1],
+        "asha_trials": asha["trials"],
         "asha_stopped": asha["stopped"],
         "epochs_to_full_hv": reach,
         "share_of_full_epochs": None if reach is None else reach / full["epochs"][-1],
-        "asha_final_hv_share": asha["hypervolume"][-1] / target,
     }
 
 
-def plot(results: dict, path: Path) -> None:
+MODES = (("full", "C0", "full training"), ("mo-asha", "C3", "MO-ASHA"))
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {"full": "C0", "mo-asha": "C3", "mo-asha-rf2": "C2", "mo-asha-rf4": "C1"}
-    names = {"full": "full training", "mo-asha": "MO-ASHA (rf 3)"}
-    for i, r in enumerate(results.values()):
-        for mode in (m for m in r if not m.startswith("summary")):
-            c = r[mode]
-            ax.step(c["epochs"], c["hypervolume"], where="post", c=colors.get(mode, "C4"),
-                    alpha=0.8, lw=1.2, label=None if i else names.get(
-                        mode, mode.replace("mo-asha-rf", "MO-ASHA (rf ") + ")"))  # fmt: skip
-    ax.set(xlabel="epochs trained by all trials so far", ylabel="hypervolume (accuracy x M MACs)",
-           title="digits, dyresnet8, 16 trials: front hypervolume vs compute")  # fmt: skip
-    tops = [h for r in results.values() for m, c in r.items() if not m.startswith("summary")
-            for h in c["hypervolume"] if h > 0]  # fmt: skip
-    ax.set_ylim(0.95 * min(tops), 1.01 * max(tops))  # the first front point jumps from 0
-    ax.grid(alpha=0.3)
-    ax.legend()
+    setups = list(results)
+    fig, axes = plt.subplots(1, len(setups), figsize=(6.5 * len(setups), 4.2), squeeze=False)
+    for ax, setup in zip(axes[0], setups):
+        for i, seed in enumerate(results[setup]):
+            for mode, color, label in MODES:
+                c = results[setup][seed].get(mode)
+                if c:
+                    ax.step(c["epochs"], c["hypervolume"], where="post", c=color, alpha=0.75,
+                            lw=1.2, label=None if i else label)  # fmt: skip
+        tops = [h for r in results[setup].values() for m in ("full", "mo-asha") if m in r
+                for h in r[m]["hypervolume"] if h > 0]  # fmt: skip
+        ax.set_ylim(0.97 * min(tops), 1.005 * max(tops))  # the first front point jumps from 0
+        ax.set(xlabel="epochs trained by all trials so far", ylabel="hypervolume of the front",
+               title=f"{setup}: {len(results[setup])} seeds, same epoch budget")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -136,52 +172,31 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mo_asha")
-    ap.add_argument(
-        "--extra-rf",
-        type=int,
-        nargs="*",
-        default=[],
-        help="also run MO-ASHA with these reduction factors (the recipe's is 3)",
-    )
-    ap.add_argument(
-        "--modes",
-        nargs="+",
-        default=["full", "mo-asha"],
-        help="searches to run again; the other curves are kept from --out's mo_asha.json",
-    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{args.out / 'mlflow.db'}"
-    epochs = load_experiment(EXPERIMENT).trial.epochs
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    saved = args.out / "mo_asha.json"
-    kept = json.loads(saved.read_text())["results"] if saved.is_file() else {}
-    results: dict = {}
-    for seed in args.seeds:  # round-robin: full and MO-ASHA alternate
-        results[seed] = {k: v for k, v in kept.get(str(seed), {}).items() if "summary" not in k}
-        modes = ["full", "mo-asha", *(f"mo-asha-rf{rf}" for rf in args.extra_rf)]
-        for mode in modes:
-            if mode in args.modes or mode not in results[seed]:
-                name = run_search(seed, mode, args.trials, args.out)
-                results[seed][mode] = curve(uri, name, epochs)
-        for mode in modes[1:]:
-            results[seed][f"summary {mode}"] = summary(results[seed]["full"], results[seed][mode])
-            print(seed, mode, json.dumps(results[seed][f"summary {mode}"]), flush=True)
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "optuna": optuna.__version__,
-        "command": "python bench/mo_asha.py " + " ".join(
-            f"--seeds {' '.join(map(str, args.seeds))} --trials {args.trials}".split()),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                 capture_output=True, text=True).stdout.strip(),
-    }  # fmt: skip
+    results: dict[str, Any] = {}
+    for setup in args.setups:
+        results[setup] = {}
+        for seed in args.seeds:  # round-robin: full training and MO-ASHA alternate
+            r = {m: curve(uri, run_search(setup, seed, m, args.out)) for m in ("full", "mo-asha")}
+            r["summary"] = summary(r["full"], r["mo-asha"])
+            results[setup][seed] = r
+            print(setup, seed, json.dumps(r["summary"]), flush=True)
+    meta = run_meta(
+        "python bench/mo_asha.py "
+        f"--setups {' '.join(args.setups)} --seeds {' '.join(map(str, args.seeds))}"
+    )
+    for setup, by_seed in results.items():
+        shares = [s["summary"]["share_of_full_epochs"] for s in by_seed.values()]
+        meta[f"{setup} mean share (never reached counts as 1)"] = statistics.mean(
+            1.0 if x is None else x for x in shares
+        )
     (args.out / "mo_asha.json").write_text(json.dumps({"meta": meta, "results": results}))
     plot(results, ROOT / "docs" / "img" / "mo_asha_hypervolume.png")
 
