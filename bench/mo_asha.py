@@ -29,6 +29,7 @@ import logging
 import platform
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,9 @@ SETUPS: dict[str, tuple[Path, int, list[str], list[str]]] = {
 }
 
 
-def run_search(setup: str, seed: int, mode: str, out: Path) -> str:
-    """One search of ``setup`` (``mode`` full or mo-asha); returns its name."""
+def run_search(setup: str, seed: int, mode: str, out: Path, extra: list[str]) -> str:
+    """One search of ``setup`` (``mode`` full or mo-asha, ``extra`` overrides of MO-ASHA's);
+    returns its name."""
     path, trials, both, asha = SETUPS[setup]
     name = f"{setup}-{mode}-s{seed}-{datetime.datetime.now():%H%M%S}"  # a rerun: a new search
     sets = [
@@ -78,7 +80,7 @@ def run_search(setup: str, seed: int, mode: str, out: Path) -> str:
         sets += [f"num_trials={trials}", "scheduler=null"]
     else:
         budget = trials * load_experiment(path).trial.epochs
-        sets += [f"num_trials={budget}", f"stop={{epochs: {budget}}}", *asha]
+        sets += [f"num_trials={budget}", f"stop={{epochs: {budget}}}", *asha, *extra]
     if launch(load_experiment(path, sets), str(path)) != 0:
         raise SystemExit(f"{name} failed")
     return name
@@ -175,7 +177,23 @@ def main() -> None:
     ap.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mo_asha")
+    ap.add_argument(
+        "--asha-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override of the MO-ASHA searches (a variant of the scheduler)",
+    )
+    ap.add_argument(
+        "--full-from",
+        type=Path,
+        metavar="JSON",
+        help="reuse the full-training curves of an earlier mo_asha.json (no scheduler is "
+        "involved in them) instead of running them again",
+    )
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "mo_asha_hypervolume.png")
     args = ap.parse_args()
+    kept = json.loads(args.full_from.read_text())["results"] if args.full_from else {}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{args.out / 'mlflow.db'}"
@@ -184,21 +202,20 @@ def main() -> None:
     for setup in args.setups:
         results[setup] = {}
         for seed in args.seeds:  # round-robin: full training and MO-ASHA alternate
-            r = {m: curve(uri, run_search(setup, seed, m, args.out)) for m in ("full", "mo-asha")}
+            r = {"full": kept[setup][str(seed)]["full"]} if kept else {}
+            for m in ("mo-asha",) if kept else ("full", "mo-asha"):
+                r[m] = curve(uri, run_search(setup, seed, m, args.out, args.asha_set))
             r["summary"] = summary(r["full"], r["mo-asha"])
             results[setup][seed] = r
             print(setup, seed, json.dumps(r["summary"]), flush=True)
-    meta = run_meta(
-        "python bench/mo_asha.py "
-        f"--setups {' '.join(args.setups)} --seeds {' '.join(map(str, args.seeds))}"
-    )
+    meta = run_meta(" ".join(["python bench/mo_asha.py", *sys.argv[1:]]))
     for setup, by_seed in results.items():
         shares = [s["summary"]["share_of_full_epochs"] for s in by_seed.values()]
         meta[f"{setup} mean share (never reached counts as 1)"] = statistics.mean(
             1.0 if x is None else x for x in shares
         )
     (args.out / "mo_asha.json").write_text(json.dumps({"meta": meta, "results": results}))
-    plot(results, ROOT / "docs" / "img" / "mo_asha_hypervolume.png")
+    plot(results, args.plot)
 
 
 if __name__ == "__main__":
