@@ -142,6 +142,11 @@ def summary(full: dict[str, Any], asha: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _at(c: dict[str, Any], epochs: float) -> float:
+    """A curve's hypervolume once ``epochs`` were spent (0 before its first point)."""
+    return max((h for x, h in zip(c["epochs"], c["hypervolume"]) if x <= epochs), default=0.0)
+
+
 MODES = (("full", "C0", "full training"), ("mo-asha", "C3", "MO-ASHA"))
 
 
@@ -160,9 +165,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 if c:
                     ax.step(c["epochs"], c["hypervolume"], where="post", c=color, alpha=0.75,
                             lw=1.2, label=None if i else label)  # fmt: skip
-        tops = [h for r in results[setup].values() for m in ("full", "mo-asha") if m in r
-                for h in r[m]["hypervolume"] if h > 0]  # fmt: skip
-        ax.set_ylim(0.97 * min(tops), 1.005 * max(tops))  # the first front point jumps from 0
+        curves = [r[m] for r in results[setup].values() for m in ("full", "mo-asha") if m in r]
+        half = max(c["epochs"][-1] for c in curves) / 2  # the first points jump from 0: the
+        mid = [_at(c, half) for c in curves]  # y axis starts at the curves' halfway values
+        top = max(c["hypervolume"][-1] for c in curves)
+        ax.set_ylim(min(mid) - 0.01 * top, 1.01 * top)
         ax.set(xlabel="epochs trained by all trials so far", ylabel="hypervolume of the front",
                title=f"{setup}: {len(results[setup])} seeds, same epoch budget")  # fmt: skip
         ax.grid(alpha=0.3)
