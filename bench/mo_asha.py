@@ -66,7 +66,20 @@ def run_search(setup: str, seed: int, mode: str, out: Path, extra: list[str]) ->
     """One search of ``setup`` (``mode`` full or mo-asha, ``extra`` overrides of MO-ASHA's);
     returns its name."""
     path, trials, both, asha = SETUPS[setup]
-    name = f"{setup}-{mode}-s{seed}-{datetime.datetime.now():%H%M%S}"  # a rerun: a new search
+    sets = list(both)
+    if mode == "full":
+        sets += [f"num_trials={trials}", "scheduler=null"]
+    else:
+        budget = trials * load_experiment(path).trial.epochs
+        sets += [f"num_trials={budget}", f"stop={{epochs: {budget}}}", *asha, *extra]
+    return launch_search(path, f"{setup}-{mode}", seed, out, sets)
+
+
+def launch_search(path: Path, label: str, seed: int, out: Path, sets: list[str]) -> str:
+    """Launch the experiment file ``path`` with ``sets`` as a new search named after
+    ``label``, ``seed`` and the time, its folder and MLflow store under ``out``, no model
+    registered; returns its name (a failed search ends the bench)."""
+    name = f"{label}-s{seed}-{datetime.datetime.now():%H%M%S}"  # a rerun: a new search
     sets = [
         f"name={name}",
         f"storage_dir={out / 'runs'}",
@@ -74,13 +87,8 @@ def run_search(setup: str, seed: int, mode: str, out: Path, extra: list[str]) ->
         "mlflow.register_models=false",
         f"sampler.seed={seed}",
         f"trial.seed={seed}",
-        *both,
+        *sets,
     ]
-    if mode == "full":
-        sets += [f"num_trials={trials}", "scheduler=null"]
-    else:
-        budget = trials * load_experiment(path).trial.epochs
-        sets += [f"num_trials={budget}", f"stop={{epochs: {budget}}}", *asha, *extra]
     if launch(load_experiment(path, sets), str(path)) != 0:
         raise SystemExit(f"{name} failed")
     return name

@@ -24,7 +24,6 @@ the Optuna study.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import statistics
@@ -39,12 +38,11 @@ import optuna
 import ray
 
 from search import names as N
-from search.config import load_experiment
 from search.hypervolume import HYPERVOLUME
-from search.launch import launch
 from search.state import SearchState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mo_asha import launch_search
 from mo_asha import parent_run
 from mo_asha import run_meta
 
@@ -65,22 +63,9 @@ def constraints(on: bool):
 
 
 def run_search(seed: int, mode: str, out: Path) -> str:
-    name = f"{mode}-s{seed}-{datetime.datetime.now():%H%M%S}"  # a rerun is a new search
-    sets = [
-        f"name={name}",
-        f"storage_dir={out / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
-        "mlflow.register_models=false",
-        "references=null",
-        f"budget={{macs: {BUDGET}}}",
-        f"sampler.seed={seed}",
-        f"trial.seed={seed}",
-        *MODES[mode],
-    ]
+    sets = ["references=null", f"budget={{macs: {BUDGET}}}", *MODES[mode]]
     with constraints(mode != "no-constraint"):
-        if launch(load_experiment(EXPERIMENT, sets), str(EXPERIMENT)) != 0:
-            raise SystemExit(f"{name} failed")
-    return name
+        return launch_search(EXPERIMENT, mode, seed, out, sets)
 
 
 def outcome(uri: str, out: Path, name: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class Collect:
         self.states.append(state)
 
 
+DATA = {"batch_size": 64, "val_size": 300}
 #: training images of the trials that test mechanics, not learning (a fifth of digits' split)
 SUBSET = 256
 
@@ -34,7 +35,7 @@ def _cfg(**kw) -> TrialConfig:
         "seed": 7,
         "model": {"name": "dyresnet8", "gate_factor": 0.5},
         "optim": {"lr": 0.05},
-        "data": {"batch_size": 64, "val_size": 300, "train_subset": SUBSET},
+        "data": {**DATA, "train_subset": SUBSET},
     }
     base.update(kw)
     return TrialConfig.model_validate(base)
@@ -42,7 +43,7 @@ def _cfg(**kw) -> TrialConfig:
 
 def test_tiny_dgc_network_learns_digits():
     out = Collect()
-    final = run_trial(_cfg(epochs=4, data={"batch_size": 64, "val_size": 300}), out)
+    final = run_trial(_cfg(epochs=4, data=DATA), out)  # every training image
     assert [m[M.EPOCH] for m in out.metrics] == [1, 2, 3, 4]
     assert final[M.VAL_ACCURACY] > 0.6  # chance is 0.1
     assert M.TEST_ACCURACY in final and M.TEST_ACCURACY not in out.metrics[0]
