@@ -15,10 +15,12 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -73,6 +75,20 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 600)
             return
         time.sleep(0.5)
     raise AssertionError(f"{text!r} never came (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
+
+
+def wait_for_metric(db: Path, key: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until some run in the SQLite store ``db`` has logged ``key`` (read-only, polled)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
+                if c.execute("SELECT 1 FROM metrics WHERE key = ? LIMIT 1", (key,)).fetchone():
+                    return
+        except sqlite3.OperationalError:  # locked by a write: ask again
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no run logged {key!r} (rc={proc.poll()})")
 
 
 def ended(proc: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[int, str]:
@@ -165,13 +181,15 @@ def server(tmp_path_factory, empty_store):
 def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(
     tmp_path, cluster, mlflow_db
 ):
+    # 4 epochs: a trial that has reported its first is still training when Ctrl-C comes.
     sets = ["--set", "num_trials=4", "--set", "references={dense: true}", *TINY]
+    sets += ["--set", "trial.epochs=4"]
     folder = tmp_path / "runs" / "smoke"
     uri = mlflow_db
-    # Ctrl-C on the local cluster a launch starts (the user's default).
+    # Ctrl-C on the local cluster a launch starts (the user's default), while a trial trains.
     log = tmp_path / "launch.log"
     proc = start("launch", str(SMOKE), *sets, cwd=tmp_path, log=log)
-    wait_for(log, "[1/5]", proc)
+    wait_for_metric(tmp_path / "mlflow.db", "val_accuracy", proc)
     proc.send_signal(signal.SIGINT)
     rc, out = ended(proc, log)
     assert rc == 130, out[-3000:]
@@ -220,7 +238,7 @@ def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(
     assert lost["tags"]["optuna_trial"] in {int(k.data.tags.get("optuna_trial", -1)) for k in kids}
     client = mlflow.MlflowClient(uri)
     for k in kids:  # every epoch of every trial recorded
-        assert {m.step for m in client.get_metric_history(k.info.run_id, "epoch")} == {1, 2}
+        assert {m.step for m in client.get_metric_history(k.info.run_id, "epoch")} == {1, 2, 3, 4}
     assert states(study_of(folder)) == {"COMPLETE": 4}  # trained means COMPLETE, none lost
     references = study_of(folder, ".references")
     assert states(references) == {"COMPLETE": 1} and len(references.trials) == 1
