@@ -49,6 +49,7 @@ from search.overrides import SearchConfigError
 from search.preflight import Problem
 from search.preflight import Report
 from search.preflight import run_preflight
+from search.pretrain import TUNE_NAME as PRETRAIN_RUN
 from search.pretrain import ensure_pretrained
 from search.pretrain import run_config
 from search.redact import log_redacted_artifact
@@ -66,6 +67,8 @@ from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
 from search.tracking import default_tracking_uri
 from search.tracking_queue import TrackingQueue
+from search.tune_backup import StateBackup
+from search.tune_backup import restore_cut_short
 from search.tune_runs import FIRST
 from search.tune_runs import Parts
 from search.tune_runs import TrialRecord
@@ -194,6 +197,8 @@ def _resume(folder: Path, address: str | None, stop: Stop) -> int:
     )
     check_tracking_server(state.tracking_uri, f"`python -m search resume {folder}`")
     check_tracking_store(state, folder)
+    for run in (folder / PRETRAIN_RUN, *segments(folder)):  # Tune's saves a full disk cut
+        restore_cut_short(run)
     records = check_folder(folder, state)
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
     check_parent_run(tracking, state, folder)
@@ -307,7 +312,8 @@ def _parts(
 ) -> Parts:
     """A Tune run's scheduler and callbacks (the search's, with its budget and ledger, or the
     pretraining's without a searcher)."""
-    callbacks: list[Any] = [MlflowTrialLogger(writes, stop), DrainCallback(stop), FaultWatch(stop)]
+    callbacks: list[Any] = [MlflowTrialLogger(writes, stop), DrainCallback(stop), FaultWatch(stop),
+                            StateBackup()]  # fmt: skip
     scheduler = None
     if searcher is not None:
         objectives = [(o.metric, o.direction) for o in exp.objectives]

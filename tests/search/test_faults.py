@@ -418,9 +418,13 @@ DAMAGE = {
     "optuna_storage in a missing folder": lambda f: _edit_state(
         f, optuna_storage=f"sqlite:///{f / 'gone' / 'optuna.db'}"
     ),
-    "Tune state truncated": lambda f: [
-        p.write_text(p.read_text()[:200]) for p in (f / "tune").glob("experiment_state-*.json")
-    ],
+    "Tune state and its last complete copy truncated": lambda f: [
+        p.write_text(p.read_text()[:200])
+        for p in [
+            *(f / "tune").glob("experiment_state-*.json"),
+            *(f / "tune" / ".state-backup").glob("experiment_state-*.json"),
+        ]
+    ],  # fmt: skip
 }
 NAMED = {
     "optuna.db empty": ("optuna.db: empty (0 bytes)", "Restore it from a backup"),
@@ -429,7 +433,10 @@ NAMED = {
     "optuna.db header overwritten": ("optuna.db: the study's database is damaged", "Restore"),
     "search.json num_classes 'ten'": ("search.json: num_classes = 'ten'", "restore it"),
     "optuna_storage in a missing folder": ("gone does not exist", "Restore it"),
-    "Tune state truncated": ("Tune's saved state cannot be read", "Restore it"),
+    "Tune state and its last complete copy truncated": (
+        "Tune's saved state cannot be read",
+        "Restore it",
+    ),
 }
 
 
@@ -465,6 +472,30 @@ def test_damaged_state_is_refused_before_anything_runs(tmp_path, finished, damag
         no_traceback(out.stderr)
         assert sorted(p.name for p in folder.iterdir()) == before  # nothing created
         assert (db.stat().st_size if db.exists() else None) == size  # no new study
+    finally:
+        shutil.rmtree(folder)
+        shutil.copytree(tmp_path / "backup", folder)
+
+
+@FINISHED
+@E2E
+def test_tune_state_a_full_disk_cut_short_is_put_back_from_its_last_complete_copy(
+    tmp_path, finished
+):
+    folder = finished / "runs" / "done"
+    shutil.copytree(folder, tmp_path / "backup")
+    try:
+        run = folder / "tune"
+        live = max(run.glob("experiment_state-*.json"))  # the one Tune restores from
+        whole = live.read_bytes()
+        assert (run / ".state-backup" / live.name).read_bytes() == whole  # kept at launch
+        live.write_bytes(whole[: len(whole) // 2])  # Tune's in-place copy, cut short
+        out = cli("resume", str(folder), cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert f"{live} was cut short" in out.stderr and ".damaged" in out.stderr
+        assert live.read_bytes() == whole
+        assert (run / f"{live.name}.damaged").read_bytes() == whole[: len(whole) // 2]
+        no_traceback(out.stderr)
     finally:
         shutil.rmtree(folder)
         shutil.copytree(tmp_path / "backup", folder)
