@@ -195,6 +195,7 @@ class TrialConfig(StrictModel):
     #: Evaluation runs the eager model. Compilation is paid per trial: worth it where an epoch
     #: takes much longer than compiling.
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
+    #: torch's CPU threads for the trial; None: a Ray trial's CPUs, elsewhere torch's own count
     threads: int | None = Field(None, ge=1)
     #: a checkpoint (``state.pt`` of a trial or of ``search train --out``) whose weights start
     #: this network where names and shapes match, e.g. a trained dense network of the family

@@ -195,8 +195,10 @@ def run_trial(
     ``gpu_share``: the fraction of the GPU the trial was given (Ray's ``gpu`` resource); below
     1 the trial caps its CUDA memory at that fraction, so that one trial's peak cannot take
     its neighbours' memory, and reports the cap."""
-    threads = cfg.threads or threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    threads = cfg.threads or threads
+    if threads:  # else torch's own count (a caller's setting, or its default) stays
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
     device = pick_device(cfg.device)
     share = cap_gpu_memory(device, gpu_share)
     torch.manual_seed(cfg.seed)
