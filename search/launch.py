@@ -67,8 +67,9 @@ from search.tracking import MlflowTrialLogger
 from search.tracking import Tracking
 from search.tracking import default_tracking_uri
 from search.tracking_queue import TrackingQueue
-from search.tune_backup import StateBackup
-from search.tune_backup import restore_cut_short
+from search.tune_repair import StateBackup
+from search.tune_repair import repair_checkpoints
+from search.tune_repair import repair_saves
 from search.tune_runs import FIRST
 from search.tune_runs import Parts
 from search.tune_runs import TrialRecord
@@ -197,9 +198,10 @@ def _resume(folder: Path, address: str | None, stop: Stop) -> int:
     )
     check_tracking_server(state.tracking_uri, f"`python -m search resume {folder}`")
     check_tracking_store(state, folder)
-    for run in (folder / PRETRAIN_RUN, *segments(folder)):  # Tune's saves a full disk cut
-        restore_cut_short(run)
+    runs = [folder / PRETRAIN_RUN, *segments(folder)]
+    repair_saves(runs)  # Tune's state files a full disk cut short (search.tune_repair)
     records = check_folder(folder, state)
+    repair_checkpoints(runs)  # checkpoints a killed driver's last save still names
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
     check_parent_run(tracking, state, folder)
     connect_ray(exp, address)

@@ -49,6 +49,7 @@ class TrialRecord:
     path: str = ""
     error: str | None = None  # the error's last line, for an ERROR trial
     tags: dict[str, Any] = field(default_factory=dict)  # its config's tags (reference, ...)
+    checkpoint: str = ""  # the checkpoint Tune restores it from (a local path; "" if none)
 
 
 def segments(folder: Path) -> list[Path]:
@@ -95,6 +96,7 @@ def records(path: Path) -> list[TrialRecord]:
                 trial.path or "",
                 error,
                 dict((trial.config or {}).get("tags", {})),
+                trial.checkpoint.path if trial.checkpoint is not None else "",
             )
         )
     return out

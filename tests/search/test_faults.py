@@ -214,8 +214,15 @@ def test_ctrl_c_kill_and_sigterm_lose_nothing_and_resume_completes_exactly(
         t.number for t in study_of(folder).trials if t.user_attrs.get("ray_trial_id") in tune_ids
     }
 
+    # A driver killed after a trial's new checkpoint replaced its previous one (num_to_keep=1)
+    # and before Tune's next save leaves a state that names a checkpoint that is gone.
+    paused = next(r for r in all_records(folder) if r.status == "PAUSED" and r.checkpoint)
+    named = Path(paused.checkpoint)
+    named.rename(named.with_name(f"checkpoint_{int(named.name.split('_')[1]) + 1:06d}"))
+
     log = tmp_path / "kill.log"
     proc = start("resume", "runs/smoke", "--address", cluster, cwd=tmp_path, log=log)
+    wait_for(log, f"names {named.name}, which was replaced by", proc)
     wait_for(log, "was suggested before the stop but never started; suggesting it again", proc)
     wait_for(log, "done:", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # a hard stop of the driver
