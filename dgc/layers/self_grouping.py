@@ -56,6 +56,13 @@ KMEANS_ITERS = 300
 KMEANS_TOL = 1e-4  # sklearn's default: relative to the mean per-feature variance
 
 
+def nearest(x: Tensor, centres: Tensor) -> Tensor:
+    """The nearest centre of each row of ``x`` (N, D) among ``centres`` (k, D): the argmin of
+    ``|c|^2 - 2 x.c``, one matrix product (``|x|^2`` is the same for every centre; the full
+    distances of ``torch.cdist`` took three quarters of a ResNet-50's grouping)."""
+    return torch.addmm((centres * centres).sum(1), x, centres.t(), alpha=-2).argmin(1)  # (N,)
+
+
 def kmeans(
     x: Tensor, k: int, generator: torch.Generator, n_init: int = KMEANS_INITS
 ) -> tuple[Tensor, Tensor]:
@@ -75,7 +82,7 @@ def kmeans(
     for _ in range(n_init):
         centres = x[torch.randperm(n, generator=generator)[:k].to(x.device)]  # (k, D)
         for _ in range(KMEANS_ITERS):
-            labels = torch.cdist(x, centres).argmin(1)  # (N,)
+            labels = nearest(x, centres)  # (N,)
             sums = torch.zeros_like(centres).index_add_(0, labels, x)
             counts = torch.bincount(labels, minlength=k).unsqueeze(1).to(x.dtype)
             new = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
@@ -83,7 +90,7 @@ def kmeans(
             centres = new
             if shift <= tol:
                 break
-        labels = torch.cdist(x, centres).argmin(1)
+        labels = nearest(x, centres)
         inertia = float(((x - centres[labels]) ** 2).sum())
         if best is None or inertia < best[0]:
             best = (inertia, centres, labels)
