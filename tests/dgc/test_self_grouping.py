@@ -9,6 +9,7 @@ import dgc
 from dgc.layers.self_grouping import SelfGroupingConv2d
 from dgc.layers.self_grouping import diverse_groups
 from dgc.layers.self_grouping import kmeans
+from dgc.layers.self_grouping import nearest
 from dgc.layers.self_grouping import self_group_step
 
 
@@ -33,6 +34,14 @@ def test_kmeans_finds_separated_clusters_and_is_seeded():
     assert torch.cdist(found, centres).min(1).values.max() < 0.2
     again = kmeans(x, 3, torch.Generator().manual_seed(1))[1]
     assert torch.equal(labels, again)
+
+
+def test_nearest_centres_are_the_ones_at_the_least_distance():
+    g = torch.Generator().manual_seed(0)
+    for n, d, k in [(1, 1, 1), (7, 3, 2), (300, 64, 8), (1000, 512, 4)]:
+        x = torch.rand(n, d, generator=g, dtype=torch.float64)
+        centres = x[torch.randperm(n, generator=g)[:k]] + 0.01
+        assert torch.equal(nearest(x, centres), torch.cdist(x, centres).argmin(1))
 
 
 @pytest.mark.parametrize("group_mask", ["common", "first"])
