@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import mlflow
 
@@ -12,6 +14,14 @@ NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 def server_env() -> dict[str, str]:
     return {**os.environ, **NO_SERVER_JOBS}
+
+
+def server_command(port: int, db: Path, artifacts: Path) -> list[str]:
+    """A real `mlflow server` on 127.0.0.1 with one worker process: its default four each
+    import MLflow (about 4 CPU seconds apiece) for tests that send a request at a time."""
+    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
+            "--artifacts-destination", str(artifacts)]  # fmt: skip
 
 
 def children(uri: str, experiment: str) -> tuple[object, list]:

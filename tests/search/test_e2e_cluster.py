@@ -26,6 +26,7 @@ from search.tracking import tracking_uri
 from tests.helpers import REPO
 from tests.search.helpers import brute_force_front
 from tests.search.helpers import children
+from tests.search.helpers import server_command
 from tests.search.helpers import server_env
 
 pytestmark = pytest.mark.e2e
@@ -173,20 +174,7 @@ def test_search_logs_to_a_real_mlflow_server(ray_2cpu, tmp_path, empty_store):
     port = _free_port()
     shutil.copyfile(empty_store, tmp_path / "server.db")
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
+        server_command(port, tmp_path / "server.db", tmp_path / "artifacts"),
         stdout=open(tmp_path / "server.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

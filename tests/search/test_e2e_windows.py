@@ -35,6 +35,7 @@ import pytest
 
 from tests.helpers import REPO
 from tests.search.helpers import NO_SERVER_JOBS
+from tests.search.helpers import server_command
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("windows")]  # one search serves all
 NAME = "webwatch"  # the search, its Ray job and its MLflow experiment
@@ -132,9 +133,7 @@ def windows(empty_store: Path) -> Iterator[dict[str, Any]]:
     )  # fmt: skip
     shutil.copyfile(empty_store, root / "mlflow.db")
     server = _start(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mport),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
+        server_command(mport, root / "mlflow.db", root / "artifacts"),
         root / "mlflow.log", {**env, **NO_SERVER_JOBS}, root,
     )  # fmt: skip
     try:

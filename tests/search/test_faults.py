@@ -35,6 +35,7 @@ from tests.helpers import REPO
 from tests.helpers import logged_through
 from tests.helpers import python
 from tests.search.helpers import children
+from tests.search.helpers import server_command
 from tests.search.helpers import server_env
 
 SMOKE = REPO / "experiments" / "smoke.yaml"
@@ -142,9 +143,7 @@ class MlflowServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-             str(self.port), "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts")],
+            server_command(self.port, self.folder / "server.db", self.folder / "artifacts"),
             stdout=open(self.folder / "server.log", "a"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
