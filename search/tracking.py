@@ -168,6 +168,8 @@ class MlflowTrialLogger(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
+        if result.get(M.FINAL_REPEAT):  # logged already (or replayed from the trial's folder)
+            return
         ts, step = int(time.time() * 1000), int(result.get(M.EPOCH, 0))
         curves = [
             [k, float(result[k]), ts, step]

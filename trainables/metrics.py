@@ -25,6 +25,10 @@ GPU_MEMORY_FRACTION = "gpu_memory_fraction"
 #: traceback travels as TRIAL_ERROR_TEXT.
 TRIAL_ERROR = "trial_error"
 TRIAL_ERROR_TEXT = "trial_error_text"
+#: True on the report of a trial resumed from its last checkpoint (Tune's saved state was
+#: older: a killed driver, a state put back after a full disk): its last epoch's metrics again,
+#: so that Tune ends the trial with them; the tracking has them already.
+FINAL_REPEAT = "final_repeat"
 
 #: metrics an experiment may use as objectives, with their natural direction.
 OBJECTIVES = {VAL_ACCURACY: "max", VAL_LOSS: "min", MACS: "min", PARAMS: "min", LATENCY_MS: "min"}

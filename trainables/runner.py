@@ -223,6 +223,10 @@ def run_trial(
         init_weights_from(model, cfg.init_from)
     teacher = build_teacher(cfg, data, device, dense if not resume else resume.get("teacher"))
     start_epoch = restore(resume, model, optimizer) if resume else pre
+    if resume and start_epoch >= cfg.epochs and resume.get("metrics"):
+        final = {**resume["metrics"], M.FINAL_REPEAT: True}  # trained to the end already
+        reporter.report(final, None)
+        return final
     step_model = compiled(model, cfg.compile)
     criterion = Criterion(cfg.optim, teacher, cfg.distill)
     metrics: dict[str, Any] = {}
@@ -263,6 +267,8 @@ def run_trial(
             )
         due = last or (epoch + 1) % cfg.checkpoint_every == 0
         state = checkpoint_state(model, optimizer, epoch + 1, stats, cfg) if due else None
+        if state is not None:
+            state["metrics"] = metrics  # what a resume from here at the end reports again
         if state is not None and teacher is not None and teaches(cfg):
             state["teacher"] = teacher.state_dict()  # the trial's own: kept for a resume
         reporter.report(metrics, state)

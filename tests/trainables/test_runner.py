@@ -83,6 +83,19 @@ def test_resume_from_checkpoint_ends_with_identical_weights(tmp_path, determinis
     assert full.metrics[-1][M.VAL_ACCURACY] == resumed.metrics[-1][M.VAL_ACCURACY]
 
 
+def test_a_trial_resumed_from_its_last_checkpoint_reports_its_end_again_without_training(
+    tmp_path,
+):
+    full = Collect()
+    run_trial(_cfg(epochs=2), full)
+    save_state(full.states[-1], tmp_path / "state.pt")  # Tune's saved state was older
+    again = Collect()
+    final = run_trial(_cfg(epochs=2), again, resume=load_state(tmp_path / "state.pt"))
+    assert again.states == [None]  # no epoch trained, no new checkpoint
+    assert again.metrics == [final] and final[M.FINAL_REPEAT] is True
+    assert {k: v for k, v in final.items() if k != M.FINAL_REPEAT} == full.metrics[-1]
+
+
 def test_checkpoint_interval_and_weights_only_loading(tmp_path):
     out = Collect()
     run_trial(_cfg(checkpoint_every=2), out)
