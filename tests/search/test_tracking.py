@@ -1,4 +1,5 @@
-"""The console progress of a search, driven by hand with plain trial records."""
+"""The console progress of a search and the MLflow logger's writes, driven by hand with plain
+trial records."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from types import SimpleNamespace
 
 from search.tracking import ConsoleProgress
+from search.tracking import MlflowTrialLogger
 
 OBJECTIVES = [("val_accuracy", "max"), ("macs", "min")]
 
@@ -66,3 +68,25 @@ def test_a_reported_deterministic_failure_counts_as_failed(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("[1/2] trial-0 (a) FAILED (NonFiniteLossError: nan; not retried")
     assert lines[1].startswith("[2/2] trial-1 (b) done") and progress.failed == 1
+
+
+class _Writes:
+    """Collects what the logger would send (``TrackingQueue.put``'s operations)."""
+
+    def __init__(self) -> None:
+        self.ops: list[dict] = []
+
+    def put(self, op: dict) -> None:
+        self.ops.append(op)
+
+
+def test_a_repeated_final_report_is_not_logged_twice():
+    writes = _Writes()
+    logger = MlflowTrialLogger(writes)  # type: ignore[arg-type]
+    trial = _trial("t1")
+    trial.path = ""
+    final = {"epoch": 6, "val_accuracy": 0.9, "macs": 1e6}
+    logger.on_trial_result(0, [trial], trial, final)
+    logger.on_trial_result(0, [trial], trial, {**final, "final_repeat": True})
+    metrics = [op for op in writes.ops if op["op"] == "metrics"]
+    assert len(metrics) == 1 and ["epoch", 6.0] == metrics[0]["metrics"][0][:2]
