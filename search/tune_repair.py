@@ -9,7 +9,8 @@ Two faults that a long search meets leave Ray Tune 2.60 unable to restore its ru
   a truncated file where the last complete one was. ``StateBackup``, a Tune callback, copies
   each of those files once it is complete to ``<run>/.state-backup/`` (through a temporary
   file); ``restore_cut_short`` puts the last complete copy back in place of a damaged file and
-  keeps the damaged one beside it as ``<name>.damaged``.
+  keeps the damaged one beside it as ``<name>.damaged``; a resumed run's first save, cut short
+  before any copy of it was taken, is set aside so that Tune goes on from the session before.
 - **A checkpoint the saved state names but ``num_to_keep`` removed.** A trial's new checkpoint
   replaces its previous one at once, while Tune records that in its saved state at its next
   save: a driver killed in between (SIGKILL, the OOM killer, a lost node) leaves a state whose
@@ -150,6 +151,31 @@ def restore_cut_short(run: Path) -> list[Path]:
     return restored
 
 
+def set_aside_cut_short_session(run: Path) -> list[Path]:
+    """A newest session whose ``experiment_state`` is cut short and has no complete copy (a
+    disk that filled during the first save of a resumed run): its files are set aside (as
+    ``<name>.damaged``) so that Tune restores the session before, if that one is whole.
+    Returns the files set aside."""
+    states = sorted(run.glob("experiment_state-*.json"))  # by session time
+    if len(states) < 2 or complete(states[-1]) or not complete(states[-2]):
+        return []
+    session = states[-1].name.removeprefix("experiment_state-").removesuffix(".json")
+    moved = []
+    for path in sorted(run.glob(f"*-{session}.*")):
+        if path.is_file() and path.suffix in (".json", ".pkl"):
+            kept = _aside(path)
+            os.replace(path, kept)
+            moved.append(kept)
+    log.warning(
+        "%s was cut short (a full disk during Tune's save?) and has no complete copy: its "
+        "session's files are set aside (%s); Tune goes on from %s",
+        states[-1],
+        ", ".join(p.name for p in moved),
+        states[-2].name,
+    )
+    return moved
+
+
 def _aside(live: Path) -> Path:
     """``<name>.damaged`` (``.damaged-2`` ... if an earlier one is there: none is lost)."""
     kept, n = live.with_name(live.name + ".damaged"), 1
@@ -188,8 +214,9 @@ def restore_missing_checkpoints(records: list[TrialRecord]) -> list[Path]:
 
 
 def repair_saves(runs: list[Path]) -> list[Path]:
-    """``restore_cut_short`` in each Tune run folder of a search (before anything reads them)."""
-    return [path for run in runs for path in restore_cut_short(run)]
+    """``restore_cut_short``, then ``set_aside_cut_short_session``, in each Tune run folder of
+    a search (before anything reads them)."""
+    return [p for run in runs for p in [*restore_cut_short(run), *set_aside_cut_short_session(run)]]
 
 
 def repair_checkpoints(runs: list[Path]) -> list[Path]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from search.tune_repair import BACKUP_DIR
 from search.tune_repair import StateBackup
 from search.tune_repair import complete
+from search.tune_repair import repair_saves
 from search.tune_repair import restore_cut_short
 from search.tune_repair import restore_missing_checkpoints
 from search.tune_runs import TrialRecord
@@ -134,3 +135,19 @@ def test_only_a_missing_checkpoint_of_a_trial_tune_restores_is_replaced_by_a_new
     assert restore_missing_checkpoints(records) == []
     assert not (done / "checkpoint_000002").exists()
     assert sorted(p.name for p in older.iterdir()) == ["checkpoint_000001"]
+
+
+def test_a_resumed_runs_first_save_cut_short_is_set_aside_for_the_session_before(tmp_path):
+    run, state, searcher = _run(tmp_path)  # session 10-00-00, whole (no copy taken: none kept)
+    later = "2026-12-07_11-00-00"
+    (run / f"experiment_state-{later}.json").write_bytes(state[:100])  # cut short
+    (run / f"searcher-state-{later}.pkl").write_bytes(searcher)
+    assert repair_saves([run]) == [
+        run / f"experiment_state-{later}.json.damaged",
+        run / f"searcher-state-{later}.pkl.damaged",
+    ]
+    assert sorted(p.name for p in run.glob("experiment_state-*.json")) == [
+        "experiment_state-2026-12-07_10-00-00.json"  # what Tune restores now
+    ]
+    (run / "experiment_state-2026-12-07_10-00-00.json").write_bytes(state[:100])
+    assert repair_saves([run]) == []  # no whole session to go back to: left to the checks
