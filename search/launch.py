@@ -68,8 +68,9 @@ from search.tracking import Tracking
 from search.tracking import default_tracking_uri
 from search.tracking_queue import TrackingQueue
 from search.tune_repair import StateBackup
-from search.tune_repair import repair_checkpoints
+from search.tune_repair import repair_checkpoints_of
 from search.tune_repair import repair_saves
+from search.tune_repair import restore_missing_checkpoints
 from search.tune_runs import FIRST
 from search.tune_runs import Parts
 from search.tune_runs import TrialRecord
@@ -201,7 +202,8 @@ def _resume(folder: Path, address: str | None, stop: Stop) -> int:
     runs = [folder / PRETRAIN_RUN, *segments(folder)]
     repair_saves(runs)  # Tune's state files a full disk cut short (search.tune_repair)
     records = check_folder(folder, state)
-    repair_checkpoints(runs)  # checkpoints a killed driver's last save still names
+    restore_missing_checkpoints(records)  # ones a killed driver's last save still names
+    repair_checkpoints_of(folder / PRETRAIN_RUN)
     tracking = Tracking(state.tracking_uri, state.mlflow_experiment, state.parent_run_id)
     check_parent_run(tracking, state, folder)
     connect_ray(exp, address)

@@ -219,14 +219,11 @@ def repair_saves(runs: list[Path]) -> list[Path]:
     return [p for run in runs for p in [*restore_cut_short(run), *set_aside_cut_short_session(run)]]
 
 
-def repair_checkpoints(runs: list[Path]) -> list[Path]:
-    """``restore_missing_checkpoints`` for the trials of each Tune run folder (a folder whose
-    state cannot be read is left to the checks, which name it)."""
-    restored = []
-    for run in runs:
-        try:
-            saved = records(run)
-        except Exception:  # noqa: BLE001
-            continue
-        restored += restore_missing_checkpoints(saved)
-    return restored
+def repair_checkpoints_of(run: Path) -> list[Path]:
+    """``restore_missing_checkpoints`` for the trials of a Tune run folder whose records no
+    check has read (the pretraining's); one whose state cannot be read is left as it is."""
+    try:
+        saved = records(run)
+    except Exception:  # noqa: BLE001  (Tune's restore names it)
+        return []
+    return restore_missing_checkpoints(saved)

@@ -195,6 +195,10 @@ def run_trial(
     ``gpu_share``: the fraction of the GPU the trial was given (Ray's ``gpu`` resource); below
     1 the trial caps its CUDA memory at that fraction, so that one trial's peak cannot take
     its neighbours' memory, and reports the cap."""
+    if resume and resume["epoch"] >= cfg.epochs and "metrics" in resume:
+        final = {**resume["metrics"], M.FINAL_REPEAT: True}  # trained to the end already
+        reporter.report(final, None)  # (Tune's saved state was older than this checkpoint)
+        return final
     threads = cfg.threads or threads
     if threads:  # else torch's own count (a caller's setting, or its default) stays
         torch.set_num_threads(threads)
@@ -223,10 +227,6 @@ def run_trial(
         init_weights_from(model, cfg.init_from)
     teacher = build_teacher(cfg, data, device, dense if not resume else resume.get("teacher"))
     start_epoch = restore(resume, model, optimizer) if resume else pre
-    if resume and start_epoch >= cfg.epochs and resume.get("metrics"):
-        final = {**resume["metrics"], M.FINAL_REPEAT: True}  # trained to the end already
-        reporter.report(final, None)
-        return final
     step_model = compiled(model, cfg.compile)
     criterion = Criterion(cfg.optim, teacher, cfg.distill)
     metrics: dict[str, Any] = {}
@@ -266,9 +266,7 @@ def run_trial(
                 model, data.test.epoch(), cfg.bf16
             )
         due = last or (epoch + 1) % cfg.checkpoint_every == 0
-        state = checkpoint_state(model, optimizer, epoch + 1, stats, cfg) if due else None
-        if state is not None:
-            state["metrics"] = metrics  # what a resume from here at the end reports again
+        state = checkpoint_state(model, optimizer, metrics, stats, cfg) if due else None
         if state is not None and teacher is not None and teaches(cfg):
             state["teacher"] = teacher.state_dict()  # the trial's own: kept for a resume
         reporter.report(metrics, state)
@@ -363,15 +361,17 @@ def init_weights_from(model: nn.Module, path: str) -> int:
 def checkpoint_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    next_epoch: int,
+    metrics: dict[str, Any],
     stats: Any,
     cfg: TrialConfig,
 ) -> dict[str, Any]:
-    """Everything needed to continue exactly; loadable with ``torch.load(weights_only=True)``."""
+    """Everything needed to continue exactly, and the epoch's ``metrics`` (a resume at the end
+    reports them again); loadable with ``torch.load(weights_only=True)``."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "epoch": next_epoch,
+        "epoch": metrics[M.EPOCH],
+        "metrics": metrics,
         "iteration": stats.iteration,
         "gate_progress": stats.progress,
         "torch_rng": torch.get_rng_state(),
