@@ -459,52 +459,50 @@ def _edit_state(folder: Path, **fields: object) -> None:
 # 5. Damaged state ---------------------------------------------------------------------------
 
 
+@pytest.fixture
+def done(tmp_path, finished):
+    """The finished search's folder, to damage: put back as it was after the test."""
+    folder = finished / "runs" / "done"
+    shutil.copytree(folder, tmp_path / "backup")
+    yield folder
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "backup", folder)
+
+
 @FINISHED
 @E2E
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_state_is_refused_before_anything_runs(tmp_path, finished, damage):
-    folder = finished / "runs" / "done"
-    shutil.copytree(folder, tmp_path / "backup")
-    try:
-        DAMAGE[damage](folder)
-        before = sorted(p.name for p in folder.iterdir())
-        db = folder / "optuna.db"
-        size = db.stat().st_size if db.exists() else None
-        out = cli("resume", str(folder), cwd=tmp_path, timeout=300)
-        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-        what, how = NAMED[damage]
-        assert what in out.stderr and how in out.stderr, out.stderr
-        assert "pareto" in out.stderr or "search.json" in what  # the way to recover
-        no_traceback(out.stderr)
-        assert sorted(p.name for p in folder.iterdir()) == before  # nothing created
-        assert (db.stat().st_size if db.exists() else None) == size  # no new study
-    finally:
-        shutil.rmtree(folder)
-        shutil.copytree(tmp_path / "backup", folder)
+def test_damaged_state_is_refused_before_anything_runs(tmp_path, done, damage):
+    folder = done
+    DAMAGE[damage](folder)
+    before = sorted(p.name for p in folder.iterdir())
+    db = folder / "optuna.db"
+    size = db.stat().st_size if db.exists() else None
+    out = cli("resume", str(folder), cwd=tmp_path, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    what, how = NAMED[damage]
+    assert what in out.stderr and how in out.stderr, out.stderr
+    assert "pareto" in out.stderr or "search.json" in what  # the way to recover
+    no_traceback(out.stderr)
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing created
+    assert (db.stat().st_size if db.exists() else None) == size  # no new study
 
 
 @FINISHED
 @E2E
-def test_tune_state_a_full_disk_cut_short_is_put_back_from_its_last_complete_copy(
-    tmp_path, finished
-):
-    folder = finished / "runs" / "done"
-    shutil.copytree(folder, tmp_path / "backup")
-    try:
-        run = folder / "tune"
-        live = max(run.glob("experiment_state-*.json"))  # the one Tune restores from
-        whole = live.read_bytes()
-        assert (run / ".state-backup" / live.name).read_bytes() == whole  # kept at launch
-        live.write_bytes(whole[: len(whole) // 2])  # Tune's in-place copy, cut short
-        out = cli("resume", str(folder), cwd=tmp_path, timeout=300)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        assert f"{live} was cut short" in out.stderr and ".damaged" in out.stderr
-        assert live.read_bytes() == whole
-        assert (run / f"{live.name}.damaged").read_bytes() == whole[: len(whole) // 2]
-        no_traceback(out.stderr)
-    finally:
-        shutil.rmtree(folder)
-        shutil.copytree(tmp_path / "backup", folder)
+def test_tune_state_a_full_disk_cut_short_is_put_back_from_its_last_complete_copy(tmp_path, done):
+    folder = done
+    run = folder / "tune"
+    live = max(run.glob("experiment_state-*.json"))  # the one Tune restores from
+    whole = live.read_bytes()
+    assert (run / ".state-backup" / live.name).read_bytes() == whole  # kept at launch
+    live.write_bytes(whole[: len(whole) // 2])  # Tune's in-place copy, cut short
+    out = cli("resume", str(folder), cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"{live} was cut short" in out.stderr and ".damaged" in out.stderr
+    assert live.read_bytes() == whole
+    assert (run / f"{live.name}.damaged").read_bytes() == whole[: len(whole) // 2]
+    no_traceback(out.stderr)
 
 
 # 7. A logged model without `import dgc` -----------------------------------------------------
