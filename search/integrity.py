@@ -1,12 +1,15 @@
 """A search folder's state, checked before ``resume`` runs anything: a damaged or missing
 study, Tune state, scheduler record, pretrained network or tracking store is refused with the
-file, what is wrong with it and how to recover. Nothing is changed by the checks.
+file, what is wrong with it and how to recover. Nothing is changed by the checks but a write to
+the study's SQLite file that a killed process left unfinished, which SQLite rolls back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 from search.overrides import SearchConfigError
@@ -18,6 +21,8 @@ from search.tracking import Tracking
 from search.tune_runs import TrialRecord
 from search.tune_runs import records
 from search.tune_runs import segments
+
+log = logging.getLogger(__name__)
 
 
 def recovery(folder: Path) -> str:
@@ -86,16 +91,27 @@ def _sqlite_readable(path: Path, progressed: bool, folder: Path) -> bool:
                 f"Tune has under {folder}. {recovery(folder)}"
             )
         return False
-    try:
-        with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as con:
-            rows = con.execute("PRAGMA quick_check").fetchall()
-    except sqlite3.DatabaseError as err:
-        rows = [(str(err),)]
+    rows = _quick_check(path, "?mode=ro")
+    if "readonly" in rows[0][0] and Path(f"{path}-journal").exists():
+        # A process killed mid-write (SIGKILL of the driver) left a hot journal, which only a
+        # writable connection rolls back: SQLite's own recovery, which Optuna's first
+        # connection would make anyway; the database then holds its last committed state.
+        log.info("%s: rolling back the write a stopped process left unfinished", path)
+        rows = _quick_check(path, "")
     if rows != [("ok",)]:
         raise SearchConfigError(
             f"{path}: the study's database is damaged ({rows[0][0][:200]}). {recovery(folder)}"
         )
     return True
+
+
+def _quick_check(path: Path, mode: str) -> list[tuple[str]]:
+    """SQLite's ``quick_check`` of ``path`` (``[("ok",)]``), or the error opening it."""
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}{mode}", uri=True)) as con:
+            return con.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as err:
+        return [(str(err),)]
 
 
 def _check_study_in(url: str, name: str, progressed: bool, folder: Path) -> None:
