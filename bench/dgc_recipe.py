@@ -23,10 +23,12 @@ import datetime
 import json
 import platform
 import statistics
+from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import as_completed
+from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
+from typing import Iterator
 
 import torch
 
@@ -55,20 +57,29 @@ DIGITS: dict[str, dict[str, Any]] = {
 # CIFAR-10, ResNet-20 family: the references and the paper's recipe spelled out in full (so
 # they do not move with the recipe file), then the file's recipe ("recipe-*") and its static
 # group conv by the same recipe ("gc-recipe-*").
-PAPER_CIFAR = {"model": {"name": "dyresnet20", **PAPER_NET}, "pretrain_epochs": 0,
-               "gate_schedule": PAPER_RAMP}  # fmt: skip
+TEACHER, START, TAUGHT = "_teacher", "_start", "_taught"  # the shared pretraining's roles
+NO_DISTILL = {"weight": 0.0}
+PAPER_KWARGS = {**PAPER_NET["kwargs"], "gate_init": 1.0}
+PAPER_CIFAR = {"model": {"name": "dyresnet20", "kwargs": PAPER_KWARGS}, "pretrain_epochs": 0,
+               "gate_schedule": PAPER_RAMP, "distill": NO_DISTILL}  # fmt: skip
 CIFAR10: dict[str, dict[str, Any]] = {
-    "dense": {"model": {"name": "resnet20", "kwargs": {}}, "pretrain_epochs": 0},
+    "dense": {"model": {"name": "resnet20", "kwargs": {}}, "pretrain_epochs": 0,
+              "distill": NO_DISTILL},
     "gc-0.5": {"model": {"name": "gcresnet20", "gate_factor": 0.5, "kwargs": {}},
-               "pretrain_epochs": 0},
+               "pretrain_epochs": 0, "distill": NO_DISTILL},
     "gc-0.25": {"model": {"name": "gcresnet20", "gate_factor": 0.25, "kwargs": {}},
-                "pretrain_epochs": 0},
+                "pretrain_epochs": 0, "distill": NO_DISTILL},
     "paper-0.5": {**PAPER_CIFAR, "model": {**PAPER_CIFAR["model"], "gate_factor": 0.5}},
     "paper-0.25": {**PAPER_CIFAR, "model": {**PAPER_CIFAR["model"], "gate_factor": 0.25}},
-    "recipe-0.5": {"model": {"gate_factor": 0.5}},
-    "recipe-0.25": {"model": {"gate_factor": 0.25}},
-    "gc-recipe-0.5": {"model": {"name": "gcresnet20", "gate_factor": 0.5, "kwargs": {}}},
-    "gc-recipe-0.25": {"model": {"name": "gcresnet20", "gate_factor": 0.25, "kwargs": {}}},
+    # The recipe as a search with ``pretrain:`` runs it: the dense network of the recipe's
+    # pretrain_epochs trained once per seed ("dense-pretrain"), then the start and teacher of
+    # each DGC run (its remaining epochs); the static group conv trains all the epochs from
+    # scratch with the same teacher (it cannot start from the dense network).
+    "dense-pretrain": {TEACHER: True},
+    "recipe-0.5": {"model": {"gate_factor": 0.5}, START: True},
+    "recipe-0.25": {"model": {"gate_factor": 0.25}, START: True},
+    "gc-recipe-0.5": {"model": {"name": "gcresnet20", "gate_factor": 0.5}, TAUGHT: True},
+    "gc-recipe-0.25": {"model": {"name": "gcresnet20", "gate_factor": 0.25}, TAUGHT: True},
 }  # fmt: skip
 
 RECIPES = {
@@ -84,40 +95,87 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def run(recipe: str, variant: str, seed: int, overrides: list[str]) -> dict[str, Any]:
+def run(recipe: str, variant: str, seed: int, overrides: list[str], out: Path) -> dict[str, Any]:
     """One training run of ``variant`` (in a worker process, one thread)."""
-    from search.overrides import apply_overrides
-    from search.train_cmd import trial_config_from_file
     from trainables.config import TrialConfig
     from trainables.loop import NonFiniteLossError
     from trainables.runner import run_trial
 
     torch.set_num_threads(1)
-    path, variants = RECIPES[recipe]
-    base = trial_config_from_file(str(path), []).model_dump(mode="json")
-    cfg = merge(merge(base, variants[variant]), {"seed": seed, "threads": 1})
-    cfg = apply_overrides(cfg, overrides, "--set")
-
-    class Keep:
-        def __init__(self) -> None:
-            self.curve: list[float] = []
-            self.seconds = 0.0
-
-        def report(self, metrics: dict, state: dict | None) -> None:
-            self.curve.append(round(metrics["val_accuracy"], 4))
-            self.seconds += metrics["epoch_time_s"]
-
-    keep = Keep()
+    cfg = TrialConfig.model_validate(config(recipe, variant, seed, overrides, out))
+    keep = Keep(pretrain_folder(out, seed) if RECIPES[recipe][1][variant].get(TEACHER) else None)
     row: dict[str, Any] = {"variant": variant, "seed": seed}
     try:
-        final = run_trial(TrialConfig.model_validate(cfg), keep)
+        final = run_trial(cfg, keep)
     except NonFiniteLossError as err:  # a diverged run is a result, not a crash
         print(f"{variant} seed {seed}: {err}", flush=True)
         return {**row, "error": str(err)}
     print(f"{variant} seed {seed}: val {final['val_accuracy']:.4f}", flush=True)
     return {**row, "val": final["val_accuracy"], "test": final["test_accuracy"],
             "macs": final["macs"], "params": final["params"], "train_s": round(keep.seconds, 1),
-            "curve": keep.curve, "config": cfg}  # fmt: skip
+            "curve": keep.curve, "config": cfg.model_dump(mode="json")}  # fmt: skip
+
+
+def config(recipe: str, variant: str, seed: int, overrides: list[str], out: Path) -> dict:
+    """The trial config of ``variant``: the recipe file's trial, the variant's overrides, the
+    seed and ``--set``; for the roles of the shared pretraining, its start or teacher."""
+    from search.overrides import apply_overrides
+    from search.train_cmd import trial_config_from_file
+    from trainables.runner import dense_start_config
+
+    path, variants = RECIPES[recipe]
+    base = trial_config_from_file(str(path), []).model_dump(mode="json")
+    over = {k: v for k, v in variants[variant].items() if not k.startswith("_")}
+    cfg = merge(merge(base, over), {"seed": seed, "threads": 1})
+    cfg = apply_overrides(cfg, overrides, "--set")
+    pre, state = cfg["pretrain_epochs"], str(pretrain_folder(out, seed) / "state.pt")
+    role = next((k for k in (TEACHER, START, TAUGHT) if variants[variant].get(k)), None)
+    if role == TEACHER:  # the dense network of the first pre epochs, as pretrain_dense trains it
+        from trainables.config import TrialConfig
+
+        return dense_start_config(TrialConfig.model_validate(cfg), pre).model_dump(mode="json")
+    if role == START:  # the search's form: start from it, learn from it, train the rest
+        return {**cfg, "epochs": cfg["epochs"] - pre, "pretrain_epochs": 0, "init_from": state}
+    if role == TAUGHT:  # from scratch for every epoch, with the same teacher
+        return {**cfg, "pretrain_epochs": 0, "distill": {**cfg["distill"], "teacher": state}}
+    return cfg
+
+
+class Keep:
+    """The run's validation curve and training time; for the shared pretraining, its
+    checkpoint and metrics in ``folder`` (as ``search train --out`` writes them)."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.curve: list[float] = []
+        self.seconds = 0.0
+        self.folder = folder
+        if folder is not None:  # what a pretraining cut short left: started again
+            for name in ("metrics.jsonl", "state.pt"):
+                (folder / name).unlink(missing_ok=True)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        from trainables.runner import save_state
+
+        self.curve.append(round(metrics["val_accuracy"], 4))
+        self.seconds += metrics["epoch_time_s"]
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with (self.folder / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if state is not None:
+                save_state(state, self.folder / "state.pt")
+
+
+def pretrain_folder(out: Path, seed: int) -> Path:
+    """Where the shared pretraining of ``seed`` keeps its checkpoint (beside ``--out``)."""
+    return out.parent / f"{out.stem}_pretrain" / f"seed{seed}"
+
+
+def pretrained(out: Path, seed: int) -> bool:
+    """Whether the shared pretraining of ``seed`` has finished (its test accuracy is in)."""
+    metrics = pretrain_folder(out, seed) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return bool(lines) and "test_accuracy" in json.loads(lines[-1])
 
 
 def table(rows: list[dict], variants: list[str]) -> dict[str, dict]:
@@ -141,6 +199,49 @@ def table(rows: list[dict], variants: list[str]) -> dict[str, dict]:
     return out
 
 
+def campaign(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -> Iterator[dict]:
+    """Run ``jobs`` in order on ``--workers`` processes, each job that needs its seed's shared
+    pretraining once that has finished; yields each run's row as it comes in."""
+    variants = RECIPES[args.recipe][1]
+
+    def ready(job: tuple[str, int]) -> bool:
+        roles = variants[job[0]]
+        return not (roles.get(START) or roles.get(TAUGHT)) or pretrained(out, job[1])
+
+    pending, running = list(jobs), set()
+    for job in [j for j in pending if variants[j[0]].get(TEACHER) and pretrained(out, j[1])]:
+        pending.remove(job)  # trained already (an interrupted campaign, or by hand)
+        yield pretrain_row(*job, out)
+    with ProcessPoolExecutor(args.workers) as pool:
+        while pending or running:
+            for job in [j for j in pending if ready(j)][: args.workers - len(running)]:
+                pending.remove(job)
+                running.add(pool.submit(run, args.recipe, *job, args.overrides, out))
+            if not running:
+                raise SystemExit(f"{pending} wait for a pretraining that is not among the jobs: "
+                                 "add the variant dense-pretrain")  # fmt: skip
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            yield from (f.result() for f in finished)
+
+
+def pretrain_row(variant: str, seed: int, out: Path) -> dict[str, Any]:
+    """The row of a shared pretraining that finished outside this campaign, from its metrics."""
+    lines = (pretrain_folder(out, seed) / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line) for line in lines]
+    final = epochs[-1]
+    return {"variant": variant, "seed": seed, "val": final["val_accuracy"],
+            "test": final["test_accuracy"], "macs": final["macs"], "params": final["params"],
+            "train_s": round(sum(e["epoch_time_s"] for e in epochs), 1),
+            "curve": [round(e["val_accuracy"], 4) for e in epochs]}  # fmt: skip
+
+
+def job_arg(text: str) -> tuple[str, int]:
+    variant, _, seed = text.rpartition(":")
+    if not variant or not seed.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give VARIANT:SEED, e.g. recipe-0.5:1")
+    return variant, int(seed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="digits")
@@ -151,8 +252,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, help="default: bench/out/<recipe>_recipe.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--jobs", nargs="+", type=job_arg, metavar="VARIANT:SEED",
+                    help="run these, in this order (default: each seed's variants)")  # fmt: skip
     args = ap.parse_args()
-    variants = args.variants or list(RECIPES[args.recipe][1])
+    variants = (
+        args.variants
+        or list(dict.fromkeys(v for v, _ in args.jobs or []))
+        or list(RECIPES[args.recipe][1])
+    )
     unknown = sorted(set(variants) - set(RECIPES[args.recipe][1]))
     if unknown:
         ap.error(f"unknown variants {unknown}; the {args.recipe} recipe has "
@@ -161,17 +268,16 @@ def main() -> None:
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if not args.table:
         seen = {(r["variant"], r["seed"]) for r in done}
-        jobs = [(v, s) for s in args.seeds for v in variants if (v, s) not in seen]
+        jobs = args.jobs or [(v, s) for s in args.seeds for v in variants]
+        jobs = [job for job in jobs if job not in seen]
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
                 "torch": torch.__version__}  # fmt: skip
-        with ProcessPoolExecutor(args.workers) as pool:
-            futures = [pool.submit(run, args.recipe, v, s, args.overrides) for v, s in jobs]
-            for future in as_completed(futures):  # each written as soon as it is in
-                row = {**future.result(), **meta}
-                done.append(row)
-                with out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+        for row in campaign(args, jobs, out):
+            row = {**row, **meta}
+            done.append(row)
+            with out.open("a") as f:  # each written as soon as it is in
+                f.write(json.dumps(row) + "\n")
     table(done, variants)
 
 
