@@ -265,11 +265,13 @@ def _front_marker(points: list[Any], kinds: list[str]) -> dict[str, Any]:
 
 
 def heading(points: list[Any], name: str) -> str:
-    """``quickstart: 4 of 12 trials on the front (3 references, 2 stopped early)``."""
+    """``quickstart: 4 of 12 trials on the front (1 of the 3 references, 2 stopped early)``:
+    of the trials that ran to the end; the references are among them."""
     ranked = [p for p in points if p.stopped is None]
     front = sum(p.rank == 1 for p in ranked)
     stopped, refs = len(points) - len(ranked), sum(bool(p.reference) for p in ranked)
-    notes = [f"{refs} reference{'s' * (refs != 1)}"] if refs else []
+    refs_on = sum(bool(p.reference) and p.rank == 1 for p in ranked)
+    notes = [f"{refs_on} of the {refs} reference{'s' * (refs != 1)}"] if refs else []
     notes += [f"{stopped} stopped early"] if stopped else []
     extra = f" ({', '.join(notes)})" if notes else ""
     return f"{name}: {front} of {len(ranked)} trials on the front{extra}"

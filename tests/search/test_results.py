@@ -30,6 +30,7 @@ def test_the_table_is_for_people_rounded_with_load_uris_and_no_test_column():
         _ranked("trial-6", 0.52333, 378410, 1, alias="macs-0p378m-7207b96c"),
         _ranked("ref-dense", 0.99, 768394, 1, reference="dense"),
         _ranked("trial-2", 0.4, 500000, 2),
+        _ranked("ref-group-0.5", 0.45, 520000, 2, reference="static_group"),
         _ranked("trial-3", 0.3, 600000, 0, stopped=2),
     ]
     objectives = [("val_accuracy", "max"), ("macs", "min")]
@@ -43,7 +44,8 @@ def test_the_table_is_for_people_rounded_with_load_uris_and_no_test_column():
     ]
     assert "test" not in text
     assert (
-        heading(pts, "smoke") == "smoke: 2 of 3 trials on the front (1 reference, 1 stopped early)"
+        heading(pts, "smoke")
+        == "smoke: 2 of 4 trials on the front (1 of the 2 references, 1 stopped early)"
     )
 
 
