@@ -5,6 +5,10 @@ conv of equal gate factor (and the dense network), several seeds, by one recipe 
     python bench/dgc_recipe.py --recipe cifar10 --set data.datadir=/tmp/cifar/cifar10-images \\
         --set data.dataset=imagefolder [--variants dense gc-0.5 paper-0.5 ...] [--workers 2]
     python bench/dgc_recipe.py --recipe cifar10 --table      # the table of what has finished
+    python bench/dgc_recipe.py --recipe cifar10 ... --jobs recipe-0.5-distill:0 recipe-0.5:0
+
+CIFAR-10's ``recipe-0.5-X`` is the shipped recipe at gate 0.5 with ingredient X taken away,
+``recipe-0.5+X`` with X added (ABLATIONS); ``--jobs VARIANT:SEED`` runs those in that order.
 
 Every variant is a set of trial-config overrides on the recipe file's ``trial:``
 (experiments/digits_dgc_recipe.yaml, experiments/cifar10_dgc_recipe.yaml: the shipped recipe),
@@ -33,6 +37,14 @@ from typing import Iterator
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) and v else v
+    return out
+
 
 # The digits recipe file's trial is its shipped recipe; "paper" is the authors' recipe (their
 # network and schedule, no pretraining); the others add one ingredient to it at a time.
@@ -81,18 +93,25 @@ CIFAR10: dict[str, dict[str, Any]] = {
     "gc-recipe-0.5": {"model": {"name": "gcresnet20", "gate_factor": 0.5}, TAUGHT: True},
     "gc-recipe-0.25": {"model": {"name": "gcresnet20", "gate_factor": 0.25}, TAUGHT: True},
 }  # fmt: skip
+# The recipe at gate 0.5 with one of its ingredients removed ("-") or one more added ("+").
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "-distill": {"distill": NO_DISTILL},
+    "-gate-init": {"model": {"kwargs": {"gate_init": 1.0}}},  # the paper's initialisation
+    "-single-norm": {"model": {"kwargs": {"double_norm": True}}},
+    "-early-ramp": {"gate_schedule": PAPER_RAMP},
+    "-lasso": {"optim": {"lasso": 0.0}},
+    "+label-smoothing": {"optim": {"label_smoothing": 0.1}},
+    "+finetune": {"optim": {"finetune_lr": 0.1}},  # lr 0.01 after the ramp, cosine to 0
+    "+recalibrate-bn": {"recalibrate_bn": 100},
+}
+CIFAR10 |= {f"recipe-0.5{k}": merge(CIFAR10["recipe-0.5"], v) for k, v in ABLATIONS.items()}
+# no dense start: DyResNet-20 trains all 30 epochs from scratch, with the same teacher
+CIFAR10["recipe-0.5-dense-start"] = {"model": {"gate_factor": 0.5}, TAUGHT: True}
 
 RECIPES = {
     "digits": (ROOT / "experiments" / "digits_dgc_recipe.yaml", DIGITS),
     "cifar10": (ROOT / "experiments" / "cifar10_dgc_recipe.yaml", CIFAR10),
 }
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) and v else v
-    return out
 
 
 def run(recipe: str, variant: str, seed: int, overrides: list[str], out: Path) -> dict[str, Any]:
@@ -154,16 +173,12 @@ class Keep:
                 (folder / name).unlink(missing_ok=True)
 
     def report(self, metrics: dict, state: dict | None) -> None:
-        from trainables.runner import save_state
+        from trainables.runner import record_epoch
 
         self.curve.append(round(metrics["val_accuracy"], 4))
         self.seconds += metrics["epoch_time_s"]
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with (self.folder / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if state is not None:
-                save_state(state, self.folder / "state.pt")
+            record_epoch(self.folder, metrics, state)
 
 
 def pretrain_folder(out: Path, seed: int) -> Path:

@@ -18,8 +18,8 @@ from trainables.config import TrialConfig
 from trainables.runner import STATE_FILE
 from trainables.runner import load_state
 from trainables.runner import pretrain_epochs
+from trainables.runner import record_epoch
 from trainables.runner import run_trial
-from trainables.runner import save_state
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,7 @@ class ConsoleReporter:
             img_s=f"{metrics[M.IMAGES_PER_S]:.0f}",
         )
         if self.out is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if state is not None:
-                save_state(state, self.out / STATE_FILE)
+            record_epoch(self.out, metrics, state)
 
 
 def train_command(path: str, overrides: list[str], out: str | None, resume: bool) -> int:

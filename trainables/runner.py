@@ -7,9 +7,11 @@ resumed from an end-of-epoch checkpoint therefore continues exactly as the unint
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from typing import Protocol
 
@@ -399,6 +401,16 @@ def save_state(state: dict[str, Any], path: str | os.PathLike) -> None:
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def record_epoch(folder: Path, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """An epoch as ``search train --out`` keeps it: its metrics appended to ``metrics.jsonl``,
+    its checkpoint (where the epoch made one) in ``state.pt``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if state is not None:
+        save_state(state, folder / STATE_FILE)
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,6 +3,8 @@ checkpoints and resume, latency, the dense start and the teacher."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from trainables import metrics as M
 from trainables.config import TrialConfig
 from trainables.runner import load_state
 from trainables.runner import measure_latency
+from trainables.runner import record_epoch
 from trainables.runner import run_trial
 from trainables.runner import save_state
 
@@ -103,6 +106,18 @@ def test_checkpoint_interval_and_weights_only_loading(tmp_path):
     save_state(out.states[-1], tmp_path / "s.pt")
     state = load_state(tmp_path / "s.pt")  # weights_only=True
     assert state["epoch"] == 3 and state["config"]["model"]["name"] == "dyresnet8"
+
+
+def test_recorded_epochs_append_metrics_and_keep_the_last_checkpoint(tmp_path):
+    out = Collect()
+    run_trial(_cfg(checkpoint_every=2), out)
+    folder = tmp_path / "run"
+    for metrics, state in zip(out.metrics, out.states):
+        record_epoch(folder, metrics, state)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)[M.EPOCH] for line in lines] == [1, 2, 3]
+    assert load_state(folder / "state.pt")["epoch"] == 3
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "state.pt"]
 
 
 def test_latency_is_measured_once_and_carried_by_every_report():
