@@ -6,7 +6,8 @@ validation accuracy of the dense checkpoint and of the DGC network loaded from i
         --set data.datadir=/tmp/cifar/cifar10-images --set data.dataset=imagefolder
 
 The data and the family come from the recipe file's trial (--recipe, default the CIFAR-10
-recipe), so the validation images are the recipe's held-out ones. An untrained saliency
+recipe; the quickstart's: --recipe experiments/quickstart.yaml --set model.gate_factor=0.5),
+so the validation images are the recipe's held-out ones. An untrained saliency
 generator scales each kept channel by its saliency: at the paper's initialisation they spread
 about 1 +- 0.7 and the ReLU zeroes some, which a dense start does not survive.
 """
@@ -56,7 +57,8 @@ def main() -> None:
     state = load_state(args.checkpoint)
     state = state.get("model", state)
     dense_name = dgc.variant_of(cfg.model.name, "dense")
-    dense = dgc.create_model(dense_name, num_classes=data.num_classes)
+    shape = {"num_classes": data.num_classes, "in_chans": data.input_size[0]}
+    dense = dgc.create_model(dense_name, **shape)
     dense.load_state_dict(state)
     print(f"{datetime.date.today()} {platform.machine()} torch {torch.__version__}; "
           f"{args.checkpoint}; {cfg.model.name} gate {cfg.model.gate_factor}")  # fmt: skip
@@ -64,9 +66,8 @@ def main() -> None:
     for name, kwargs in OPTIONS.items():
         torch.manual_seed(0)
         model = dgc.create_model(
-            cfg.model.name, num_classes=data.num_classes, gate_factor=cfg.model.gate_factor,
-            **kwargs,
-        )  # fmt: skip
+            cfg.model.name, gate_factor=cfg.model.gate_factor, **shape, **kwargs
+        )
         dgc.load_dense_weights(model, state)
         dgc.set_progress(model, 0.0)  # every channel kept
         row(f"{cfg.model.name}, {name}", accuracy(model.eval(), data.val.epoch()))
