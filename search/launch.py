@@ -358,8 +358,8 @@ def _trainable(exp: ExperimentConfig, source: str) -> Any:
     worker through the object store (no shared file system needed)."""
     from ray import tune
 
-    from trainables.data import DatasetError
     from trainables.data import load_splits
+    from trainables.datasets import DatasetError
     from trainables.trainable import train_dgc as fn
 
     resources = {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu}

@@ -21,10 +21,10 @@ from spaces.convert import suggest
 from spaces.errors import format_validation_error
 from spaces.schema import is_active
 from trainables.config import TrialConfig
-from trainables.data import DatasetError
-from trainables.data import count_training_images
-from trainables.data import describe
 from trainables.data import split_indices
+from trainables.datasets import DatasetError
+from trainables.datasets import count_training_images
+from trainables.datasets import describe
 from trainables.runner import trial_cost
 
 #: the space key that chooses the network (and with it the operator)

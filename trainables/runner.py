@@ -24,10 +24,10 @@ from trainables.config import DistillParams
 from trainables.config import GateScheduleParams
 from trainables.config import TrialConfig
 from trainables.data import DeviceLoader
-from trainables.data import Split
 from trainables.data import Splits
 from trainables.data import imagenet_loaders
 from trainables.data import load_splits
+from trainables.datasets import Split
 from trainables.loop import Criterion
 from trainables.loop import Schedule
 from trainables.loop import evaluate
