@@ -18,8 +18,8 @@ from search.mlflow_ui import front_link
 from search.replay import replay_ended
 from search.scheduler import stopped_at
 from search.searcher import OptunaSearcher
-from search.searcher import StudyRef
 from search.state import SearchState
+from search.study import StudyRef
 from search.study_links import annotate_studies
 from search.tracking import Tracking
 from search.tracking_queue import TrackingQueue

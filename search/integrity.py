@@ -117,7 +117,7 @@ def _quick_check(path: Path, mode: str) -> list[tuple[str]]:
 def _check_study_in(url: str, name: str, progressed: bool, folder: Path) -> None:
     import optuna
 
-    from search.searcher import storage_of
+    from search.study import storage_of
 
     try:
         names = optuna.get_all_study_names(storage_of(url))

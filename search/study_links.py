@@ -19,8 +19,8 @@ import optuna
 
 from search import names as N
 from search.redact import redact
-from search.searcher import StudyRef
-from search.searcher import storage_of
+from search.study import StudyRef
+from search.study import storage_of
 from search.tracking import Tracking
 
 log = logging.getLogger(__name__)

@@ -255,8 +255,8 @@ def _suggest_one_more(folder: Path) -> dict:
     id that Tune then never saved."""
     from search.preflight import Problem
     from search.searcher import OptunaSearcher
-    from search.searcher import StudyRef
     from search.state import load_search
+    from search.study import StudyRef
 
     exp, state = load_search(folder)
     problem = Problem(state.num_classes, tuple(state.input_size), state.num_stages)
