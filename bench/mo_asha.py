@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ import ray
 import torch
 
 from search import names as N
+from search.__main__ import QUIET_ENV
 from search.config import load_experiment
 from search.hypervolume import HYPERVOLUME_BY_EPOCHS
 from search.launch import launch
@@ -89,6 +91,8 @@ def launch_search(path: Path, label: str, seed: int, out: Path, sets: list[str])
         f"trial.seed={seed}",
         *sets,
     ]
+    for key, value in QUIET_ENV.items():  # the console of `python -m search launch`
+        os.environ.setdefault(key, value)
     if launch(load_experiment(path, sets), str(path)) != 0:
         raise SystemExit(f"{name} failed")
     return name
