@@ -84,18 +84,23 @@ CIFAR10: dict[str, dict[str, Any]] = {
     "paper-0.5": {**PAPER_CIFAR, "model": {**PAPER_CIFAR["model"], "gate_factor": 0.5}},
     "paper-0.25": {**PAPER_CIFAR, "model": {**PAPER_CIFAR["model"], "gate_factor": 0.25}},
     # The recipe as a search with ``pretrain:`` runs it: the dense network of the recipe's
-    # pretrain_epochs trained once per seed ("dense-pretrain"), then the start and teacher of
-    # each DGC run (its remaining epochs); the static group conv trains all the epochs from
-    # scratch with the same teacher (it cannot start from the dense network).
+    # pretrain_epochs trained once per seed ("dense-pretrain"), then the start of each DGC run
+    # (its remaining epochs); the static group conv trains all the epochs from scratch (it
+    # cannot start from the dense network), with the same teacher where the recipe distils.
     "dense-pretrain": {TEACHER: True},
     "recipe-0.5": {"model": {"gate_factor": 0.5}, START: True},
     "recipe-0.25": {"model": {"gate_factor": 0.25}, START: True},
     "gc-recipe-0.5": {"model": {"name": "gcresnet20", "gate_factor": 0.5}, TAUGHT: True},
     "gc-recipe-0.25": {"model": {"name": "gcresnet20", "gate_factor": 0.25}, TAUGHT: True},
 }  # fmt: skip
-# The recipe at gate 0.5 with one of its ingredients removed ("-") or one more added ("+").
+# The recipe plus distillation from its dense start (weight 0.5, temperature 4), both networks
+DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
+for g in ("0.5", "0.25"):
+    CIFAR10[f"distilled-{g}"] = merge(CIFAR10[f"recipe-{g}"], DISTILL)
+    CIFAR10[f"gc-distilled-{g}"] = merge(CIFAR10[f"gc-recipe-{g}"], DISTILL)
+# The recipe at gate 0.5 with one of its ingredients removed ("-") or one more added ("+");
+# with distillation added it is distilled-0.5.
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "-distill": {"distill": NO_DISTILL},
     "-gate-init": {"model": {"kwargs": {"gate_init": 1.0}}},  # the paper's initialisation
     "-single-norm": {"model": {"kwargs": {"double_norm": True}}},
     "-early-ramp": {"gate_schedule": PAPER_RAMP},
@@ -105,7 +110,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "+recalibrate-bn": {"recalibrate_bn": 100},
 }
 CIFAR10 |= {f"recipe-0.5{k}": merge(CIFAR10["recipe-0.5"], v) for k, v in ABLATIONS.items()}
-# no dense start: DyResNet-20 trains all 30 epochs from scratch, with the same teacher
+# no dense start: DyResNet-20 trains all 30 epochs from scratch
 CIFAR10["recipe-0.5-dense-start"] = {"model": {"gate_factor": 0.5}, TAUGHT: True}
 
 RECIPES = {
@@ -155,8 +160,10 @@ def config(recipe: str, variant: str, seed: int, overrides: list[str], out: Path
         return dense_start_config(TrialConfig.model_validate(cfg), pre).model_dump(mode="json")
     if role == START:  # the search's form: start from it, learn from it, train the rest
         return {**cfg, "epochs": cfg["epochs"] - pre, "pretrain_epochs": 0, "init_from": state}
-    if role == TAUGHT:  # from scratch for every epoch, with the same teacher
+    if role == TAUGHT and cfg["distill"]["weight"] > 0:  # every epoch, the same teacher
         return {**cfg, "pretrain_epochs": 0, "distill": {**cfg["distill"], "teacher": state}}
+    if role == TAUGHT:  # from scratch for every epoch
+        return {**cfg, "pretrain_epochs": 0}
     return cfg
 
 
@@ -219,9 +226,10 @@ def campaign(args: argparse.Namespace, jobs: list[tuple[str, int]], out: Path) -
     pretraining once that has finished; yields each run's row as it comes in."""
     variants = RECIPES[args.recipe][1]
 
-    def ready(job: tuple[str, int]) -> bool:
-        roles = variants[job[0]]
-        return not (roles.get(START) or roles.get(TAUGHT)) or pretrained(out, job[1])
+    def ready(job: tuple[str, int]) -> bool:  # its start or teacher trained, where it has one
+        cfg = config(args.recipe, *job, args.overrides, out)
+        needs = variants[job[0]].get(START) or cfg["distill"].get("teacher") is not None
+        return not needs or pretrained(out, job[1])
 
     pending, running = list(jobs), set()
     for job in [j for j in pending if variants[j[0]].get(TEACHER) and pretrained(out, j[1])]:
