@@ -5,7 +5,7 @@ conv of equal gate factor (and the dense network), several seeds, by one recipe 
     python bench/dgc_recipe.py --recipe cifar10 --set data.datadir=/tmp/cifar/cifar10-images \\
         --set data.dataset=imagefolder [--variants dense gc-0.5 paper-0.5 ...] [--workers 2]
     python bench/dgc_recipe.py --recipe cifar10 --table      # the table of what has finished
-    python bench/dgc_recipe.py --recipe cifar10 ... --jobs recipe-0.5-distill:0 recipe-0.5:0
+    python bench/dgc_recipe.py --recipe cifar10 ... --jobs distilled-0.5:0 recipe-0.5:0
 
 CIFAR-10's ``recipe-0.5-X`` is the shipped recipe at gate 0.5 with ingredient X taken away,
 ``recipe-0.5+X`` with X added (ABLATIONS); ``--jobs VARIANT:SEED`` runs those in that order.
@@ -158,7 +158,7 @@ def config(recipe: str, variant: str, seed: int, overrides: list[str], out: Path
         from trainables.config import TrialConfig
 
         return dense_start_config(TrialConfig.model_validate(cfg), pre).model_dump(mode="json")
-    if role == START:  # the search's form: start from it, learn from it, train the rest
+    if role == START:  # the search's form: start from it (its teacher where it distils)
         return {**cfg, "epochs": cfg["epochs"] - pre, "pretrain_epochs": 0, "init_from": state}
     if role == TAUGHT and cfg["distill"]["weight"] > 0:  # every epoch, the same teacher
         return {**cfg, "pretrain_epochs": 0, "distill": {**cfg["distill"], "teacher": state}}
