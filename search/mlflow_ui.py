@@ -62,7 +62,7 @@ def write_front_view(
     tracking: Tracking, name: str, objectives: Sequence[str], space_keys: Sequence[str]
 ) -> None:
     """Save (or refresh) the front's view in the experiment; it is listed in the UI's Views
-    menu as "Pareto front of <name> (<run id>)"."""
+    menu as "Pareto front of <name> (<run id's first 8 characters>)"."""
     assert tracking.parent_run_id
     state = front_view_state(tracking.parent_run_id, objectives, space_keys)
     now = int(time.time() * 1000)
