@@ -29,6 +29,7 @@ from trainables.data import imagenet_loaders
 from trainables.data import load_splits
 from trainables.datasets import Split
 from trainables.loop import Criterion
+from trainables.loop import EpochStats
 from trainables.loop import Schedule
 from trainables.loop import evaluate
 from trainables.loop import make_optimizer
@@ -184,6 +185,25 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
+@dataclass
+class Training:
+    """Everything one trial's epochs need, built once (``prepare``)."""
+
+    cfg: TrialConfig
+    model: nn.Module
+    step_model: nn.Module  # ``model``, or its compiled form that the training steps call
+    data: Loaders
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    criterion: Criterion
+    teacher: nn.Module | None
+    cost: dgc.Cost
+    latency: float | None
+    share: float | None
+    pre: int  # the epochs that trained the dense start
+    start_epoch: int
+
+
 def run_trial(
     cfg: TrialConfig,
     reporter: Reporter,
@@ -201,6 +221,27 @@ def run_trial(
         final = {**resume["metrics"], M.FINAL_REPEAT: True}  # trained to the end already
         reporter.report(final, None)  # (Tune's saved state was older than this checkpoint)
         return final
+    run = prepare(cfg, resume, splits, threads, gpu_share)
+    metrics: dict[str, Any] = {}
+    for epoch in range(run.start_epoch, cfg.epochs):
+        metrics, stats = train_epoch(run, epoch)
+        due = epoch + 1 == cfg.epochs or (epoch + 1) % cfg.checkpoint_every == 0
+        state = checkpoint_state(run.model, run.optimizer, metrics, stats, cfg) if due else None
+        if state is not None and run.teacher is not None and teaches(cfg):
+            state["teacher"] = run.teacher.state_dict()  # the trial's own: kept for a resume
+        reporter.report(metrics, state)
+    return metrics
+
+
+def prepare(
+    cfg: TrialConfig,
+    resume: dict[str, Any] | None,
+    splits: Splits | None,
+    threads: int | None,
+    gpu_share: float | None,
+) -> Training:
+    """Threads, device, data, network (its dense start or ``init_from``, or ``resume``'s
+    weights), optimizer, schedules and teacher of a trial."""
     threads = cfg.threads or threads
     if threads:  # else torch's own count (a caller's setting, or its default) stays
         torch.set_num_threads(threads)
@@ -215,7 +256,6 @@ def run_trial(
     model = build_model(cfg, data.num_classes, data.input_size[0]).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    cost = trial_cost(cfg, data.num_classes, data.input_size)
     latency = measure_latency(model, data.input_size, device) if cfg.measure_latency else None
     optimizer = make_optimizer(model, cfg.optim)
     own = cfg.epochs - pre  # the epochs this network trains; its schedules span them
@@ -229,50 +269,48 @@ def run_trial(
         init_weights_from(model, cfg.init_from)
     teacher = build_teacher(cfg, data, device, dense if not resume else resume.get("teacher"))
     start_epoch = restore(resume, model, optimizer) if resume else pre
-    step_model = compiled(model, cfg.compile)
-    criterion = Criterion(cfg.optim, teacher, cfg.distill)
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        stats = train_one_epoch(
-            step_model,
-            data.train.epoch(gen),
-            optimizer,
-            schedule,
-            (epoch - pre) * len(data.train),
-            cfg.bf16,
-            criterion,
+    return Training(
+        cfg, model, compiled(model, cfg.compile), data, optimizer, schedule,
+        Criterion(cfg.optim, teacher, cfg.distill), teacher,
+        trial_cost(cfg, data.num_classes, data.input_size), latency, share, pre, start_epoch,
+    )  # fmt: skip
+
+
+def train_epoch(run: Training, epoch: int) -> tuple[dict[str, Any], EpochStats]:
+    """Train epoch ``epoch`` of ``run`` and evaluate it (the test set after the last); returns
+    its metrics and the training loop's statistics."""
+    cfg, model = run.cfg, run.model
+    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+    step = (epoch - run.pre) * len(run.data.train)
+    batches = run.data.train.epoch(gen)
+    stats = train_one_epoch(
+        run.step_model, batches, run.optimizer, run.schedule, step, cfg.bf16, run.criterion
+    )
+    last = epoch + 1 == cfg.epochs
+    if last and cfg.recalibrate_bn:
+        recalibrate_bn(model, run.data.train.epoch(gen), cfg.recalibrate_bn)
+    val_acc, val_loss = evaluate(model, run.data.val.epoch(), cfg.bf16)
+    metrics = {
+        M.EPOCH: epoch + 1,
+        M.TRAIN_LOSS: stats.loss,
+        M.VAL_ACCURACY: val_acc,
+        M.VAL_LOSS: val_loss,
+        M.MACS: run.cost.macs,
+        M.PARAMS: run.cost.params,
+        M.EPOCH_TIME_S: stats.seconds,
+        M.IMAGES_PER_S: stats.images / stats.seconds,
+        M.GATE_PROGRESS: stats.progress,
+    }
+    if run.latency is not None:
+        metrics[M.LATENCY_MS] = run.latency
+    if run.share is not None:
+        metrics[M.GPU_MEMORY_FRACTION] = run.share
+    metrics.update(realised_cost(model, run.cost, run.data.input_size))
+    if last:
+        metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(
+            model, run.data.test.epoch(), cfg.bf16
         )
-        last = epoch + 1 == cfg.epochs
-        if last and cfg.recalibrate_bn:
-            recalibrate_bn(model, data.train.epoch(gen), cfg.recalibrate_bn)
-        val_acc, val_loss = evaluate(model, data.val.epoch(), cfg.bf16)
-        metrics = {
-            M.EPOCH: epoch + 1,
-            M.TRAIN_LOSS: stats.loss,
-            M.VAL_ACCURACY: val_acc,
-            M.VAL_LOSS: val_loss,
-            M.MACS: cost.macs,
-            M.PARAMS: cost.params,
-            M.EPOCH_TIME_S: stats.seconds,
-            M.IMAGES_PER_S: stats.images / stats.seconds,
-            M.GATE_PROGRESS: stats.progress,
-        }
-        if latency is not None:
-            metrics[M.LATENCY_MS] = latency
-        if share is not None:
-            metrics[M.GPU_MEMORY_FRACTION] = share
-        metrics.update(realised_cost(model, cost, data.input_size))
-        if last:
-            metrics[M.TEST_ACCURACY], metrics[M.TEST_LOSS] = evaluate(
-                model, data.test.epoch(), cfg.bf16
-            )
-        due = last or (epoch + 1) % cfg.checkpoint_every == 0
-        state = checkpoint_state(model, optimizer, metrics, stats, cfg) if due else None
-        if state is not None and teacher is not None and teaches(cfg):
-            state["teacher"] = teacher.state_dict()  # the trial's own: kept for a resume
-        reporter.report(metrics, state)
-    return metrics
+    return metrics, stats
 
 
 def pretrain_epochs(cfg: TrialConfig) -> int:
