@@ -69,13 +69,7 @@ def conclude(
     if failed_for_good:
         log.info("marked %d Optuna trial(s) that failed as FAIL", failed_for_good)
     if paused:  # a spent budget stopped them: they continue if it is raised
-        log.info(
-            "%d trial(s) paused when the budget was spent (epochs %s); raise stop.epochs or "
-            "stop.time in %s and resume to continue them",
-            len(paused),
-            ", ".join(str(r.metrics.get(M.EPOCH, 0)) for r in paused),
-            state.experiment_file or "the experiment file",
-        )
+        _log_paused(paused, state)
         results = [r for r in results if r not in paused]
     failed = [r for r in results if r.error is not None or M.TRIAL_ERROR in (r.metrics or {})]
     for r in failed:
@@ -103,6 +97,21 @@ def conclude(
         folder / "pareto.png",
         front_link(tracking.uri, tracking.experiment_id, state.parent_run_id),
     )
+    return _exit_status(results, failed)
+
+
+def _log_paused(paused: list[Any], state: SearchState) -> None:
+    log.info(
+        "%d trial(s) paused when the budget was spent (epochs %s); raise stop.epochs or "
+        "stop.time in %s and resume to continue them",
+        len(paused),
+        ", ".join(str(r.metrics.get(M.EPOCH, 0)) for r in paused),
+        state.experiment_file or "the experiment file",
+    )
+
+
+def _exit_status(results: list[Any], failed: list[Any]) -> int:
+    """0, or 1 (said why) where every trial failed or none trained."""
     if results and len(failed) == len(results):
         log.error("every trial failed")
         return 1

@@ -194,6 +194,44 @@ def _html(
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    traces = _html_traces(groups, xm, ym, space_keys)
+    if not progress:
+        fig = go.Figure(traces)
+        fig.update_layout(title=title, xaxis_title=label(xm), yaxis_title=label(ym))
+        fig.write_html(path, include_plotlyjs=True)
+        return
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.1,
+                        subplot_titles=("", PROGRESS_TITLE))  # fmt: skip
+    for trace in traces:
+        fig.add_trace(trace, row=1, col=1)
+    epochs, volumes = zip(*progress)
+    fig.add_trace(
+        go.Scatter(
+            x=epochs,
+            y=volumes,
+            mode="lines+markers",
+            line={"shape": "hv", "color": "seagreen"},
+            name="front hypervolume",
+            hovertemplate="%{x} epochs: hypervolume %{y:.4f}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    fig.update_xaxes(title_text=label(xm), row=1, col=1)
+    fig.update_yaxes(title_text=label(ym), row=1, col=1)
+    fig.update_xaxes(title_text=PROGRESS_X, row=1, col=2)
+    fig.update_yaxes(title_text=PROGRESS_Y, rangemode="tozero", row=1, col=2)
+    fig.update_layout(title=title)
+    fig.write_html(path, include_plotlyjs=True)
+
+
+def _html_traces(
+    groups: dict[str, list[Any]], xm: str, ym: str, space_keys: list[str]
+) -> list[Any]:
+    """The front panel's traces: the trials (one per operator where there are several), the
+    stopped ones, the front and the references, each point hovering its settings."""
+    import plotly.graph_objects as go
+
     style = {
         "trials": ("trials", {"color": "grey"}, "markers"),
         "stopped": ("stopped early", {"color": "lightgrey", "symbol": "x"}, "markers"),
@@ -227,34 +265,7 @@ def _html(
                 hovertemplate="%{text}<br>(%{x:.3g}, %{y:.3g})<extra></extra>",
             )
         )
-    if not progress:
-        fig = go.Figure(traces)
-        fig.update_layout(title=title, xaxis_title=label(xm), yaxis_title=label(ym))
-        fig.write_html(path, include_plotlyjs=True)
-        return
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.1,
-                        subplot_titles=("", PROGRESS_TITLE))  # fmt: skip
-    for trace in traces:
-        fig.add_trace(trace, row=1, col=1)
-    epochs, volumes = zip(*progress)
-    fig.add_trace(
-        go.Scatter(
-            x=epochs,
-            y=volumes,
-            mode="lines+markers",
-            line={"shape": "hv", "color": "seagreen"},
-            name="front hypervolume",
-            hovertemplate="%{x} epochs: hypervolume %{y:.4f}<extra></extra>",
-        ),
-        row=1,
-        col=2,
-    )
-    fig.update_xaxes(title_text=label(xm), row=1, col=1)
-    fig.update_yaxes(title_text=label(ym), row=1, col=1)
-    fig.update_xaxes(title_text=PROGRESS_X, row=1, col=2)
-    fig.update_yaxes(title_text=PROGRESS_Y, rangemode="tozero", row=1, col=2)
-    fig.update_layout(title=title)
-    fig.write_html(path, include_plotlyjs=True)
+    return traces
 
 
 def _front_marker(points: list[Any], kinds: list[str]) -> dict[str, Any]:
