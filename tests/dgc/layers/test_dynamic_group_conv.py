@@ -6,7 +6,7 @@ import torch
 import dgc
 from dgc.layers.dynamic_group_conv import DynamicGroupConv2d
 from dgc.layers.schedule import inactive_channels
-from tests.dgc.helpers import oracle_forward
+from tests.dgc.helpers import assert_matches_oracle
 
 
 def _pair(seed: int, **kw: object) -> tuple[DynamicGroupConv2d, DynamicGroupConv2d]:
@@ -34,17 +34,7 @@ def test_dgc_layer_matches_per_head_oracle_outputs_and_gradients(kw, n_inact, im
     x = torch.randn(3, kw["in_channels"], 8, 8, dtype=torch.float64)
     layer.double()
     ref.double()
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1 = layer(x1)
-    y2, lasso2 = oracle_forward(ref, x2)
-    torch.testing.assert_close(y1, y2)
-    torch.testing.assert_close(layer.last_saliency_loss, lasso2)
-    g = torch.randn_like(y1)
-    (y1 * g).sum().add(layer.last_saliency_loss).backward()
-    (y2 * g).sum().add(lasso2).backward()
-    torch.testing.assert_close(x1.grad, x2.grad)
-    for (name, p1), p2 in zip(layer.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+    assert_matches_oracle(layer, ref, x)
 
 
 def test_gradcheck_of_the_gathered_conv():
