@@ -241,7 +241,7 @@ def prepare(
     gpu_share: float | None,
 ) -> Training:
     """Threads, device, data, network (its dense start or ``init_from``, or ``resume``'s
-    weights), optimizer, schedules and teacher of a trial."""
+    weights), cost, latency, GPU share, optimizer, schedules and teacher of a trial."""
     threads = cfg.threads or threads
     if threads:  # else torch's own count (a caller's setting, or its default) stays
         torch.set_num_threads(threads)
@@ -256,6 +256,7 @@ def prepare(
     model = build_model(cfg, data.num_classes, data.input_size[0]).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    cost = trial_cost(cfg, data.num_classes, data.input_size)  # before any training: it can fail
     latency = measure_latency(model, data.input_size, device) if cfg.measure_latency else None
     optimizer = make_optimizer(model, cfg.optim)
     own = cfg.epochs - pre  # the epochs this network trains; its schedules span them
@@ -272,7 +273,7 @@ def prepare(
     return Training(
         cfg, model, compiled(model, cfg.compile), data, optimizer, schedule,
         Criterion(cfg.optim, teacher, cfg.distill), teacher,
-        trial_cost(cfg, data.num_classes, data.input_size), latency, share, pre, start_epoch,
+        cost, latency, share, pre, start_epoch,
     )  # fmt: skip
 
 

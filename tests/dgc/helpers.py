@@ -61,7 +61,9 @@ SHAPES = [  # (C, O, k, stride, heads, gate, H, W)
 ]
 
 
-def assert_matches_oracle(layer: DynamicGroupConv2d, ref: DynamicGroupConv2d, x: torch.Tensor):
+def assert_matches_oracle(
+    layer: DynamicGroupConv2d, ref: DynamicGroupConv2d, x: torch.Tensor
+) -> torch.Tensor:
     """``layer`` on ``x`` has ``ref``'s per-head outputs, saliency loss and gradients (input and
     every parameter) under one random output gradient; returns ``layer``'s output."""
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
