@@ -63,9 +63,9 @@ SHAPES = [  # (C, O, k, stride, heads, gate, H, W)
 
 def assert_matches_oracle(
     layer: DynamicGroupConv2d, ref: DynamicGroupConv2d, x: torch.Tensor
-) -> torch.Tensor:
+) -> None:
     """``layer`` on ``x`` has ``ref``'s per-head outputs, saliency loss and gradients (input and
-    every parameter) under one random output gradient; returns ``layer``'s output."""
+    every parameter) under one random output gradient."""
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1 = layer(x1)
     y2, lasso = oracle_forward(ref, x2)
@@ -77,7 +77,6 @@ def assert_matches_oracle(
     torch.testing.assert_close(x1.grad, x2.grad)
     for (name, p1), p2 in zip(layer.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, msg=name)
-    return y1
 
 
 def make_layer(cin, cout, k, stride, heads, gate, seed=0, **kw):
